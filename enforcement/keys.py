@@ -1,0 +1,49 @@
+"""Every Redis key format of the service, in one place.
+
+All keys of one account share the hash tag ``{a:ID}``: a Redis Cluster keeps them in one slot, so
+one Lua script sees all of an account at once, and accounts spread evenly over the cluster.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+#: Applied-event memory is bucketed per UTC day; a script checks today and this many days back.
+DEDUP_DAYS_BACK: Final = 2
+DAY_S: Final = 86_400
+#: Redis's memory of an event is trusted to be complete only for events younger than this.
+#: Older events are checked against the ledger first (see metering.processor).
+DEDUP_TRUST_S: Final = DEDUP_DAYS_BACK * DAY_S - 3_600
+
+
+def tag(account_id: str) -> str:
+    return "{a:" + account_id + "}"
+
+
+def account(account_id: str) -> str:
+    """Hash: ``bal res cl lowth st seq cur`` (money in micro-units)."""
+    return tag(account_id)
+
+
+def applied(account_id: str, day: int) -> str:
+    """Events applied on UTC day ``day``: field = 16-byte event key, value = ``amount|fp``."""
+    return f"{tag(account_id)}:ev:{day}"
+
+
+def outbox(account_id: str) -> str:
+    """List of signals not yet acknowledged as published: ``seq|type|reason``, in seq order."""
+    return f"{tag(account_id)}:out"
+
+
+def credits(account_id: str) -> str:
+    """Hash of applied credit ids (payments, adjustments): field = credit key, value = amount."""
+    return f"{tag(account_id)}:cr"
+
+
+def debit_keys(account_id: str, day: int) -> list[str]:
+    """The KEYS one account contributes to ``debit.lua``, in the order the script reads them."""
+    t = tag(account_id)
+    return [t, f"{t}:ev:{day}", f"{t}:ev:{day - 1}", f"{t}:ev:{day - 2}", f"{t}:out"]
+
+
+KEYS_PER_ACCOUNT: Final = 5

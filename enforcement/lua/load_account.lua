@@ -1,0 +1,22 @@
+-- Create (or rebuild) an account's real-time state from the book of record.
+--
+-- KEYS[1] account hash
+-- ARGV[1] balance  ARGV[2] credit_limit  ARGV[3] low_threshold  ARGV[4] status  ARGV[5] seq
+-- ARGV[6] mode: "create" sets the account only if it does not exist; "limits" updates
+--   credit_limit and low_threshold of an existing one and leaves the balance alone.
+--
+-- Reply: 1 if written, 0 if left as it was.
+local mode = ARGV[6]
+if mode == 'create' then
+  if redis.call('EXISTS', KEYS[1]) == 1 then
+    return 0
+  end
+  redis.call('HSET', KEYS[1], 'bal', ARGV[1], 'res', 0, 'cl', ARGV[2], 'lowth', ARGV[3],
+    'st', ARGV[4], 'seq', ARGV[5])
+  return 1
+end
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  return 0
+end
+redis.call('HSET', KEYS[1], 'cl', ARGV[2], 'lowth', ARGV[3])
+return 1

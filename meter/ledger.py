@@ -1,0 +1,126 @@
+"""The append-only ledger in PostgreSQL: idempotent writes keyed by a 16-byte event key."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Final
+
+import asyncpg
+
+_INSERT: Final = """
+INSERT INTO ledger (event_key, account_id, kind, amount, quantity, ref, rate_ref, event_time,
+                    source, event_id, fingerprint)
+SELECT * FROM unnest($1::bytea[], $2::text[], $3::text[], $4::bigint[], $5::int[], $6::text[],
+                     $7::text[], $8::timestamptz[], $9::text[], $10::text[], $11::bytea[])
+ON CONFLICT (event_key) DO NOTHING
+RETURNING event_key
+"""
+
+
+def event_key(source: str, event_id: str) -> bytes:
+    """The idempotency key of a CloudEvent: 16 bytes of BLAKE2b over ``(source, id)``."""
+    return hashlib.blake2b(
+        source.encode() + b"\x00" + event_id.encode(), digest_size=16
+    ).digest()
+
+
+def credit_key(account_id: str, credit_id: str) -> bytes:
+    return hashlib.blake2b(
+        b"credit\x00" + account_id.encode() + b"\x00" + credit_id.encode(), digest_size=16
+    ).digest()
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerRow:
+    event_key: bytes
+    account_id: str
+    kind: str
+    amount: int  # signed micro-units: debits < 0
+    quantity: int
+    ref: str
+    rate_ref: str
+    event_time: datetime
+    source: str
+    event_id: str
+    fingerprint: bytes | None
+
+
+class Ledger:
+    """Writes and reads of the book of record. Every write is idempotent on ``event_key``."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+
+    async def write(
+        self, rows: Sequence[LedgerRow], signals: Sequence[SignalRow] = ()
+    ) -> set[bytes]:
+        """Insert rows that are not there yet, in one statement; returns the keys inserted.
+
+        Rows already present (a replay) are left untouched. Signals queued by the same batch
+        are recorded in the same transaction.
+        """
+        if not rows and not signals:
+            return set()
+        cols: list[list[object]] = [[] for _ in range(11)]
+        for r in rows:
+            for i, v in enumerate(_astuple(r)):
+                cols[i].append(v)
+        async with self._pool.acquire() as conn, conn.transaction():
+            inserted = await conn.fetch(_INSERT, *cols) if rows else []
+            if signals:
+                await conn.executemany(
+                    "INSERT INTO signals (account_id, seq, type, reason) VALUES ($1, $2, $3, $4)"
+                    " ON CONFLICT DO NOTHING",
+                    [(s.account_id, s.seq, s.type, s.reason) for s in signals],
+                )
+        return {r[0] for r in inserted}
+
+    async def existing(self, keys: Iterable[bytes]) -> dict[bytes, bytes | None]:
+        """The event keys the ledger already holds, with their fingerprints."""
+        ks = list(keys)
+        if not ks:
+            return {}
+        rows = await self._pool.fetch(
+            "SELECT event_key, fingerprint FROM ledger WHERE event_key = ANY($1::bytea[])", ks
+        )
+        return {r[0]: r[1] for r in rows}
+
+    async def balances(self, account_ids: Sequence[str] | None = None) -> dict[str, int]:
+        """Sum of ledger amounts per account: what the Redis balance must equal, drained."""
+        if account_ids is None:
+            rows = await self._pool.fetch(
+                "SELECT account_id, sum(amount)::bigint AS total FROM ledger GROUP BY account_id"
+            )
+        else:
+            rows = await self._pool.fetch(
+                "SELECT account_id, sum(amount)::bigint AS total FROM ledger"
+                " WHERE account_id = ANY($1::text[]) GROUP BY account_id",
+                list(account_ids),
+            )
+        return {r["account_id"]: r["total"] for r in rows}
+
+    async def last_seq(self, account_ids: Sequence[str]) -> dict[str, int]:
+        rows = await self._pool.fetch(
+            "SELECT account_id, max(seq) AS seq FROM signals WHERE account_id = ANY($1::text[])"
+            " GROUP BY account_id",
+            list(account_ids),
+        )
+        return {r["account_id"]: r["seq"] for r in rows}
+
+
+@dataclass(frozen=True, slots=True)
+class SignalRow:
+    account_id: str
+    seq: int
+    type: str
+    reason: str
+
+
+def _astuple(r: LedgerRow) -> tuple[object, ...]:
+    return (
+        r.event_key, r.account_id, r.kind, r.amount, r.quantity, r.ref, r.rate_ref,
+        r.event_time, r.source, r.event_id, r.fingerprint,
+    )

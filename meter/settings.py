@@ -1,0 +1,88 @@
+"""Typed settings, parsed once at the edge from ``METER_*`` environment variables.
+
+Nothing else in the project reads the environment: domain code takes values.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+
+class SettingsError(ValueError):
+    """An environment variable has a value the service cannot use."""
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    #: ``host:port[,host:port]``; empty = start the embedded Tansu broker.
+    kafka_bootstrap: str = ""
+    #: ``redis://host:port/db``; empty = start an embedded ``redis-server``.
+    redis_url: str = ""
+    #: ``postgresql://...``; empty = start an embedded PostgreSQL.
+    database_url: str = ""
+    #: Where embedded services keep their data and logs.
+    data_dir: Path = Path(".meter")
+    consumer_group: str = "meter-metering"
+    #: Partitions for topics the service creates itself (embedded broker, demo, bench).
+    partitions: int = 8
+    batch_max_records: int = 5000
+    batch_timeout_ms: int = 50
+    #: Larger messages are dead-lettered as ``oversized``.
+    max_message_bytes: int = 65_536
+    #: Longer calls are dead-lettered as ``absurd_duration``.
+    max_call_s: int = 86_400
+    #: Events stamped further in the future are dead-lettered as ``future_timestamp``.
+    max_clock_skew_s: int = 300
+    #: Accounts per Lua call; 1 on Redis Cluster (keys of one script share a slot).
+    redis_accounts_per_call: int = 256
+    #: Consumer-group session timeout; the embedded broker holds a join for about half of it.
+    kafka_session_timeout_ms: int = 10_000
+    redis_timeout_s: float = 5.0
+    metrics_port: int = 0
+    log_level: str = "INFO"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """Read ``METER_<FIELD>`` for every field; unknown ``METER_*`` names are an error."""
+        env = os.environ if env is None else env
+        known = {f"METER_{f.name.upper()}": f for f in fields(cls)}
+        unknown = sorted(k for k in env if k.startswith("METER_") and k not in known)
+        if unknown:
+            raise SettingsError(f"unknown setting(s): {', '.join(unknown)}")
+        values: dict[str, Any] = {}
+        for name, f in known.items():
+            if name not in env:
+                continue
+            raw = env[name]
+            default = getattr(cls(), f.name)
+            try:
+                if isinstance(default, bool):
+                    values[f.name] = raw.lower() in ("1", "true", "yes")
+                elif isinstance(default, int):
+                    values[f.name] = int(raw)
+                elif isinstance(default, float):
+                    values[f.name] = float(raw)
+                elif isinstance(default, Path):
+                    values[f.name] = Path(raw)
+                else:
+                    values[f.name] = raw
+            except ValueError as exc:
+                raise SettingsError(f"{name}={raw!r}: {exc}") from None
+        settings = cls(**values)
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        if self.batch_max_records < 1:
+            raise SettingsError("METER_BATCH_MAX_RECORDS must be >= 1")
+        if self.max_call_s < 1:
+            raise SettingsError("METER_MAX_CALL_S must be >= 1")
+        if self.partitions < 1:
+            raise SettingsError("METER_PARTITIONS must be >= 1")
+
+    def with_endpoints(self, kafka: str, redis: str, database: str) -> Settings:
+        return replace(self, kafka_bootstrap=kafka, redis_url=redis, database_url=database)

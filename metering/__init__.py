@@ -1,0 +1,1 @@
+"""Rating and the usage stream processor (the hot path)."""

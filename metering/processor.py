@@ -1,0 +1,402 @@
+"""The usage stream processor: the metering hot path, one batch at a time.
+
+Per batch, never per event::
+
+    getmany -> validate (bad ones to the dead-letter topic) -> rate
+      -> one pipelined Redis round trip applying every debit idempotently (debit.lua)
+      -> one ledger statement, idempotent on the event key
+      -> produce dead letters and the signals the batch caused, await them together
+      -> commit offsets
+
+Nothing is committed before it is in the ledger. A duplicate that Redis already applied still
+gets its ledger row if it is missing (Redis's memory of an event is never proof that the ledger
+has it), written with the amount Redis applied the first time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+from pydantic import ValidationError
+
+from contracts import topics
+from contracts.events import CallHangup, MessageSent, parse_inbound
+from contracts.signals import make_signal
+from enforcement import keys
+from enforcement.balance import AccountOutcome, Balances, Debit, PendingSignal
+from meter import metrics
+from meter.ledger import Ledger, LedgerRow, SignalRow, event_key
+from metering.catalog import Catalog
+from metering.rating import NoRate
+
+log = logging.getLogger(__name__)
+
+#: Which event types belong on which inbound topic, and whether the hot path charges them.
+_TOPIC_TYPES: dict[str, dict[str, bool]] = {
+    topics.CALL_EVENTS: {"call.hangup": True, "call.answered": False, "call.progress": False},
+    topics.MESSAGE_EVENTS: {"message.sent": True},
+}
+
+
+class Record(Protocol):
+    """What the processor reads of a consumed record (aiokafka's ``ConsumerRecord``)."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+
+
+class Producer(Protocol):
+    async def send(
+        self, topic: str, value: bytes | None = ..., key: bytes | None = ..., *,
+        headers: list[tuple[str, bytes]] | None = ...,
+    ) -> Awaitable[Any]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    record: Record
+    reason: str
+    detail: str
+
+
+@dataclass(slots=True)
+class Charge:
+    record: Record
+    type: str
+    account_id: str
+    key: bytes
+    fingerprint: bytes
+    amount: int
+    kind: str
+    quantity: int
+    ref: str
+    rate_ref: str
+    time: datetime
+    source: str
+    event_id: str
+    code: str = ""  # set from Redis: n(ew), d(uplicate), c(onflict), k (ledger already has it)
+    applied_amount: int = 0
+
+
+@dataclass(slots=True)
+class BatchOutcome:
+    records: int = 0
+    charged: int = 0
+    duplicates: int = 0
+    ignored: int = 0
+    charged_micros: int = 0
+    dead_letters: dict[str, int] = field(default_factory=dict)
+    signals: list[tuple[str, PendingSignal]] = field(default_factory=list)
+    compensated: int = 0
+
+
+class StaleOutcome(Exception):
+    """Raised when a batch could not be completed; nothing may be committed for it."""
+
+
+def _fingerprint(type_: str, data_json: bytes) -> bytes:
+    return hashlib.blake2b(type_.encode() + b"\x00" + data_json, digest_size=8).digest()
+
+
+def _validation_reason(exc: ValidationError) -> tuple[str, str]:
+    errors = exc.errors(include_url=False, include_input=False)
+    if not errors:
+        return "schema", str(exc)[:500]
+    first = errors[0]
+    if first["type"] == "json_invalid":
+        return "not_json", f"not valid JSON: {first['msg']}"
+    if first["type"] in ("union_tag_invalid", "union_tag_not_found"):
+        return "unsupported_type", str(first["msg"])[:300]
+    parts = []
+    for e in errors[:5]:
+        loc = ".".join(str(p) for p in e["loc"])
+        parts.append(f"{loc}: {e['msg']}")
+    return "schema", "; ".join(parts)[:500]
+
+
+class MeteringProcessor:
+    """Processes one batch of records; the caller commits offsets after ``process`` returns.
+
+    ``process`` raises if any step failed; the caller must then not commit and should re-read
+    from the last committed offsets (every step is idempotent, so a replay charges nothing
+    twice).
+    """
+
+    def __init__(
+        self,
+        *,
+        balances: Balances,
+        ledger: Ledger,
+        catalog: Catalog,
+        producer: Producer,
+        rebuild: Callable[[Sequence[str]], Awaitable[list[str]]],
+        max_message_bytes: int = 65_536,
+        max_call_s: int = 86_400,
+        max_clock_skew_s: int = 300,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._balances = balances
+        self._ledger = ledger
+        self._catalog = catalog
+        self._producer = producer
+        self._rebuild = rebuild
+        self._max_bytes = max_message_bytes
+        self._max_call_s = max_call_s
+        self._skew_s = max_clock_skew_s
+        self._clock = clock
+
+    async def process(self, records: Sequence[Record]) -> BatchOutcome:
+        out = BatchOutcome(records=len(records))
+        now = self._clock()
+        t0 = time.perf_counter()
+        rejected: list[Rejected] = []
+        parsed: list[tuple[Record, CallHangup | MessageSent]] = []
+        for rec in records:
+            r = self._validate(rec, now)
+            if isinstance(r, Rejected):
+                rejected.append(r)
+            elif r is None:
+                out.ignored += 1
+            else:
+                parsed.append((rec, r))
+        await self._catalog.resolve({ev.subject for _, ev in parsed})
+        charges = self._rate(parsed, rejected)
+        t1 = time.perf_counter()
+        metrics.STAGE_SECONDS.labels("decode_rate").observe(t1 - t0)
+
+        await self._skip_known_old(charges, now)
+        outcomes = await self._apply(charges, now, rejected)
+        t2 = time.perf_counter()
+        metrics.STAGE_SECONDS.labels("redis").observe(t2 - t1)
+
+        rows: dict[bytes, LedgerRow] = {}
+        for c in charges:
+            if c.code == "c":
+                rejected.append(Rejected(
+                    c.record, "duplicate_id_different_payload",
+                    f"event ({c.source}, {c.event_id}) was already charged with another payload",
+                ))
+            elif c.code in ("n", "d") and c.key not in rows:
+                rows[c.key] = LedgerRow(
+                    c.key, c.account_id, c.kind, -c.applied_amount, c.quantity, c.ref,
+                    c.rate_ref, c.time, c.source, c.event_id, c.fingerprint,
+                )
+        pending = [(o.account_id, s) for o in outcomes if o.found for s in o.outbox]
+        signal_rows = [SignalRow(a, s.seq, s.type, s.reason) for a, s in pending]
+        inserted = await self._ledger.write(list(rows.values()), signal_rows)
+        t3 = time.perf_counter()
+        metrics.STAGE_SECONDS.labels("ledger").observe(t3 - t2)
+
+        await self._compensate(charges, inserted, out)
+        for c in charges:
+            if c.code == "n":
+                out.charged += 1
+                out.charged_micros += c.applied_amount
+                metrics.EVENTS_CHARGED.labels(c.type).inc()
+            elif c.code in ("d", "k"):
+                out.duplicates += 1
+                metrics.EVENTS_DUPLICATE.labels(c.type).inc()
+        metrics.CHARGED_MICROS.inc(out.charged_micros)
+
+        await self._publish(rejected, pending, out)
+        metrics.STAGE_SECONDS.labels("publish").observe(time.perf_counter() - t3)
+        return out
+
+    # -- validation and rating -------------------------------------------------------------
+
+    def _validate(self, rec: Record, now: float) -> Rejected | CallHangup | MessageSent | None:
+        """The event to charge, a rejection, or ``None`` for a valid event not charged here."""
+        value = rec.value
+        if value is None:
+            return Rejected(rec, "schema", "empty message (tombstone)")
+        if len(value) > self._max_bytes:
+            return Rejected(
+                rec, "oversized", f"{len(value)} bytes, the limit is {self._max_bytes}"
+            )
+        try:
+            ev = parse_inbound(value)
+        except ValidationError as exc:
+            reason, detail = _validation_reason(exc)
+            return Rejected(rec, reason, detail)
+        allowed = _TOPIC_TYPES.get(rec.topic, {})
+        if ev.type not in allowed:
+            return Rejected(rec, "wrong_topic", f"{ev.type} does not belong on {rec.topic}")
+        if rec.key is not None and rec.key != ev.subject.encode():
+            return Rejected(
+                rec, "key_mismatch", "the Kafka key must be the account id (partitioning)"
+            )
+        if ev.time.timestamp() > now + self._skew_s:
+            return Rejected(rec, "future_timestamp", f"time {ev.time.isoformat()} is in the future")
+        if not allowed[ev.type]:
+            metrics.EVENTS_IGNORED.labels(ev.type).inc()
+            return None
+        if isinstance(ev, CallHangup):
+            d = ev.data.billable_s
+            if d < 0:
+                return Rejected(rec, "negative_duration", f"billable_s is {d}")
+            if d > self._max_call_s:
+                return Rejected(
+                    rec, "absurd_duration", f"billable_s is {d}, the limit is {self._max_call_s}"
+                )
+            if ev.data.ended_at < ev.data.answered_at:
+                return Rejected(rec, "schema", "ended_at is before answered_at")
+        assert isinstance(ev, CallHangup | MessageSent)
+        return ev
+
+    def _rate(
+        self, parsed: list[tuple[Record, CallHangup | MessageSent]], rejected: list[Rejected]
+    ) -> list[Charge]:
+        charges: list[Charge] = []
+        get = self._catalog.get
+        for rec, ev in parsed:
+            acct = get(ev.subject)
+            if acct is None:
+                rejected.append(Rejected(rec, "unknown_account", f"no account {ev.subject!r}"))
+                continue
+            plist = acct.price_list
+            data_json = ev.data.model_dump_json(by_alias=True).encode()
+            if isinstance(ev, CallHangup):
+                d = ev.data
+                try:
+                    amount, billed = plist.rate_call(d.direction, d.to, d.billable_s)
+                except NoRate as exc:
+                    rejected.append(Rejected(rec, "no_rate_for_destination", str(exc)))
+                    continue
+                kind, qty, ref = "call", billed, d.call_id
+            else:
+                amount = plist.rate_message(ev.data.parts)
+                kind, qty, ref = "sms", ev.data.parts, ev.data.message_id
+            charges.append(Charge(
+                rec, ev.type, ev.subject, event_key(ev.source, ev.id),
+                _fingerprint(ev.type, data_json), amount, kind, qty, ref, plist.id, ev.time,
+                ev.source, ev.id,
+            ))
+        return charges
+
+    # -- Redis -------------------------------------------------------------------------------
+
+    async def _skip_known_old(self, charges: list[Charge], now: float) -> None:
+        """Events older than Redis's dedup memory are checked against the ledger first."""
+        horizon = now - keys.DEDUP_TRUST_S
+        old = [c for c in charges if c.time.timestamp() < horizon]
+        if not old:
+            return
+        known = await self._ledger.existing(c.key for c in old)
+        for c in old:
+            if c.key in known:
+                fp = known[c.key]
+                c.code = "k" if fp is None or fp == c.fingerprint else "c"
+
+    async def _apply(
+        self, charges: list[Charge], now: float, rejected: list[Rejected]
+    ) -> list[AccountOutcome]:
+        by_account: dict[str, list[Charge]] = {}
+        for c in charges:
+            if not c.code:
+                by_account.setdefault(c.account_id, []).append(c)
+        if not by_account:
+            return []
+        outcomes = await self._apply_groups(by_account, int(now))
+        missing = [o.account_id for o in outcomes if not o.found]
+        if missing:
+            # Redis does not know these accounts (flushed, lost, or created elsewhere):
+            # rebuild them from the ledger, then apply their debits.
+            loaded = await self._rebuild(missing)
+            metrics.ACCOUNTS_REBUILT.inc(len(loaded))
+            retry = {a: by_account[a] for a in missing}
+            again = await self._apply_groups(retry, int(now))
+            outcomes = [o for o in outcomes if o.found] + again
+            for o in again:
+                if not o.found:
+                    for c in retry[o.account_id]:
+                        c.code = "x"
+                        rejected.append(Rejected(
+                            c.record, "unknown_account",
+                            f"account {c.account_id!r} has no balance state and none could be "
+                            "rebuilt",
+                        ))
+        return outcomes
+
+    async def _apply_groups(
+        self, by_account: dict[str, list[Charge]], now_s: int
+    ) -> list[AccountOutcome]:
+        batch = [
+            (a, [Debit(c.key, c.fingerprint, c.amount) for c in cs])
+            for a, cs in by_account.items()
+        ]
+        outcomes = await self._balances.apply_debits(batch, now_s)
+        for o in outcomes:
+            if not o.found:
+                continue
+            dups = iter(o.dup_amounts)
+            for c, code in zip(by_account[o.account_id], o.codes, strict=True):
+                c.code = code
+                if code == "n":
+                    c.applied_amount = c.amount
+                elif code == "d":
+                    c.applied_amount = next(dups)
+        return outcomes
+
+    async def _compensate(
+        self, charges: list[Charge], inserted: set[bytes], out: BatchOutcome
+    ) -> None:
+        """Undo debits Redis applied for events the ledger already had (Redis forgot them)."""
+        for c in charges:
+            if c.code == "n" and c.key not in inserted:
+                await self._balances.credit(c.account_id, "undo:" + c.key.hex(), c.applied_amount)
+                metrics.REDIS_DEDUP_MISSES.inc()
+                log.warning(
+                    "redis re-applied an event the ledger had; compensated",
+                    extra={"account_id": c.account_id, "event_id": c.event_id},
+                )
+                c.code = "k"
+                out.compensated += 1
+
+    # -- output ------------------------------------------------------------------------------
+
+    async def _publish(
+        self,
+        rejected: list[Rejected],
+        pending: list[tuple[str, PendingSignal]],
+        out: BatchOutcome,
+    ) -> None:
+        futures = []
+        for r in rejected:
+            rec = r.record
+            headers = [
+                ("error.reason", r.reason.encode()),
+                ("error.detail", r.detail.encode()[:1000]),
+                ("error.topic", rec.topic.encode()),
+                ("error.partition", str(rec.partition).encode()),
+                ("error.offset", str(rec.offset).encode()),
+            ]
+            futures.append(
+                await self._producer.send(topics.DEAD_LETTER, rec.value, rec.key, headers=headers)
+            )
+            out.dead_letters[r.reason] = out.dead_letters.get(r.reason, 0) + 1
+            metrics.DEAD_LETTERS.labels(r.reason).inc()
+        at = datetime.now(UTC)
+        acks: dict[str, int] = {}
+        for account_id, s in pending:
+            sig = make_signal(s.type, account_id, s.seq, s.reason, at)  # type: ignore[arg-type]
+            futures.append(await self._producer.send(
+                topics.CONTROL_SIGNALS, sig.model_dump_json().encode(), account_id.encode(),
+                headers=[("content-type", b"application/cloudevents+json")],
+            ))
+            acks[account_id] = max(acks.get(account_id, 0), s.seq)
+            metrics.SIGNALS_PUBLISHED.labels(s.type).inc()
+            out.signals.append((account_id, s))
+        if futures:
+            await asyncio.gather(*futures)
+        # Only now are they on the topic: drop them from the outboxes.
+        await self._balances.ack_outbox(acks)

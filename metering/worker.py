@@ -1,0 +1,182 @@
+"""The metering worker: the consume -> process -> commit loop around ``MeteringProcessor``."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+import asyncpg
+import redis.asyncio as aioredis
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.errors import CommitFailedError, KafkaError
+
+from contracts import topics
+from enforcement.balance import RedisBalances
+from meter import metrics
+from meter.accounts import load_into_redis
+from meter.db import create_pool
+from meter.ledger import Ledger
+from meter.settings import Settings
+from metering.catalog import Catalog
+from metering.processor import BatchOutcome, MeteringProcessor
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class Connections:
+    pool: asyncpg.Pool
+    redis: aioredis.Redis
+    producer: AIOKafkaProducer
+    balances: RedisBalances
+
+
+def redis_client(settings: Settings) -> aioredis.Redis:
+    # A bounded socket timeout: a hung Redis surfaces as OutcomeUnknown, never a hung worker.
+    return aioredis.Redis.from_url(
+        settings.redis_url,
+        socket_timeout=settings.redis_timeout_s,
+        socket_connect_timeout=settings.redis_timeout_s,
+        health_check_interval=30,
+    )
+
+
+def kafka_producer(settings: Settings) -> AIOKafkaProducer:
+    # No idempotent producer: idempotency is ours (event keys, signal seq), and the embedded
+    # broker does not support it.
+    return AIOKafkaProducer(
+        bootstrap_servers=settings.kafka_bootstrap,
+        acks="all",
+        linger_ms=2,
+        max_batch_size=256 * 1024,
+        enable_idempotence=False,
+        request_timeout_ms=15_000,
+    )
+
+
+@contextlib.asynccontextmanager
+async def connect(settings: Settings) -> AsyncIterator[Connections]:
+    pool = await create_pool(settings.database_url, max_size=4)
+    r = redis_client(settings)
+    producer = kafka_producer(settings)
+    try:
+        await producer.start()
+        yield Connections(
+            pool, r, producer,
+            RedisBalances(r, max_accounts_per_call=settings.redis_accounts_per_call),
+        )
+    finally:
+        await producer.stop()
+        await r.aclose()
+        await pool.close()
+
+
+async def run_metering(
+    settings: Settings,
+    stop: asyncio.Event,
+    *,
+    on_batch: Callable[[BatchOutcome], None] | None = None,
+    conns: Connections | None = None,
+) -> None:
+    """Consume the metered topics until ``stop`` is set. Offsets are committed per batch, only
+    after the batch is in the ledger and its dead letters and signals are acknowledged."""
+    async with contextlib.AsyncExitStack() as stack:
+        if conns is None:
+            conns = await stack.enter_async_context(connect(settings))
+        catalog = Catalog(conns.pool)
+        await catalog.refresh()
+        pool, balances = conns.pool, conns.balances
+
+        async def rebuild(ids: list[str]) -> list[str]:
+            return await load_into_redis(pool, balances, ids)
+
+        processor = MeteringProcessor(
+            balances=balances, ledger=Ledger(pool), catalog=catalog, producer=conns.producer,
+            rebuild=rebuild,  # type: ignore[arg-type]
+            max_message_bytes=settings.max_message_bytes, max_call_s=settings.max_call_s,
+            max_clock_skew_s=settings.max_clock_skew_s,
+        )
+        consumer = AIOKafkaConsumer(
+            *topics.METERED,
+            bootstrap_servers=settings.kafka_bootstrap,
+            group_id=settings.consumer_group,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            max_partition_fetch_bytes=8 * 1024 * 1024,
+            fetch_max_bytes=32 * 1024 * 1024,
+            # Oversized messages are dead-lettered by us, so the client must still fetch them.
+            isolation_level="read_uncommitted",
+            session_timeout_ms=settings.kafka_session_timeout_ms,
+            heartbeat_interval_ms=max(settings.kafka_session_timeout_ms // 4, 100),
+        )
+        await consumer.start()
+        stack.push_async_callback(consumer.stop)
+        backoff = 0.1
+        while not stop.is_set():
+            data = await consumer.getmany(
+                timeout_ms=settings.batch_timeout_ms, max_records=settings.batch_max_records
+            )
+            records = [r for msgs in data.values() for r in msgs]
+            if not records:
+                continue
+            t0 = time.perf_counter()
+            try:
+                outcome = await processor.process(records)
+            except Exception:
+                # Nothing of this batch is committed: rewind and retry it. Every step is
+                # idempotent, so what was already applied is not applied twice.
+                log.exception("batch failed; rewinding %d partitions", len(data))
+                for tp, msgs in data.items():
+                    consumer.seek(tp, msgs[0].offset)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+                continue
+            backoff = 0.1
+            offsets = {tp: msgs[-1].offset + 1 for tp, msgs in data.items()}
+            try:
+                await consumer.commit(offsets)
+            except (CommitFailedError, KafkaError) as exc:
+                # A rebalance took the partitions: the new owner replays, idempotently.
+                log.warning("commit failed (%s); the batch will be replayed", exc)
+            for tp in data:
+                metrics.EVENTS_CONSUMED.labels(tp.topic).inc(len(data[tp]))
+            metrics.BATCH_SIZE.observe(len(records))
+            metrics.BATCH_SECONDS.observe(time.perf_counter() - t0)
+            if on_batch is not None:
+                on_batch(outcome)
+
+
+async def consumer_lag(
+    settings: Settings, group: str | None = None
+) -> dict[TopicPartition, int]:
+    """Messages not yet committed by the metering group, per partition."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=settings.kafka_bootstrap, group_id=group or settings.consumer_group,
+        enable_auto_commit=False,
+    )
+    await consumer.start()
+    try:
+        tps = [
+            TopicPartition(t, p)
+            for t in topics.METERED
+            for p in (consumer.partitions_for_topic(t) or set())
+        ]
+        if not tps:
+            await consumer._client.force_metadata_update()
+            tps = [
+                TopicPartition(t, p)
+                for t in topics.METERED
+                for p in (consumer.partitions_for_topic(t) or set())
+            ]
+        ends = await consumer.end_offsets(tps)
+        lag = {}
+        for tp in tps:
+            committed = await consumer.committed(tp)
+            lag[tp] = ends[tp] - (committed or 0)
+        return lag
+    finally:
+        await consumer.stop()
