@@ -88,8 +88,13 @@ async def kafka(tmp_path: Path) -> AsyncIterator[str]:
 @pytest.fixture
 def settings(kafka: str, redis_url: str, database_url: str, tmp_path: Path) -> Settings:
     return Settings(
-        kafka_bootstrap=kafka, redis_url=redis_url, database_url=database_url,
-        data_dir=tmp_path, partitions=4, batch_timeout_ms=20, kafka_session_timeout_ms=2_000,
+        kafka_bootstrap=kafka,
+        redis_url=redis_url,
+        database_url=database_url,
+        data_dir=tmp_path,
+        partitions=4,
+        batch_timeout_ms=20,
+        kafka_session_timeout_ms=2_000,
         consumer_group=f"meter-test-{uuid.uuid4().hex[:6]}",
     )
 
@@ -116,10 +121,15 @@ def seed(conns: Connections) -> Seeder:
     ) -> list[AccountSpec]:
         await put_price_list(conns.pool, demo_price_list())
         specs = [
-            AccountSpec.model_validate({
-                "id": i, "price_list_id": "standard", "balance": balance,
-                "low_balance_threshold": low, "credit_limit": credit_limit,
-            })
+            AccountSpec.model_validate(
+                {
+                    "id": i,
+                    "price_list_id": "standard",
+                    "balance": balance,
+                    "low_balance_threshold": low,
+                    "credit_limit": credit_limit,
+                }
+            )
             for i in ids
         ]
         await create_accounts(conns.pool, conns.balances, specs)

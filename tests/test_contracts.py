@@ -18,8 +18,14 @@ from meter.traffic import call_hangup, message_sent
 
 @pytest.mark.parametrize(
     ("text", "micros"),
-    [("12.50", 12_500_000), ("0.000450", 450), ("0", 0), ("-3.1", -3_100_000),
-     ("100", 100_000_000), ("0.000001", 1)],
+    [
+        ("12.50", 12_500_000),
+        ("0.000450", 450),
+        ("0", 0),
+        ("-3.1", -3_100_000),
+        ("100", 100_000_000),
+        ("0.000001", 1),
+    ],
 )
 def test_money_round_trip(text: str, micros: int) -> None:
     assert parse_money(text) == micros
@@ -78,8 +84,12 @@ def test_signal_shape() -> None:
     assert body["specversion"] == "1.0" and body["type"] == "account.hold"
     assert body["subject"] == "acc_1" and body["id"] == "acc_1:3"
     assert body["data"] == {
-        "account_id": "acc_1", "reason": "credit_exhausted", "seq": 3, "call_id": None,
-        "terminate_at": None, "number": None,
+        "account_id": "acc_1",
+        "reason": "credit_exhausted",
+        "seq": 3,
+        "call_id": None,
+        "terminate_at": None,
+        "number": None,
     }
 
 

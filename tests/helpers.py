@@ -1,0 +1,55 @@
+"""Shared test helpers: producing events, a record type for direct processor calls."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from aiokafka import AIOKafkaProducer
+
+from metering.rating import voice_cost
+from meter.traffic import demo_price_list
+
+
+@dataclass(frozen=True)
+class Rec:
+    """Stands in for aiokafka's ConsumerRecord in direct ``MeteringProcessor`` calls."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+
+
+async def produce(
+    producer: AIOKafkaProducer,
+    topic: str,
+    events: list[dict[str, Any] | bytes],
+    key: bytes | None = None,
+) -> None:
+    futures = []
+    for ev in events:
+        value = ev if isinstance(ev, bytes) else orjson.dumps(ev)
+        k = key if key is not None or isinstance(ev, bytes) else ev["subject"].encode()
+        futures.append(await producer.send(topic, value, k))
+    await asyncio.gather(*futures)
+
+
+def expected_cost(event: dict[str, Any]) -> int:
+    """Price an event with the demo price list, independently of the processor."""
+    from metering.rating import PriceList, VoiceRate
+
+    spec = demo_price_list()
+    pl = PriceList(spec.id, spec.currency, VoiceRate("", spec.inbound_per_min), spec.sms_per_part)
+    for r in spec.outbound:
+        pl.add_outbound(
+            VoiceRate(r.prefix, r.rate_per_min, r.connect_fee, r.initial_s, r.subsequent_s)
+        )
+    d = event["data"]
+    if event["type"] == "message.sent":
+        return int(pl.sms_per_part * d["parts"])
+    rate = pl.inbound if d["direction"] == "inbound" else pl.outbound_rate(d["to"])
+    return voice_cost(d["billable_s"], rate)[0]

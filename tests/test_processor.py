@@ -1,0 +1,250 @@
+"""The metering hot path end to end against the real broker, Redis and PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+import pytest
+
+from contracts import topics
+from meter.kafkatools import read_all
+from meter.ledger import Ledger
+from meter.reconcile import reconcile
+from meter.settings import Settings
+from meter.traffic import call_hangup, message_sent
+from metering.catalog import Catalog
+from metering.processor import BatchOutcome, MeteringProcessor
+from metering.worker import Connections, run_metering
+from tests.conftest import Seeder, eventually
+from tests.helpers import Rec, expected_cost, produce
+
+DESTS = ["+14155550123", "+442071234567", "+447911123456", "+33142685300", "+5255123456"]
+
+
+@contextlib.asynccontextmanager
+async def running(settings: Settings, conns: Connections) -> AsyncIterator[list[BatchOutcome]]:
+    outcomes: list[BatchOutcome] = []
+    stop = asyncio.Event()
+    task = asyncio.create_task(run_metering(settings, stop, on_batch=outcomes.append, conns=conns))
+    try:
+        yield outcomes
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+
+
+async def ledger_usage_rows(conns: Connections) -> int:
+    n = await conns.pool.fetchval("SELECT count(*) FROM ledger WHERE kind IN ('call', 'sms')")
+    return int(n)
+
+
+def traffic(accounts: list[str], n: int, seed: int = 1) -> list[dict[str, Any]]:
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        a = rng.choice(accounts)
+        if i % 5 == 0:
+            out.append(message_sent(a, f"m{i}", rng.choice(DESTS), rng.randint(1, 3)))
+        else:
+            out.append(
+                call_hangup(a, f"c{i}", rng.choice(DESTS), rng.choice([0, 1, 6, 7, 59, 61, 300]))
+            )
+    return out
+
+
+async def test_every_event_published_twice_is_charged_once(
+    settings: Settings, conns: Connections, seed: Seeder
+) -> None:
+    accounts = [f"acc_{i}" for i in range(6)]
+    await seed(*accounts, balance="500.00")
+    events = traffic(accounts, 400)
+    calls = [e for e in events if e["type"] == "call.hangup"]
+    sms = [e for e in events if e["type"] == "message.sent"]
+    for _ in range(2):
+        await produce(conns.producer, topics.CALL_EVENTS, calls)
+        await produce(conns.producer, topics.MESSAGE_EVENTS, sms)
+    async with running(settings, conns) as outcomes:
+        await eventually(lambda: _seen(outcomes, 800))
+    assert await ledger_usage_rows(conns) == 400
+    assert sum(o.charged for o in outcomes) == 400
+    assert sum(o.duplicates for o in outcomes) == 400
+    for a in accounts:
+        cost = sum(expected_cost(e) for e in events if e["subject"] == a)
+        st = await conns.balances.get(a)
+        assert st is not None and st.balance == 500_000_000 - cost, a
+    rec = await reconcile(conns.pool, conns.balances)
+    assert rec.ok and rec.drift_micros == 0
+
+
+async def _seen(outcomes: list[BatchOutcome], n: int) -> bool:
+    return sum(o.records for o in outcomes) >= n
+
+
+class CrashingLedger(Ledger):
+    """The process 'dies' after Redis applied the batch and before the ledger write."""
+
+    async def write(self, rows: Any, signals: Any = ()) -> set[bytes]:
+        raise ConnectionResetError("simulated crash before the ledger write")
+
+
+async def test_duplicate_applied_in_redis_but_missing_in_ledger_gets_its_row(
+    conns: Connections, seed: Seeder
+) -> None:
+    await seed("acc_1", balance="10.00")
+    events = [call_hangup("acc_1", f"c{i}", "+442071234567", 61) for i in range(5)]
+    records = [
+        Rec(topics.CALL_EVENTS, 0, i, b"acc_1", orjson.dumps(e)) for i, e in enumerate(events)
+    ]
+    catalog = Catalog(conns.pool)
+    await catalog.refresh()
+
+    def processor(ledger: Ledger) -> MeteringProcessor:
+        async def rebuild(ids: Any) -> list[str]:
+            return []
+
+        return MeteringProcessor(
+            balances=conns.balances,
+            ledger=ledger,
+            catalog=catalog,
+            producer=conns.producer,
+            rebuild=rebuild,
+        )
+
+    with pytest.raises(ConnectionResetError):
+        await processor(CrashingLedger(conns.pool)).process(records)
+    cost = 5 * expected_cost(events[0])
+    assert (await conns.balances.get("acc_1")).balance == 10_000_000 - cost  # type: ignore[union-attr]
+    assert await ledger_usage_rows(conns) == 0  # Redis has them, the ledger does not
+
+    out = await processor(Ledger(conns.pool)).process(records)  # the replay after restart
+    assert (out.charged, out.duplicates) == (0, 5)
+    assert await ledger_usage_rows(conns) == 5
+    assert (await conns.balances.get("acc_1")).balance == 10_000_000 - cost  # type: ignore[union-attr]
+    amounts = await conns.pool.fetch("SELECT amount FROM ledger WHERE kind = 'call'")
+    assert sorted(r["amount"] for r in amounts) == [-expected_cost(events[0])] * 5
+    assert (await reconcile(conns.pool, conns.balances)).ok
+
+
+async def test_each_bad_input_is_dead_lettered_and_the_partition_goes_on(
+    settings: Settings, conns: Connections, seed: Seeder
+) -> None:
+    await seed("acc_1", balance="10.00")
+    good = [call_hangup("acc_1", f"g{i}", "+442071234567", 60) for i in range(4)]
+    schema = call_hangup("acc_1", "b1", "+442071234567", 60)
+    del schema["data"]["to"]
+    negative = call_hangup("acc_1", "b2", "+442071234567", -3)
+    absurd = call_hangup("acc_1", "b3", "+442071234567", 5_000_000)
+    ghost = call_hangup("ghost_1", "b4", "+442071234567", 60)
+    conflict = call_hangup("acc_1", "g0", "+442071234567", 600)  # same id as good[0]
+    oversized = call_hangup("acc_1", "b5", "+442071234567", 60)
+    oversized["blob"] = "z" * 70_000
+    no_rate = call_hangup("acc_1", "b6", "+999123456", 60)
+    bad: list[tuple[str, bytes]] = [
+        ("not_json", b"{not json"),
+        ("schema", orjson.dumps(schema)),
+        ("negative_duration", orjson.dumps(negative)),
+        ("absurd_duration", orjson.dumps(absurd)),
+        ("key_mismatch", orjson.dumps(call_hangup("acc_2", "b7", "+442071234567", 60))),
+        ("duplicate_id_different_payload", orjson.dumps(conflict)),
+        ("oversized", orjson.dumps(oversized)),
+        ("no_rate_for_destination", orjson.dumps(no_rate)),
+    ]
+    # Everything under one key: one partition, bad events between good ones.
+    stream: list[dict[str, Any] | bytes] = [good[0]]
+    for i, (_, raw) in enumerate(bad):
+        stream.append(raw)
+        if i % 3 == 2:
+            stream.append(good[1 + i // 3])
+    stream.append(good[3])
+    await produce(conns.producer, topics.CALL_EVENTS, stream, key=b"acc_1")
+    await produce(conns.producer, topics.CALL_EVENTS, [ghost])  # keyed by its own account
+    bad.append(("unknown_account", orjson.dumps(ghost)))
+    stream.append(ghost)
+
+    async with running(settings, conns) as outcomes:
+        await eventually(lambda: _seen(outcomes, len(stream)))
+    dead = await read_all(settings.kafka_bootstrap, topics.DEAD_LETTER, expect=len(bad))
+    reasons = sorted(dict(m.headers)["error.reason"].decode() for m in dead)
+    assert reasons == sorted(r for r, _ in bad)
+    by_reason = {dict(m.headers)["error.reason"].decode(): m for m in dead}
+    for reason, raw in bad:
+        m = by_reason[reason]
+        assert m.value == raw, reason  # copied unchanged
+        assert m.key == (b"ghost_1" if reason == "unknown_account" else b"acc_1")  # original key
+        assert dict(m.headers)["error.detail"], reason
+    st = await conns.balances.get("acc_1")
+    assert st is not None and st.balance == 10_000_000 - 4 * expected_cost(good[0])
+    assert await ledger_usage_rows(conns) == 4
+
+
+async def test_hold_is_published_once_when_an_account_runs_dry(
+    settings: Settings, conns: Connections, seed: Seeder
+) -> None:
+    from dataclasses import replace
+
+    # 0.015 per call: low after ~67 calls, dry after ~134, in batches of 17.
+    await seed("acc_dry", balance="2.00", low="1.00")
+    await seed("acc_rich", balance="100.00")
+    burst = [call_hangup("acc_dry", f"c{i}", "+442071234567", 60) for i in range(300)]
+    burst += [call_hangup("acc_rich", f"r{i}", "+442071234567", 60) for i in range(50)]
+    await produce(conns.producer, topics.CALL_EVENTS, burst)
+    small_batches = replace(settings, batch_max_records=17)  # the run-out spans many batches
+    async with running(small_batches, conns) as outcomes:
+        await eventually(lambda: _seen(outcomes, len(burst)))
+    signals = [
+        orjson.loads(m.value)
+        for m in await read_all(settings.kafka_bootstrap, topics.CONTROL_SIGNALS, idle_s=1.5)
+    ]
+    dry = [s for s in signals if s["subject"] == "acc_dry"]
+    assert [s["type"] for s in dry] == ["account.low_balance", "account.hold"]
+    assert [s["data"]["seq"] for s in dry] == [1, 2]
+    assert not [s for s in signals if s["subject"] == "acc_rich"]
+    assert await conns.balances.pending_outbox("acc_dry") == []  # acknowledged after publish
+    rows = await conns.pool.fetch("SELECT seq, type FROM signals WHERE account_id = 'acc_dry'")
+    assert sorted((r["seq"], r["type"]) for r in rows) == [
+        (1, "account.low_balance"),
+        (2, "account.hold"),
+    ]
+
+
+async def test_lost_redis_state_is_rebuilt_from_the_ledger(
+    settings: Settings, conns: Connections, seed: Seeder
+) -> None:
+    from dataclasses import replace
+
+    accounts = ["acc_1", "acc_2"]
+    await seed(*accounts, balance="50.00")
+    first = traffic(accounts, 60, seed=3)
+    await produce(
+        conns.producer, topics.CALL_EVENTS, [e for e in first if e["type"] == "call.hangup"]
+    )
+    await produce(
+        conns.producer, topics.MESSAGE_EVENTS, [e for e in first if e["type"] != "call.hangup"]
+    )
+    async with running(settings, conns) as outcomes:
+        await eventually(lambda: _seen(outcomes, 60))
+    await conns.redis.flushall()  # Redis lost everything, its memory of events included
+
+    second = traffic(accounts, 40, seed=4)
+    for e in second:
+        e["id"] = "second-" + e["id"]
+    await produce(
+        conns.producer, topics.CALL_EVENTS, [e for e in second if e["type"] == "call.hangup"]
+    )
+    await produce(
+        conns.producer, topics.MESSAGE_EVENTS, [e for e in second if e["type"] != "call.hangup"]
+    )
+    # A new group replays the whole topic: the first 60 again, then the 40 new ones.
+    async with running(replace(settings, consumer_group="replay"), conns) as outcomes:
+        await eventually(lambda: _seen(outcomes, 100))
+    assert await ledger_usage_rows(conns) == 100
+    for a in accounts:
+        cost = sum(expected_cost(e) for e in first + second if e["subject"] == a)
+        st = await conns.balances.get(a)
+        assert st is not None and st.balance == 50_000_000 - cost, a
+    assert (await reconcile(conns.pool, conns.balances)).ok
