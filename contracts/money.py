@@ -22,7 +22,7 @@ class MoneyFormatError(ValueError):
 def parse_money(text: str) -> int:
     """Parse ``"12.50"`` into micro-units (``12_500_000``). Exact; refuses > 6 decimals."""
     if not isinstance(text, str):
-        raise MoneyFormatError("money must be a decimal string such as \"12.50\", not a number")
+        raise MoneyFormatError('money must be a decimal string such as "12.50", not a number')
     m = _MONEY_RE.match(text)
     if m is None:
         raise MoneyFormatError(
@@ -43,7 +43,7 @@ def format_money(micros: int) -> str:
 
 def _validate(value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, str):
-        raise MoneyFormatError("money must be a decimal string such as \"12.50\"")
+        raise MoneyFormatError('money must be a decimal string such as "12.50"')
     return parse_money(value)
 
 

@@ -38,12 +38,3 @@ def outbox(account_id: str) -> str:
 def credits(account_id: str) -> str:
     """Hash of applied credit ids (payments, adjustments): field = credit key, value = amount."""
     return f"{tag(account_id)}:cr"
-
-
-def debit_keys(account_id: str, day: int) -> list[str]:
-    """The KEYS one account contributes to ``debit.lua``, in the order the script reads them."""
-    t = tag(account_id)
-    return [t, f"{t}:ev:{day}", f"{t}:ev:{day - 1}", f"{t}:ev:{day - 2}", f"{t}:out"]
-
-
-KEYS_PER_ACCOUNT: Final = 5

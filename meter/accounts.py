@@ -61,18 +61,35 @@ async def put_price_list(pool: asyncpg.Pool, spec: PriceListSpec) -> None:
             "INSERT INTO price_lists (id, currency, inbound_per_min, sms_per_part)"
             " VALUES ($1, $2, $3, $4) ON CONFLICT (id) DO UPDATE SET currency = $2,"
             " inbound_per_min = $3, sms_per_part = $4",
-            spec.id, spec.currency, spec.inbound_per_min, spec.sms_per_part,
+            spec.id,
+            spec.currency,
+            spec.inbound_per_min,
+            spec.sms_per_part,
         )
         await conn.execute("DELETE FROM price_list_rates WHERE price_list_id = $1", spec.id)
         await conn.copy_records_to_table(
             "price_list_rates",
             records=[
-                (spec.id, r.prefix, r.description, r.rate_per_min, r.connect_fee, r.initial_s,
-                 r.subsequent_s)
+                (
+                    spec.id,
+                    r.prefix,
+                    r.description,
+                    r.rate_per_min,
+                    r.connect_fee,
+                    r.initial_s,
+                    r.subsequent_s,
+                )
                 for r in spec.outbound
             ],
-            columns=["price_list_id", "prefix", "description", "rate_per_min", "connect_fee",
-                     "initial_s", "subsequent_s"],
+            columns=[
+                "price_list_id",
+                "prefix",
+                "description",
+                "rate_per_min",
+                "connect_fee",
+                "initial_s",
+                "subsequent_s",
+            ],
         )
 
 
@@ -91,22 +108,51 @@ async def create_accounts(
             "INSERT INTO accounts (id, name, price_list_id, credit_limit, low_balance_threshold)"
             " SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::bigint[])"
             " ON CONFLICT (id) DO NOTHING RETURNING id",
-            [s.id for s in specs], [s.name for s in specs], [s.price_list_id for s in specs],
-            [s.credit_limit for s in specs], [s.low_balance_threshold for s in specs],
+            [s.id for s in specs],
+            [s.name for s in specs],
+            [s.price_list_id for s in specs],
+            [s.credit_limit for s in specs],
+            [s.low_balance_threshold for s in specs],
         )
         new_ids = {r["id"] for r in created}
         rows = [
-            LedgerRow(credit_key(s.id, "opening"), s.id, "opening", s.balance, 0, "opening", "",
-                      now, "urn:meter:accounts", "opening", None)
-            for s in specs if s.id in new_ids
+            LedgerRow(
+                credit_key(s.id, "opening"),
+                s.id,
+                "opening",
+                s.balance,
+                0,
+                "opening",
+                "",
+                now,
+                "urn:meter:accounts",
+                "opening",
+                None,
+            )
+            for s in specs
+            if s.id in new_ids
         ]
         if rows:
             await conn.executemany(
                 "INSERT INTO ledger (event_key, account_id, kind, amount, quantity, ref, rate_ref,"
                 " event_time, source, event_id, fingerprint)"
                 " VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11) ON CONFLICT DO NOTHING",
-                [(r.event_key, r.account_id, r.kind, r.amount, r.quantity, r.ref, r.rate_ref,
-                  r.event_time, r.source, r.event_id, r.fingerprint) for r in rows],
+                [
+                    (
+                        r.event_key,
+                        r.account_id,
+                        r.kind,
+                        r.amount,
+                        r.quantity,
+                        r.ref,
+                        r.rate_ref,
+                        r.event_time,
+                        r.source,
+                        r.event_id,
+                        r.fingerprint,
+                    )
+                    for r in rows
+                ],
             )
     await load_into_redis(pool, balances, [s.id for s in specs])
     return len(new_ids)
@@ -142,8 +188,12 @@ async def load_into_redis(
         else:
             status = "active"
         if await balances.create_account(
-            r["id"], balance=bal, credit_limit=r["credit_limit"],
-            low_threshold=r["low_balance_threshold"], status=status, seq=seqs.get(r["id"], 0),
+            r["id"],
+            balance=bal,
+            credit_limit=r["credit_limit"],
+            low_threshold=r["low_balance_threshold"],
+            status=status,
+            seq=seqs.get(r["id"], 0),
         ):
             loaded.append(r["id"])
     return loaded

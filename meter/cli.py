@@ -82,11 +82,19 @@ async def _reconcile(settings: Settings) -> int:
     finally:
         await r.aclose()
         await pool.close()
-    print(json.dumps({
-        "accounts": result.accounts, "drift_micros": result.drift_micros,
-        "mismatched": {a: {"redis": g, "ledger": w} for a, (g, w) in
-                       list(result.mismatched.items())[:50]},
-    }, indent=2))
+    print(
+        json.dumps(
+            {
+                "accounts": result.accounts,
+                "drift_micros": result.drift_micros,
+                "mismatched": {
+                    a: {"redis": g, "ledger": w}
+                    for a, (g, w) in list(result.mismatched.items())[:50]
+                },
+            },
+            indent=2,
+        )
+    )
     return 0 if result.ok else 1
 
 
@@ -102,8 +110,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="meter", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
 
-    d = sub.add_parser("demo", help="run the whole service on embedded defaults with simulated "
-                       "switch traffic, then reconcile")
+    d = sub.add_parser(
+        "demo",
+        help="run the whole service on embedded defaults with simulated "
+        "switch traffic, then reconcile",
+    )
     d.add_argument("--accounts", type=int, default=300)
     d.add_argument("--seconds", type=float, default=20.0)
     d.add_argument("--rate", type=int, default=4000, help="events per second to publish")

@@ -90,8 +90,10 @@ async def _demo(s: Settings, conns: object, n_accounts: int, seconds: float, rat
     specs = demo_accounts(n_accounts, rng)
     await create_accounts(conns.pool, conns.balances, specs)
     opening = sum(a.balance for a in specs)
-    _say(f"  seeded price list {plist.id!r} ({len(plist.outbound)} prefixes) and "
-         f"{len(specs)} accounts, opening balances {opening / 1e6:,.2f} USD")
+    _say(
+        f"  seeded price list {plist.id!r} ({len(plist.outbound)} prefixes) and "
+        f"{len(specs)} accounts, opening balances {opening / 1e6:,.2f} USD"
+    )
 
     stats = LiveStats()
     stop = asyncio.Event()
@@ -115,11 +117,13 @@ async def _demo(s: Settings, conns: object, n_accounts: int, seconds: float, rat
         if worker.done():
             break
         if now >= next_report:
-            _say(f"  t={now - start:4.0f}s produced={sent:>8} consumed={stats.records:>8} "
-                 f"({stats.records - last_records:>6} ev/s) charged={stats.charged:>8} "
-                 f"dup={stats.duplicates:>5} dead={sum(stats.dead.values()):>4} "
-                 f"holds={stats.signals['account.hold']:>4} "
-                 f"low={stats.signals['account.low_balance']:>4}")
+            _say(
+                f"  t={now - start:4.0f}s produced={sent:>8} consumed={stats.records:>8} "
+                f"({stats.records - last_records:>6} ev/s) charged={stats.charged:>8} "
+                f"dup={stats.duplicates:>5} dead={sum(stats.dead.values()):>4} "
+                f"holds={stats.signals['account.hold']:>4} "
+                f"low={stats.signals['account.low_balance']:>4}"
+            )
             last_records = stats.records
             next_report += 1.0
         await asyncio.sleep(tick)
@@ -153,18 +157,26 @@ async def _demo(s: Settings, conns: object, n_accounts: int, seconds: float, rat
     _say("")
     _say("reconciliation")
     _say(f"  drained                       {'yes' if drained else 'NO'}")
-    _say(f"  events produced               {sent} ({p.unique_valid} distinct valid, "
-         f"{p.duplicates} duplicates, {sum(p.malformed.values())} malformed)")
-    _say(f"  distinct events in the ledger {charged_rows}  "
-         f"{'== produced' if ok_charged else '!= produced  <-- MISMATCH'}")
+    _say(
+        f"  events produced               {sent} ({p.unique_valid} distinct valid, "
+        f"{p.duplicates} duplicates, {sum(p.malformed.values())} malformed)"
+    )
+    _say(
+        f"  distinct events in the ledger {charged_rows}  "
+        f"{'== produced' if ok_charged else '!= produced  <-- MISMATCH'}"
+    )
     _say(f"  duplicates seen               {stats.duplicates} (charged once each)")
     _say(f"  charged                       {stats.charged_micros / 1e6:,.6f} USD")
-    _say(f"  dead letters by reason        {dict(sorted(dead.items()))}  "
-         f"{'== injected' if ok_dead else '!= injected ' + str(dict(p.malformed))}")
+    _say(
+        f"  dead letters by reason        {dict(sorted(dead.items()))}  "
+        f"{'== injected' if ok_dead else '!= injected ' + str(dict(p.malformed))}"
+    )
     _say(f"  signals published             {dict(sorted(signals.items()))}")
     _say(f"  accounts on hold              {on_hold}")
-    _say(f"  Redis vs ledger               {rec.accounts} accounts, "
-         f"drift {rec.drift_micros} micro-units, {len(rec.mismatched)} mismatched")
+    _say(
+        f"  Redis vs ledger               {rec.accounts} accounts, "
+        f"drift {rec.drift_micros} micro-units, {len(rec.mismatched)} mismatched"
+    )
     ok = drained and ok_charged and ok_dead and rec.ok
     _say("OK" if ok else "FAILED")
     sys.stdout.flush()

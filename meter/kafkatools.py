@@ -9,7 +9,11 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 
 async def read_all(
-    bootstrap: str, topic: str, *, idle_s: float = 1.0, timeout_s: float = 30.0,
+    bootstrap: str,
+    topic: str,
+    *,
+    idle_s: float = 1.0,
+    timeout_s: float = 30.0,
     expect: int | None = None,
 ) -> list[Any]:
     """Every record of ``topic`` from the beginning, without a consumer group.

@@ -22,9 +22,7 @@ RETURNING event_key
 
 def event_key(source: str, event_id: str) -> bytes:
     """The idempotency key of a CloudEvent: 16 bytes of BLAKE2b over ``(source, id)``."""
-    return hashlib.blake2b(
-        source.encode() + b"\x00" + event_id.encode(), digest_size=16
-    ).digest()
+    return hashlib.blake2b(source.encode() + b"\x00" + event_id.encode(), digest_size=16).digest()
 
 
 def credit_key(account_id: str, credit_id: str) -> bytes:
@@ -121,6 +119,15 @@ class SignalRow:
 
 def _astuple(r: LedgerRow) -> tuple[object, ...]:
     return (
-        r.event_key, r.account_id, r.kind, r.amount, r.quantity, r.ref, r.rate_ref,
-        r.event_time, r.source, r.event_id, r.fingerprint,
+        r.event_key,
+        r.account_id,
+        r.kind,
+        r.amount,
+        r.quantity,
+        r.ref,
+        r.rate_ref,
+        r.event_time,
+        r.source,
+        r.event_id,
+        r.fingerprint,
     )

@@ -35,15 +35,19 @@ ACCOUNTS_REBUILT: Final = Counter(
     "meter_accounts_rebuilt_total", "Accounts whose Redis state was rebuilt from the ledger"
 )
 BATCH_SIZE: Final = Histogram(
-    "meter_batch_records", "Records per processed batch",
+    "meter_batch_records",
+    "Records per processed batch",
     buckets=(1, 10, 50, 100, 500, 1000, 2000, 5000, 10000, 20000),
 )
 BATCH_SECONDS: Final = Histogram(
-    "meter_batch_duration_seconds", "Time to process and commit one batch",
+    "meter_batch_duration_seconds",
+    "Time to process and commit one batch",
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
 )
 STAGE_SECONDS: Final = Histogram(
-    "meter_batch_stage_duration_seconds", "Time per stage of a batch", ["stage"],
+    "meter_batch_stage_duration_seconds",
+    "Time per stage of a batch",
+    ["stage"],
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
 )
 RECONCILE_DRIFT: Final = Gauge(

@@ -27,7 +27,13 @@ from typing import Any, Protocol
 from pydantic import ValidationError
 
 from contracts import topics
-from contracts.events import CallHangup, MessageSent, parse_inbound
+from contracts.events import (
+    CallHangup,
+    CallHangupData,
+    MessageSent,
+    MessageSentData,
+    parse_inbound,
+)
 from contracts.signals import make_signal
 from enforcement import keys
 from enforcement.balance import AccountOutcome, Balances, Debit, PendingSignal
@@ -57,7 +63,11 @@ class Record(Protocol):
 
 class Producer(Protocol):
     async def send(
-        self, topic: str, value: bytes | None = ..., key: bytes | None = ..., *,
+        self,
+        topic: str,
+        value: bytes | None = ...,
+        key: bytes | None = ...,
+        *,
         headers: list[tuple[str, bytes]] | None = ...,
     ) -> Awaitable[Any]: ...
 
@@ -90,6 +100,8 @@ class Charge:
 
 @dataclass(slots=True)
 class BatchOutcome:
+    """What a batch did; the demo and the benchmark add these up."""
+
     records: int = 0
     charged: int = 0
     duplicates: int = 0
@@ -100,12 +112,18 @@ class BatchOutcome:
     compensated: int = 0
 
 
-class StaleOutcome(Exception):
-    """Raised when a batch could not be completed; nothing may be committed for it."""
+@dataclass(slots=True)
+class Applied:
+    """A batch between its two halves (see ``MeteringProcessor.apply``)."""
+
+    outcome: BatchOutcome
+    rejected: list[Rejected]
+    charges: list[Charge]
+    accounts: list[AccountOutcome]
 
 
-def _fingerprint(type_: str, data_json: bytes) -> bytes:
-    return hashlib.blake2b(type_.encode() + b"\x00" + data_json, digest_size=8).digest()
+def _fingerprint(type_: str, account_id: str, content: str) -> bytes:
+    return hashlib.blake2b(f"{type_}|{account_id}|{content}".encode(), digest_size=8).digest()
 
 
 def _validation_reason(exc: ValidationError) -> tuple[str, str]:
@@ -154,8 +172,21 @@ class MeteringProcessor:
         self._max_call_s = max_call_s
         self._skew_s = max_clock_skew_s
         self._clock = clock
+        # Highest signal seq published per account: with batches overlapping, the outbox
+        # read by batch N+1 may still hold what batch N publishes. Losing this map (restart)
+        # only means a harmless re-publish, which consumers drop by seq.
+        self._published: dict[str, int] = {}
 
     async def process(self, records: Sequence[Record]) -> BatchOutcome:
+        """The whole batch: ``finish(await apply(records))``."""
+        return await self.finish(await self.apply(records))
+
+    async def apply(self, records: Sequence[Record]) -> Applied:
+        """First half: validate, rate, and apply the debits in Redis (idempotent).
+
+        The worker overlaps this with the previous batch's ``finish``: Redis may run ahead of
+        the ledger by one batch, which a replay after a crash repairs (see module docstring).
+        """
         out = BatchOutcome(records=len(records))
         now = self._clock()
         t0 = time.perf_counter()
@@ -163,12 +194,12 @@ class MeteringProcessor:
         parsed: list[tuple[Record, CallHangup | MessageSent]] = []
         for rec in records:
             r = self._validate(rec, now)
-            if isinstance(r, Rejected):
-                rejected.append(r)
-            elif r is None:
+            if r is None:
                 out.ignored += 1
+            elif type(r) is Rejected:
+                rejected.append(r)
             else:
-                parsed.append((rec, r))
+                parsed.append((rec, r))  # type: ignore[arg-type]
         await self._catalog.resolve({ev.subject for _, ev in parsed})
         charges = self._rate(parsed, rejected)
         t1 = time.perf_counter()
@@ -176,36 +207,67 @@ class MeteringProcessor:
 
         await self._skip_known_old(charges, now)
         outcomes = await self._apply(charges, now, rejected)
-        t2 = time.perf_counter()
-        metrics.STAGE_SECONDS.labels("redis").observe(t2 - t1)
+        metrics.STAGE_SECONDS.labels("redis").observe(time.perf_counter() - t1)
+        return Applied(out, rejected, charges, outcomes)
 
+    async def finish(self, applied: Applied) -> BatchOutcome:
+        """Second half: the ledger write, then dead letters and signals, awaited together.
+
+        When it returns, the batch's offsets may be committed.
+        """
+        t2 = time.perf_counter()
+        out, rejected, charges = applied.outcome, applied.rejected, applied.charges
         rows: dict[bytes, LedgerRow] = {}
         for c in charges:
             if c.code == "c":
-                rejected.append(Rejected(
-                    c.record, "duplicate_id_different_payload",
-                    f"event ({c.source}, {c.event_id}) was already charged with another payload",
-                ))
-            elif c.code in ("n", "d") and c.key not in rows:
-                rows[c.key] = LedgerRow(
-                    c.key, c.account_id, c.kind, -c.applied_amount, c.quantity, c.ref,
-                    c.rate_ref, c.time, c.source, c.event_id, c.fingerprint,
+                rejected.append(
+                    Rejected(
+                        c.record,
+                        "duplicate_id_different_payload",
+                        f"event ({c.source}, {c.event_id}) was charged before with another payload",
+                    )
                 )
-        pending = [(o.account_id, s) for o in outcomes if o.found for s in o.outbox]
+            elif (c.code == "n" or c.code == "d") and c.key not in rows:
+                rows[c.key] = LedgerRow(
+                    c.key,
+                    c.account_id,
+                    c.kind,
+                    -c.applied_amount,
+                    c.quantity,
+                    c.ref,
+                    c.rate_ref,
+                    c.time,
+                    c.source,
+                    c.event_id,
+                    c.fingerprint,
+                )
+        pending = [
+            (o.account_id, s)
+            for o in applied.accounts
+            if o.found
+            for s in o.outbox
+            if s.seq > self._published.get(o.account_id, 0)
+        ]
         signal_rows = [SignalRow(a, s.seq, s.type, s.reason) for a, s in pending]
         inserted = await self._ledger.write(list(rows.values()), signal_rows)
         t3 = time.perf_counter()
         metrics.STAGE_SECONDS.labels("ledger").observe(t3 - t2)
 
         await self._compensate(charges, inserted, out)
+        charged: dict[str, int] = {}
+        dups: dict[str, int] = {}
         for c in charges:
             if c.code == "n":
                 out.charged += 1
                 out.charged_micros += c.applied_amount
-                metrics.EVENTS_CHARGED.labels(c.type).inc()
-            elif c.code in ("d", "k"):
+                charged[c.type] = charged.get(c.type, 0) + 1
+            elif c.code == "d" or c.code == "k":
                 out.duplicates += 1
-                metrics.EVENTS_DUPLICATE.labels(c.type).inc()
+                dups[c.type] = dups.get(c.type, 0) + 1
+        for t, n in charged.items():
+            metrics.EVENTS_CHARGED.labels(t).inc(n)
+        for t, n in dups.items():
+            metrics.EVENTS_DUPLICATE.labels(t).inc(n)
         metrics.CHARGED_MICROS.inc(out.charged_micros)
 
         await self._publish(rejected, pending, out)
@@ -220,9 +282,7 @@ class MeteringProcessor:
         if value is None:
             return Rejected(rec, "schema", "empty message (tombstone)")
         if len(value) > self._max_bytes:
-            return Rejected(
-                rec, "oversized", f"{len(value)} bytes, the limit is {self._max_bytes}"
-            )
+            return Rejected(rec, "oversized", f"{len(value)} bytes, the limit is {self._max_bytes}")
         try:
             ev = parse_inbound(value)
         except ValidationError as exc:
@@ -231,6 +291,8 @@ class MeteringProcessor:
         allowed = _TOPIC_TYPES.get(rec.topic, {})
         if ev.type not in allowed:
             return Rejected(rec, "wrong_topic", f"{ev.type} does not belong on {rec.topic}")
+        if not ev.subject_matches():
+            return Rejected(rec, "schema", "subject must equal data.account_id")
         if rec.key is not None and rec.key != ev.subject.encode():
             return Rejected(
                 rec, "key_mismatch", "the Kafka key must be the account id (partitioning)"
@@ -240,7 +302,8 @@ class MeteringProcessor:
         if not allowed[ev.type]:
             metrics.EVENTS_IGNORED.labels(ev.type).inc()
             return None
-        if isinstance(ev, CallHangup):
+        if ev.type == "call.hangup":
+            assert type(ev) is CallHangup
             d = ev.data.billable_s
             if d < 0:
                 return Rejected(rec, "negative_duration", f"billable_s is {d}")
@@ -250,8 +313,7 @@ class MeteringProcessor:
                 )
             if ev.data.ended_at < ev.data.answered_at:
                 return Rejected(rec, "schema", "ended_at is before answered_at")
-        assert isinstance(ev, CallHangup | MessageSent)
-        return ev
+        return ev  # type: ignore[return-value]  # the charged types, by _TOPIC_TYPES
 
     def _rate(
         self, parsed: list[tuple[Record, CallHangup | MessageSent]], rejected: list[Rejected]
@@ -264,9 +326,15 @@ class MeteringProcessor:
                 rejected.append(Rejected(rec, "unknown_account", f"no account {ev.subject!r}"))
                 continue
             plist = acct.price_list
-            data_json = ev.data.model_dump_json(by_alias=True).encode()
-            if isinstance(ev, CallHangup):
+            if ev.type == "call.hangup":
                 d = ev.data
+                assert type(d) is CallHangupData
+                # Every field of the payload: a re-send with any of them changed is a conflict.
+                content = (
+                    f"{d.call_id}|{d.direction}|{d.from_}|{d.to}|{d.answered_at.isoformat()}|"
+                    f"{d.ended_at.isoformat()}|{d.billable_s}|{d.hangup_cause}|"
+                    f"{d.outbound_profile_id}|{d.connection_id}"
+                )
                 try:
                     amount, billed = plist.rate_call(d.direction, d.to, d.billable_s)
                 except NoRate as exc:
@@ -274,13 +342,28 @@ class MeteringProcessor:
                     continue
                 kind, qty, ref = "call", billed, d.call_id
             else:
-                amount = plist.rate_message(ev.data.parts)
-                kind, qty, ref = "sms", ev.data.parts, ev.data.message_id
-            charges.append(Charge(
-                rec, ev.type, ev.subject, event_key(ev.source, ev.id),
-                _fingerprint(ev.type, data_json), amount, kind, qty, ref, plist.id, ev.time,
-                ev.source, ev.id,
-            ))
+                m = ev.data
+                assert type(m) is MessageSentData
+                content = f"{m.message_id}|{m.from_}|{m.to}|{m.parts}"
+                amount = plist.rate_message(m.parts)
+                kind, qty, ref = "sms", m.parts, m.message_id
+            charges.append(
+                Charge(
+                    rec,
+                    ev.type,
+                    ev.subject,
+                    event_key(ev.source, ev.id),
+                    _fingerprint(ev.type, ev.subject, content),
+                    amount,
+                    kind,
+                    qty,
+                    ref,
+                    plist.id,
+                    ev.time,
+                    ev.source,
+                    ev.id,
+                )
+            )
         return charges
 
     # -- Redis -------------------------------------------------------------------------------
@@ -320,19 +403,21 @@ class MeteringProcessor:
                 if not o.found:
                     for c in retry[o.account_id]:
                         c.code = "x"
-                        rejected.append(Rejected(
-                            c.record, "unknown_account",
-                            f"account {c.account_id!r} has no balance state and none could be "
-                            "rebuilt",
-                        ))
+                        rejected.append(
+                            Rejected(
+                                c.record,
+                                "unknown_account",
+                                f"account {c.account_id!r} has no balance state and none could be "
+                                "rebuilt",
+                            )
+                        )
         return outcomes
 
     async def _apply_groups(
         self, by_account: dict[str, list[Charge]], now_s: int
     ) -> list[AccountOutcome]:
         batch = [
-            (a, [Debit(c.key, c.fingerprint, c.amount) for c in cs])
-            for a, cs in by_account.items()
+            (a, [Debit(c.key, c.fingerprint, c.amount) for c in cs]) for a, cs in by_account.items()
         ]
         outcomes = await self._balances.apply_debits(batch, now_s)
         for o in outcomes:
@@ -389,14 +474,21 @@ class MeteringProcessor:
         acks: dict[str, int] = {}
         for account_id, s in pending:
             sig = make_signal(s.type, account_id, s.seq, s.reason, at)  # type: ignore[arg-type]
-            futures.append(await self._producer.send(
-                topics.CONTROL_SIGNALS, sig.model_dump_json().encode(), account_id.encode(),
-                headers=[("content-type", b"application/cloudevents+json")],
-            ))
+            futures.append(
+                await self._producer.send(
+                    topics.CONTROL_SIGNALS,
+                    sig.model_dump_json().encode(),
+                    account_id.encode(),
+                    headers=[("content-type", b"application/cloudevents+json")],
+                )
+            )
             acks[account_id] = max(acks.get(account_id, 0), s.seq)
+            self._published[account_id] = max(self._published.get(account_id, 0), s.seq)
             metrics.SIGNALS_PUBLISHED.labels(s.type).inc()
             out.signals.append((account_id, s))
         if futures:
             await asyncio.gather(*futures)
+        if len(self._published) > 100_000:
+            self._published.clear()
         # Only now are they on the topic: drop them from the outboxes.
         await self._balances.ack_outbox(acks)

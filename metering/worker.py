@@ -66,7 +66,9 @@ async def connect(settings: Settings) -> AsyncIterator[Connections]:
     try:
         await producer.start()
         yield Connections(
-            pool, r, producer,
+            pool,
+            r,
+            producer,
             RedisBalances(r, max_accounts_per_call=settings.redis_accounts_per_call),
         )
     finally:
@@ -95,9 +97,13 @@ async def run_metering(
             return await load_into_redis(pool, balances, ids)
 
         processor = MeteringProcessor(
-            balances=balances, ledger=Ledger(pool), catalog=catalog, producer=conns.producer,
+            balances=balances,
+            ledger=Ledger(pool),
+            catalog=catalog,
+            producer=conns.producer,
             rebuild=rebuild,  # type: ignore[arg-type]
-            max_message_bytes=settings.max_message_bytes, max_call_s=settings.max_call_s,
+            max_message_bytes=settings.max_message_bytes,
+            max_call_s=settings.max_call_s,
             max_clock_skew_s=settings.max_clock_skew_s,
         )
         consumer = AIOKafkaConsumer(
@@ -115,47 +121,92 @@ async def run_metering(
         )
         await consumer.start()
         stack.push_async_callback(consumer.stop)
-        backoff = 0.1
-        while not stop.is_set():
-            data = await consumer.getmany(
-                timeout_ms=settings.batch_timeout_ms, max_records=settings.batch_max_records
-            )
-            records = [r for msgs in data.values() for r in msgs]
-            if not records:
+        await _consume(consumer, processor, settings, stop, on_batch)
+
+
+async def _consume(
+    consumer: AIOKafkaConsumer,
+    processor: MeteringProcessor,
+    settings: Settings,
+    stop: asyncio.Event,
+    on_batch: Callable[[BatchOutcome], None] | None,
+) -> None:
+    """Batch N+1's first half (validate, rate, Redis) overlaps batch N's second half (ledger,
+    publish); commits stay in order, each after its own batch's ledger write."""
+    rewind: dict[TopicPartition, int] = {}  # where to restart each partition after a failure
+    pending: (
+        tuple[asyncio.Task[BatchOutcome], dict[TopicPartition, int], dict[str, int], int, float]
+        | None
+    )
+    pending = None
+    backoff = 0.1
+
+    async def settle() -> None:
+        nonlocal pending
+        assert pending is not None
+        task, offsets, per_topic, n, t0 = pending
+        pending = None
+        outcome = await task
+        try:
+            await consumer.commit(offsets)
+            rewind.update(offsets)
+        except (CommitFailedError, KafkaError) as exc:
+            # A rebalance took the partitions: the new owner replays, idempotently.
+            log.warning("commit failed (%s); the batch will be replayed", exc)
+        for topic, count in per_topic.items():
+            metrics.EVENTS_CONSUMED.labels(topic).inc(count)
+        metrics.BATCH_SIZE.observe(n)
+        metrics.BATCH_SECONDS.observe(time.perf_counter() - t0)
+        if on_batch is not None:
+            on_batch(outcome)
+
+    while not stop.is_set():
+        data = await consumer.getmany(
+            timeout_ms=settings.batch_timeout_ms, max_records=settings.batch_max_records
+        )
+        try:
+            if not data:
+                if pending is not None:
+                    await settle()
                 continue
             t0 = time.perf_counter()
-            try:
-                outcome = await processor.process(records)
-            except Exception:
-                # Nothing of this batch is committed: rewind and retry it. Every step is
-                # idempotent, so what was already applied is not applied twice.
-                log.exception("batch failed; rewinding %d partitions", len(data))
-                for tp, msgs in data.items():
-                    consumer.seek(tp, msgs[0].offset)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
-                continue
-            backoff = 0.1
+            for tp, msgs in data.items():
+                rewind.setdefault(tp, msgs[0].offset)
+            records = [r for msgs in data.values() for r in msgs]
+            applied = await processor.apply(records)
+            if pending is not None:
+                await settle()
             offsets = {tp: msgs[-1].offset + 1 for tp, msgs in data.items()}
-            try:
-                await consumer.commit(offsets)
-            except (CommitFailedError, KafkaError) as exc:
-                # A rebalance took the partitions: the new owner replays, idempotently.
-                log.warning("commit failed (%s); the batch will be replayed", exc)
-            for tp in data:
-                metrics.EVENTS_CONSUMED.labels(tp.topic).inc(len(data[tp]))
-            metrics.BATCH_SIZE.observe(len(records))
-            metrics.BATCH_SECONDS.observe(time.perf_counter() - t0)
-            if on_batch is not None:
-                on_batch(outcome)
+            per_topic: dict[str, int] = {}
+            for tp, msgs in data.items():
+                per_topic[tp.topic] = per_topic.get(tp.topic, 0) + len(msgs)
+            task = asyncio.create_task(processor.finish(applied))
+            pending = (task, offsets, per_topic, len(records), t0)
+            backoff = 0.1
+        except Exception:
+            # Nothing after the last commit counts: rewind and redo it. Every step is
+            # idempotent, so what was already applied is not applied twice.
+            log.exception("batch failed; rewinding to the last committed offsets")
+            if pending is not None:
+                pending[0].cancel()
+                with contextlib.suppress(BaseException):
+                    await pending[0]
+                pending = None
+            assigned = consumer.assignment()
+            for tp, offset in rewind.items():
+                if tp in assigned:
+                    consumer.seek(tp, offset)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 5.0)
+    if pending is not None:
+        await settle()
 
 
-async def consumer_lag(
-    settings: Settings, group: str | None = None
-) -> dict[TopicPartition, int]:
+async def consumer_lag(settings: Settings, group: str | None = None) -> dict[TopicPartition, int]:
     """Messages not yet committed by the metering group, per partition."""
     consumer = AIOKafkaConsumer(
-        bootstrap_servers=settings.kafka_bootstrap, group_id=group or settings.consumer_group,
+        bootstrap_servers=settings.kafka_bootstrap,
+        group_id=group or settings.consumer_group,
         enable_auto_commit=False,
     )
     await consumer.start()

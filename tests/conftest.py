@@ -139,15 +139,15 @@ def seed(conns: Connections) -> Seeder:
 
 
 async def eventually(
-    check: Callable[[], Awaitable[bool]], timeout: float = 30.0, interval: float = 0.05
+    check: Callable[[], Awaitable[bool]], within: float = 30.0, interval: float = 0.05
 ) -> None:
-    """Wait until ``check()`` is true; fail with a clear message after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
+    """Wait until ``check()`` is true; fail with a clear message after ``within`` seconds."""
+    deadline = time.monotonic() + within
     while True:
         if await check():
             return
         if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s")
+            raise AssertionError(f"condition not met within {within} s")
         await asyncio.sleep(interval)
 
 

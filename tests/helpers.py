@@ -9,8 +9,8 @@ from typing import Any
 import orjson
 from aiokafka import AIOKafkaProducer
 
-from metering.rating import voice_cost
 from meter.traffic import demo_price_list
+from metering.rating import voice_cost
 
 
 @dataclass(frozen=True)

@@ -71,11 +71,11 @@ async def test_killed_mid_stream_and_restarted_charges_every_event_once(
         proc = start_worker(settings, log)
         before = await usage_rows(conns)
 
-        async def progressed(before: int = before) -> bool:
+        async def progressed(before: int = before, proc: subprocess.Popen[bytes] = proc) -> bool:
             n = await usage_rows(conns)
             return n >= min(before + 1_500, len(events)) or proc.poll() is not None
 
-        await eventually(progressed, timeout=60, interval=0.005)
+        await eventually(progressed, within=60, interval=0.005)
         assert proc.poll() is None, log.read_text()[-3000:]
         if await usage_rows(conns) >= len(events):
             proc.terminate()
@@ -94,7 +94,7 @@ async def test_killed_mid_stream_and_restarted_charges_every_event_once(
                 await reconcile(conns.pool, conns.balances)
             ).ok
 
-        await eventually(drained, timeout=120, interval=0.2)
+        await eventually(drained, within=120, interval=0.2)
         await asyncio.sleep(1.0)  # let it chew through the remaining duplicates
     finally:
         proc.terminate()

@@ -1,0 +1,232 @@
+"""``meter bench metering``: the hot path's events/s, and the bare baseline loop on the same data.
+
+Both loops read the same pre-filled topics in one run, on this machine, beside the same broker,
+Redis and PostgreSQL, so their ratio means something even on a noisy shared machine:
+
+- baseline: getmany -> orjson decode -> one Lua call per batch (HINCRBY per account, no
+  idempotency) -> COPY into a table without constraints -> commit. The least any loop must do.
+- metering: the real processor (validation, rating, idempotent debits, ledger with
+  ON CONFLICT, dead letters, signals) through ``run_metering``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import random
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import orjson
+from aiokafka import AIOKafkaConsumer
+
+from contracts import topics
+from meter import metrics
+from meter.accounts import AccountSpec, create_accounts, put_price_list
+from meter.reconcile import reconcile
+from meter.settings import Settings
+from meter.stack import running_stack
+from meter.traffic import call_hangup, demo_price_list, encode, message_sent
+from metering.processor import BatchOutcome
+from metering.worker import Connections, connect, run_metering
+
+_BASELINE_LUA = """
+for i = 1, #KEYS do
+  redis.call('HINCRBY', KEYS[i], 'bal', -tonumber(ARGV[i]))
+end
+return #KEYS
+"""
+
+
+def _say(line: str) -> None:
+    print(line, flush=True)
+
+
+async def _prefill(conns: Connections, n_events: int, accounts: list[str]) -> None:
+    rng = random.Random(11)
+    dests = [
+        "+14155550123",
+        "+442071234567",
+        "+447911123456",
+        "+4915112345678",
+        "+33142685300",
+        "+919812345678",
+        "+5255123456",
+        "+61212345678",
+    ]
+    futures = []
+    for i in range(n_events):
+        a = rng.choice(accounts)
+        if i % 5 == 0:
+            topic, ev = topics.MESSAGE_EVENTS, message_sent(a, f"m{i}", rng.choice(dests), 1)
+        else:
+            topic = topics.CALL_EVENTS
+            ev = call_hangup(a, f"c{i}", rng.choice(dests), rng.randint(0, 600))
+        futures.append(await conns.producer.send(topic, encode(ev), a.encode()))
+        if len(futures) >= 20_000:
+            await asyncio.gather(*futures)
+            futures.clear()
+    await asyncio.gather(*futures)
+
+
+async def _baseline(settings: Settings, conns: Connections, n_events: int) -> float:
+    """Events/s of the bare loop over the same records."""
+    await conns.pool.execute(
+        "CREATE TABLE IF NOT EXISTS bench_baseline (event_key bytea, account_id text,"
+        " amount bigint, event_time timestamptz, source text, event_id text)"
+    )
+    script = conns.redis.register_script(_BASELINE_LUA)
+    consumer = AIOKafkaConsumer(
+        *topics.METERED,
+        bootstrap_servers=settings.kafka_bootstrap,
+        group_id=f"bench-baseline-{uuid.uuid4().hex[:6]}",
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        max_partition_fetch_bytes=8 << 20,
+        fetch_max_bytes=32 << 20,
+        session_timeout_ms=settings.kafka_session_timeout_ms,
+        heartbeat_interval_ms=max(settings.kafka_session_timeout_ms // 4, 100),
+    )
+    await consumer.start()
+    done = 0
+    first = 0
+    start = 0.0
+    try:
+        while done < n_events:
+            data = await consumer.getmany(timeout_ms=50, max_records=settings.batch_max_records)
+            if not data:
+                continue
+            totals: dict[str, int] = {}
+            rows = []
+            for msgs in data.values():
+                for m in msgs:
+                    ev = orjson.loads(m.value)
+                    a = ev["subject"]
+                    totals[a] = totals.get(a, 0) + 1_000
+                    rows.append(
+                        (
+                            ev["id"].encode()[:16].ljust(16, b"\0"),
+                            a,
+                            -1_000,
+                            _parse_time(ev["time"]),
+                            ev["source"],
+                            ev["id"],
+                        )
+                    )
+            await script(keys=["bench:{a:" + a + "}" for a in totals], args=list(totals.values()))
+            await conns.pool.copy_records_to_table("bench_baseline", records=rows)
+            await consumer.commit({tp: msgs[-1].offset + 1 for tp, msgs in data.items()})
+            done += len(rows)
+            if not first:  # timed from the end of the first batch, as the hot path is
+                first, start = done, time.perf_counter()
+    finally:
+        await consumer.stop()
+    return (done - first) / (time.perf_counter() - start)
+
+
+def _parse_time(text: str) -> Any:
+    from datetime import datetime
+
+    return datetime.fromisoformat(text)
+
+
+async def _metering(settings: Settings, conns: Connections, n_events: int) -> tuple[float, int]:
+    """Events/s of the real worker. Like the baseline, timed from the end of its first batch
+    (group join and warm-up excluded), counting the records after it."""
+    s = dataclasses.replace(settings, consumer_group=f"bench-metering-{uuid.uuid4().hex[:6]}")
+    seen = 0
+    charged = 0
+    first = 0
+    start = 0.0
+    finished = asyncio.Event()
+    stop = asyncio.Event()
+
+    def on_batch(o: BatchOutcome) -> None:
+        nonlocal seen, charged, start, first
+        if not first:
+            first, start = o.records, time.perf_counter()
+        seen += o.records
+        charged += o.charged
+        if seen >= n_events:
+            finished.set()
+
+    task = asyncio.create_task(run_metering(s, stop, on_batch=on_batch, conns=conns))
+    await finished.wait()
+    end = time.perf_counter()
+    stop.set()
+    await task
+    return (seen - first) / (end - start), charged
+
+
+def _stage_breakdown() -> dict[str, float]:
+    out = {}
+    for metric in metrics.STAGE_SECONDS.collect():
+        for sample in metric.samples:
+            if sample.name.endswith("_sum"):
+                out[sample.labels["stage"]] = round(sample.value, 3)
+    return out
+
+
+async def run_bench(settings: Settings, n_events: int, n_accounts: int, out: Path | None) -> int:
+    settings = dataclasses.replace(settings, kafka_session_timeout_ms=3_000)
+    root = Path(settings.data_dir) / f"bench-{int(time.time())}"
+    async with running_stack(settings, root) as s, connect(s) as conns:
+        await put_price_list(conns.pool, demo_price_list())
+        info0 = await conns.redis.info("memory")
+        specs = [
+            AccountSpec.model_validate(
+                {"id": f"acc_{i:07d}", "price_list_id": "standard", "balance": "1000000.00"}
+            )
+            for i in range(n_accounts)
+        ]
+        for i in range(0, len(specs), 5_000):
+            await create_accounts(conns.pool, conns.balances, specs[i : i + 5_000])
+        info1 = await conns.redis.info("memory")
+        per_account_bytes = (info1["used_memory"] - info0["used_memory"]) / n_accounts
+        _say(
+            f"bench metering: {n_events} events over {n_accounts} accounts, "
+            f"batches of up to {s.batch_max_records}"
+        )
+        t = time.perf_counter()
+        await _prefill(conns, n_events, [a.id for a in specs])
+        _say(f"  pre-filled the topics in {time.perf_counter() - t:.1f} s")
+
+        baseline = await _baseline(s, conns, n_events)
+        _say(f"  baseline loop (decode -> one Lua -> COPY -> commit): {baseline:>10,.0f} events/s")
+        hot, charged = await _metering(s, conns, n_events)
+        _say(f"  metering hot path (run_metering):                   {hot:>10,.0f} events/s")
+        ratio = hot / baseline
+        _say(
+            f"  ratio hot path / baseline: {ratio:.2f}  (target >= 0.80; absolute target "
+            f">= 100,000 events/s)"
+        )
+        info2 = await conns.redis.info("memory")
+        per_event_bytes = (info2["used_memory"] - info1["used_memory"]) / max(charged, 1)
+        _say(
+            f"  Redis memory: {per_account_bytes:.0f} bytes per account, "
+            f"{per_event_bytes:.0f} bytes per applied-event id (kept {2}+ days)"
+        )
+        _say(f"  stage seconds (sum): {_stage_breakdown()}")
+        rec = await reconcile(conns.pool, conns.balances)
+        _say(f"  reconciliation: {rec.accounts} accounts, drift {rec.drift_micros}")
+        figures = {
+            "events": n_events,
+            "accounts": n_accounts,
+            "baseline_eps": round(baseline),
+            "metering_eps": round(hot),
+            "ratio": round(ratio, 3),
+            "charged": charged,
+            "redis_bytes_per_account": round(per_account_bytes),
+            "redis_bytes_per_event_id": round(per_event_bytes),
+            "drift": rec.drift_micros,
+            "stages_s": _stage_breakdown(),
+        }
+        if out:
+            await asyncio.to_thread(out.write_text, json.dumps(figures, indent=2) + "\n")
+    import shutil
+
+    shutil.rmtree(root, ignore_errors=True)
+    return 0 if rec.ok and charged == n_events else 1
