@@ -51,6 +51,7 @@ class Debit:
     event_key: bytes
     fingerprint: bytes
     amount: int  # micro-units >= 0
+    day: int  # UTC day number of the event's own time (unix seconds // 86400)
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,16 +96,31 @@ class AccountState:
         return self.balance + self.credit_limit - self.reserved
 
 
+class DebitLike(Protocol):
+    """What ``apply_debits`` reads of a debit (``Debit``, or the processor's own charges)."""
+
+    @property
+    def event_key(self) -> bytes: ...
+    @property
+    def fingerprint(self) -> bytes: ...
+    @property
+    def amount(self) -> int: ...
+    @property
+    def day(self) -> int: ...
+
+
 class Balances(Protocol):
     """The seam before Redis. A fake implements the same calls for pure unit tests."""
 
     async def apply_debits(
-        self, batch: Sequence[tuple[str, Sequence[Debit]]], now_s: int
+        self, batch: Sequence[tuple[str, Sequence[DebitLike]]], now_s: int
     ) -> list[AccountOutcome]: ...
 
     async def ack_outbox(self, acks: dict[str, int]) -> None: ...
 
     async def credit(self, account_id: str, credit_id: str, amount: int) -> CreditOutcome: ...
+
+    async def credit_many(self, credits: Sequence[tuple[str, str, int]]) -> list[CreditOutcome]: ...
 
 
 def _decode_outbox(entries: list[bytes]) -> list[PendingSignal]:
@@ -131,27 +147,24 @@ class RedisBalances:
         self._load: AsyncScript = client.register_script(_lua("load_account.lua"))
 
     async def apply_debits(
-        self, batch: Sequence[tuple[str, Sequence[Debit]]], now_s: int
+        self, batch: Sequence[tuple[str, Sequence[DebitLike]]], now_s: int
     ) -> list[AccountOutcome]:
         """Apply every debit of the batch in one pipelined round trip.
 
         Idempotent per event key; safe to call again with the same batch after
         ``OutcomeUnknown``. Returns one outcome per account, in the order given.
         """
-        day = now_s // keys.DAY_S
-        # Today's bucket must outlive the days a later script will still look back.
-        expire_at = (day + keys.DEDUP_DAYS_BACK + 1) * keys.DAY_S + 3_600
         pipe = self._r.pipeline(transaction=False)
         for start in range(0, len(batch), self._max):
             chunk = batch[start : start + self._max]
             # Packed into five arguments, whatever the number of events: encoding thousands
             # of small arguments is what a pipeline spends its client time on.
             blob = b"".join(d.event_key + d.fingerprint for _, ds in chunk for d in ds)
-            amounts = " ".join(str(d.amount) for _, ds in chunk for d in ds)
+            amounts = " ".join(f"{d.amount} {d.day}" for _, ds in chunk for d in ds)
             counts = " ".join(str(len(ds)) for _, ds in chunk)
             await self._debit(
                 keys=[keys.account(a) for a, _ in chunk],
-                args=[expire_at, day, blob, amounts, counts],
+                args=[now_s, keys.DEDUP_KEEP_S, blob, amounts, counts],
                 client=pipe,
             )
         try:
@@ -186,7 +199,9 @@ class RedisBalances:
             return
         pipe = self._r.pipeline(transaction=False)
         for account_id, seq in acks.items():
-            await self._ack(keys=[keys.outbox(account_id)], args=[seq], client=pipe)
+            await self._ack(
+                keys=[keys.outbox(account_id), keys.account(account_id)], args=[seq], client=pipe
+            )
         await pipe.execute()
 
     async def pending_outbox(self, account_id: str) -> list[PendingSignal]:
@@ -205,6 +220,24 @@ class RedisBalances:
         if applied == -1:
             return CreditOutcome(False, 0, "", found=False)
         return CreditOutcome(applied == 1, int(bal), st.decode())
+
+    async def credit_many(self, credits: Sequence[tuple[str, str, int]]) -> list[CreditOutcome]:
+        """``credit`` for many ``(account_id, credit_id, amount)`` in one pipelined round trip."""
+        pipe = self._r.pipeline(transaction=False)
+        for account_id, credit_id, amount in credits:
+            await self._credit(
+                keys=[keys.account(account_id), keys.credits(account_id), keys.outbox(account_id)],
+                args=[credit_id, amount],
+                client=pipe,
+            )
+        try:
+            replies = await pipe.execute()
+        except (RedisConnectionError, RedisTimeoutError) as exc:
+            raise OutcomeUnknown(f"credit batch outcome unknown: {exc}") from exc
+        return [
+            CreditOutcome(applied == 1, int(bal), st.decode(), found=applied != -1)
+            for applied, bal, st in replies
+        ]
 
     async def create_account(
         self,

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 from typing import Final
 
-#: Applied-event memory is bucketed per UTC day; a script checks today and this many days back.
-DEDUP_DAYS_BACK: Final = 2
 DAY_S: Final = 86_400
+#: Applied-event memory is bucketed by the UTC day of the event's own time and kept this long
+#: after that day ends (and at least a day after its last write).
+DEDUP_KEEP_S: Final = 2 * DAY_S
 #: Redis's memory of an event is trusted to be complete only for events younger than this.
 #: Older events are checked against the ledger first (see metering.processor).
-DEDUP_TRUST_S: Final = DEDUP_DAYS_BACK * DAY_S - 3_600
+DEDUP_TRUST_S: Final = DEDUP_KEEP_S - 3_600
 
 
 def tag(account_id: str) -> str:
@@ -26,7 +27,8 @@ def account(account_id: str) -> str:
 
 
 def applied(account_id: str, day: int) -> str:
-    """Events applied on UTC day ``day``: field = 16-byte event key, value = ``amount|fp``."""
+    """Applied events whose time falls on UTC day ``day``: field = 16-byte event key,
+    value = ``amount|fp`` (the amount debited, the 8-byte content fingerprint)."""
     return f"{tag(account_id)}:ev:{day}"
 
 

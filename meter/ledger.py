@@ -16,7 +16,6 @@ INSERT INTO ledger (event_key, account_id, kind, amount, quantity, ref, rate_ref
 SELECT * FROM unnest($1::bytea[], $2::text[], $3::text[], $4::bigint[], $5::int[], $6::text[],
                      $7::text[], $8::timestamptz[], $9::text[], $10::text[], $11::bytea[])
 ON CONFLICT (event_key) DO NOTHING
-RETURNING event_key
 """
 
 
@@ -52,29 +51,39 @@ class Ledger:
     def __init__(self, pool: asyncpg.Pool) -> None:
         self._pool = pool
 
-    async def write(
-        self, rows: Sequence[LedgerRow], signals: Sequence[SignalRow] = ()
+    async def write_usage(
+        self,
+        columns: Sequence[Sequence[object]],
+        fresh: Sequence[bytes],
+        signals: Sequence[SignalRow] = (),
     ) -> set[bytes]:
-        """Insert rows that are not there yet, in one statement; returns the keys inserted.
+        """Insert usage rows given as columns (the order of ``_INSERT``), skipping those present.
 
-        Rows already present (a replay) are left untouched. Signals queued by the same batch
-        are recorded in the same transaction.
+        ``fresh`` are the keys Redis applied for the first time in this batch. Returns those
+        among them the ledger already had: Redis forgot an event the ledger holds, and the
+        caller must undo that debit. Cheap in the common case: the statement's row count
+        says whether anything conflicted, and only then is the ledger asked which.
         """
-        if not rows and not signals:
-            return set()
-        cols: list[list[object]] = [[] for _ in range(11)]
-        for r in rows:
-            for i, v in enumerate(_astuple(r)):
-                cols[i].append(v)
+        n = len(columns[0])
         async with self._pool.acquire() as conn, conn.transaction():
-            inserted = await conn.fetch(_INSERT, *cols) if rows else []
+            already: set[bytes] = set()
+            if n:
+                status = await conn.execute(_INSERT, *columns)
+                if int(status.rsplit(" ", 1)[1]) < n and fresh:
+                    # Rows this transaction did not write carry another transaction's xmin.
+                    rows = await conn.fetch(
+                        "SELECT event_key FROM ledger WHERE event_key = ANY($1::bytea[])"
+                        " AND xmin <> pg_current_xact_id()::xid",
+                        list(fresh),
+                    )
+                    already = {r[0] for r in rows}
             if signals:
                 await conn.executemany(
                     "INSERT INTO signals (account_id, seq, type, reason) VALUES ($1, $2, $3, $4)"
                     " ON CONFLICT DO NOTHING",
                     [(s.account_id, s.seq, s.type, s.reason) for s in signals],
                 )
-        return {r[0] for r in inserted}
+        return already
 
     async def existing(self, keys: Iterable[bytes]) -> dict[bytes, bytes | None]:
         """The event keys the ledger already holds, with their fingerprints."""

@@ -36,9 +36,10 @@ from contracts.events import (
 )
 from contracts.signals import make_signal
 from enforcement import keys
-from enforcement.balance import AccountOutcome, Balances, Debit, PendingSignal
+from enforcement.balance import AccountOutcome, Balances, PendingSignal
+from enforcement.keys import DAY_S
 from meter import metrics
-from meter.ledger import Ledger, LedgerRow, SignalRow, event_key
+from meter.ledger import Ledger, SignalRow, event_key
 from metering.catalog import Catalog
 from metering.rating import NoRate
 
@@ -84,7 +85,7 @@ class Charge:
     record: Record
     type: str
     account_id: str
-    key: bytes
+    event_key: bytes
     fingerprint: bytes
     amount: int
     kind: str
@@ -92,6 +93,8 @@ class Charge:
     ref: str
     rate_ref: str
     time: datetime
+    epoch: int  # the event's time in unix seconds
+    day: int  # its UTC day number: the Redis bucket that remembers it
     source: str
     event_id: str
     code: str = ""  # set from Redis: n(ew), d(uplicate), c(onflict), k (ledger already has it)
@@ -217,29 +220,18 @@ class MeteringProcessor:
         """
         t2 = time.perf_counter()
         out, rejected, charges = applied.outcome, applied.rejected, applied.charges
-        rows: dict[bytes, LedgerRow] = {}
+        rows: dict[bytes, Charge] = {}
         for c in charges:
-            if c.code == "c":
+            code = c.code
+            if code == "n" or code == "d":
+                rows.setdefault(c.event_key, c)
+            elif code == "c":
                 rejected.append(
                     Rejected(
                         c.record,
                         "duplicate_id_different_payload",
                         f"event ({c.source}, {c.event_id}) was charged before with another payload",
                     )
-                )
-            elif (c.code == "n" or c.code == "d") and c.key not in rows:
-                rows[c.key] = LedgerRow(
-                    c.key,
-                    c.account_id,
-                    c.kind,
-                    -c.applied_amount,
-                    c.quantity,
-                    c.ref,
-                    c.rate_ref,
-                    c.time,
-                    c.source,
-                    c.event_id,
-                    c.fingerprint,
                 )
         pending = [
             (o.account_id, s)
@@ -249,11 +241,30 @@ class MeteringProcessor:
             if s.seq > self._published.get(o.account_id, 0)
         ]
         signal_rows = [SignalRow(a, s.seq, s.type, s.reason) for a, s in pending]
-        inserted = await self._ledger.write(list(rows.values()), signal_rows)
+        fresh = [c.event_key for c in charges if c.code == "n"]
+        rs = list(rows.values())
+        already = await self._ledger.write_usage(
+            [
+                [c.event_key for c in rs],
+                [c.account_id for c in rs],
+                [c.kind for c in rs],
+                [-c.applied_amount for c in rs],
+                [c.quantity for c in rs],
+                [c.ref for c in rs],
+                [c.rate_ref for c in rs],
+                [c.time for c in rs],
+                [c.source for c in rs],
+                [c.event_id for c in rs],
+                [c.fingerprint for c in rs],
+            ],
+            fresh,
+            signal_rows,
+        )
         t3 = time.perf_counter()
         metrics.STAGE_SECONDS.labels("ledger").observe(t3 - t2)
 
-        await self._compensate(charges, inserted, out)
+        if already:
+            await self._compensate(charges, already, out)
         charged: dict[str, int] = {}
         dups: dict[str, int] = {}
         for c in charges:
@@ -321,6 +332,7 @@ class MeteringProcessor:
         charges: list[Charge] = []
         get = self._catalog.get
         for rec, ev in parsed:
+            epoch = int(ev.time.timestamp())
             acct = get(ev.subject)
             if acct is None:
                 rejected.append(Rejected(rec, "unknown_account", f"no account {ev.subject!r}"))
@@ -360,6 +372,8 @@ class MeteringProcessor:
                     ref,
                     plist.id,
                     ev.time,
+                    epoch,
+                    epoch // DAY_S,
                     ev.source,
                     ev.id,
                 )
@@ -371,13 +385,13 @@ class MeteringProcessor:
     async def _skip_known_old(self, charges: list[Charge], now: float) -> None:
         """Events older than Redis's dedup memory are checked against the ledger first."""
         horizon = now - keys.DEDUP_TRUST_S
-        old = [c for c in charges if c.time.timestamp() < horizon]
+        old = [c for c in charges if c.epoch < horizon]
         if not old:
             return
-        known = await self._ledger.existing(c.key for c in old)
+        known = await self._ledger.existing(c.event_key for c in old)
         for c in old:
-            if c.key in known:
-                fp = known[c.key]
+            if c.event_key in known:
+                fp = known[c.event_key]
                 c.code = "k" if fp is None or fp == c.fingerprint else "c"
 
     async def _apply(
@@ -417,8 +431,8 @@ class MeteringProcessor:
         self, by_account: dict[str, list[Charge]], now_s: int
     ) -> list[AccountOutcome]:
         batch = [
-            (a, [Debit(c.key, c.fingerprint, c.amount) for c in cs]) for a, cs in by_account.items()
-        ]
+            (a, cs) for a, cs in by_account.items()
+        ]  # a Charge has what a debit needs: event_key, fingerprint, amount, day
         outcomes = await self._balances.apply_debits(batch, now_s)
         for o in outcomes:
             if not o.found:
@@ -433,19 +447,23 @@ class MeteringProcessor:
         return outcomes
 
     async def _compensate(
-        self, charges: list[Charge], inserted: set[bytes], out: BatchOutcome
+        self, charges: list[Charge], already: set[bytes], out: BatchOutcome
     ) -> None:
         """Undo debits Redis applied for events the ledger already had (Redis forgot them)."""
-        for c in charges:
-            if c.code == "n" and c.key not in inserted:
-                await self._balances.credit(c.account_id, "undo:" + c.key.hex(), c.applied_amount)
-                metrics.REDIS_DEDUP_MISSES.inc()
-                log.warning(
-                    "redis re-applied an event the ledger had; compensated",
-                    extra={"account_id": c.account_id, "event_id": c.event_id},
-                )
-                c.code = "k"
-                out.compensated += 1
+        undo = [c for c in charges if c.code == "n" and c.event_key in already]
+        await self._balances.credit_many(
+            [(c.account_id, "undo:" + c.event_key.hex(), c.applied_amount) for c in undo]
+        )
+        for c in undo:
+            c.code = "k"
+        if undo:
+            log.warning(
+                "redis re-applied %d events the ledger had (its memory was lost); compensated",
+                len(undo),
+                extra={"account_id": undo[0].account_id, "event_id": undo[0].event_id},
+            )
+        metrics.REDIS_DEDUP_MISSES.inc(len(undo))
+        out.compensated += len(undo)
 
     # -- output ------------------------------------------------------------------------------
 

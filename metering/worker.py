@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -121,6 +122,12 @@ async def run_metering(
         )
         await consumer.start()
         stack.push_async_callback(consumer.stop)
+        # Each batch allocates tens of thousands of short-lived objects; with the default
+        # thresholds the cyclic GC walks every live object over and over (measured: about a
+        # quarter of the hot path's time). Freeze what startup built and collect less often.
+        gc.collect()
+        gc.freeze()
+        gc.set_threshold(50_000, 50, 100)
         await _consume(consumer, processor, settings, stop, on_batch)
 
 

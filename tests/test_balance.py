@@ -12,9 +12,11 @@ from collections.abc import AsyncIterator
 import pytest
 import redis.asyncio as aioredis
 
+from enforcement import keys
 from enforcement.balance import Debit, RedisBalances
 
 NOW = 1_795_300_000
+DAY = NOW // 86_400
 
 
 def key(i: int | str) -> bytes:
@@ -35,13 +37,13 @@ async def balances(redis_url: str) -> AsyncIterator[RedisBalances]:
 async def test_debit_is_idempotent_per_event_key(balances: RedisBalances) -> None:
     await balances.create_account("a", balance=1_000_000, credit_limit=0, low_threshold=0)
     first = await balances.apply_debits(
-        [("a", [Debit(key(1), fp(), 300), Debit(key(2), fp(), 200)])], NOW
+        [("a", [Debit(key(1), fp(), 300, DAY), Debit(key(2), fp(), 200, DAY)])], NOW
     )
     assert first[0].codes == "nn" and first[0].balance == 1_000_000 - 500
     st = await balances.get("a")
     assert st is not None and st.balance == 1_000_000 - 500
     again = await balances.apply_debits(
-        [("a", [Debit(key(1), fp(), 300), Debit(key(2), fp(), 200)])], NOW
+        [("a", [Debit(key(1), fp(), 300, DAY), Debit(key(2), fp(), 200, DAY)])], NOW
     )
     assert again[0].codes == "dd"
     assert again[0].dup_amounts == [300, 200]
@@ -56,9 +58,9 @@ async def test_duplicate_within_one_batch_and_conflict(balances: RedisBalances) 
             (
                 "a",
                 [
-                    Debit(key(1), fp("x"), 300),
-                    Debit(key(1), fp("x"), 300),
-                    Debit(key(1), fp("y"), 900),
+                    Debit(key(1), fp("x"), 300, DAY),
+                    Debit(key(1), fp("x"), 300, DAY),
+                    Debit(key(1), fp("y"), 900, DAY),
                 ],
             )
         ],
@@ -68,16 +70,28 @@ async def test_duplicate_within_one_batch_and_conflict(balances: RedisBalances) 
     assert (await balances.get("a")).balance == 1_000_000 - 300  # type: ignore[union-attr]
 
 
-async def test_memory_spans_the_dedup_window(balances: RedisBalances) -> None:
+async def test_memory_lives_in_the_bucket_of_the_event_day(
+    balances: RedisBalances, redis_url: str
+) -> None:
     await balances.create_account("a", balance=1_000_000, credit_limit=0, low_threshold=0)
-    await balances.apply_debits([("a", [Debit(key(1), fp(), 300)])], NOW)
+    await balances.apply_debits([("a", [Debit(key(1), fp(), 300, DAY)])], NOW)
     two_days_later = NOW + 2 * 86_400
-    out = await balances.apply_debits([("a", [Debit(key(1), fp(), 300)])], two_days_later)
+    out = await balances.apply_debits([("a", [Debit(key(1), fp(), 300, DAY)])], two_days_later)
     assert out[0].codes == "d"
+    r = aioredis.Redis.from_url(redis_url)
+    try:
+        # kept until the end of the event's day plus the window, never shortened
+        assert await r.expiretime(keys.applied("a", DAY)) == (DAY + 1) * 86_400 + keys.DEDUP_KEEP_S
+        # a late event (a week old) is remembered for at least a day from now
+        late = DAY - 7
+        await balances.apply_debits([("a", [Debit(key(2), fp(), 1, late)])], NOW)
+        assert await r.expiretime(keys.applied("a", late)) == NOW + 86_400
+    finally:
+        await r.aclose()
 
 
 async def test_unknown_account_is_reported_and_untouched(balances: RedisBalances) -> None:
-    out = await balances.apply_debits([("ghost", [Debit(key(1), fp(), 300)])], NOW)
+    out = await balances.apply_debits([("ghost", [Debit(key(1), fp(), 300, DAY)])], NOW)
     assert not out[0].found
     assert await balances.get("ghost") is None
 
@@ -87,7 +101,7 @@ async def test_many_accounts_across_script_chunks(balances: RedisBalances) -> No
     for a in ids:
         await balances.create_account(a, balance=1_000, credit_limit=0, low_threshold=0)
     out = await balances.apply_debits(
-        [(a, [Debit(key(a), fp(), i)]) for i, a in enumerate(ids)], NOW
+        [(a, [Debit(key(a), fp(), i, DAY)]) for i, a in enumerate(ids)], NOW
     )
     assert [o.account_id for o in out] == ids
     assert [o.balance for o in out] == [1_000 - i for i in range(10)]
@@ -97,7 +111,10 @@ async def test_hold_is_queued_once_under_concurrent_debits(balances: RedisBalanc
     await balances.create_account("a", balance=10_000, credit_limit=0, low_threshold=2_000)
     # 100 concurrent batches of one 1,000 debit each: credit runs out after 10.
     outs = await asyncio.gather(
-        *(balances.apply_debits([("a", [Debit(key(i), fp(), 1_000)])], NOW) for i in range(100))
+        *(
+            balances.apply_debits([("a", [Debit(key(i), fp(), 1_000, DAY)])], NOW)
+            for i in range(100)
+        )
     )
     st = await balances.get("a")
     assert st is not None and st.balance == 10_000 - 100_000 and st.status == "hold"
@@ -110,15 +127,15 @@ async def test_hold_is_queued_once_under_concurrent_debits(balances: RedisBalanc
 
 async def test_outbox_ack_keeps_newer_entries(balances: RedisBalances) -> None:
     await balances.create_account("a", balance=1_000, credit_limit=0, low_threshold=500)
-    await balances.apply_debits([("a", [Debit(key(1), fp(), 600)])], NOW)  # -> low, seq 1
-    await balances.apply_debits([("a", [Debit(key(2), fp(), 600)])], NOW)  # -> hold, seq 2
+    await balances.apply_debits([("a", [Debit(key(1), fp(), 600, DAY)])], NOW)  # -> low, seq 1
+    await balances.apply_debits([("a", [Debit(key(2), fp(), 600, DAY)])], NOW)  # -> hold, seq 2
     await balances.ack_outbox({"a": 1})
     assert [s.seq for s in await balances.pending_outbox("a")] == [2]
 
 
 async def test_credit_resumes_a_held_account_once(balances: RedisBalances) -> None:
     await balances.create_account("a", balance=100, credit_limit=0, low_threshold=0)
-    await balances.apply_debits([("a", [Debit(key(1), fp(), 500)])], NOW)
+    await balances.apply_debits([("a", [Debit(key(1), fp(), 500, DAY)])], NOW)
     assert (await balances.get("a")).status == "hold"  # type: ignore[union-attr]
     c1 = await balances.credit("a", "pay-1", 1_000)
     c2 = await balances.credit("a", "pay-1", 1_000)
@@ -131,9 +148,9 @@ async def test_credit_resumes_a_held_account_once(balances: RedisBalances) -> No
 
 async def test_credit_limit_counts_as_available(balances: RedisBalances) -> None:
     await balances.create_account("a", balance=0, credit_limit=5_000, low_threshold=0)
-    out = await balances.apply_debits([("a", [Debit(key(1), fp(), 4_000)])], NOW)
+    out = await balances.apply_debits([("a", [Debit(key(1), fp(), 4_000, DAY)])], NOW)
     assert out[0].status == "active" and out[0].balance == -4_000
-    out = await balances.apply_debits([("a", [Debit(key(2), fp(), 1_000)])], NOW)
+    out = await balances.apply_debits([("a", [Debit(key(2), fp(), 1_000, DAY)])], NOW)
     assert out[0].status == "hold"  # available = -5,000 + 5,000 = 0
 
 
@@ -141,7 +158,7 @@ async def test_suspended_accounts_are_charged_but_stay_suspended(balances: Redis
     await balances.create_account(
         "a", balance=100, credit_limit=0, low_threshold=0, status="suspended"
     )
-    out = await balances.apply_debits([("a", [Debit(key(1), fp(), 500)])], NOW)
+    out = await balances.apply_debits([("a", [Debit(key(1), fp(), 500, DAY)])], NOW)
     assert out[0].status == "suspended" and out[0].balance == -400 and out[0].outbox == []
 
 

@@ -88,7 +88,7 @@ async def _seen(outcomes: list[BatchOutcome], n: int) -> bool:
 class CrashingLedger(Ledger):
     """The process 'dies' after Redis applied the batch and before the ledger write."""
 
-    async def write(self, rows: Any, signals: Any = ()) -> set[bytes]:
+    async def write_usage(self, columns: Any, fresh: Any, signals: Any = ()) -> set[bytes]:
         raise ConnectionResetError("simulated crash before the ledger write")
 
 
@@ -242,6 +242,9 @@ async def test_lost_redis_state_is_rebuilt_from_the_ledger(
     # A new group replays the whole topic: the first 60 again, then the 40 new ones.
     async with running(replace(settings, consumer_group="replay"), conns) as outcomes:
         await eventually(lambda: _seen(outcomes, 100))
+    # Redis had forgotten the first 60: it applied them again, the ledger said so, and the
+    # debits were undone at once.
+    assert sum(o.compensated for o in outcomes) == 60
     assert await ledger_usage_rows(conns) == 100
     for a in accounts:
         cost = sum(expected_cost(e) for e in first + second if e["subject"] == a)

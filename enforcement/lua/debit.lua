@@ -1,23 +1,29 @@
 -- Apply a batch of debits to one or more accounts, idempotently, and decide state changes.
 --
 -- KEYS: the account hash of each account ("{a:ID}"). The script also uses the account's
---   applied-events hashes ("{a:ID}:ev:DAY" for today and the two days before) and its outbox
---   ("{a:ID}:out"), derived from the account key: they share its hash tag, hence its slot, so
---   this is safe on a Redis Cluster as long as one call carries the accounts of one slot.
--- ARGV[1] expire_at  unix seconds at which today's applied-events hash may be dropped
--- ARGV[2] day        today's UTC day number (unix seconds // 86400)
--- ARGV[3] events     24 bytes per event, accounts in KEYS order: event_key (16 raw bytes, the
---                    hash of (source, id)) then fingerprint (8 raw bytes, the hash of the
---                    content: same key with another fingerprint is a conflict)
--- ARGV[4] amounts    micro-units to debit per event (>= 0), space separated, same order
--- ARGV[5] counts     number of events per account, space separated, KEYS order
+--   applied-events hashes ("{a:ID}:ev:DAY", one per UTC day of the events' own time) and its
+--   outbox ("{a:ID}:out"), derived from the account key: they share its hash tag, hence its
+--   slot, so this is safe on a Redis Cluster as long as one call carries one slot's accounts.
+-- ARGV[1] now      unix seconds
+-- ARGV[2] keep_s   how long past its day an applied-events hash is kept (>= the dedup window)
+-- ARGV[3] events   24 bytes per event, accounts in KEYS order: event_key (16 raw bytes, the
+--                  hash of (source, id)) then fingerprint (8 raw bytes, the hash of the
+--                  content: same key with another fingerprint is a conflict)
+-- ARGV[4] amounts  per event "amount day": micro-units to debit (>= 0) and the UTC day number
+--                  of the event's time, space separated, same order
+-- ARGV[5] counts   number of events per account, space separated, KEYS order
+--
+-- An event's memory lives in the hash of its own day, so a redelivery finds it with one HGET
+-- for as long as keep_s after that day; hashes written for late events live at least a day
+-- from now, so a crash between this script and the ledger write is always repaired.
 --
 -- Reply: one entry per account: {found, balance, status, codes, dup_amounts, outbox}
 --   found        0 when the account hash does not exist (nothing was applied for it)
 --   codes        one character per event: "n" newly applied, "d" duplicate (already applied
 --                with the same fingerprint), "c" conflict (already applied with another one)
 --   dup_amounts  for each "d", the amount that was applied the first time, as a string
---   outbox       every signal still pending for the account, oldest first ("seq|type|reason")
+--   outbox       signals queued and not yet acknowledged ("seq|type|reason"), oldest first;
+--                read only when the account's seq is ahead of its acknowledged seq
 
 -- The account state machine, shared by every script that moves money (keep the copies equal;
 -- tests/test_balance.py checks they are). Returns the new status and the signal to queue, if any.
@@ -43,26 +49,27 @@ local function transition(st, avail, lowth)
   return target, nil
 end
 
-local expire_at = tonumber(ARGV[1])
-local day = tonumber(ARGV[2])
+local now = tonumber(ARGV[1])
+local keep_s = tonumber(ARGV[2])
 local blob = ARGV[3]
 local amounts = {}
-for a in string.gmatch(ARGV[4], '%d+') do
-  amounts[#amounts + 1] = a
+local days = {}
+local n = 0
+for amount, day in string.gmatch(ARGV[4], '(%d+) (%d+)') do
+  n = n + 1
+  amounts[n] = amount
+  days[n] = day
 end
 local reply = {}
 local ei = 0 -- events consumed so far, over all accounts
+local min_expiry = now + 86400
 
 local a = 0
 for c in string.gmatch(ARGV[5], '%d+') do
   a = a + 1
   local n_events = tonumber(c)
   local acct = KEYS[a]
-  local out = acct .. ':out'
-  local ev0 = acct .. ':ev:' .. day
-  local ev1 = acct .. ':ev:' .. (day - 1)
-  local ev2 = acct .. ':ev:' .. (day - 2)
-  local f = redis.call('HMGET', acct, 'bal', 'res', 'cl', 'lowth', 'st')
+  local f = redis.call('HMGET', acct, 'bal', 'res', 'cl', 'lowth', 'st', 'seq', 'ack')
   if not f[1] then
     ei = ei + n_events
     reply[a] = {0, 0, '', '', {}, {}}
@@ -70,14 +77,15 @@ for c in string.gmatch(ARGV[5], '%d+') do
     local codes = {}
     local dups = {}
     local total = 0
-    local fresh = 0
+    local touched = {}
     for e = 1, n_events do
       local off = (ei + e - 1) * 24
       local key = string.sub(blob, off + 1, off + 16)
       local fp = string.sub(blob, off + 17, off + 24)
       local amount = amounts[ei + e]
-      local prior = redis.call('HGET', ev0, key) or redis.call('HGET', ev1, key)
-        or redis.call('HGET', ev2, key)
+      local day = days[ei + e]
+      local bucket = acct .. ':ev:' .. day
+      local prior = redis.call('HGET', bucket, key)
       if prior then
         local sep = string.find(prior, '|', 1, true)
         if string.sub(prior, sep + 1) == fp then
@@ -89,19 +97,26 @@ for c in string.gmatch(ARGV[5], '%d+') do
       else
         codes[e] = 'n'
         -- written at once, so a second copy of the event later in this batch is a duplicate
-        redis.call('HSET', ev0, key, amount .. '|' .. fp)
+        redis.call('HSET', bucket, key, amount .. '|' .. fp)
         total = total + tonumber(amount)
-        fresh = fresh + 1
+        touched[bucket] = tonumber(day)
       end
     end
     ei = ei + n_events
-    -- Never HINCRBY by 0: Lua formats -0 as "-0", which Redis refuses as an integer.
-    local bal = tonumber(f[1])
-    if fresh > 0 then
-      redis.call('EXPIREAT', ev0, expire_at)
+    for bucket, day in pairs(touched) do
+      local want = (day + 1) * 86400 + keep_s
+      if want < min_expiry then
+        want = min_expiry
+      end
+      -- Only ever lengthen a bucket's life (EXPIRETIME is -1 for a new hash).
+      if redis.call('EXPIRETIME', bucket) < want then
+        redis.call('EXPIREAT', bucket, want)
+      end
     end
+    local bal = tonumber(f[1])
     if total > 0 then
-      -- %d, not tostring: Lua prints numbers past 14 digits in exponent form.
+      -- %d, not tostring: Lua prints numbers past 14 digits in exponent form; and never
+      -- HINCRBY by 0: Lua formats -0 as "-0", which Redis refuses as an integer.
       bal = tonumber(redis.call('HINCRBY', acct, 'bal', string.format('%d', -total)))
     end
     local avail = bal + tonumber(f[3] or '0') - tonumber(f[2] or '0')
@@ -109,11 +124,16 @@ for c in string.gmatch(ARGV[5], '%d+') do
     if st ~= f[5] then
       redis.call('HSET', acct, 'st', st)
     end
+    local seq = tonumber(f[6] or '0')
     if signal then
-      local seq = redis.call('HINCRBY', acct, 'seq', 1)
-      redis.call('RPUSH', out, seq .. '|' .. signal)
+      seq = redis.call('HINCRBY', acct, 'seq', 1)
+      redis.call('RPUSH', acct .. ':out', seq .. '|' .. signal)
     end
-    reply[a] = {1, bal, st, table.concat(codes), dups, redis.call('LRANGE', out, 0, -1)}
+    local outbox = {}
+    if seq > tonumber(f[7] or '0') then
+      outbox = redis.call('LRANGE', acct .. ':out', 0, -1)
+    end
+    reply[a] = {1, bal, st, table.concat(codes), dups, outbox}
   end
 end
 return reply
