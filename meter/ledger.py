@@ -19,6 +19,29 @@ ON CONFLICT (event_key) DO NOTHING
 """
 
 
+COLUMNS: Final = (
+    "event_key",
+    "account_id",
+    "kind",
+    "amount",
+    "quantity",
+    "ref",
+    "rate_ref",
+    "event_time",
+    "source",
+    "event_id",
+    "fingerprint",
+)
+
+
+#: A usage row in ``COLUMNS`` order.
+UsageRow = tuple[bytes, str, str, int, int, str, str, datetime, str, str, bytes]
+
+
+def _columns(rows: Sequence[UsageRow]) -> list[list[object]]:
+    return [list(col) for col in zip(*rows, strict=True)]
+
+
 def event_key(source: str, event_id: str) -> bytes:
     """The idempotency key of a CloudEvent: 16 bytes of BLAKE2b over ``(source, id)``."""
     return hashlib.blake2b(source.encode() + b"\x00" + event_id.encode(), digest_size=16).digest()
@@ -53,30 +76,30 @@ class Ledger:
 
     async def write_usage(
         self,
-        columns: Sequence[Sequence[object]],
-        fresh: Sequence[bytes],
+        fresh: Sequence[UsageRow],
+        replayed: Sequence[UsageRow] = (),
         signals: Sequence[SignalRow] = (),
     ) -> set[bytes]:
-        """Insert usage rows given as columns (the order of ``_INSERT``), skipping those present.
+        """Write a batch's usage rows (tuples in ``COLUMNS`` order) in one transaction.
 
-        ``fresh`` are the keys Redis applied for the first time in this batch. Returns those
-        among them the ledger already had: Redis forgot an event the ledger holds, and the
-        caller must undo that debit. Cheap in the common case: the statement's row count
-        says whether anything conflicted, and only then is the ledger asked which.
+        ``fresh`` are rows of events Redis applied for the first time: normally the ledger
+        cannot have them, so they go in by COPY (several times cheaper than an upsert). If it
+        does have some (Redis lost its memory), the COPY fails whole on the primary key and
+        the rows are upserted instead; the keys the ledger already had are returned, and the
+        caller must undo those debits. ``replayed`` rows (Redis saw the event before) are
+        upserted: their row may or may not have been written before a crash.
         """
-        n = len(columns[0])
+        already: set[bytes] = set()
         async with self._pool.acquire() as conn, conn.transaction():
-            already: set[bytes] = set()
-            if n:
-                status = await conn.execute(_INSERT, *columns)
-                if int(status.rsplit(" ", 1)[1]) < n and fresh:
-                    # Rows this transaction did not write carry another transaction's xmin.
-                    rows = await conn.fetch(
-                        "SELECT event_key FROM ledger WHERE event_key = ANY($1::bytea[])"
-                        " AND xmin <> pg_current_xact_id()::xid",
-                        list(fresh),
-                    )
-                    already = {r[0] for r in rows}
+            if fresh:
+                try:
+                    async with conn.transaction():  # a savepoint: a failed COPY leaves no trace
+                        await conn.copy_records_to_table("ledger", records=fresh, columns=COLUMNS)
+                except asyncpg.UniqueViolationError:
+                    inserted = await conn.fetch(_INSERT + " RETURNING event_key", *_columns(fresh))
+                    already = {r[0] for r in fresh} - {r[0] for r in inserted}
+            if replayed:
+                await conn.execute(_INSERT, *_columns(replayed))
             if signals:
                 await conn.executemany(
                     "INSERT INTO signals (account_id, seq, type, reason) VALUES ($1, $2, $3, $4)"

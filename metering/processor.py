@@ -39,7 +39,7 @@ from enforcement import keys
 from enforcement.balance import AccountOutcome, Balances, PendingSignal
 from enforcement.keys import DAY_S
 from meter import metrics
-from meter.ledger import Ledger, SignalRow, event_key
+from meter.ledger import Ledger, SignalRow, UsageRow, event_key
 from metering.catalog import Catalog
 from metering.rating import NoRate
 
@@ -220,11 +220,28 @@ class MeteringProcessor:
         """
         t2 = time.perf_counter()
         out, rejected, charges = applied.outcome, applied.rejected, applied.charges
-        rows: dict[bytes, Charge] = {}
+        fresh: list[UsageRow] = []
+        replayed: dict[bytes, UsageRow] = {}
         for c in charges:
             code = c.code
             if code == "n" or code == "d":
-                rows.setdefault(c.event_key, c)
+                row = (
+                    c.event_key,
+                    c.account_id,
+                    c.kind,
+                    -c.applied_amount,
+                    c.quantity,
+                    c.ref,
+                    c.rate_ref,
+                    c.time,
+                    c.source,
+                    c.event_id,
+                    c.fingerprint,
+                )
+                if code == "n":  # Redis marks a second copy in the batch "d": keys are unique
+                    fresh.append(row)
+                else:
+                    replayed[c.event_key] = row
             elif code == "c":
                 rejected.append(
                     Rejected(
@@ -241,25 +258,9 @@ class MeteringProcessor:
             if s.seq > self._published.get(o.account_id, 0)
         ]
         signal_rows = [SignalRow(a, s.seq, s.type, s.reason) for a, s in pending]
-        fresh = [c.event_key for c in charges if c.code == "n"]
-        rs = list(rows.values())
-        already = await self._ledger.write_usage(
-            [
-                [c.event_key for c in rs],
-                [c.account_id for c in rs],
-                [c.kind for c in rs],
-                [-c.applied_amount for c in rs],
-                [c.quantity for c in rs],
-                [c.ref for c in rs],
-                [c.rate_ref for c in rs],
-                [c.time for c in rs],
-                [c.source for c in rs],
-                [c.event_id for c in rs],
-                [c.fingerprint for c in rs],
-            ],
-            fresh,
-            signal_rows,
-        )
+        for r in fresh:
+            replayed.pop(r[0], None)
+        already = await self._ledger.write_usage(fresh, list(replayed.values()), signal_rows)
         t3 = time.perf_counter()
         metrics.STAGE_SECONDS.labels("ledger").observe(t3 - t2)
 

@@ -88,7 +88,7 @@ async def _seen(outcomes: list[BatchOutcome], n: int) -> bool:
 class CrashingLedger(Ledger):
     """The process 'dies' after Redis applied the batch and before the ledger write."""
 
-    async def write_usage(self, columns: Any, fresh: Any, signals: Any = ()) -> set[bytes]:
+    async def write_usage(self, fresh: Any, replayed: Any = (), signals: Any = ()) -> set[bytes]:
         raise ConnectionResetError("simulated crash before the ledger write")
 
 
