@@ -174,10 +174,11 @@ class RedisBalances:
         outcomes: list[AccountOutcome] = []
         i = 0
         for reply in replies:
-            for found, bal, st, codes, dups, out in reply:
+            for line in reply.split(b"\n"):
+                found, bal, st, codes, dups, out = line.split(b"\t")
                 account_id = batch[i][0]
                 i += 1
-                if not found:
+                if found == b"0":
                     outcomes.append(AccountOutcome(account_id, False))
                     continue
                 outcomes.append(
@@ -187,8 +188,8 @@ class RedisBalances:
                         int(bal),
                         st.decode(),
                         codes.decode(),
-                        [int(x) for x in dups],
-                        _decode_outbox(out) if out else [],
+                        [int(x) for x in dups.split(b",")] if dups else [],
+                        _decode_outbox(out.split(b";")) if out else [],
                     )
                 )
         return outcomes

@@ -22,7 +22,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from pydantic import ValidationError
 
@@ -313,15 +313,14 @@ class MeteringProcessor:
             metrics.EVENTS_IGNORED.labels(ev.type).inc()
             return None
         if ev.type == "call.hangup":
-            assert isinstance(ev, FastHangup | CallHangup)
-            d = ev.data.billable_s
+            d = cast(FastHangup | CallHangup, ev).data.billable_s
             if d < 0:
                 return Rejected(rec, "negative_duration", f"billable_s is {d}")
             if d > self._max_call_s:
                 return Rejected(
                     rec, "absurd_duration", f"billable_s is {d}, the limit is {self._max_call_s}"
                 )
-            if ev.data.ended_at < ev.data.answered_at:
+            if ev.data.ended_at < ev.data.answered_at:  # type: ignore[union-attr]
                 return Rejected(rec, "schema", "ended_at is before answered_at")
         return ev  # type: ignore[return-value]  # the charged types, by _TOPIC_TYPES
 
@@ -338,12 +337,11 @@ class MeteringProcessor:
                 continue
             plist = acct.price_list
             if ev.type == "call.hangup":
-                assert isinstance(ev, FastHangup | CallHangup)
-                d = ev.data
+                d = cast(FastHangup | CallHangup, ev).data
                 # Every field of the payload: a re-send with any of them changed is a conflict.
                 content = (
-                    f"{d.call_id}|{d.direction}|{d.from_}|{d.to}|{d.answered_at.isoformat()}|"
-                    f"{d.ended_at.isoformat()}|{d.billable_s}|{d.hangup_cause}|"
+                    f"{d.call_id}|{d.direction}|{d.from_}|{d.to}|{d.answered_at.timestamp()}|"
+                    f"{d.ended_at.timestamp()}|{d.billable_s}|{d.hangup_cause}|"
                     f"{d.outbound_profile_id}|{d.connection_id}"
                 )
                 try:
@@ -353,8 +351,7 @@ class MeteringProcessor:
                     continue
                 kind, qty, ref = "call", billed, d.call_id
             else:
-                assert isinstance(ev, FastMessage | MessageSent)
-                m = ev.data
+                m = cast(FastMessage | MessageSent, ev).data
                 content = f"{m.message_id}|{m.from_}|{m.to}|{m.parts}"
                 amount = plist.rate_message(m.parts)
                 kind, qty, ref = "sms", m.parts, m.message_id
