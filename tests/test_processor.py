@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import random
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
@@ -144,6 +145,12 @@ async def test_each_bad_input_is_dead_lettered_and_the_partition_goes_on(
     oversized = call_hangup("acc_1", "b5", "+442071234567", 60)
     oversized["blob"] = "z" * 70_000
     no_rate = call_hangup("acc_1", "b6", "+999123456", 60)
+    future = call_hangup(
+        "acc_1", "b8", "+442071234567", 60, at=datetime.now(UTC) + timedelta(days=1)
+    )
+    wrong_topic = message_sent("acc_1", "b9", "+442071234567", 1)  # an SMS on the call topic
+    unsupported = call_hangup("acc_1", "b10", "+442071234567", 60)
+    unsupported["type"] = "call.ringing"
     bad: list[tuple[str, bytes]] = [
         ("not_json", b"{not json"),
         ("schema", orjson.dumps(schema)),
@@ -153,6 +160,9 @@ async def test_each_bad_input_is_dead_lettered_and_the_partition_goes_on(
         ("duplicate_id_different_payload", orjson.dumps(conflict)),
         ("oversized", orjson.dumps(oversized)),
         ("no_rate_for_destination", orjson.dumps(no_rate)),
+        ("future_timestamp", orjson.dumps(future)),
+        ("wrong_topic", orjson.dumps(wrong_topic)),
+        ("unsupported_type", orjson.dumps(unsupported)),
     ]
     # Everything under one key: one partition, bad events between good ones.
     stream: list[dict[str, Any] | bytes] = [good[0]]
