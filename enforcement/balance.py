@@ -16,7 +16,7 @@ from __future__ import annotations
 import importlib.resources
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Final, Protocol
+from typing import Final, Protocol, cast
 
 import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
@@ -52,6 +52,7 @@ class Debit:
     fingerprint: bytes
     amount: int  # micro-units >= 0
     day: int  # UTC day number of the event's own time (unix seconds // 86400)
+    call_id: str = ""  # a hangup's call: its reservation is released with the charge
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +60,8 @@ class PendingSignal:
     seq: int
     type: str
     reason: str
+    call_id: str | None = None
+    terminate_at: int | None = None  # unix seconds, for call.terminate
 
 
 @dataclass(slots=True)
@@ -107,6 +110,8 @@ class DebitLike(Protocol):
     def amount(self) -> int: ...
     @property
     def day(self) -> int: ...
+    @property
+    def call_id(self) -> str: ...
 
 
 class Balances(Protocol):
@@ -122,13 +127,70 @@ class Balances(Protocol):
 
     async def credit_many(self, credits: Sequence[tuple[str, str, int]]) -> list[CreditOutcome]: ...
 
+    async def reserve_many(
+        self,
+        calls: Sequence[tuple[str, str, str, Tariff]],
+        *,
+        now_s: int,
+        grant_s: int,
+        grace_s: int,
+        max_s: int,
+        force: bool = False,
+    ) -> list[Reservation]: ...
+
+    async def progress(
+        self,
+        updates: Sequence[tuple[str, str, int, int]],
+        *,
+        now_s: int,
+        grant_s: int,
+        grace_s: int,
+        max_s: int,
+    ) -> list[Progress]: ...
+
 
 def _decode_outbox(entries: list[bytes]) -> list[PendingSignal]:
+    """``seq|type|reason`` or, for call.terminate, ``seq|type|reason|call_id|terminate_at``."""
     out = []
     for raw in entries:
-        seq, type_, reason = raw.decode().split("|", 2)
-        out.append(PendingSignal(int(seq), type_, reason))
+        parts = raw.decode().split("|")
+        if len(parts) == 5:
+            out.append(PendingSignal(int(parts[0]), parts[1], parts[2], parts[3], int(parts[4])))
+        else:
+            out.append(PendingSignal(int(parts[0]), parts[1], parts[2]))
     return out
+
+
+@dataclass(frozen=True, slots=True)
+class Tariff:
+    """The price of a call's time, as a reservation needs it (from ``metering.rating``)."""
+
+    rate_per_min: int
+    connect_fee: int = 0
+    initial_s: int = 6
+    subsequent_s: int = 6
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """The answer to an authorization. ``max_duration_s``: what the available credit buys at
+    this rate; ``granted_s``: what is reserved now (``reserved`` micro-units)."""
+
+    decision: str  # "allow" | "deny"
+    reason: str  # "ok" or a contract deny reason
+    max_duration_s: int
+    reserved: int
+    granted_s: int
+    expires_at: int  # unix seconds; the sweep releases it after this
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    """What a call.answered / call.progress did to the call's reservation."""
+
+    outcome: str  # none | ok | extended | terminate | terminating
+    until: int  # seconds covered after the answer, or terminate_at (unix s) when terminating
+    outbox: list[PendingSignal]
 
 
 class RedisBalances:
@@ -145,6 +207,10 @@ class RedisBalances:
         self._ack: AsyncScript = client.register_script(_lua("outbox_ack.lua"))
         self._credit: AsyncScript = client.register_script(_lua("credit.lua"))
         self._load: AsyncScript = client.register_script(_lua("load_account.lua"))
+        self._reserve: AsyncScript = client.register_script(_lua("reserve.lua"))
+        self._progress: AsyncScript = client.register_script(_lua("progress.lua"))
+        self._release: AsyncScript = client.register_script(_lua("release.lua"))
+        self._status: AsyncScript = client.register_script(_lua("set_status.lua"))
 
     async def apply_debits(
         self, batch: Sequence[tuple[str, Sequence[DebitLike]]], now_s: int
@@ -162,9 +228,10 @@ class RedisBalances:
             blob = b"".join(d.event_key + d.fingerprint for _, ds in chunk for d in ds)
             amounts = " ".join(f"{d.amount} {d.day}" for _, ds in chunk for d in ds)
             counts = " ".join(str(len(ds)) for _, ds in chunk)
+            calls = "\n".join(d.call_id for _, ds in chunk for d in ds)
             await self._debit(
                 keys=[keys.account(a) for a, _ in chunk],
-                args=[now_s, keys.DEDUP_KEEP_S, blob, amounts, counts],
+                args=[now_s, keys.DEDUP_KEEP_S, blob, amounts, counts, calls],
                 client=pipe,
             )
         try:
@@ -193,6 +260,231 @@ class RedisBalances:
                     )
                 )
         return outcomes
+
+    async def reserve(
+        self,
+        account_id: str,
+        call_id: str,
+        direction: str,
+        tariff: Tariff,
+        *,
+        now_s: int,
+        grant_s: int,
+        grace_s: int,
+        max_s: int,
+    ) -> Reservation:
+        """Authorize a call and reserve its first grant (idempotent per ``call_id``)."""
+        (r,) = await self.reserve_many(
+            [(account_id, call_id, direction, tariff)],
+            now_s=now_s,
+            grant_s=grant_s,
+            grace_s=grace_s,
+            max_s=max_s,
+        )
+        return r
+
+    async def reserve_many(
+        self,
+        calls: Sequence[tuple[str, str, str, Tariff]],
+        *,
+        now_s: int,
+        grant_s: int,
+        grace_s: int,
+        max_s: int,
+        force: bool = False,
+    ) -> list[Reservation]:
+        """``reserve`` for many ``(account_id, call_id, direction, tariff)`` in one round trip.
+
+        Each call is listed for the sweep *before* its script runs (same pipeline, in order),
+        so a crash in between cannot leave a reservation nobody releases; a listing without a
+        reservation is dropped by the sweep. ``force``: the calls are already up (answered
+        without an authorization); a barred one gets an empty reservation, which the next
+        progress update terminates.
+        """
+        if not calls:
+            return []
+        pipe = self._r.pipeline(transaction=False)
+        first_expiry = now_s + grant_s + grace_s
+        for account_id, call_id, direction, t in calls:
+            pipe.zadd(
+                keys.RESERVATION_EXPIRY, {f"{account_id}\x00{call_id}": first_expiry}, gt=True
+            )
+            await self._reserve(
+                keys=[keys.account(account_id), keys.reservations(account_id)],
+                args=[
+                    call_id,
+                    direction,
+                    now_s,
+                    grant_s,
+                    grace_s,
+                    max_s,
+                    t.rate_per_min,
+                    t.connect_fee,
+                    t.initial_s,
+                    t.subsequent_s,
+                    "1" if force else "0",
+                ],
+                client=pipe,
+            )
+        try:
+            replies = await pipe.execute()
+        except (RedisConnectionError, RedisTimeoutError) as exc:
+            raise OutcomeUnknown(f"reservation outcome unknown: {exc}") from exc
+        out = []
+        fix = self._r.pipeline(transaction=False)
+        for (account_id, call_id, _, _), r in zip(calls, replies[1::2], strict=True):
+            decision, reason, max_d, reserved, granted, expires = r
+            if decision == b"allow" and int(expires) < first_expiry:
+                fix.zadd(keys.RESERVATION_EXPIRY, {f"{account_id}\x00{call_id}": int(expires)})
+            out.append(
+                Reservation(
+                    decision.decode(),
+                    reason.decode(),
+                    int(max_d),
+                    int(reserved),
+                    int(granted),
+                    int(expires),
+                )
+            )
+        if len(fix):
+            await fix.execute()
+        return out
+
+    async def progress(
+        self,
+        updates: Sequence[tuple[str, str, int, int]],
+        *,
+        now_s: int,
+        grant_s: int,
+        grace_s: int,
+        max_s: int,
+    ) -> list[Progress]:
+        """Apply ``(account_id, call_id, started_at, elapsed_s)`` updates in one round trip.
+
+        Accounts whose update may queue a call.terminate are marked for the outbox relay
+        first, for the same reason as in ``reserve``.
+        """
+        if not updates:
+            return []
+        await self._r.sadd(keys.OUTBOX_PENDING, *{a for a, _, _, _ in updates})
+        pipe = self._r.pipeline(transaction=False)
+        for account_id, call_id, started_at, elapsed in updates:
+            await self._progress(
+                keys=[
+                    keys.account(account_id),
+                    keys.reservations(account_id),
+                    keys.outbox(account_id),
+                ],
+                args=[call_id, now_s, started_at, elapsed, grant_s, grace_s, max_s],
+                client=pipe,
+            )
+            pipe.zadd(
+                keys.RESERVATION_EXPIRY,
+                {f"{account_id}\x00{call_id}": now_s + grant_s + grace_s},
+                gt=True,
+            )
+        try:
+            replies = await pipe.execute()
+        except (RedisConnectionError, RedisTimeoutError) as exc:
+            raise OutcomeUnknown(f"progress batch outcome unknown: {exc}") from exc
+        await self._r.sadd(keys.OUTBOX_PENDING, *{a for a, _, _, _ in updates})
+        out = []
+        for outcome, until, box in replies[0::2]:
+            out.append(
+                Progress(
+                    outcome.decode(), int(until), _decode_outbox(box.split(b";")) if box else []
+                )
+            )
+        return out
+
+    async def release(self, account_id: str, call_id: str, *, now_s: int) -> int:
+        """Close a reservation without charging it (the charge comes with the hangup)."""
+        n = await self._release(
+            keys=[keys.account(account_id), keys.reservations(account_id)],
+            args=[call_id, now_s, "0"],
+        )
+        await self._r.zrem(keys.RESERVATION_EXPIRY, f"{account_id}\x00{call_id}")
+        return int(n)
+
+    async def sweep_expired(self, *, now_s: int, limit: int = 1000) -> list[tuple[str, str, int]]:
+        """Release reservations whose call was never closed (hangup lost), at most ``limit``.
+
+        Returns ``(account_id, call_id, micro-units released)``. Policy: nothing is charged
+        for them; a hangup arriving later is still charged in full, exactly once.
+        """
+        due = cast(
+            list[bytes],
+            await self._r.zrangebyscore(keys.RESERVATION_EXPIRY, "-inf", now_s, 0, limit),
+        )
+        if not due:
+            return []
+        pipe = self._r.pipeline(transaction=False)
+        pairs = []
+        for member in due:
+            account_id, call_id = member.decode().split("\x00", 1)
+            pairs.append((account_id, call_id))
+            await self._release(
+                keys=[keys.account(account_id), keys.reservations(account_id)],
+                args=[call_id, now_s, "1"],
+                client=pipe,
+            )
+        results = await pipe.execute()
+        done = []
+        pipe = self._r.pipeline(transaction=False)
+        for (account_id, call_id), member, released in zip(pairs, due, results, strict=True):
+            if int(released) < 0:  # extended since it was listed: list it at its new expiry
+                pipe.zadd(keys.RESERVATION_EXPIRY, {member: -int(released)})
+                continue
+            pipe.zrem(keys.RESERVATION_EXPIRY, member)
+            if int(released) > 0:
+                done.append((account_id, call_id, int(released)))
+        await pipe.execute()
+        return done
+
+    async def set_status(self, account_id: str, action: str, reason: str) -> tuple[int, str]:
+        """``action`` "suspend" or "resume". Returns ``(changed, status)``: changed is 1 when a
+        signal was queued, 0 when the account already was so, -1 for an unknown account."""
+        if action not in ("suspend", "resume"):
+            raise ValueError(f"unknown action {action!r}")
+        await self.mark_outbox_pending([account_id])
+        changed, status = await self._status(
+            keys=[keys.account(account_id), keys.outbox(account_id)], args=[action, reason]
+        )
+        await self.mark_outbox_pending([account_id])
+        return int(changed), status.decode()
+
+    async def reservations(self, account_id: str) -> dict[str, int]:
+        """Live reservations of an account: call_id -> micro-units held."""
+        raw = cast(dict[bytes, bytes], await self._r.hgetall(keys.reservations(account_id)))
+        return {k.decode(): int(v.split(b"|", 1)[0]) for k, v in raw.items()}
+
+    async def mark_outbox_pending(self, account_ids: Sequence[str]) -> None:
+        if account_ids:
+            await self._r.sadd(keys.OUTBOX_PENDING, *account_ids)
+
+    async def pending_outboxes(self, limit: int = 1000) -> dict[str, list[PendingSignal]]:
+        """Accounts marked as maybe having unpublished signals, with their outboxes."""
+        members = cast(list[bytes], await self._r.srandmember(keys.OUTBOX_PENDING, limit))
+        ids = [a.decode() for a in members]
+        if not ids:
+            return {}
+        pipe = self._r.pipeline(transaction=False)
+        for a in ids:
+            pipe.lrange(keys.outbox(a), 0, -1)
+        boxes = await pipe.execute()
+        return {a: _decode_outbox(b) for a, b in zip(ids, boxes, strict=True)}
+
+    async def clear_outbox_pending(self, account_ids: Sequence[str]) -> None:
+        """Unmark accounts whose outbox is now empty.
+
+        Unmark first, then look: a writer marks an account before *and* after its script, so
+        a signal queued meanwhile always leaves a mark behind (and the next script touching
+        the account returns it anyway).
+        """
+        for a in account_ids:
+            await self._r.srem(keys.OUTBOX_PENDING, a)
+            if await self._r.llen(keys.outbox(a)):
+                await self._r.sadd(keys.OUTBOX_PENDING, a)
 
     async def ack_outbox(self, acks: dict[str, int]) -> None:
         """Remove published signals (``seq <= acked``) from each account's outbox."""

@@ -40,3 +40,18 @@ def outbox(account_id: str) -> str:
 def credits(account_id: str) -> str:
     """Hash of applied credit ids (payments, adjustments): field = credit key, value = amount."""
     return f"{tag(account_id)}:cr"
+
+
+def reservations(account_id: str) -> str:
+    """Hash of live reservations: field = call_id, value = see ``enforcement/lua/reserve.lua``."""
+    return f"{tag(account_id)}:rsv"
+
+
+#: Sorted set of every live reservation, ``account_id NUL call_id`` scored by when it expires.
+#: Global (no hash tag): it is only ever used by single-key commands, never inside a script,
+#: so it is safe on a cluster; the sweep reads it to release reservations whose hangup was lost.
+RESERVATION_EXPIRY: Final = "meter:rsv:expiry"
+
+#: Set of accounts that may have signals in their outbox not yet published: added to before a
+#: script can queue one (so a crash cannot hide it), emptied by the outbox relay.
+OUTBOX_PENDING: Final = "meter:outbox:pending"

@@ -7,6 +7,7 @@ non-existent account does not become a flood of queries.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -51,6 +52,7 @@ class Catalog:
         self._accounts: dict[str, AccountRating] = {}
         self._unknown: dict[str, float] = {}
         self._negative_ttl_s = negative_ttl_s
+        self._lock = asyncio.Lock()
 
     async def refresh(self) -> None:
         self._lists = await load_price_lists(self._pool)
@@ -61,15 +63,24 @@ class Catalog:
         return self._accounts.get(account_id)
 
     async def resolve(self, account_ids: Iterable[str]) -> None:
-        """Fetch the accounts not cached yet (one query); unknown ones are cached as absent."""
-        now = time.monotonic()
-        missing = [
-            a
-            for a in set(account_ids)
-            if a not in self._accounts and self._unknown.get(a, 0.0) <= now
-        ]
-        if not missing:
+        """Fetch the accounts not cached yet (one query); unknown ones are cached as absent.
+
+        Concurrent callers missing the same accounts wait for one query (the authorize API
+        can get a thousand requests for a new account at once)."""
+        ids = set(account_ids)
+        if not self._missing(ids):
             return
+        async with self._lock:
+            missing = self._missing(ids)
+            if missing:
+                await self._fetch(missing)
+
+    def _missing(self, ids: set[str]) -> list[str]:
+        now = time.monotonic()
+        return [a for a in ids if a not in self._accounts and self._unknown.get(a, 0.0) <= now]
+
+    async def _fetch(self, missing: list[str]) -> None:
+        now = time.monotonic()
         rows = await self._pool.fetch(
             "SELECT id, price_list_id FROM accounts WHERE id = ANY($1::text[])", missing
         )

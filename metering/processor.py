@@ -30,7 +30,7 @@ from contracts import topics
 from contracts.events import CallHangup, MessageSent
 from contracts.signals import make_signal
 from enforcement import keys
-from enforcement.balance import AccountOutcome, Balances, PendingSignal
+from enforcement.balance import AccountOutcome, Balances, PendingSignal, Tariff
 from enforcement.keys import DAY_S
 from meter import metrics
 from meter.ledger import Ledger, SignalRow, UsageRow, event_key
@@ -40,14 +40,26 @@ from metering.rating import NoRate
 
 log = logging.getLogger(__name__)
 
+_CONTROL = frozenset(("call.answered", "call.progress"))
+
 #: An event the hot path charges: decoded by msgspec, or by pydantic when msgspec declined.
 Chargeable = FastHangup | FastMessage | CallHangup | MessageSent
 
 #: Which event types belong on which inbound topic, and whether the hot path charges them.
+#: True: charged (a debit and a ledger row); False: a live-call update (reservations only).
 _TOPIC_TYPES: dict[str, dict[str, bool]] = {
     topics.CALL_EVENTS: {"call.hangup": True, "call.answered": False, "call.progress": False},
     topics.MESSAGE_EVENTS: {"message.sent": True},
 }
+
+
+@dataclass(frozen=True, slots=True)
+class CallControl:
+    """What the processor needs to manage a live call's reservation."""
+
+    grant_s: int = 300  # reserved ahead at each step
+    grace_s: int = 60  # a reservation not closed by its end plus this is swept
+    max_s: int = 14_400  # the longest call (caps free destinations)
 
 
 class Record(Protocol):
@@ -93,6 +105,7 @@ class Charge:
     time: datetime
     epoch: int  # the event's time in unix seconds
     day: int  # its UTC day number: the Redis bucket that remembers it
+    call_id: str  # a hangup's call (its reservation is released with the charge), else ""
     source: str
     event_id: str
     code: str = ""  # set from Redis: n(ew), d(uplicate), c(onflict), k (ledger already has it)
@@ -121,6 +134,8 @@ class Applied:
     rejected: list[Rejected]
     charges: list[Charge]
     accounts: list[AccountOutcome]
+    #: signals pending in the outboxes of accounts whose live calls this batch updated
+    control_outbox: list[tuple[str, PendingSignal]] = field(default_factory=list)
 
 
 def _fingerprint(value: bytes) -> bytes:
@@ -165,6 +180,7 @@ class MeteringProcessor:
         max_call_s: int = 86_400,
         max_clock_skew_s: int = 300,
         clock: Callable[[], float] = time.time,
+        call_control: CallControl = CallControl(),
     ) -> None:
         self._balances = balances
         self._ledger = ledger
@@ -179,6 +195,7 @@ class MeteringProcessor:
         # read by batch N+1 may still hold what batch N publishes. Losing this map (restart)
         # only means a harmless re-publish, which consumers drop by seq.
         self._published: dict[str, int] = {}
+        self._call_control = call_control
 
     async def process(self, records: Sequence[Record]) -> BatchOutcome:
         """The whole batch: ``finish(await apply(records))``."""
@@ -204,14 +221,58 @@ class MeteringProcessor:
             else:
                 parsed.append((rec, r))  # type: ignore[arg-type]
         await self._catalog.resolve({ev.subject for _, ev in parsed})
+        control = [(r, ev) for r, ev in parsed if ev.type in _CONTROL]
+        if control:
+            parsed = [(r, ev) for r, ev in parsed if ev.type not in _CONTROL]
         charges = self._rate(parsed, rejected, now)
         t1 = time.perf_counter()
         metrics.STAGE_SECONDS.labels("decode_rate").observe(t1 - t0)
 
+        # Live-call updates first: a hangup later in the same batch then closes what they opened.
+        control_outbox = await self._control(control, now, rejected) if control else []
         await self._skip_known_old(charges, now)
         outcomes = await self._apply(charges, now, rejected)
         metrics.STAGE_SECONDS.labels("redis").observe(time.perf_counter() - t1)
-        return Applied(out, rejected, charges, outcomes)
+        return Applied(out, rejected, charges, outcomes, control_outbox)
+
+    async def _control(
+        self, events: list[tuple[Record, Any]], now: float, rejected: list[Rejected]
+    ) -> list[tuple[str, PendingSignal]]:
+        """call.answered opens billing on the call's reservation (creating one for a call that
+        was never authorized, e.g. inbound); call.progress extends it or orders the call
+        ended where the credit runs out. Both are idempotent: a replay changes nothing."""
+        cc = self._call_control
+        now_s = int(now)
+        opens: list[tuple[str, str, str, Tariff]] = []
+        updates: list[tuple[str, str, int, int]] = []
+        for rec, ev in events:
+            acct = self._catalog.get(ev.subject)
+            if acct is None:
+                rejected.append(Rejected(rec, "unknown_account", f"no account {ev.subject!r}"))
+                continue
+            d = ev.data
+            if ev.type == "call.answered":
+                try:
+                    rate = (
+                        acct.price_list.inbound
+                        if d.direction == "inbound"
+                        else acct.price_list.outbound_rate(d.to)
+                    )
+                except NoRate as exc:
+                    rejected.append(Rejected(rec, "no_rate_for_destination", str(exc)))
+                    continue
+                tariff = Tariff(
+                    rate.rate_per_min, rate.connect_fee, rate.initial_s, rate.subsequent_s
+                )
+                opens.append((ev.subject, d.call_id, d.direction, tariff))
+                updates.append((ev.subject, d.call_id, int(d.answered_at.timestamp()), 0))
+            else:
+                started = int(ev.time.timestamp()) - d.elapsed_s
+                updates.append((ev.subject, d.call_id, started, d.elapsed_s))
+        kw = {"now_s": now_s, "grant_s": cc.grant_s, "grace_s": cc.grace_s, "max_s": cc.max_s}
+        await self._balances.reserve_many(opens, force=True, **kw)
+        results = await self._balances.progress(updates, **kw)
+        return [(u[0], s) for u, r in zip(updates, results, strict=True) for s in r.outbox]
 
     async def finish(self, applied: Applied) -> BatchOutcome:
         """Second half: the ledger write, then dead letters and signals, awaited together.
@@ -250,13 +311,15 @@ class MeteringProcessor:
                         f"event ({c.source}, {c.event_id}) was charged before with another payload",
                     )
                 )
-        pending = [
-            (o.account_id, s)
-            for o in applied.accounts
-            if o.found
-            for s in o.outbox
-            if s.seq > self._published.get(o.account_id, 0)
-        ]
+        seen: set[tuple[str, int]] = set()
+        pending = []
+        for a, s in [(o.account_id, s) for o in applied.accounts if o.found for s in o.outbox] + (
+            applied.control_outbox
+        ):
+            if s.seq > self._published.get(a, 0) and (a, s.seq) not in seen:
+                seen.add((a, s.seq))
+                pending.append((a, s))
+        pending.sort(key=lambda p: (p[0], p[1].seq))  # in seq order per account
         signal_rows = [SignalRow(a, s.seq, s.type, s.reason) for a, s in pending]
         for r in fresh:
             replayed.pop(r[0], None)
@@ -310,8 +373,7 @@ class MeteringProcessor:
                 rec, "key_mismatch", "the Kafka key must be the account id (partitioning)"
             )
         if not allowed[ev.type]:
-            metrics.EVENTS_IGNORED.labels(ev.type).inc()
-            return None
+            return ev  # type: ignore[return-value]  # a live-call update
         if ev.type == "call.hangup":
             d = cast(FastHangup | CallHangup, ev).data.billable_s
             if d < 0:
@@ -351,11 +413,11 @@ class MeteringProcessor:
                 except NoRate as exc:
                     rejected.append(Rejected(rec, "no_rate_for_destination", str(exc)))
                     continue
-                kind, qty, ref = "call", billed, d.call_id
+                kind, qty, ref, call = "call", billed, d.call_id, d.call_id
             else:
                 m = cast(FastMessage | MessageSent, ev).data
                 amount = plist.rate_message(m.parts)
-                kind, qty, ref = "sms", m.parts, m.message_id
+                kind, qty, ref, call = "sms", m.parts, m.message_id, ""
             charges.append(
                 Charge(
                     rec,
@@ -371,6 +433,7 @@ class MeteringProcessor:
                     ev.time,
                     epoch,
                     epoch // DAY_S,
+                    call,
                     ev.source,
                     ev.id,
                 )
@@ -488,7 +551,12 @@ class MeteringProcessor:
         at = datetime.now(UTC)
         acks: dict[str, int] = {}
         for account_id, s in pending:
-            sig = make_signal(s.type, account_id, s.seq, s.reason, at)  # type: ignore[arg-type]
+            extra: dict[str, object] = {}
+            if s.call_id is not None:
+                extra["call_id"] = s.call_id
+            if s.terminate_at is not None:
+                extra["terminate_at"] = datetime.fromtimestamp(s.terminate_at, UTC)
+            sig = make_signal(s.type, account_id, s.seq, s.reason, at, **extra)  # type: ignore[arg-type]
             futures.append(
                 await self._producer.send(
                     topics.CONTROL_SIGNALS,

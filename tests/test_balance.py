@@ -169,4 +169,13 @@ def test_state_machine_copies_are_identical() -> None:
         assert m, name
         return m.group(0)
 
-    assert transition("debit.lua") == transition("credit.lua")
+    assert transition("debit.lua") == transition("credit.lua") == transition("set_status.lua")
+
+
+def test_billing_copies_are_identical() -> None:
+    def billing(name: str) -> str:
+        text = importlib.resources.files("enforcement").joinpath("lua", name).read_text()
+        start = text.index("-- Billing as metering/rating.py does it")
+        return text[start : text.index("\nlocal call_id", start)]
+
+    assert billing("reserve.lua") == billing("progress.lua")

@@ -12,6 +12,9 @@
 -- ARGV[4] amounts  per event "amount day": micro-units to debit (>= 0) and the UTC day number
 --                  of the event's time, space separated, same order
 -- ARGV[5] counts   number of events per account, space separated, KEYS order
+-- ARGV[6] calls    per event, the call_id whose reservation the charge closes ("" for none),
+--                  "\n" separated, same order: a newly applied hangup releases what its
+--                  call still held in "{a:ID}:rsv" (the charge replaces the reservation)
 --
 -- An event's memory lives in the hash of its own day, so a redelivery finds it with one HGET
 -- for as long as keep_s after that day; hashes written for late events live at least a day
@@ -62,6 +65,12 @@ for amount, day in string.gmatch(ARGV[4], '(%d+) (%d+)') do
   amounts[n] = amount
   days[n] = day
 end
+local calls = {}
+n = 0
+for c in string.gmatch(ARGV[6] .. '\n', '([^\n]*)\n') do
+  n = n + 1
+  calls[n] = c
+end
 local reply = {}
 local ei = 0 -- events consumed so far, over all accounts
 local min_expiry = now + 86400
@@ -81,6 +90,8 @@ for c in string.gmatch(ARGV[5], '%d+') do
     local dups = {}
     local total = 0
     local touched = {}
+    local released = 0
+    local rsv = acct .. ':rsv'
     for e = 1, n_events do
       local off = (ei + e - 1) * 24
       local key = string.sub(blob, off + 1, off + 16)
@@ -103,6 +114,16 @@ for c in string.gmatch(ARGV[5], '%d+') do
         redis.call('HSET', bucket, key, amount .. '|' .. fp)
         total = total + tonumber(amount)
         touched[bucket] = tonumber(day)
+        local call = calls[ei + e]
+        if call ~= '' then
+          local held = redis.call('HGET', rsv, call)
+          if held then
+            -- Keep a closed marker for a day (terminate_at -1): a late or replayed
+            -- call.answered / call.progress must not open the call again. The sweep drops it.
+            redis.call('HSET', rsv, call, string.format('0|0|%d|0|0|1|1|0|-1', now + 86400))
+            released = released + tonumber(string.match(held, '^(%d+)|'))
+          end
+        end
       end
     end
     ei = ei + n_events
@@ -131,7 +152,11 @@ for c in string.gmatch(ARGV[5], '%d+') do
       -- HINCRBY by 0: Lua formats -0 as "-0", which Redis refuses as an integer.
       bal = tonumber(redis.call('HINCRBY', acct, 'bal', string.format('%d', -total)))
     end
-    local avail = bal + tonumber(f[3] or '0') - tonumber(f[2] or '0')
+    local res = tonumber(f[2] or '0')
+    if released > 0 then
+      res = tonumber(redis.call('HINCRBY', acct, 'res', string.format('%d', -released)))
+    end
+    local avail = bal + tonumber(f[3] or '0') - res
     local st, signal = transition(f[5] or 'active', avail, tonumber(f[4] or '0'))
     if st ~= f[5] then
       redis.call('HSET', acct, 'st', st)

@@ -1,0 +1,113 @@
+-- Authorize a call: reserve credit for its first grant, atomically with every other call of
+-- the account, so concurrent calls never together reserve more than the available credit.
+--
+-- KEYS[1] account hash ("{a:ID}": bal, res, cl, st, ...)
+-- KEYS[2] reservations hash ("{a:ID}:rsv"): field = call_id, value = see RSV below
+-- ARGV[1] call_id      ARGV[2] direction ("inbound" | "outbound")   ARGV[3] now (unix s)
+-- ARGV[4] grant_s      seconds to reserve up front (e.g. 300)
+-- ARGV[5] grace_s      a reservation not closed by then + grace_s is swept
+-- ARGV[6] max_s        the longest call the service allows (caps free destinations)
+-- ARGV[7] rate_per_min ARGV[8] connect_fee (micro-units)  ARGV[9] initial_s ARGV[10] subsequent_s
+-- ARGV[11] force       "1" for a call already answered without an authorization: instead of
+--                      a credit denial, open a reservation of nothing, so the next progress
+--                      update ends the call where its credit runs out
+--
+-- RSV value: "reserved|granted_s|expires_at|rate|fee|initial|subsequent|started_at|terminate_at"
+--   started_at is 0 until call.answered; terminate_at is 0 until call.terminate was queued.
+--
+-- Reply: {decision, reason, max_duration_s, reserved, granted_s, expires_at}
+--   decision "allow" | "deny"; reason "ok" or the contract's deny reason.
+--   A second call for the same call_id returns the first answer (authorize is retried).
+
+-- Billing as metering/rating.py does it, in micro-units, always rounding up.
+local function billed(d, initial, subsequent)
+  if d <= 0 then
+    return 0
+  end
+  if d <= initial then
+    return initial
+  end
+  return initial + math.ceil((d - initial) / subsequent) * subsequent
+end
+
+local function cost(d, rate, fee, initial, subsequent)
+  local b = billed(d, initial, subsequent)
+  if b == 0 then
+    return 0
+  end
+  return fee + math.ceil(rate * b / 60)
+end
+
+-- The longest duration (whole increments) whose cost fits in avail; 0 if not even the first.
+local function affordable(avail, rate, fee, initial, subsequent, max_s)
+  local budget = avail - fee
+  if budget < 0 then
+    return 0
+  end
+  if rate == 0 then
+    return max_s
+  end
+  local b = math.floor(budget * 60 / rate)
+  if b < initial then
+    return 0
+  end
+  local d = initial + math.floor((b - initial) / subsequent) * subsequent
+  if d > max_s then
+    d = max_s
+  end
+  return d
+end
+
+local call_id, direction, now = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local grant_s, grace_s, max_s = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+local rate, fee = tonumber(ARGV[7]), tonumber(ARGV[8])
+local initial, subsequent = tonumber(ARGV[9]), tonumber(ARGV[10])
+
+local f = redis.call('HMGET', KEYS[1], 'bal', 'res', 'cl', 'st')
+if not f[1] then
+  return {'deny', 'unknown_account', 0, 0, 0, 0}
+end
+local force = ARGV[11] == '1'
+local prior = redis.call('HGET', KEYS[2], call_id)
+if prior then
+  local p = {}
+  for v in string.gmatch(prior, '[^|]+') do
+    p[#p + 1] = tonumber(v)
+  end
+  if p[9] == -1 then
+    return {'deny', 'call_closed', 0, 0, 0, 0}
+  end
+  local done = affordable(tonumber(f[1]) + tonumber(f[3] or '0') - tonumber(f[2] or '0') + p[1],
+    p[4], p[5], p[6], p[7], max_s)
+  return {'allow', 'ok', done, p[1], p[2], p[3]}
+end
+local st = f[4] or 'active'
+local avail = tonumber(f[1]) + tonumber(f[3] or '0') - tonumber(f[2] or '0')
+local d = affordable(avail, rate, fee, initial, subsequent, max_s)
+local barred = nil
+if st == 'suspended' then
+  barred = 'account_suspended'
+elseif st == 'hold' and direction ~= 'inbound' then
+  barred = 'account_on_hold'
+elseif d == 0 and direction ~= 'inbound' then
+  barred = 'insufficient_credit'
+end
+local granted, reserved
+if barred and not force then
+  return {'deny', barred, 0, 0, 0, 0}
+elseif barred then
+  granted, reserved, d = 0, 0, 0 -- the next progress update terminates it at once
+elseif d == 0 then
+  -- Inbound still rings on hold: allowed, charged at hangup, with nothing reserved.
+  granted, reserved, d = grant_s, 0, grant_s
+else
+  granted = math.min(grant_s, d)
+  reserved = cost(granted, rate, fee, initial, subsequent)
+end
+local expires_at = now + granted + grace_s
+if reserved > 0 then
+  redis.call('HINCRBY', KEYS[1], 'res', string.format('%d', reserved))
+end
+redis.call('HSET', KEYS[2], call_id, string.format('%d|%d|%d|%d|%d|%d|%d|0|0', reserved, granted,
+  expires_at, rate, fee, initial, subsequent))
+return {'allow', 'ok', d, reserved, granted, expires_at}

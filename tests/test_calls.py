@@ -1,0 +1,249 @@
+"""Call credit control: reservations under concurrency, live-call extension and termination,
+hangups that close what was reserved, the sweep, and a balance store that does not answer."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import orjson
+import pytest
+import redis.asyncio as aioredis
+
+from contracts import topics
+from enforcement.authorize import Authorizer, AuthorizeRequest, BalanceStoreUnavailable
+from enforcement.balance import RedisBalances
+from meter.kafkatools import read_all
+from meter.ledger import Ledger
+from meter.settings import Settings
+from meter.traffic import call_hangup
+from metering.catalog import Catalog
+from metering.processor import MeteringProcessor
+from metering.rating import VoiceRate, voice_cost
+from metering.worker import Connections
+from tests.conftest import Seeder
+from tests.helpers import Rec
+
+UK = "+442071234567"  # 0.015/min, 6/6 in the demo price list
+UK_RATE = VoiceRate("44", 15_000)
+T0 = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
+
+
+def answered(
+    account: str, call_id: str, at: datetime, direction: str = "outbound"
+) -> dict[str, Any]:
+    return {
+        "specversion": "1.0",
+        "id": f"{call_id}:answered",
+        "source": "urn:switch:t",
+        "type": "call.answered",
+        "time": at.isoformat(),
+        "subject": account,
+        "data": {
+            "account_id": account,
+            "call_id": call_id,
+            "direction": direction,
+            "from": "+14155550100",
+            "to": UK,
+            "answered_at": at.isoformat(),
+        },
+    }
+
+
+def progress(account: str, call_id: str, at: datetime, elapsed: int) -> dict[str, Any]:
+    return {
+        "specversion": "1.0",
+        "id": f"{call_id}:progress:{elapsed}",
+        "source": "urn:switch:t",
+        "type": "call.progress",
+        "time": (at + timedelta(seconds=elapsed)).isoformat(),
+        "subject": account,
+        "data": {"account_id": account, "call_id": call_id, "elapsed_s": elapsed},
+    }
+
+
+def hangup(
+    account: str, call_id: str, at: datetime, seconds: int, direction: str = "outbound"
+) -> dict[str, Any]:
+    return call_hangup(
+        account,
+        call_id,
+        UK,
+        seconds,
+        at=at + timedelta(seconds=seconds),
+        source="urn:switch:t",
+        direction=direction,
+    )
+
+
+class Clock:
+    def __init__(self, t: datetime) -> None:
+        self.now = t.timestamp()
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def make(conns: Connections, clock: Clock) -> tuple[MeteringProcessor, Authorizer]:
+    catalog = Catalog(conns.pool)
+    await catalog.refresh()
+
+    async def rebuild(ids: Any) -> list[str]:
+        return []
+
+    p = MeteringProcessor(
+        balances=conns.balances,
+        ledger=Ledger(conns.pool),
+        catalog=catalog,
+        producer=conns.producer,
+        rebuild=rebuild,
+        clock=clock,
+    )
+    return p, Authorizer(conns.balances, catalog, grant_s=300, grace_s=60, clock=clock)
+
+
+_offset = 0
+
+
+async def feed(p: MeteringProcessor, *events: dict[str, Any]) -> Any:
+    global _offset
+    recs = []
+    for e in events:
+        _offset += 1
+        recs.append(Rec(topics.CALL_EVENTS, 0, _offset, e["subject"].encode(), orjson.dumps(e)))
+    return await p.process(recs)
+
+
+async def test_concurrent_authorizations_never_reserve_more_than_the_credit(
+    conns: Connections, seed: Seeder
+) -> None:
+    await seed("acc_1", balance="1.00")
+    _, auth = await make(conns, Clock(T0))
+    auth = Authorizer(
+        conns.balances, auth._catalog, grant_s=300, grace_s=60, clock=Clock(T0), deadline_s=30
+    )  # a stress test, not a latency test
+    decisions = await asyncio.gather(
+        *(
+            auth.authorize(AuthorizeRequest("acc_1", f"c{i}", "outbound", "+14155550100", UK))
+            for i in range(1000)
+        )
+    )
+    allowed = [d for d in decisions if d.decision == "allow"]
+    held = await conns.balances.reservations("acc_1")
+    st = await conns.balances.get("acc_1")
+    assert st is not None
+    assert sum(held.values()) == st.reserved <= 1_000_000
+    assert len(held) == len(allowed)
+    # $1.00 buys 4,000 s at 0.015/min: 13 grants of 300 s, then one of what is left (96 s).
+    granted = sorted(d.max_duration_s for d in allowed)
+    assert len(allowed) == 14 and granted[0] == 96
+    assert sum(min(g, 300) for g in granted) == 13 * 300 + 96
+    left = st.available
+    assert 0 <= left < voice_cost(6, UK_RATE)[0]  # not enough for another first increment
+    assert {d.reason for d in decisions if d.decision == "deny"} == {"insufficient_credit"}
+
+
+async def test_a_call_whose_credit_runs_out_gets_one_terminate_at_the_right_time(
+    settings: Settings, conns: Connections, seed: Seeder
+) -> None:
+    await seed("acc_1", balance="0.10")  # 400 s at 0.015/min: 396 s in whole 6 s increments
+    clock = Clock(T0)
+    p, auth = await make(conns, clock)
+    d = await auth.authorize(AuthorizeRequest("acc_1", "call-1", "outbound", "+1415", UK))
+    assert d.decision == "allow" and d.max_duration_s == 396
+    await feed(p, answered("acc_1", "call-1", T0))
+    for elapsed in (60, 120, 180, 240, 120):  # the last one is a redelivery
+        clock.now = T0.timestamp() + elapsed
+        await feed(p, progress("acc_1", "call-1", T0, elapsed))
+    clock.now = T0.timestamp() + 396
+    out = await feed(p, hangup("acc_1", "call-1", T0, 396))  # the switch ended it on time
+    assert out.charged == 1
+    signals = [
+        orjson.loads(m.value)
+        for m in await read_all(settings.kafka_bootstrap, topics.CONTROL_SIGNALS, idle_s=1.0)
+    ]
+    terminates = [s for s in signals if s["type"] == "call.terminate"]
+    assert len(terminates) == 1
+    t = terminates[0]["data"]
+    assert t["call_id"] == "call-1" and t["reason"] == "credit_exhausted"
+    assert datetime.fromisoformat(t["terminate_at"]) == T0 + timedelta(seconds=396)
+    assert [s["type"] for s in signals] == ["call.terminate"]
+    st = await conns.balances.get("acc_1")
+    assert st is not None and st.balance == 1_000 and st.reserved == 0  # 0.099 charged
+
+
+async def test_hangups_twice_or_without_answer_are_charged_once_and_release(
+    conns: Connections, seed: Seeder
+) -> None:
+    await seed("acc_1", balance="10.00")
+    clock = Clock(T0)
+    p, auth = await make(conns, clock)
+    cost = voice_cost(61, UK_RATE)[0]
+    # authorized, answered, hung up twice
+    await auth.authorize(AuthorizeRequest("acc_1", "a", "outbound", "+1415", UK))
+    await feed(p, answered("acc_1", "a", T0))
+    out = await feed(p, hangup("acc_1", "a", T0, 61), hangup("acc_1", "a", T0, 61))
+    assert (out.charged, out.duplicates) == (1, 1)
+    # neither authorized nor answered
+    out = await feed(p, hangup("acc_1", "b", T0, 61))
+    assert out.charged == 1
+    # an inbound call never authorized: answered opens a reservation, hangup closes it
+    await feed(p, answered("acc_1", "c", T0, direction="inbound"))
+    assert "c" in await conns.balances.reservations("acc_1")
+    await feed(p, hangup("acc_1", "c", T0, 61, direction="inbound"))
+    st = await conns.balances.get("acc_1")
+    assert st is not None and st.reserved == 0
+    assert st.balance == 10_000_000 - 2 * cost - voice_cost(61, VoiceRate("", 3_500))[0]
+    # a late answered for a call already hung up does not open it again
+    await feed(p, answered("acc_1", "a", T0 + timedelta(seconds=1)))
+    assert (await conns.balances.get("acc_1")).reserved == 0  # type: ignore[union-attr]
+
+
+async def test_unclosed_reservations_expire_and_a_late_hangup_is_still_charged_once(
+    conns: Connections, seed: Seeder
+) -> None:
+    await seed("acc_1", balance="10.00")
+    clock = Clock(T0)
+    p, auth = await make(conns, clock)
+    d = await auth.authorize(AuthorizeRequest("acc_1", "lost", "outbound", "+1415", UK))
+    assert d.reserved > 0
+    assert await conns.balances.sweep_expired(now_s=int(T0.timestamp()) + 100) == []
+    swept = await conns.balances.sweep_expired(now_s=int(T0.timestamp()) + 300 + 60)
+    assert swept == [("acc_1", "lost", d.reserved)]
+    st = await conns.balances.get("acc_1")
+    assert st is not None and st.reserved == 0 and st.balance == 10_000_000  # not charged
+    clock.now += 3600
+    out = await feed(p, hangup("acc_1", "lost", T0, 61), hangup("acc_1", "lost", T0, 61))
+    assert (out.charged, out.duplicates) == (1, 1)
+    st = await conns.balances.get("acc_1")
+    assert st is not None and st.balance == 10_000_000 - voice_cost(61, UK_RATE)[0]
+
+
+async def test_extended_reservations_are_not_swept_early(conns: Connections, seed: Seeder) -> None:
+    await seed("acc_1", balance="10.00")
+    clock = Clock(T0)
+    p, auth = await make(conns, clock)
+    await auth.authorize(AuthorizeRequest("acc_1", "long", "outbound", "+1415", UK))
+    await feed(p, answered("acc_1", "long", T0))
+    clock.now = T0.timestamp() + 290
+    await feed(p, progress("acc_1", "long", T0, 290))  # now covered to 590 s
+    assert await conns.balances.sweep_expired(now_s=int(T0.timestamp()) + 400) == []
+    assert "long" in await conns.balances.reservations("acc_1")
+
+
+async def test_authorize_answers_in_bounded_time_when_redis_is_unreachable(
+    conns: Connections, seed: Seeder
+) -> None:
+    await seed("acc_1", balance="10.00")
+    catalog = Catalog(conns.pool)
+    await catalog.refresh()
+    # A port nothing listens on, with the short timeouts the API process uses.
+    dead = aioredis.Redis(host="127.0.0.1", port=1, socket_timeout=0.1, socket_connect_timeout=0.1)
+    auth = Authorizer(RedisBalances(dead), catalog, deadline_s=0.3)
+    start = time.monotonic()
+    with pytest.raises(BalanceStoreUnavailable):
+        await auth.authorize(AuthorizeRequest("acc_1", "x", "outbound", "+1415", UK))
+    assert time.monotonic() - start < 1.0
+    await dead.aclose()
