@@ -148,6 +148,14 @@ class Balances(Protocol):
         max_s: int,
     ) -> list[Progress]: ...
 
+    async def pending_outboxes(self, limit: int = 1000) -> dict[str, list[PendingSignal]]: ...
+
+    async def clear_outbox_pending(self, account_ids: Sequence[str]) -> None: ...
+
+    async def sweep_expired(
+        self, *, now_s: int, limit: int = 1000
+    ) -> list[tuple[str, str, int]]: ...
+
 
 def _decode_outbox(entries: list[bytes]) -> list[PendingSignal]:
     """``seq|type|reason`` or, for call.terminate, ``seq|type|reason|call_id|terminate_at``."""

@@ -525,6 +525,34 @@ class MeteringProcessor:
         metrics.REDIS_DEDUP_MISSES.inc(len(undo))
         out.compensated += len(undo)
 
+    # -- timers ------------------------------------------------------------------------------
+
+    async def relay_outboxes(self) -> int:
+        """Publish signals queued outside a batch (operator suspend/resume, live-call updates
+        whose batch died before publishing). Returns how many were published."""
+        boxes = await self._balances.pending_outboxes()
+        if not boxes:
+            return 0
+        pending = sorted(
+            ((a, s) for a, ss in boxes.items() for s in ss), key=lambda p: (p[0], p[1].seq)
+        )
+        if pending:
+            await self._ledger.write_usage(
+                [], [], [SignalRow(a, s.seq, s.type, s.reason) for a, s in pending]
+            )
+            await self._publish([], pending, BatchOutcome())
+        await self._balances.clear_outbox_pending(list(boxes))
+        return len(pending)
+
+    async def sweep_reservations(self) -> int:
+        """Release reservations whose call was never closed. Nothing is charged for them (the
+        switch's hangup is the only charge, and a late one is still charged once)."""
+        swept = await self._balances.sweep_expired(now_s=int(self._clock()))
+        if swept:
+            log.warning("released %d reservations whose hangup never came", len(swept))
+            metrics.RESERVATIONS_SWEPT.inc(len(swept))
+        return len(swept)
+
     # -- output ------------------------------------------------------------------------------
 
     async def _publish(

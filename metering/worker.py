@@ -128,7 +128,29 @@ async def run_metering(
         gc.collect()
         gc.freeze()
         gc.set_threshold(50_000, 50, 100)
-        await _consume(consumer, processor, settings, stop, on_batch)
+        timers = asyncio.create_task(_timers(processor, stop))
+        try:
+            await _consume(consumer, processor, settings, stop, on_batch)
+        finally:
+            timers.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await timers
+
+
+async def _timers(processor: MeteringProcessor, stop: asyncio.Event) -> None:
+    """The outbox relay (every second) and the reservation sweep (every five). Several
+    workers may run them at once: both are idempotent."""
+    tick = 0
+    while not stop.is_set():
+        try:
+            await processor.relay_outboxes()
+            if tick % 5 == 0:
+                await processor.sweep_reservations()
+        except Exception:
+            log.exception("timer failed; retrying in a second")
+        tick += 1
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), 1.0)
 
 
 async def _consume(

@@ -247,3 +247,28 @@ async def test_authorize_answers_in_bounded_time_when_redis_is_unreachable(
         await auth.authorize(AuthorizeRequest("acc_1", "x", "outbound", "+1415", UK))
     assert time.monotonic() - start < 1.0
     await dead.aclose()
+
+
+async def test_operator_suspend_and_resume_are_relayed_in_order(
+    settings: Settings, conns: Connections, seed: Seeder
+) -> None:
+    await seed("acc_1", balance="10.00")
+    clock = Clock(T0)
+    p, auth = await make(conns, clock)
+    assert await conns.balances.set_status("acc_1", "suspend", "operator") == (1, "suspended")
+    assert await conns.balances.set_status("acc_1", "suspend", "operator") == (0, "suspended")
+    d = await auth.authorize(AuthorizeRequest("acc_1", "c1", "inbound", "+1415", UK))
+    assert (d.decision, d.reason) == ("deny", "account_suspended")
+    assert await conns.balances.set_status("acc_1", "resume", "operator") == (1, "active")
+    assert await p.relay_outboxes() == 2
+    assert await p.relay_outboxes() == 0  # published once, then the marks are gone
+    signals = [
+        orjson.loads(m.value)
+        for m in await read_all(settings.kafka_bootstrap, topics.CONTROL_SIGNALS, expect=2)
+    ]
+    assert [(s["type"], s["data"]["seq"], s["data"]["reason"]) for s in signals] == [
+        ("account.suspend", 1, "operator"),
+        ("account.resume", 2, "operator"),
+    ]
+    rows = await conns.pool.fetch("SELECT seq, type FROM signals ORDER BY seq")
+    assert [(r["seq"], r["type"]) for r in rows] == [(1, "account.suspend"), (2, "account.resume")]
