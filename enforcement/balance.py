@@ -14,11 +14,12 @@ Scripts are loaded once (``register_script``); redis-py re-loads them on ``NOSCR
 from __future__ import annotations
 
 import importlib.resources
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Final, Protocol, cast
+from typing import Any, Final, Protocol, cast
 
 import redis.asyncio as aioredis
+from redis.asyncio.client import Pipeline
 from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -53,6 +54,9 @@ class Debit:
     amount: int  # micro-units >= 0
     day: int  # UTC day number of the event's own time (unix seconds // 86400)
     call_id: str = ""  # a hangup's call: its reservation is released with the charge
+    #: a call that may draw included seconds: "billed_s,rate_per_min,connect_fee,answered_at"
+    #: (then ``amount`` is what it costs with nothing drawn); "" for a final amount
+    draw: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +79,19 @@ class AccountOutcome:
     codes: str = ""
     dup_amounts: list[int] = field(default_factory=list)
     outbox: list[PendingSignal] = field(default_factory=list)
+    #: event index -> (amount debited, seconds drawn from the minute bucket), for the events
+    #: (new or duplicate) that drew any; the others were debited their own ``amount``
+    draws: dict[int, tuple[int, int]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class GrantOutcome:
+    """``result``: applied, repeat (bought before: nothing changed), unknown_account,
+    insufficient_credit. ``balance`` in micro-units after it."""
+
+    result: str
+    balance: int
+    status: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,13 +129,23 @@ class DebitLike(Protocol):
     def day(self) -> int: ...
     @property
     def call_id(self) -> str: ...
+    @property
+    def draw(self) -> str: ...
+
+
+#: An account's plan allowance for the current period: ``(included_s, period_start,
+#: period_end)``, unix seconds.
+PlanPeriod = tuple[int, int, int]
 
 
 class Balances(Protocol):
     """The seam before Redis. A fake implements the same calls for pure unit tests."""
 
     async def apply_debits(
-        self, batch: Sequence[tuple[str, Sequence[DebitLike]]], now_s: int
+        self,
+        batch: Sequence[tuple[str, Sequence[DebitLike]]],
+        now_s: int,
+        plans: Mapping[str, PlanPeriod] | None = None,
     ) -> list[AccountOutcome]: ...
 
     async def ack_outbox(self, acks: dict[str, int]) -> None: ...
@@ -155,6 +182,25 @@ class Balances(Protocol):
     async def sweep_expired(
         self, *, now_s: int, limit: int = 1000
     ) -> list[tuple[str, str, int]]: ...
+
+
+async def _execute(pipe: Pipeline) -> list[Any]:
+    """``pipe.execute()``, always giving the connection back: redis-py checks scripts
+    (SCRIPT EXISTS) before its own cleanup, so an error or a cancellation there (a deadline)
+    would otherwise leak the connection, and a few hundred leaks empty the pool."""
+    try:
+        return await pipe.execute()
+    finally:
+        await pipe.reset()  # type: ignore[no-untyped-call]
+
+
+def _decode_draws(raw: bytes) -> dict[int, tuple[int, int]]:
+    """``index:amount:drawn`` entries, ``,`` separated."""
+    out = {}
+    for part in raw.split(b","):
+        i, amount, drawn = part.split(b":")
+        out[int(i)] = (int(amount), int(drawn))
+    return out
 
 
 def _decode_outbox(entries: list[bytes]) -> list[PendingSignal]:
@@ -219,15 +265,22 @@ class RedisBalances:
         self._progress: AsyncScript = client.register_script(_lua("progress.lua"))
         self._release: AsyncScript = client.register_script(_lua("release.lua"))
         self._status: AsyncScript = client.register_script(_lua("set_status.lua"))
+        self._grant: AsyncScript = client.register_script(_lua("grant.lua"))
 
     async def apply_debits(
-        self, batch: Sequence[tuple[str, Sequence[DebitLike]]], now_s: int
+        self,
+        batch: Sequence[tuple[str, Sequence[DebitLike]]],
+        now_s: int,
+        plans: Mapping[str, PlanPeriod] | None = None,
     ) -> list[AccountOutcome]:
         """Apply every debit of the batch in one pipelined round trip.
 
         Idempotent per event key; safe to call again with the same batch after
-        ``OutcomeUnknown``. Returns one outcome per account, in the order given.
+        ``OutcomeUnknown``. Returns one outcome per account, in the order given. Debits with
+        a ``draw`` first take their billed seconds from the account's minute bucket (its
+        ``plans`` allowance for the period included); see ``AccountOutcome.draws``.
         """
+        plans = plans or {}
         pipe = self._r.pipeline(transaction=False)
         for start in range(0, len(batch), self._max):
             chunk = batch[start : start + self._max]
@@ -237,20 +290,26 @@ class RedisBalances:
             amounts = " ".join(f"{d.amount} {d.day}" for _, ds in chunk for d in ds)
             counts = " ".join(str(len(ds)) for _, ds in chunk)
             calls = "\n".join(d.call_id for _, ds in chunk for d in ds)
+            buckets = "\n".join(
+                "{},{},{};".format(*plans[a]) + ";".join([d.draw for d in ds])
+                if a in plans
+                else ";" + ";".join([d.draw for d in ds])
+                for a, ds in chunk
+            )
             await self._debit(
                 keys=[keys.account(a) for a, _ in chunk],
-                args=[now_s, keys.DEDUP_KEEP_S, blob, amounts, counts, calls],
+                args=[now_s, keys.DEDUP_KEEP_S, blob, amounts, counts, calls, buckets],
                 client=pipe,
             )
         try:
-            replies = await pipe.execute()
+            replies = await _execute(pipe)
         except (RedisConnectionError, RedisTimeoutError) as exc:
             raise OutcomeUnknown(f"debit batch outcome unknown: {exc}") from exc
         outcomes: list[AccountOutcome] = []
         i = 0
         for reply in replies:
             for line in reply.split(b"\n"):
-                found, bal, st, codes, dups, out = line.split(b"\t")
+                found, bal, st, codes, dups, out, draws = line.split(b"\t")
                 account_id = batch[i][0]
                 i += 1
                 if found == b"0":
@@ -265,9 +324,44 @@ class RedisBalances:
                         codes.decode(),
                         [int(x) for x in dups.split(b",")] if dups else [],
                         _decode_outbox(out.split(b";")) if out else [],
+                        _decode_draws(draws) if draws else {},
                     )
                 )
         return outcomes
+
+    async def grant_minutes(
+        self,
+        account_id: str,
+        grant_id: str,
+        *,
+        price: int,
+        seconds: int,
+        valid_from: int,
+        expires_at: int,
+        now_s: int,
+    ) -> GrantOutcome:
+        """Take ``price`` micro-units from the balance and add ``seconds`` to the account's
+        minute bucket, usable from ``valid_from`` until ``expires_at`` (unix seconds); both
+        or neither, once per ``grant_id`` (no ``,`` or ``;``). Refused whole when the available
+        credit does not cover the price. May queue a low-balance or hold signal."""
+        if "," in grant_id or ";" in grant_id:
+            raise ValueError("a grant id cannot contain ',' or ';'")
+        await self.mark_outbox_pending([account_id])
+        try:
+            result, bal, st = await self._grant(
+                keys=[keys.account(account_id), keys.credits(account_id), keys.outbox(account_id)],
+                args=[grant_id, price, seconds, valid_from, expires_at, now_s],
+            )
+        except (RedisConnectionError, RedisTimeoutError) as exc:
+            raise OutcomeUnknown(f"grant {grant_id} outcome unknown: {exc}") from exc
+        await self.mark_outbox_pending([account_id])
+        names = {1: "applied", 0: "repeat", -1: "unknown_account", -2: "insufficient_credit"}
+        return GrantOutcome(names[int(result)], int(bal), st.decode())
+
+    async def bucket(self, account_id: str) -> bytes | None:
+        """The raw minute bucket of an account (``metering.plans.parse_bucket`` reads it)."""
+        raw = await self._r.hget(keys.account(account_id), "min")
+        return cast(bytes | None, raw)
 
     async def reserve(
         self,
@@ -335,7 +429,7 @@ class RedisBalances:
                 client=pipe,
             )
         try:
-            replies = await pipe.execute()
+            replies = await _execute(pipe)
         except (RedisConnectionError, RedisTimeoutError) as exc:
             raise OutcomeUnknown(f"reservation outcome unknown: {exc}") from exc
         out = []
@@ -355,7 +449,7 @@ class RedisBalances:
                 )
             )
         if len(fix):
-            await fix.execute()
+            await _execute(fix)
         return out
 
     async def progress(
@@ -392,7 +486,7 @@ class RedisBalances:
                 gt=True,
             )
         try:
-            replies = await pipe.execute()
+            replies = await _execute(pipe)
         except (RedisConnectionError, RedisTimeoutError) as exc:
             raise OutcomeUnknown(f"progress batch outcome unknown: {exc}") from exc
         await self._r.sadd(keys.OUTBOX_PENDING, *{a for a, _, _, _ in updates})
@@ -436,7 +530,7 @@ class RedisBalances:
                 args=[call_id, now_s, "1"],
                 client=pipe,
             )
-        results = await pipe.execute()
+        results = await _execute(pipe)
         done = []
         pipe = self._r.pipeline(transaction=False)
         for (account_id, call_id), member, released in zip(pairs, due, results, strict=True):
@@ -446,7 +540,7 @@ class RedisBalances:
             pipe.zrem(keys.RESERVATION_EXPIRY, member)
             if int(released) > 0:
                 done.append((account_id, call_id, int(released)))
-        await pipe.execute()
+        await _execute(pipe)
         return done
 
     async def set_status(self, account_id: str, action: str, reason: str) -> tuple[int, str]:
@@ -479,7 +573,7 @@ class RedisBalances:
         pipe = self._r.pipeline(transaction=False)
         for a in ids:
             pipe.lrange(keys.outbox(a), 0, -1)
-        boxes = await pipe.execute()
+        boxes = await _execute(pipe)
         return {a: _decode_outbox(b) for a, b in zip(ids, boxes, strict=True)}
 
     async def clear_outbox_pending(self, account_ids: Sequence[str]) -> None:
@@ -503,7 +597,7 @@ class RedisBalances:
             await self._ack(
                 keys=[keys.outbox(account_id), keys.account(account_id)], args=[seq], client=pipe
             )
-        await pipe.execute()
+        await _execute(pipe)
 
     async def pending_outbox(self, account_id: str) -> list[PendingSignal]:
         entries: list[bytes] = await self._r.lrange(keys.outbox(account_id), 0, -1)  # type: ignore[assignment]
@@ -532,7 +626,7 @@ class RedisBalances:
                 client=pipe,
             )
         try:
-            replies = await pipe.execute()
+            replies = await _execute(pipe)
         except (RedisConnectionError, RedisTimeoutError) as exc:
             raise OutcomeUnknown(f"credit batch outcome unknown: {exc}") from exc
         return [
@@ -580,7 +674,7 @@ class RedisBalances:
         pipe = self._r.pipeline(transaction=False)
         for a in account_ids:
             pipe.hget(keys.account(a), "bal")
-        vals = await pipe.execute()
+        vals = await _execute(pipe)
         return {
             a: (int(v) if v is not None else None) for a, v in zip(account_ids, vals, strict=True)
         }

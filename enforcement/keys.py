@@ -22,7 +22,10 @@ def tag(account_id: str) -> str:
 
 
 def account(account_id: str) -> str:
-    """Hash: ``bal res cl lowth st seq cur`` (money in micro-units)."""
+    """Hash: ``bal res cl lowth st seq cur`` (money in micro-units), and ``min``: the minute
+    bucket of included seconds (grants ``id,remaining_s,valid_from,expires_at`` joined by
+    ``;``, see ``metering/plans.py``). A field, not a key of its own, so the debit reads it
+    with the HMGET it already does."""
     return tag(account_id)
 
 

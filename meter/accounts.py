@@ -8,63 +8,116 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from typing import Annotated
+from typing import Annotated, Self
 
 import asyncpg
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
 
 from contracts.events import ACCOUNT_ID_PATTERN
 from contracts.money import Micros
 from enforcement.balance import RedisBalances
 from meter.ledger import Ledger, LedgerRow, credit_key
+from metering.rating import MAX_RATE_PER_MIN
 
 
 class _Spec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_ID = r"^[A-Za-z0-9_.-]{1,64}$"
+
+
 class RateSpec(_Spec):
     prefix: Annotated[str, Field(pattern=r"^[0-9]{1,15}$")]
     description: str = ""
-    rate_per_min: Micros
-    connect_fee: Micros = 0
+    rate_per_min: Annotated[Micros, Field(ge=0, le=MAX_RATE_PER_MIN)]
+    connect_fee: Annotated[Micros, Field(ge=0)] = 0
     initial_s: Annotated[int, Field(ge=1, le=3600)] = 6
     subsequent_s: Annotated[int, Field(ge=1, le=3600)] = 6
+    #: in force from then until the prefix's next version; default: always
+    effective_from: AwareDatetime = _EPOCH
 
 
 class PriceListSpec(_Spec):
-    id: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+    id: Annotated[str, Field(pattern=_ID)]
+    description: str = ""
     currency: Annotated[str, Field(pattern=r"^[A-Z]{3}$")] = "USD"
-    inbound_per_min: Micros
-    sms_per_part: Micros
+    inbound_per_min: Annotated[Micros, Field(ge=0, le=MAX_RATE_PER_MIN)]
+    sms_per_part: Annotated[Micros, Field(ge=0)]
+    number_monthly_fee: Annotated[Micros, Field(ge=0)] = 0
+    one_time_fees: dict[Annotated[str, Field(pattern=r"^[a-z0-9_]{1,32}$")], Micros] = {}
     outbound: list[RateSpec] = []
 
 
+class PlanSpec(_Spec):
+    """A plan: ``included_minutes`` of voice per calendar month (UTC); 0 = pay as you go."""
+
+    id: Annotated[str, Field(pattern=_ID)]
+    description: str = ""
+    included_minutes: Annotated[int, Field(ge=0, le=1_000_000)] = 0
+
+
+class BundleSpec(_Spec):
+    """An add-on bundle on sale: ``minutes`` for ``price``, usable ``validity_days`` days."""
+
+    id: Annotated[str, Field(pattern=_ID)]
+    description: str = ""
+    minutes: Annotated[int, Field(ge=1, le=1_000_000)]
+    price: Annotated[Micros, Field(ge=0)]
+    validity_days: Annotated[int, Field(ge=1, le=3660)] = 30
+
+
 class AccountSpec(_Spec):
+    """An account. A managed account (``manager_id``) uses its manager's price list unless it
+    has its own; a manager is never itself managed (one level)."""
+
     id: Annotated[str, Field(pattern=ACCOUNT_ID_PATTERN)]
     name: str = ""
-    price_list_id: str
+    price_list_id: str | None = None
+    manager_id: str | None = None
+    plan_id: str | None = None
     balance: Micros = 0
     credit_limit: Annotated[Micros, Field(ge=0)] = 0
     low_balance_threshold: Annotated[Micros, Field(ge=0)] = 0
 
+    @model_validator(mode="after")
+    def _priced(self) -> Self:
+        if self.price_list_id is None and self.manager_id is None:
+            raise ValueError("an account needs a price_list_id or a manager_id to inherit from")
+        if self.manager_id == self.id:
+            raise ValueError("an account cannot manage itself")
+        return self
+
 
 class SeedFile(_Spec):
     price_lists: list[PriceListSpec] = []
+    plans: list[PlanSpec] = []
+    bundles: list[BundleSpec] = []
     accounts: list[AccountSpec] = []
 
 
 async def put_price_list(pool: asyncpg.Pool, spec: PriceListSpec) -> None:
-    """Create or replace a price list (its rates are replaced whole)."""
+    """Create or replace a price list: its rates (every version) and fees are replaced whole,
+    and its version bumped so running catalogs reload it. To add rate versions while keeping
+    the history calls are re-rated with, import a CSV (``metering.pricelists``) instead."""
     async with pool.acquire() as conn, conn.transaction():
         await conn.execute(
-            "INSERT INTO price_lists (id, currency, inbound_per_min, sms_per_part)"
-            " VALUES ($1, $2, $3, $4) ON CONFLICT (id) DO UPDATE SET currency = $2,"
-            " inbound_per_min = $3, sms_per_part = $4",
+            "INSERT INTO price_lists (id, currency, inbound_per_min, sms_per_part, description,"
+            " number_monthly_fee) VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (id) DO UPDATE"
+            " SET currency = $2, inbound_per_min = $3, sms_per_part = $4, description = $5,"
+            " number_monthly_fee = $6, version = price_lists.version + 1",
             spec.id,
             spec.currency,
             spec.inbound_per_min,
             spec.sms_per_part,
+            spec.description,
+            spec.number_monthly_fee,
+        )
+        await conn.execute("DELETE FROM price_list_fees WHERE price_list_id = $1", spec.id)
+        await conn.executemany(
+            "INSERT INTO price_list_fees (price_list_id, code, amount) VALUES ($1, $2, $3)",
+            [(spec.id, code, amount) for code, amount in spec.one_time_fees.items()],
         )
         await conn.execute("DELETE FROM price_list_rates WHERE price_list_id = $1", spec.id)
         await conn.copy_records_to_table(
@@ -78,6 +131,7 @@ async def put_price_list(pool: asyncpg.Pool, spec: PriceListSpec) -> None:
                     r.connect_fee,
                     r.initial_s,
                     r.subsequent_s,
+                    r.effective_from,
                 )
                 for r in spec.outbound
             ],
@@ -89,8 +143,35 @@ async def put_price_list(pool: asyncpg.Pool, spec: PriceListSpec) -> None:
                 "connect_fee",
                 "initial_s",
                 "subsequent_s",
+                "effective_from",
             ],
         )
+
+
+async def put_plan(pool: asyncpg.Pool, spec: PlanSpec) -> None:
+    """Create or update a plan. A change of allowance applies from the next period (the
+    current period's allowance is already in Redis)."""
+    await pool.execute(
+        "INSERT INTO plans (id, description, included_s) VALUES ($1, $2, $3)"
+        " ON CONFLICT (id) DO UPDATE SET description = $2, included_s = $3",
+        spec.id,
+        spec.description,
+        spec.included_minutes * 60,
+    )
+
+
+async def put_bundle(pool: asyncpg.Pool, spec: BundleSpec) -> None:
+    """Create or update a bundle on sale (bundles already bought keep their terms)."""
+    await pool.execute(
+        "INSERT INTO bundles (id, description, seconds, price, validity_days)"
+        " VALUES ($1, $2, $3, $4, $5) ON CONFLICT (id) DO UPDATE SET description = $2,"
+        " seconds = $3, price = $4, validity_days = $5",
+        spec.id,
+        spec.description,
+        spec.minutes * 60,
+        spec.price,
+        spec.validity_days,
+    )
 
 
 async def create_accounts(
@@ -103,17 +184,32 @@ async def create_accounts(
     Returns the number of accounts newly created.
     """
     now = datetime.now(UTC)
+    managers = {s.manager_id for s in specs if s.manager_id is not None}
     async with pool.acquire() as conn, conn.transaction():
         created = await conn.fetch(
-            "INSERT INTO accounts (id, name, price_list_id, credit_limit, low_balance_threshold)"
-            " SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::bigint[])"
+            "INSERT INTO accounts (id, name, price_list_id, credit_limit, low_balance_threshold,"
+            " manager_id, plan_id)"
+            " SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::bigint[],"
+            " $6::text[], $7::text[])"
             " ON CONFLICT (id) DO NOTHING RETURNING id",
             [s.id for s in specs],
             [s.name for s in specs],
             [s.price_list_id for s in specs],
             [s.credit_limit for s in specs],
             [s.low_balance_threshold for s in specs],
+            [s.manager_id for s in specs],
+            [s.plan_id for s in specs],
         )
+        if managers:
+            # One level of management: price lists are inherited from the manager only.
+            nested = await conn.fetch(
+                "SELECT id FROM accounts WHERE id = ANY($1::text[]) AND manager_id IS NOT NULL",
+                list(managers),
+            )
+            if nested:
+                raise ValueError(
+                    f"managers cannot themselves be managed: {sorted(r['id'] for r in nested)}"
+                )
         new_ids = {r["id"] for r in created}
         rows = [
             LedgerRow(

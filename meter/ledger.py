@@ -10,11 +10,14 @@ from typing import Final
 
 import asyncpg
 
+from meter.instrument import postgres_timer
+
 _INSERT: Final = """
 INSERT INTO ledger (event_key, account_id, kind, amount, quantity, ref, rate_ref, event_time,
-                    source, event_id, fingerprint)
+                    source, event_id, fingerprint, included_s)
 SELECT * FROM unnest($1::bytea[], $2::text[], $3::text[], $4::bigint[], $5::int[], $6::text[],
-                     $7::text[], $8::timestamptz[], $9::text[], $10::text[], $11::bytea[])
+                     $7::text[], $8::timestamptz[], $9::text[], $10::text[], $11::bytea[],
+                     $12::int[])
 ON CONFLICT (event_key) DO NOTHING
 """
 
@@ -31,11 +34,12 @@ COLUMNS: Final = (
     "source",
     "event_id",
     "fingerprint",
+    "included_s",
 )
 
 
-#: A usage row in ``COLUMNS`` order.
-UsageRow = tuple[bytes, str, str, int, int, str, str, datetime, str, str, bytes]
+#: A usage row in ``COLUMNS`` order (the last: seconds drawn from included minutes).
+UsageRow = tuple[bytes, str, str, int, int, str, str, datetime, str, str, bytes, int]
 
 
 def _columns(rows: Sequence[UsageRow]) -> list[list[object]]:
@@ -94,7 +98,10 @@ class Ledger:
             if fresh:
                 try:
                     async with conn.transaction():  # a savepoint: a failed COPY leaves no trace
-                        await conn.copy_records_to_table("ledger", records=fresh, columns=COLUMNS)
+                        with postgres_timer("copy"):  # asyncpg tells query loggers nothing of COPY
+                            await conn.copy_records_to_table(
+                                "ledger", records=fresh, columns=COLUMNS
+                            )
                 except asyncpg.UniqueViolationError:
                     inserted = await conn.fetch(_INSERT + " RETURNING event_key", *_columns(fresh))
                     already = {r[0] for r in fresh} - {r[0] for r in inserted}

@@ -1,10 +1,24 @@
-"""Prometheus metrics of every process, named by convention (``meter_*``, base units)."""
+"""Prometheus metrics of every process, named by convention (``meter_*``, base units).
+
+Every metric the dashboards and alert rules in ``deploy/`` read is defined here, including the
+ones of processes that come later (authorize, recharge): their names are the contract with
+operations. Counters whose label values are known in advance are created at zero on import, so
+``increase()`` sees the first event and a quiet counter is told apart from a missing one.
+
+Who sets what: the metering worker the ``meter_events_*``, ``meter_dead_letters_*``,
+``meter_signals_*`` and ``meter_batch_*`` series; ``meter run ops`` (``meter.ops``) the consumer
+lag, the accounts by state and the reconciliation drift; every process that talks to Redis or
+PostgreSQL through ``meter.instrument`` the call latencies.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Final
 
 from prometheus_client import Counter, Gauge, Histogram
+
+from contracts.signals import SIGNAL_TYPES
 
 EVENTS_CONSUMED: Final = Counter(
     "meter_events_consumed_total", "Records taken from inbound topics", ["topic"]
@@ -19,7 +33,9 @@ EVENTS_IGNORED: Final = Counter(
     "meter_events_ignored_total", "Valid events the metering path does not charge", ["type"]
 )
 DEAD_LETTERS: Final = Counter(
-    "meter_dead_letters_total", "Events sent to the dead-letter topic", ["reason"]
+    "meter_dead_letters_total",
+    "Events sent to the dead-letter topic, by reason and event type (unknown when unreadable)",
+    ["reason", "type"],
 )
 SIGNALS_PUBLISHED: Final = Counter(
     "meter_signals_published_total", "Control signals published to telephony", ["type"]
@@ -56,4 +72,127 @@ RECONCILE_DRIFT: Final = Gauge(
 )
 RECONCILE_DRIFT_ACCOUNTS: Final = Gauge(
     "meter_reconcile_drift_accounts", "Accounts whose Redis balance differs from the ledger"
+)
+RECONCILE_UNSETTLED: Final = Gauge(
+    "meter_reconcile_unsettled_accounts",
+    "Accounts still moving at every re-read of the last reconciliation (busy, not drift)",
+)
+
+# --- Kafka, Redis, PostgreSQL ------------------------------------------------------------------
+
+CONSUMER_LAG: Final = Gauge(
+    "meter_consumer_lag_records",
+    "Records not yet committed by a consumer group, per partition (clamped at 0)",
+    ["group", "topic", "partition"],
+)
+_CALL_BUCKETS: Final = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5,
+)  # fmt: skip
+REDIS_SECONDS: Final = Histogram(
+    "meter_redis_command_duration_seconds",
+    "Round trip of one Redis command or pipeline, as the client sees it",
+    ["command"],
+    buckets=_CALL_BUCKETS,
+)
+POSTGRES_SECONDS: Final = Histogram(
+    "meter_postgres_query_duration_seconds",
+    "Round trip of one PostgreSQL statement, as the client sees it, by its first keyword",
+    ["op"],
+    buckets=_CALL_BUCKETS,
+)
+
+# --- Authorization (call-control asks before connecting a call) --------------------------------
+
+#: The contract's deny reasons; an allowed call is counted with reason ``ok``.
+AUTHORIZE_DENY_REASONS: Final = (
+    "insufficient_credit",
+    "account_on_hold",
+    "account_suspended",
+    "unknown_account",
+    "no_rate_for_destination",
+)
+AUTHORIZE_SECONDS: Final = Histogram(
+    "meter_authorize_duration_seconds",
+    "Time to answer one authorization request (the budget is 2 ms at p99)",
+    # Dense around the 2 ms budget, so the p99 is interpolated inside narrow buckets there.
+    buckets=(
+        0.00025, 0.0005, 0.00075, 0.001, 0.00125, 0.0015, 0.00175, 0.002, 0.0025, 0.003,
+        0.004, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.1,
+    ),
+)  # fmt: skip
+AUTHORIZE_DECISIONS: Final = Counter(
+    "meter_authorize_decisions_total",
+    "Authorization answers, by decision and reason",
+    ["decision", "reason"],
+)
+RESERVATIONS_LIVE: Final = Gauge(
+    "meter_reservations_live",
+    "Credit reservations held in Redis for connected calls, not yet closed (a global count)",
+)
+
+# --- Accounts and recharges --------------------------------------------------------------------
+
+ACCOUNTS: Final = Gauge(
+    "meter_accounts", "Accounts by state in Redis, at the last count", ["state"]
+)
+#: How a recharge attempt ended: the card was charged, refused, failed (gateway error or
+#: timeout: the outcome is resolved later), or no attempt was made because a cap was hit.
+RECHARGE_OUTCOMES: Final = ("succeeded", "declined", "failed", "capped")
+#: The caps of auto-recharge: 10 charges per rolling 24 h, a new account's daily limit.
+RECHARGE_CAPS: Final = ("rolling_24h_count", "new_account_daily_amount")
+RECHARGES: Final = Counter(
+    "meter_recharges_total", "Auto-recharge attempts, by outcome", ["outcome"]
+)
+RECHARGE_CAP_HITS: Final = Counter(
+    "meter_recharge_cap_hits_total", "Recharges not attempted because a cap was reached", ["cap"]
+)
+
+# --- The ops collector itself (``meter run ops``) ----------------------------------------------
+
+OPS_LAST_SUCCESS: Final = Gauge(
+    "meter_ops_last_success_timestamp_seconds",
+    "When each ops collector last succeeded (its start time until then)",
+    ["collector"],
+)
+OPS_INTERVAL: Final = Gauge(
+    "meter_ops_interval_seconds", "Configured period of each ops collector", ["collector"]
+)
+OPS_DURATION: Final = Gauge(
+    "meter_ops_collect_duration_seconds", "How long each collector's last run took", ["collector"]
+)
+OPS_ERRORS: Final = Counter(
+    "meter_ops_errors_total", "Ops collector runs that failed", ["collector"]
+)
+
+#: Dead-letter reasons of the metering path (README), created at zero.
+DEAD_LETTER_REASONS: Final = (
+    "not_json",
+    "schema",
+    "unsupported_type",
+    "wrong_topic",
+    "key_mismatch",
+    "future_timestamp",
+    "negative_duration",
+    "absurd_duration",
+    "unknown_account",
+    "no_rate_for_destination",
+    "duplicate_id_different_payload",
+    "oversized",
+)
+
+
+def _at_zero(counter: Counter, label_values: Iterable[tuple[str, ...]]) -> None:
+    for values in label_values:
+        counter.labels(*values)
+
+
+_at_zero(DEAD_LETTERS, ((r, "unknown") for r in DEAD_LETTER_REASONS))
+_at_zero(SIGNALS_PUBLISHED, ((t,) for t in SIGNAL_TYPES))
+_at_zero(AUTHORIZE_DECISIONS, [("allow", "ok"), *(("deny", r) for r in AUTHORIZE_DENY_REASONS)])
+_at_zero(RECHARGES, ((o,) for o in RECHARGE_OUTCOMES))
+_at_zero(RECHARGE_CAP_HITS, ((c,) for c in RECHARGE_CAPS))
+
+RESERVATIONS_SWEPT: Final = Counter(
+    "meter_reservations_swept_total",
+    "Reservations released by the sweep because their call was never closed (hangup lost)",
 )

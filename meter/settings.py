@@ -9,7 +9,9 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
+
+LOG_FORMATS: Final = ("text", "json")
 
 
 class SettingsError(ValueError):
@@ -42,8 +44,33 @@ class Settings:
     #: Consumer-group session timeout; the embedded broker holds a join for about half of it.
     kafka_session_timeout_ms: int = 10_000
     redis_timeout_s: float = 5.0
+    #: Prometheus ``/metrics`` port of every process; 0 = no endpoint.
     metrics_port: int = 0
+    #: Loopback by default; ``0.0.0.0`` inside a container, so Prometheus can reach it.
+    metrics_addr: str = "127.0.0.1"
     log_level: str = "INFO"
+    #: ``text`` for people, ``json`` (one object per line) for log shippers.
+    log_format: str = "text"
+    #: ``meter run ops``: how often it samples consumer lag (cheap: a request per partition),
+    #: counts accounts by state (a SCAN over every Redis key) and reconciles Redis against the
+    #: ledger (a sum over the whole ledger). 0 switches that collector off.
+    ops_lag_interval_s: float = 15.0
+    ops_accounts_interval_s: float = 60.0
+    ops_reconcile_interval_s: float = 300.0
+    #: ``meter run api``: where the HTTP API listens (loopback unless told otherwise).
+    api_host: str = "127.0.0.1"
+    api_port: int = 8080
+    #: How long an API key is trusted from the API process's cache before it is re-read (in the
+    #: background): a revoked key keeps working this long plus one lookup at most.
+    api_key_cache_s: float = 5.0
+    #: Seconds of credit reserved up front by an authorization, and how long past them an
+    #: unclosed reservation lives before the sweep releases it.
+    authorize_grant_s: int = 300
+    authorize_grace_s: int = 60
+    #: The longest call authorize ever allows (caps free destinations).
+    authorize_max_s: int = 14_400
+    #: The whole authorization answers within this, or 503 ``balance_store_unavailable``.
+    authorize_deadline_s: float = 0.5
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -83,6 +110,11 @@ class Settings:
             raise SettingsError("METER_MAX_CALL_S must be >= 1")
         if self.partitions < 1:
             raise SettingsError("METER_PARTITIONS must be >= 1")
+        if self.log_format not in LOG_FORMATS:
+            raise SettingsError(f"METER_LOG_FORMAT must be one of {', '.join(LOG_FORMATS)}")
+        for name in ("ops_lag_interval_s", "ops_accounts_interval_s", "ops_reconcile_interval_s"):
+            if getattr(self, name) < 0:
+                raise SettingsError(f"METER_{name.upper()} must be >= 0 (0 = off)")
 
     def with_endpoints(self, kafka: str, redis: str, database: str) -> Settings:
         return replace(self, kafka_bootstrap=kafka, redis_url=redis, database_url=database)

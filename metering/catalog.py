@@ -1,8 +1,17 @@
-"""Price lists and the account -> price list map, read from PostgreSQL for the hot path.
+"""Price lists and plans by account, read from PostgreSQL for the hot path and the API.
 
 The processor asks ``resolve`` for the accounts of each batch; accounts it has not seen are
 fetched in one query, and unknown ones are remembered briefly so a flood of events for a
 non-existent account does not become a flood of queries.
+
+New price lists, plans and account changes are picked up without a restart: at most once per
+``check_interval_s``, ``resolve`` reads one counter (``rating_version``, bumped by triggers,
+see migration 0003) and, when it moved, reloads the price lists whose version changed and the
+plans, and forgets its accounts (re-read on their next batch). Never a query per event.
+
+A managed account without a price list of its own is rated with its manager's. Callers that
+show prices (the HTTP API) must not show a managed account its manager's price list:
+``AccountRating.inherited`` says when that is the case.
 """
 
 from __future__ import annotations
@@ -14,50 +23,54 @@ from dataclasses import dataclass
 
 import asyncpg
 
-from metering.rating import PriceList, VoiceRate
+from metering.plans import Plan
+from metering.pricelists import load_price_lists, price_list_versions
+from metering.rating import PriceList
 
 
 @dataclass(frozen=True, slots=True)
 class AccountRating:
     account_id: str
     price_list: PriceList
+    plan: Plan | None = None  # None: pay as you go
+    inherited: bool = False  # the price list is the manager's: never show it to this account
 
 
-async def load_price_lists(pool: asyncpg.Pool) -> dict[str, PriceList]:
-    lists: dict[str, PriceList] = {}
-    for r in await pool.fetch("SELECT * FROM price_lists"):
-        lists[r["id"]] = PriceList(
-            id=r["id"],
-            currency=r["currency"],
-            inbound=VoiceRate(
-                "", r["inbound_per_min"], 0, r["inbound_initial_s"], r["inbound_subsequent_s"]
-            ),
-            sms_per_part=r["sms_per_part"],
-        )
-    for r in await pool.fetch("SELECT * FROM price_list_rates"):
-        lists[r["price_list_id"]].add_outbound(
-            VoiceRate(
-                r["prefix"], r["rate_per_min"], r["connect_fee"], r["initial_s"], r["subsequent_s"]
-            )
-        )
-    return lists
+async def load_plans(pool: asyncpg.Pool) -> dict[str, Plan]:
+    return {
+        r["id"]: Plan(r["id"], r["included_s"]) for r in await pool.fetch("SELECT * FROM plans")
+    }
 
 
 class Catalog:
-    """Account -> price list, cached. Price lists are loaded at start and on ``refresh``."""
+    """Account -> price list and plan, cached; reloaded when the rating version moves."""
 
-    def __init__(self, pool: asyncpg.Pool, *, negative_ttl_s: float = 5.0) -> None:
+    def __init__(
+        self, pool: asyncpg.Pool, *, negative_ttl_s: float = 5.0, check_interval_s: float = 1.0
+    ) -> None:
         self._pool = pool
         self._lists: dict[str, PriceList] = {}
+        self._plans: dict[str, Plan] = {}
         self._accounts: dict[str, AccountRating] = {}
         self._unknown: dict[str, float] = {}
         self._negative_ttl_s = negative_ttl_s
+        self._check_interval_s = check_interval_s
+        self._next_check = 0.0
+        self._version = -1
         self._lock = asyncio.Lock()
 
+    @property
+    def version(self) -> int:
+        """The ``rating_version`` this catalog's contents reflect."""
+        return self._version
+
     async def refresh(self) -> None:
-        self._lists = await load_price_lists(self._pool)
-        self._accounts.clear()
-        self._unknown.clear()
+        """Reload everything now."""
+        async with self._lock:
+            self._version = await self._read_version()
+            self._lists = await load_price_lists(self._pool)
+            self._plans = await load_plans(self._pool)
+            self._forget()
 
     def get(self, account_id: str) -> AccountRating | None:
         return self._accounts.get(account_id)
@@ -67,6 +80,8 @@ class Catalog:
 
         Concurrent callers missing the same accounts wait for one query (the authorize API
         can get a thousand requests for a new account at once)."""
+        if time.monotonic() >= self._next_check:
+            await self._check()
         ids = set(account_ids)
         if not self._missing(ids):
             return
@@ -75,6 +90,33 @@ class Catalog:
             if missing:
                 await self._fetch(missing)
 
+    async def _check(self) -> None:
+        async with self._lock:
+            if time.monotonic() < self._next_check:
+                return  # another caller checked while we waited
+            self._next_check = time.monotonic() + self._check_interval_s
+            # Read the version first: a change committed while we load is seen next time.
+            version = await self._read_version()
+            if version == self._version:
+                return
+            known = {i: pl.version for i, pl in self._lists.items()}
+            current = await price_list_versions(self._pool)
+            stale = [i for i, v in current.items() if known.get(i) != v]
+            lists = {i: pl for i, pl in self._lists.items() if i in current}
+            if stale:
+                lists.update(await load_price_lists(self._pool, stale))
+            self._lists = lists
+            self._plans = await load_plans(self._pool)
+            self._version = version
+            self._forget()
+
+    def _forget(self) -> None:
+        self._accounts = {}
+        self._unknown.clear()
+
+    async def _read_version(self) -> int:
+        return int(await self._pool.fetchval("SELECT version FROM rating_version"))
+
     def _missing(self, ids: set[str]) -> list[str]:
         now = time.monotonic()
         return [a for a in ids if a not in self._accounts and self._unknown.get(a, 0.0) <= now]
@@ -82,15 +124,25 @@ class Catalog:
     async def _fetch(self, missing: list[str]) -> None:
         now = time.monotonic()
         rows = await self._pool.fetch(
-            "SELECT id, price_list_id FROM accounts WHERE id = ANY($1::text[])", missing
+            "SELECT a.id, coalesce(a.price_list_id, m.price_list_id) AS price_list_id,"
+            " a.price_list_id IS NULL AS inherited, a.plan_id"
+            " FROM accounts a LEFT JOIN accounts m ON m.id = a.manager_id"
+            " WHERE a.id = ANY($1::text[])",
+            missing,
         )
         found = set()
         for r in rows:
             plist = self._lists.get(r["price_list_id"])
-            if plist is None:  # a price list created after our last refresh
-                self._lists = await load_price_lists(self._pool)
-                plist = self._lists[r["price_list_id"]]
-            self._accounts[r["id"]] = AccountRating(r["id"], plist)
+            if plist is None:  # a price list created after our last check
+                self._lists.update(await load_price_lists(self._pool, [r["price_list_id"]]))
+                plist = self._lists.get(r["price_list_id"])
+                if plist is None:
+                    continue
+            plan = self._plans.get(r["plan_id"]) if r["plan_id"] else None
+            if r["plan_id"] and plan is None:
+                self._plans = await load_plans(self._pool)
+                plan = self._plans.get(r["plan_id"])
+            self._accounts[r["id"]] = AccountRating(r["id"], plist, plan, r["inherited"])
             found.add(r["id"])
         for a in missing:
             if a not in found:

@@ -36,7 +36,8 @@ from meter import metrics
 from meter.ledger import Ledger, SignalRow, UsageRow, event_key
 from metering.catalog import Catalog
 from metering.decode import FastHangup, FastMessage, decode
-from metering.rating import NoRate
+from metering.plans import month_period
+from metering.rating import NoRate, voice_cost
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +89,7 @@ class Rejected:
     record: Record
     reason: str
     detail: str
+    type: str = "unknown"  # the event type, when the record could be read
 
 
 @dataclass(slots=True)
@@ -110,6 +112,10 @@ class Charge:
     event_id: str
     code: str = ""  # set from Redis: n(ew), d(uplicate), c(onflict), k (ledger already has it)
     applied_amount: int = 0
+    #: a call's "billed_s,rate_per_min,connect_fee,answered_at" for the minute bucket
+    #: (``enforcement.balance.Debit.draw``); "" when ``amount`` is final
+    draw: str = ""
+    included_s: int = 0  # set from Redis: seconds drawn from included minutes / bundles
 
 
 @dataclass(slots=True)
@@ -248,18 +254,18 @@ class MeteringProcessor:
         for rec, ev in events:
             acct = self._catalog.get(ev.subject)
             if acct is None:
-                rejected.append(Rejected(rec, "unknown_account", f"no account {ev.subject!r}"))
+                rejected.append(
+                    Rejected(rec, "unknown_account", f"no account {ev.subject!r}", ev.type)
+                )
                 continue
             d = ev.data
             if ev.type == "call.answered":
                 try:
-                    rate = (
-                        acct.price_list.inbound
-                        if d.direction == "inbound"
-                        else acct.price_list.outbound_rate(d.to)
+                    rate = acct.price_list.voice_rate(
+                        d.direction, d.to, int(d.answered_at.timestamp())
                     )
                 except NoRate as exc:
-                    rejected.append(Rejected(rec, "no_rate_for_destination", str(exc)))
+                    rejected.append(Rejected(rec, "no_rate_for_destination", str(exc), ev.type))
                     continue
                 tariff = Tariff(
                     rate.rate_per_min, rate.connect_fee, rate.initial_s, rate.subsequent_s
@@ -298,6 +304,7 @@ class MeteringProcessor:
                     c.source,
                     c.event_id,
                     c.fingerprint,
+                    c.included_s,
                 )
                 if code == "n":  # Redis marks a second copy in the batch "d": keys are unique
                     fresh.append(row)
@@ -309,6 +316,7 @@ class MeteringProcessor:
                         c.record,
                         "duplicate_id_different_payload",
                         f"event ({c.source}, {c.event_id}) was charged before with another payload",
+                        c.type,
                     )
                 )
         seen: set[tuple[str, int]] = set()
@@ -365,25 +373,30 @@ class MeteringProcessor:
             return Rejected(rec, reason, detail)
         allowed = _TOPIC_TYPES.get(rec.topic, {})
         if ev.type not in allowed:
-            return Rejected(rec, "wrong_topic", f"{ev.type} does not belong on {rec.topic}")
+            return Rejected(
+                rec, "wrong_topic", f"{ev.type} does not belong on {rec.topic}", ev.type
+            )
         if not ev.subject_matches():
-            return Rejected(rec, "schema", "subject must equal data.account_id")
+            return Rejected(rec, "schema", "subject must equal data.account_id", ev.type)
         if rec.key is not None and rec.key != ev.subject.encode():
             return Rejected(
-                rec, "key_mismatch", "the Kafka key must be the account id (partitioning)"
+                rec, "key_mismatch", "the Kafka key must be the account id (partitioning)", ev.type
             )
         if not allowed[ev.type]:
             return ev  # type: ignore[return-value]  # a live-call update
         if ev.type == "call.hangup":
             d = cast(FastHangup | CallHangup, ev).data.billable_s
             if d < 0:
-                return Rejected(rec, "negative_duration", f"billable_s is {d}")
+                return Rejected(rec, "negative_duration", f"billable_s is {d}", ev.type)
             if d > self._max_call_s:
                 return Rejected(
-                    rec, "absurd_duration", f"billable_s is {d}, the limit is {self._max_call_s}"
+                    rec,
+                    "absurd_duration",
+                    f"billable_s is {d}, the limit is {self._max_call_s}",
+                    ev.type,
                 )
             if ev.data.ended_at < ev.data.answered_at:  # type: ignore[union-attr]
-                return Rejected(rec, "schema", "ended_at is before answered_at")
+                return Rejected(rec, "schema", "ended_at is before answered_at", ev.type)
         return ev  # type: ignore[return-value]  # the charged types, by _TOPIC_TYPES
 
     def _rate(
@@ -397,22 +410,35 @@ class MeteringProcessor:
             if epoch > latest:
                 rejected.append(
                     Rejected(
-                        rec, "future_timestamp", f"time {ev.time.isoformat()} is in the future"
+                        rec,
+                        "future_timestamp",
+                        f"time {ev.time.isoformat()} is in the future",
+                        ev.type,
                     )
                 )
                 continue
             acct = get(ev.subject)
             if acct is None:
-                rejected.append(Rejected(rec, "unknown_account", f"no account {ev.subject!r}"))
+                rejected.append(
+                    Rejected(rec, "unknown_account", f"no account {ev.subject!r}", ev.type)
+                )
                 continue
             plist = acct.price_list
+            draw = ""
             if ev.type == "call.hangup":
                 d = cast(FastHangup | CallHangup, ev).data
+                # Rated with the versions in force when the call was answered.
+                at = int(d.answered_at.timestamp())
                 try:
-                    amount, billed = plist.rate_call(d.direction, d.to, d.billable_s)
+                    rate = (
+                        plist.inbound if d.direction == "inbound" else plist.outbound_rate(d.to, at)
+                    )
                 except NoRate as exc:
-                    rejected.append(Rejected(rec, "no_rate_for_destination", str(exc)))
+                    rejected.append(Rejected(rec, "no_rate_for_destination", str(exc), ev.type))
                     continue
+                amount, billed = voice_cost(d.billable_s, rate)
+                if billed:  # any account may hold bundle seconds: debit.lua decides the draw
+                    draw = f"{billed},{rate.rate_per_min},{rate.connect_fee},{at}"
                 kind, qty, ref, call = "call", billed, d.call_id, d.call_id
             else:
                 m = cast(FastMessage | MessageSent, ev).data
@@ -436,6 +462,7 @@ class MeteringProcessor:
                     call,
                     ev.source,
                     ev.id,
+                    draw=draw,
                 )
             )
         return charges
@@ -483,6 +510,7 @@ class MeteringProcessor:
                                 "unknown_account",
                                 f"account {c.account_id!r} has no balance state and none could be "
                                 "rebuilt",
+                                c.type,
                             )
                         )
         return outcomes
@@ -492,18 +520,31 @@ class MeteringProcessor:
     ) -> list[AccountOutcome]:
         batch = [
             (a, cs) for a, cs in by_account.items()
-        ]  # a Charge has what a debit needs: event_key, fingerprint, amount, day
-        outcomes = await self._balances.apply_debits(batch, now_s)
+        ]  # a Charge has what a debit needs: event_key, fingerprint, amount, day, draw
+        # Plans once per account per batch; the allowance is the period's of processing time.
+        period: tuple[int, int] | None = None
+        plans: dict[str, tuple[int, int, int]] = {}
+        get = self._catalog.get
+        for a in by_account:
+            acct = get(a)
+            if acct is not None and acct.plan is not None and acct.plan.included_s:
+                period = period or month_period(now_s)
+                plans[a] = (acct.plan.included_s, *period)
+        outcomes = await self._balances.apply_debits(batch, now_s, plans)
         for o in outcomes:
             if not o.found:
                 continue
             dups = iter(o.dup_amounts)
-            for c, code in zip(by_account[o.account_id], o.codes, strict=True):
+            cs = by_account[o.account_id]
+            for c, code in zip(cs, o.codes, strict=True):
                 c.code = code
                 if code == "n":
                     c.applied_amount = c.amount
                 elif code == "d":
                     c.applied_amount = next(dups)
+            for i, (amount, drawn) in o.draws.items():
+                cs[i].applied_amount = amount
+                cs[i].included_s = drawn
         return outcomes
 
     async def _compensate(
@@ -575,7 +616,7 @@ class MeteringProcessor:
                 await self._producer.send(topics.DEAD_LETTER, rec.value, rec.key, headers=headers)
             )
             out.dead_letters[r.reason] = out.dead_letters.get(r.reason, 0) + 1
-            metrics.DEAD_LETTERS.labels(r.reason).inc()
+            metrics.DEAD_LETTERS.labels(r.reason, r.type).inc()
         at = datetime.now(UTC)
         acks: dict[str, int] = {}
         for account_id, s in pending:

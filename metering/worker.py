@@ -20,6 +20,7 @@ from enforcement.balance import RedisBalances
 from meter import metrics
 from meter.accounts import load_into_redis
 from meter.db import create_pool
+from meter.instrument import instrumented_redis
 from meter.ledger import Ledger
 from meter.settings import Settings
 from metering.catalog import Catalog
@@ -38,7 +39,7 @@ class Connections:
 
 def redis_client(settings: Settings) -> aioredis.Redis:
     # A bounded socket timeout: a hung Redis surfaces as OutcomeUnknown, never a hung worker.
-    return aioredis.Redis.from_url(
+    return instrumented_redis(
         settings.redis_url,
         socket_timeout=settings.redis_timeout_s,
         socket_connect_timeout=settings.redis_timeout_s,

@@ -53,3 +53,23 @@ def expected_cost(event: dict[str, Any]) -> int:
         return int(pl.sms_per_part * d["parts"])
     rate = pl.inbound if d["direction"] == "inbound" else pl.outbound_rate(d["to"])
     return voice_cost(d["billable_s"], rate)[0]
+
+
+def require_binary(name: str) -> str:
+    """The path of ``name``; under CI a missing binary fails the test, elsewhere it skips it.
+
+    ``./run test`` installs promtool and prometheus (Debian's ``prometheus`` package), so in CI a
+    missing one is a broken install, never a reason to pass quietly.
+    """
+    import os
+    import shutil
+
+    import pytest
+
+    path = shutil.which(name)
+    if path:
+        return path
+    message = f"{name} is not installed (./run test installs Debian's prometheus package)"
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        pytest.fail(message)
+    pytest.skip(message)

@@ -1,4 +1,5 @@
-"""Rating: hand-computed cases and properties (billed seconds, rounding up, monotonicity)."""
+"""Rating: hand-computed cases and properties (billed seconds, rounding up, monotonicity),
+versions in force at answered_at, and the price-list CSV."""
 
 from __future__ import annotations
 
@@ -6,7 +7,16 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from metering.rating import NoRate, PriceList, VoiceRate, billed_seconds, voice_cost
+from metering.pricelists import CSV_COLUMNS, PriceListCsvError, export_csv, parse_csv
+from metering.rating import (
+    MAX_RATE_PER_MIN,
+    NoRate,
+    PriceList,
+    VoiceRate,
+    billed_seconds,
+    time_cost,
+    voice_cost,
+)
 
 
 @pytest.mark.parametrize(
@@ -98,3 +108,126 @@ def test_cost_is_monotonic_and_never_below_exact(
     if b_lo:
         assert c_lo * 60 >= fee * 60 + rate * b_lo
         assert (c_lo - 1) * 60 < fee * 60 + rate * b_lo  # and rounded up by less than 1 micro
+
+
+# -- versions, fees, CSV -------------------------------------------------------------------
+
+MIDNIGHT = 1_767_225_600  # 2026-01-01T00:00:00Z
+
+
+def _versioned() -> PriceList:
+    pl = PriceList("v", "USD", VoiceRate("", 3_500), 4_000)
+    pl.add_outbound(VoiceRate("44", 15_000))
+    pl.add_outbound(VoiceRate("44", 20_000, effective_from=MIDNIGHT))  # a rise at midnight
+    pl.add_outbound(VoiceRate("447", 35_000, 5_000, 60, 6, effective_from=MIDNIGHT))  # new
+    return pl
+
+
+@pytest.mark.parametrize(
+    ("answered_at", "to", "seconds", "cost"),
+    [
+        # one second before midnight: the old rate, and 447 does not exist yet (44 matches)
+        (MIDNIGHT - 1, "+447911123456", 6, 1_500),
+        (MIDNIGHT - 1, "+442071234567", 60, 15_000),
+        # at midnight exactly: the new versions (connect fee + 60/6 on 447)
+        (MIDNIGHT, "+442071234567", 60, 20_000),
+        (MIDNIGHT, "+447911123456", 59, 5_000 + 35_000),
+        (MIDNIGHT + 86_400, "+447911123456", 61, 5_000 + 38_500),
+        # a call answered before midnight and ending after: rated by answered_at
+        (MIDNIGHT - 30, "+442071234567", 120, 30_000),
+    ],
+)
+def test_a_rate_change_at_midnight_rates_by_answered_at(
+    answered_at: int, to: str, seconds: int, cost: int
+) -> None:
+    assert _versioned().rate_call("outbound", to, seconds, answered_at)[0] == cost
+
+
+def test_a_prefix_whose_versions_all_start_later_does_not_match() -> None:
+    pl = PriceList("v", "USD", VoiceRate("", 0), 0)
+    pl.add_outbound(VoiceRate("33", 16_000, effective_from=MIDNIGHT))
+    with pytest.raises(NoRate):
+        pl.outbound_rate("+33142685300", MIDNIGHT - 1)
+    assert pl.outbound_rate("+33142685300", MIDNIGHT).rate_per_min == 16_000
+
+
+def test_fees_and_sms() -> None:
+    pl = PriceList("f", "USD", VoiceRate("", 0), 4_000, number_monthly_fee=1_000_000)
+    pl.one_time_fees["number_setup"] = 500_000
+    assert pl.rate_numbers(3) == 3_000_000
+    assert pl.one_time_fee("number_setup") == 500_000
+    assert pl.rate_message(2) == 8_000
+    with pytest.raises(NoRate):
+        pl.one_time_fee("port_in")
+
+
+def test_csv_round_trip() -> None:
+    pl = _versioned()
+    pl.add_outbound(VoiceRate("1", 7_000, description='US, "48" states'))
+    text = export_csv(pl.versions())
+    back = parse_csv(text, default_from=0)
+    assert back == pl.versions()
+    assert export_csv(back) == text
+    assert text.splitlines()[0] == ",".join(CSV_COLUMNS)
+
+
+def test_csv_defaults_and_optional_columns() -> None:
+    rates = parse_csv("prefix,rate_per_min\n+44,0.015\n", default_from=123)
+    assert rates == [VoiceRate("44", 15_000, 0, 6, 6, 123)]
+
+
+def test_bad_csv_rows_are_refused_whole_with_their_line_numbers() -> None:
+    text = (
+        "prefix,description,rate_per_min,connect_fee,initial_s,subsequent_s,effective_from\n"
+        "44,UK,0.015,0,6,6,2026-01-01T00:00:00Z\n"  # line 2: fine
+        "4x,bad prefix,0.015,0,6,6,\n"  # 3
+        "45,float money,1e-3,0,6,6,\n"  # 4
+        "46,too precise,0.0000001,0,6,6,\n"  # 5
+        "47,zero increment,0.01,0,0,6,\n"  # 6
+        "48,naive time,0.01,0,6,6,2026-01-01T00:00:00\n"  # 7
+        "44,duplicate,0.02,0,6,6,2026-01-01T00:00:00+00:00\n"  # 8
+        "49,short row\n"  # 9
+        "50,negative,-0.01,0,6,6,\n"  # 10
+    )
+    with pytest.raises(PriceListCsvError) as err:
+        parse_csv(text, default_from=0)
+    assert [line for line, _ in err.value.errors] == [3, 4, 5, 6, 7, 8, 9, 10]
+    assert "line 2" in err.value.errors[5][1]
+
+
+def test_csv_header_is_checked() -> None:
+    with pytest.raises(PriceListCsvError) as err:
+        parse_csv("prefix,price\n44,0.01\n", default_from=0)
+    assert err.value.errors[0][0] == 1 and "rate_per_min" in err.value.errors[0][1]
+
+
+rates_st = st.builds(
+    VoiceRate,
+    st.from_regex(r"[1-9][0-9]{0,5}", fullmatch=True),
+    st.integers(0, MAX_RATE_PER_MIN),
+    st.integers(0, 10_000_000),
+    st.integers(1, 3600),
+    st.integers(1, 3600),
+    st.integers(0, 4_000_000_000),
+    st.text(max_size=20).filter(lambda t: t == t.strip() and "\r" not in t),
+)
+
+
+@given(st.lists(rates_st, max_size=20, unique_by=lambda r: (r.prefix, r.effective_from)))
+def test_csv_round_trip_property(rates: list[VoiceRate]) -> None:
+    rates.sort(key=lambda r: (r.prefix, r.effective_from))
+    assert parse_csv(export_csv(rates), default_from=0) == rates
+
+
+@given(
+    st.integers(min_value=1, max_value=20_000),
+    st.integers(min_value=0, max_value=MAX_RATE_PER_MIN),
+    st.integers(min_value=0, max_value=20_000),
+)
+def test_overage_after_included_seconds_is_never_below_exact(
+    billed: int, rate: int, drawn: int
+) -> None:
+    drawn = min(drawn, billed)
+    over = billed - drawn
+    c = time_cost(over, rate)
+    assert c * 60 >= rate * over > (c - 1) * 60 or (over == 0 and c == 0) or rate == 0

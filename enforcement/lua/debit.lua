@@ -16,12 +16,26 @@
 --                  "\n" separated, same order: a newly applied hangup releases what its
 --                  call still held in "{a:ID}:rsv" (the charge replaces the reservation)
 --
+-- ARGV[7] buckets  a line per account, KEYS order ("\n" separated): "PLAN;E1;E2;..." where
+--                  PLAN is "included_s,period_start,period_end" of the account's plan for the
+--                  current period, or "" (no plan), and Ei, one per event of the account, is
+--                  "billed_s,rate_per_min,connect_fee,answered_at" for a call that may draw
+--                  included seconds, or "" (the event's amount is final)
+--
+-- Minute bucket (see metering/plans.py): the account hash's "min" field holds grants
+-- "id,remaining_s,valid_from,expires_at" joined by ";". A new call draws its billed seconds
+-- from the grants valid at its answered_at, soonest to expire first; its amount becomes
+-- connect_fee + ceil(rate_per_min * (billed_s - drawn) / 60). The drawn seconds are stored in
+-- the event's memory with its amount, so a duplicate draws nothing and reports the same. The
+-- plan's grant for the period ("p" .. period_start) is created at the period's first event;
+-- the bucket is read by the HMGET every account already costs, and written once.
+--
 -- An event's memory lives in the hash of its own day, so a redelivery finds it with one HGET
 -- for as long as keep_s after that day; hashes written for late events live at least a day
 -- from now, so a crash between this script and the ledger write is always repaired.
 --
 -- Reply: one string, a line per account in KEYS order ("\n" between lines), each line
---   "found\tbalance\tstatus\tcodes\tdup_amounts\toutbox" (a flat string: building and
+--   "found\tbalance\tstatus\tcodes\tdup_amounts\toutbox\tdraws" (a flat string: building and
 --   parsing a nested reply per account cost more than the debits themselves)
 --   found        0 when the account hash does not exist (nothing was applied for it)
 --   codes        one character per event: "n" newly applied, "d" duplicate (already applied
@@ -29,6 +43,8 @@
 --   dup_amounts  for each "d", the amount that was applied the first time, comma separated
 --   outbox       signals queued and not yet acknowledged ("seq|type|reason"), oldest first,
 --                ";" separated; read only when the account's seq is ahead of its acked seq
+--   draws        for each event (new or duplicate) that drew included seconds,
+--                "index:amount:drawn_s" (index within the account's events, from 0), "," separated
 
 -- The account state machine, shared by every script that moves money (keep the copies equal;
 -- tests/test_balance.py checks they are). Returns the new status and the signal to queue, if any.
@@ -71,6 +87,7 @@ for c in string.gmatch(ARGV[6] .. '\n', '([^\n]*)\n') do
   n = n + 1
   calls[n] = c
 end
+local draw_lines = string.gmatch((ARGV[7] or '') .. '\n', '([^\n]*)\n')
 local reply = {}
 local ei = 0 -- events consumed so far, over all accounts
 local min_expiry = now + 86400
@@ -81,13 +98,48 @@ for c in string.gmatch(ARGV[5], '%d+') do
   a = a + 1
   local n_events = tonumber(c)
   local acct = KEYS[a]
-  local f = redis.call('HMGET', acct, 'bal', 'res', 'cl', 'lowth', 'st', 'seq', 'ack', 'xd')
+  local dline = draw_lines() or ''
+  local f = redis.call('HMGET', acct, 'bal', 'res', 'cl', 'lowth', 'st', 'seq', 'ack', 'xd', 'min')
   if not f[1] then
     ei = ei + n_events
-    reply[a] = '0\t0\t\t\t\t'
+    reply[a] = '0\t0\t\t\t\t\t'
   else
     local codes = {}
     local dups = {}
+    local draws = {}
+    -- The bucket is parsed only for accounts that have one or a plan: the rest pay nothing.
+    local grants = nil
+    local entries = nil
+    local dirty = false
+    local plan = string.match(dline, '^[^;]*')
+    if f[9] or plan ~= '' then
+      grants = {}
+      for id, rem, from, to in string.gmatch(f[9] or '', '([^,;]+),(%d+),(%d+),(%d+)') do
+        grants[#grants + 1] = {id, tonumber(rem), tonumber(from), tonumber(to)}
+      end
+      local p_s, p_from, p_to = string.match(plan, '^(%d+),(%d+),(%d+)$')
+      if p_s and tonumber(p_s) > 0 then
+        local pid = 'p' .. p_from
+        local have = false
+        for _, g in ipairs(grants) do
+          if g[1] == pid then
+            have = true
+            break
+          end
+        end
+        if not have then
+          grants[#grants + 1] = {pid, tonumber(p_s), tonumber(p_from), tonumber(p_to)}
+          dirty = true
+        end
+      end
+      table.sort(grants, function(x, y) return x[4] < y[4] end)
+      entries = {}
+      local k = 0
+      for ent in string.gmatch(string.sub(dline, #plan + 2) .. ';', '([^;]*);') do
+        k = k + 1
+        entries[k] = ent
+      end
+    end
     local total = 0
     local touched = {}
     local released = 0
@@ -101,17 +153,53 @@ for c in string.gmatch(ARGV[5], '%d+') do
       local bucket = acct .. ':ev:' .. day
       local prior = redis.call('HGET', bucket, key)
       if prior then
+        -- "amount|fp" then the seconds drawn, if any (fp is 8 raw bytes: cut by position)
         local sep = string.find(prior, '|', 1, true)
-        if string.sub(prior, sep + 1) == fp then
+        if string.sub(prior, sep + 1, sep + 8) == fp then
           codes[e] = 'd'
-          dups[#dups + 1] = string.sub(prior, 1, sep - 1)
+          local first = string.sub(prior, 1, sep - 1)
+          dups[#dups + 1] = first
+          local was_drawn = string.sub(prior, sep + 9)
+          if was_drawn ~= '' then
+            draws[#draws + 1] = (e - 1) .. ':' .. first .. ':' .. was_drawn
+          end
         else
           codes[e] = 'c'
         end
       else
         codes[e] = 'n'
+        local drawn = 0
+        local ent = entries and entries[e]
+        if ent and ent ~= '' then
+          local billed, rate, fee, at = string.match(ent, '^(%d+),(%d+),(%d+),(%d+)$')
+          local need = tonumber(billed)
+          at = tonumber(at)
+          for _, g in ipairs(grants) do
+            if need == 0 then
+              break
+            end
+            if g[2] > 0 and g[3] <= at and at < g[4] then
+              local take = math.min(g[2], need)
+              g[2] = g[2] - take
+              need = need - take
+              drawn = drawn + take
+            end
+          end
+          if drawn > 0 then
+            -- the overage, rounded up as metering/rating.py does: exact, as rate * need
+            -- stays far below 2^53 (rates are capped at MAX_RATE_PER_MIN)
+            local x = tonumber(rate) * need + 59
+            amount = string.format('%d', tonumber(fee) + (x - x % 60) / 60)
+            dirty = true
+            draws[#draws + 1] = (e - 1) .. ':' .. amount .. ':' .. drawn
+          end
+        end
         -- written at once, so a second copy of the event later in this batch is a duplicate
-        redis.call('HSET', bucket, key, amount .. '|' .. fp)
+        if drawn > 0 then
+          redis.call('HSET', bucket, key, amount .. '|' .. fp .. string.format('%d', drawn))
+        else
+          redis.call('HSET', bucket, key, amount .. '|' .. fp)
+        end
         total = total + tonumber(amount)
         touched[bucket] = tonumber(day)
         local call = calls[ei + e]
@@ -127,6 +215,21 @@ for c in string.gmatch(ARGV[5], '%d+') do
       end
     end
     ei = ei + n_events
+    if dirty then
+      -- Drop grants a day past their end (late calls of the period still find them) and
+      -- spent bundles; a spent plan grant stays until then, so the period is not refilled.
+      local keep = {}
+      for _, g in ipairs(grants) do
+        if g[4] + 86400 > now and (g[2] > 0 or string.sub(g[1], 1, 1) == 'p') then
+          keep[#keep + 1] = string.format('%s,%d,%d,%d', g[1], g[2], g[3], g[4])
+        end
+      end
+      if #keep > 0 then
+        redis.call('HSET', acct, 'min', table.concat(keep, ';'))
+      else
+        redis.call('HDEL', acct, 'min')
+      end
+    end
     for bucket, day in pairs(touched) do
       local want = (day + 1) * 86400 + keep_s
       if day == today then
@@ -171,7 +274,7 @@ for c in string.gmatch(ARGV[5], '%d+') do
       outbox = table.concat(redis.call('LRANGE', acct .. ':out', 0, -1), ';')
     end
     reply[a] = '1\t' .. string.format('%d', bal) .. '\t' .. st .. '\t' .. table.concat(codes)
-      .. '\t' .. table.concat(dups, ',') .. '\t' .. outbox
+      .. '\t' .. table.concat(dups, ',') .. '\t' .. outbox .. '\t' .. table.concat(draws, ',')
   end
 end
 return table.concat(reply, '\n')

@@ -1,0 +1,519 @@
+"""The HTTP API (FastAPI, OpenAPI at ``/openapi.json``): call authorization, balances, and the
+operator's suspend / resume.
+
+Every ``/v1`` endpoint needs ``Authorization: Bearer <api key>`` (``enforcement.api_keys``):
+
+=====================================  ===============================================
+``POST /v1/authorizations``            ``service`` keys for any account (call-control
+                                       serves every customer); ``admin``/``user`` keys
+                                       for their own account only
+``GET /v1/accounts/{id}/balance``      ``service`` for any account; ``admin``/``user``
+                                       for their own
+``POST /v1/accounts/{id}/suspend``     ``admin`` of that account
+``POST /v1/accounts/{id}/resume``      ``admin`` of that account
+=====================================  ===============================================
+
+Why a ``service`` key may authorize for any account: call-control sits in front of every
+customer's calls and asks before each one; a key per customer would have to be looked up by the
+switch per call. It belongs to the platform's own account, it cannot suspend, resume or (later)
+pay, and it is the one kind of key that must never leave the platform. ``admin``/``user`` keys
+are customers' keys; acting for managed accounts comes with the issue that brings them.
+
+Failure policy: every answer comes within a bounded time, never a hang. Redis work is bounded
+by ``authorize_deadline_s`` (0.5 s by default); past it, or when Redis refuses connections, the
+answer is 503 ``balance_store_unavailable`` with ``Retry-After: 1``. The call was then neither
+allowed nor denied: call-control retries with the *same* ``call_id`` (reservations are
+idempotent per call, so a retry never reserves twice) and applies its own fail-open or
+fail-closed rule when retries run out. PostgreSQL work is bounded by ``_DB_TIMEOUT_S`` (503
+``database_unavailable``). Authorizing reads PostgreSQL only for an account or key it has not
+cached. Errors have one shape, see ``enforcement.api_errors``.
+
+Speed (``meter bench authorize``): ``POST /v1/authorizations`` is answered by a plain ASGI
+handler in front of FastAPI (``AuthorizeFastPath``, served by ``asgi_app``) with the same
+functions as the FastAPI route that documents it, since the framework's layers cost more than
+the authorization itself; and concurrent reservations share Redis round trips
+(``enforcement.coalesce``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import logging
+from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass
+from typing import Annotated, Final, Literal, TypeVar
+
+import asyncpg
+import redis.asyncio as aioredis
+from fastapi import Depends, FastAPI, Path, Request, Security
+from fastapi.responses import Response
+from fastapi.security import HTTPBearer
+from pydantic import BaseModel, ValidationError
+from redis.exceptions import RedisError
+from starlette.types import Message, Receive, Scope, Send
+
+from contracts.events import ACCOUNT_ID_PATTERN
+from contracts.money import format_money
+from enforcement import api_errors
+from enforcement.api_errors import ApiError
+from enforcement.api_keys import ApiKey, ApiKeys, KeyStoreUnavailable, Role
+from enforcement.api_models import (
+    AuthorizationIn,
+    AuthorizationOut,
+    BalanceOut,
+    StatusIn,
+    StatusOut,
+)
+from enforcement.authorize import Authorizer, AuthorizeRequest, BalanceStoreUnavailable
+from enforcement.balance import AccountState, OutcomeUnknown, RedisBalances
+from enforcement.coalesce import CoalescingBalances
+from meter.accounts import load_into_redis
+from meter.db import create_pool
+from meter.settings import Settings
+from metering.catalog import Catalog
+
+log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+_M = TypeVar("_M", bound=BaseModel)
+
+AUTHORIZATIONS: Final = "/v1/authorizations"
+#: Bound on any PostgreSQL work of one request.
+_DB_TIMEOUT_S: Final = 2.0
+#: Larger bodies are refused (413) before they are parsed.
+MAX_BODY_BYTES: Final = 65_536
+_RETRY: Final = {"Retry-After": "1"}
+#: What PostgreSQL being away looks like (not a bug in a query: those stay 500s).
+_DB_DOWN: Final = (
+    OSError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.OperatorInterventionError,
+)
+_JSON: Final = (b"content-type", b"application/json")
+
+
+@dataclass(frozen=True, slots=True)
+class ApiServices:
+    """What the API runs on; ``connect_api`` makes them from settings."""
+
+    pool: asyncpg.Pool
+    balances: RedisBalances
+    catalog: Catalog
+    authorizer: Authorizer
+    keys: ApiKeys
+
+
+def api_redis_client(settings: Settings) -> aioredis.Redis:
+    """Redis for the API.
+
+    No socket read timeout: every call is already bounded by ``authorize_deadline_s``, and
+    redis-py would wrap each send in a task of its own to time it. No bound on the pool either:
+    reservations reach Redis through ``CoalescingBalances`` (one round trip at a time), and a
+    bounded pool would turn each connection redis-py fails to give back (a pipeline cancelled
+    or failing while it checks its scripts) into one slot lost for good, then into an outage.
+    """
+    return aioredis.Redis.from_url(
+        settings.redis_url,
+        socket_timeout=None,
+        socket_connect_timeout=settings.redis_timeout_s,
+    )
+
+
+@contextlib.asynccontextmanager
+async def connect_api(settings: Settings) -> AsyncIterator[ApiServices]:
+    """Connections and caches for one API process; closed on exit."""
+    pool = await create_pool(settings.database_url, max_size=4)
+    r = api_redis_client(settings)
+    try:
+        balances = CoalescingBalances(
+            r,
+            max_accounts_per_call=settings.redis_accounts_per_call,
+            timeout_s=settings.authorize_deadline_s,
+        )
+        catalog = Catalog(pool)
+        await catalog.refresh()
+        authorizer = Authorizer(
+            balances,
+            catalog,
+            grant_s=settings.authorize_grant_s,
+            grace_s=settings.authorize_grace_s,
+            max_s=settings.authorize_max_s,
+            deadline_s=settings.authorize_deadline_s,
+        )
+        keys = ApiKeys(pool, ttl_s=settings.api_key_cache_s)
+        yield ApiServices(pool, balances, catalog, authorizer, keys)
+    finally:
+        await r.aclose()
+        await pool.close()
+
+
+# --- shared by the FastAPI routes and the fast path -------------------------------------------
+
+
+def bearer_token(header: str | None) -> str | None:
+    """The key of an ``Authorization: Bearer <key>`` header (scheme case-insensitive)."""
+    if not header:
+        return None
+    scheme, _, token = header.partition(" ")
+    token = token.strip()
+    return token if scheme.lower() == "bearer" and token else None
+
+
+async def authenticate(keys: ApiKeys, token: str | None) -> ApiKey:
+    """The caller's key: 401 without a valid one, 503 when it cannot be checked."""
+    if token is None:
+        raise ApiError(
+            401,
+            "unauthorized",
+            "send an API key as `Authorization: Bearer <key>`",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    try:
+        key = await keys.authenticate(token)
+    except KeyStoreUnavailable as exc:
+        raise ApiError(
+            503, "key_store_unavailable", "the API key could not be checked; retry", None, _RETRY
+        ) from exc
+    if key is None:
+        raise ApiError(
+            401,
+            "unauthorized",
+            "unknown or revoked API key",
+            headers={"WWW-Authenticate": 'Bearer error="invalid_token"'},
+        )
+    return key
+
+
+def may_act(key: ApiKey, account_id: str, roles: tuple[Role, ...]) -> None:
+    """403 unless the key's role is one of ``roles`` and, but for ``service``, the account is
+    the key's own."""
+    if key.role not in roles:
+        raise ApiError(403, "forbidden", f"a {key.role} key may not do this")
+    if key.role != "service" and key.account_id != account_id:
+        raise ApiError(403, "forbidden", "this key may only act on its own account")
+
+
+def parse_body(raw: bytes, model: type[_M], *, optional: bool = False) -> _M:
+    """Validate a JSON body with pydantic's own parser: 400 if it is not JSON, 422 if it is
+    not what ``model`` takes. An empty body is ``model()`` when ``optional``."""
+    if len(raw) > MAX_BODY_BYTES:
+        raise ApiError(413, "payload_too_large", f"the body exceeds {MAX_BODY_BYTES} bytes")
+    if not raw.strip():
+        if optional:
+            return model()
+        raise ApiError(400, "malformed_json", "a JSON body is required")
+    try:
+        return model.model_validate_json(raw)
+    except ValidationError as exc:
+        raise api_errors.from_validation(exc.errors()) from None
+
+
+async def authorize_json(services: ApiServices, key: ApiKey, raw: bytes) -> bytes:
+    """The whole of ``POST /v1/authorizations`` after authentication: the answer's JSON."""
+    body = parse_body(raw, AuthorizationIn)
+    may_act(key, body.account_id, ("service", "admin", "user"))
+    try:
+        d = await services.authorizer.authorize(
+            AuthorizeRequest(
+                body.account_id,
+                body.call_id,
+                body.direction,
+                body.from_,
+                body.to,
+                body.outbound_profile_id,
+            )
+        )
+    except BalanceStoreUnavailable as exc:
+        raise ApiError(503, "balance_store_unavailable", str(exc), None, _RETRY) from exc
+    except _DB_DOWN as exc:
+        # An account not cached yet could not be looked up: nothing was reserved.
+        raise ApiError(
+            503, "database_unavailable", "the database did not answer; retry", None, _RETRY
+        ) from exc
+    out = AuthorizationOut(
+        decision=d.decision,
+        reason=d.reason,  # type: ignore[arg-type]  # one of Reason; pydantic checks it
+        max_duration_s=d.max_duration_s,
+        reservation_id=d.reservation_id,
+        expires_at=d.expires_at,
+    )
+    return out.model_dump_json().encode()
+
+
+# --- the fast path ----------------------------------------------------------------------------
+
+
+class _ClientGone(Exception):
+    pass
+
+
+async def _read_body(receive: Receive) -> bytes:
+    chunks = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise _ClientGone
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise ApiError(413, "payload_too_large", f"the body exceeds {MAX_BODY_BYTES} bytes")
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+class AuthorizeFastPath:
+    """What ``meter run api`` serves: ``POST /v1/authorizations`` answered here, in plain ASGI;
+    everything else (lifespan included) goes to the FastAPI ``app``.
+
+    Measured on the benchmark machine, the layers an authorization would otherwise cross
+    (FastAPI's and Starlette's middleware, routing, dependency solving, request objects) took
+    more server time than the authorization itself. The FastAPI route stays: it documents the
+    endpoint in the OpenAPI document, and answers the same, slower, when served without this.
+    """
+
+    def __init__(self, app: FastAPI) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] != AUTHORIZATIONS or scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        extra: dict[str, str] = {}
+        try:
+            header = None
+            for name, value in scope["headers"]:
+                if name == b"authorization":
+                    header = value.decode("latin-1")
+                    break
+            services: ApiServices = self.app.state.services
+            key = await authenticate(services.keys, bearer_token(header))
+            payload = await authorize_json(services, key, await _read_body(receive))
+            status = 200
+        except ApiError as e:
+            status, extra = e.status, e.headers
+            payload = api_errors.error_body(e.code, e.message, e.field)
+        except _ClientGone:
+            return
+        except Exception:
+            # What Starlette's ServerErrorMiddleware does for the other routes.
+            log.exception("authorization failed")
+            status, payload = 500, api_errors.error_body("internal", "internal error")
+        headers = [_JSON, (b"content-length", b"%d" % len(payload))]
+        headers += [(k.lower().encode(), v.encode()) for k, v in extra.items()]
+        start: Message = {"type": "http.response.start", "status": status, "headers": headers}
+        await send(start)
+        await send({"type": "http.response.body", "body": payload})
+
+
+# --- FastAPI ------------------------------------------------------------------------------------
+
+_bearer = HTTPBearer(auto_error=False, description="An API key: `mk_<key id>_<secret>`")
+
+
+async def _caller(request: Request, _: Annotated[object, Security(_bearer)]) -> ApiKey:
+    # HTTPBearer is there for the OpenAPI document; the header is read as the fast path does.
+    services: ApiServices = request.app.state.services
+    return await authenticate(services.keys, bearer_token(request.headers.get("authorization")))
+
+
+# Module level: FastAPI resolves these (string) annotations in the module's namespace.
+Caller = Annotated[ApiKey, Depends(_caller)]
+AccountPath = Annotated[str, Path(pattern=ACCOUNT_ID_PATTERN)]
+
+
+async def _body(request: Request, model: type[_M], *, optional: bool = False) -> _M:
+    # Parsed here rather than as a FastAPI body parameter: FastAPI would decode the JSON before
+    # the key is checked (a stranger's bad body would get 400, not 401).
+    return parse_body(await request.body(), model, optional=optional)
+
+
+def _body_doc(model: type[BaseModel], *, required: bool = True) -> dict[str, object]:
+    # Bodies parsed by hand are invisible to FastAPI: describe them in the OpenAPI document.
+    schema = model.model_json_schema(by_alias=True)
+    return {
+        "requestBody": {
+            "required": required,
+            "content": {"application/json": {"schema": schema}},
+        }
+    }
+
+
+async def _redis(work: Awaitable[_T], deadline_s: float) -> _T:
+    try:
+        async with asyncio.timeout(deadline_s):
+            return await work
+    except (TimeoutError, OutcomeUnknown, RedisError, OSError) as exc:
+        raise ApiError(
+            503,
+            "balance_store_unavailable",
+            f"the balance store did not answer within {deadline_s} s; retry",
+            headers=_RETRY,
+        ) from exc
+
+
+async def _db(work: Awaitable[_T]) -> _T:
+    try:
+        async with asyncio.timeout(_DB_TIMEOUT_S):
+            return await work
+    except (TimeoutError, *_DB_DOWN) as exc:
+        raise ApiError(
+            503, "database_unavailable", "the database did not answer; retry", headers=_RETRY
+        ) from exc
+
+
+def asgi_app(settings: Settings, services: ApiServices | None = None) -> AuthorizeFastPath:
+    """What to serve: ``create_app``'s API behind ``AuthorizeFastPath``."""
+    return AuthorizeFastPath(create_app(settings, services))
+
+
+def create_app(settings: Settings, services: ApiServices | None = None) -> FastAPI:
+    """The API on ``services``; without them it connects per ``settings`` at startup and closes
+    at shutdown (the lifespan). Serve it behind ``AuthorizeFastPath`` (``asgi_app``)."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(started: FastAPI) -> AsyncIterator[None]:
+        if services is not None:
+            yield
+            return
+        async with connect_api(settings) as made:
+            started.state.services = made
+            # A process of its own (``meter run api``): as in the metering worker, what startup
+            # built is frozen out of the collector's sight and young collections are rarer.
+            # Each request's garbage dies by reference count; walking the whole heap every few
+            # hundred requests showed up as tail latency.
+            gc.collect()
+            gc.freeze()
+            gc.set_threshold(50_000, 50, 100)
+            yield
+
+    app = FastAPI(
+        title="meter",
+        summary="Real-time metering and prepaid balance enforcement",
+        version="1",
+        lifespan=lifespan,
+    )
+    api_errors.install(app)
+    app.state.services = services  # set by the lifespan when None
+
+    def current() -> ApiServices:
+        svc: ApiServices = app.state.services
+        return svc
+
+    deadline = settings.authorize_deadline_s
+
+    @app.post(
+        AUTHORIZATIONS,
+        response_model=AuthorizationOut,
+        responses=api_errors.responses(400, 401, 403, 413, 422, 503),
+        openapi_extra=_body_doc(AuthorizationIn),
+        summary="May this call connect, and for how long",
+    )
+    async def authorize(request: Request, key: Caller) -> Response:
+        """Allowing reserves credit for the first grant; concurrent calls of an account never
+        together reserve more than its available credit. Idempotent per ``call_id``: a retry
+        gets the first answer. A deny is a 200 answer (unknown accounts included)."""
+        payload = await authorize_json(current(), key, await request.body())
+        return Response(payload, media_type="application/json")
+
+    async def account_state(account_id: str) -> AccountState:
+        """The account's Redis state, rebuilt from PostgreSQL first if Redis lost it."""
+        svc = current()
+        st = await _redis(svc.balances.get(account_id), deadline)
+        if st is None:
+            try:
+                await _db(load_into_redis(svc.pool, svc.balances, [account_id]))
+            except (RedisError, OutcomeUnknown) as exc:
+                raise ApiError(
+                    503, "balance_store_unavailable", "the balance store failed", None, _RETRY
+                ) from exc
+            st = await _redis(svc.balances.get(account_id), deadline)
+            if st is None:
+                raise ApiError(
+                    503, "balance_store_unavailable", "account state missing", None, _RETRY
+                )
+        return st
+
+    async def known(account_id: str) -> str:
+        """The account's currency; 404 when there is no such account."""
+        currency = await _db(
+            current().pool.fetchval("SELECT currency FROM accounts WHERE id = $1", account_id)
+        )
+        if currency is None:
+            raise ApiError(404, "account_not_found", f"no account {account_id!r}", "account_id")
+        return str(currency)
+
+    @app.get(
+        "/v1/accounts/{account_id}/balance",
+        response_model=BalanceOut,
+        responses=api_errors.responses(401, 403, 404, 422, 503),
+        summary="The account's balance, pending reservations and available credit",
+    )
+    async def balance(account_id: AccountPath, key: Caller) -> BalanceOut:
+        may_act(key, account_id, ("service", "admin", "user"))
+        currency = await known(account_id)
+        st = await account_state(account_id)
+        return BalanceOut(
+            balance=format_money(st.balance),
+            pending=format_money(st.reserved),
+            credit_limit=format_money(st.credit_limit),
+            available_credit=format_money(st.available),
+            currency=currency,
+            status=st.status,  # type: ignore[arg-type]  # one of ACCOUNT_STATES
+        )
+
+    async def set_status(
+        request: Request, account_id: str, key: ApiKey, action: Literal["suspend", "resume"]
+    ) -> StatusOut:
+        may_act(key, account_id, ("admin",))
+        body = await _body(request, StatusIn, optional=True)
+        await known(account_id)
+        svc = current()
+        # Load a lost Redis state *before* the flag changes: loaded afterwards it would already
+        # be suspended, and the suspend signal would never be queued.
+        await account_state(account_id)
+        # PostgreSQL first: it is the book of record, and Redis is rebuilt from it. A failure
+        # between the two is repaired by retrying the request (both steps are idempotent).
+        await _db(
+            svc.pool.execute(
+                "UPDATE accounts SET suspended = $2 WHERE id = $1", account_id, action == "suspend"
+            )
+        )
+        changed, status = await _redis(
+            svc.balances.set_status(account_id, action, body.reason), deadline
+        )
+        if changed < 0:
+            raise ApiError(
+                503, "balance_store_unavailable", "account state missing; retry", None, _RETRY
+            )
+        return StatusOut(account_id=account_id, status=status, changed=changed == 1)  # type: ignore[arg-type]
+
+    status_doc = _body_doc(StatusIn, required=False)
+
+    @app.post(
+        "/v1/accounts/{account_id}/suspend",
+        response_model=StatusOut,
+        responses=api_errors.responses(400, 401, 403, 404, 422, 503),
+        openapi_extra=status_doc,
+        summary="Block inbound and outbound calls (operator); queues account.suspend",
+    )
+    async def suspend(request: Request, account_id: AccountPath, key: Caller) -> StatusOut:
+        """Idempotent: suspending a suspended account changes nothing (``changed`` false)."""
+        return await set_status(request, account_id, key, "suspend")
+
+    @app.post(
+        "/v1/accounts/{account_id}/resume",
+        response_model=StatusOut,
+        responses=api_errors.responses(400, 401, 403, 404, 422, 503),
+        openapi_extra=status_doc,
+        summary="Lift a suspension; queues account.resume (and account.hold without credit)",
+    )
+    async def resume(request: Request, account_id: AccountPath, key: Caller) -> StatusOut:
+        """Idempotent. The account returns to the state its credit gives (active, low, hold)."""
+        return await set_status(request, account_id, key, "resume")
+
+    return app

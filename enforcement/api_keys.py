@@ -1,0 +1,182 @@
+"""API keys: creation, revocation and the cached lookup every HTTP request goes through.
+
+A key is ``mk_<key_id>_<secret>``: ``key_id`` (16 lowercase hex) names it in logs and for
+revocation; the whole key's SHA-256 is what PostgreSQL stores (table ``api_keys``). The key itself
+is shown once, at creation, and never stored.
+
+Lookups are cached in the process so that authorizing a call never waits for PostgreSQL: a
+known key older than ``ttl_s`` (default 5 s) is still answered from the cache while it is
+re-read in the background, so a revoked key keeps working for ``ttl_s`` plus one lookup at
+most. Concurrent lookups of one key share one query. When PostgreSQL cannot answer, a key seen
+within the last ``stale_s`` seconds keeps being served (calls keep connecting through a
+database blip); a key not in the cache raises ``KeyStoreUnavailable``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import re
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Final, Literal, get_args
+
+import asyncpg
+
+log = logging.getLogger(__name__)
+
+Role = Literal["admin", "user", "service"]
+ROLES: Final[tuple[str, ...]] = get_args(Role)
+
+_KEY_RE: Final = re.compile(r"^mk_([a-z0-9]{16})_[A-Za-z0-9_-]{43}$")
+#: Bound on cached lookups, so a flood of made-up keys cannot grow the process without limit.
+_MAX_CACHED: Final = 50_000
+
+
+class KeyStoreUnavailable(Exception):
+    """PostgreSQL did not answer a key lookup, and the key was not in the cache."""
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKey:
+    """An authenticated caller: the key's id, its account and its role."""
+
+    key_id: str
+    account_id: str
+    role: Role
+
+
+def key_hash(key: str) -> bytes:
+    return hashlib.sha256(key.encode()).digest()
+
+
+def new_key() -> tuple[str, str]:
+    """``(key_id, key)``: a fresh key with 256 random bits of secret."""
+    key_id = secrets.token_hex(8)
+    return key_id, f"mk_{key_id}_{secrets.token_urlsafe(32)}"
+
+
+class ApiKeys:
+    """The ``api_keys`` table behind an in-process cache (see the module docstring)."""
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        *,
+        ttl_s: float = 5.0,
+        stale_s: float = 300.0,
+        lookup_timeout_s: float = 2.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._pool = pool
+        self._ttl_s = ttl_s
+        self._stale_s = stale_s
+        self._lookup_timeout_s = lookup_timeout_s
+        self._clock = clock
+        # sha256 -> (key or None for "no such key", when it was read)
+        self._cache: dict[bytes, tuple[ApiKey | None, float]] = {}
+        self._inflight: dict[bytes, asyncio.Task[ApiKey | None]] = {}
+
+    async def authenticate(self, key: str) -> ApiKey | None:
+        """The key's owner and role, or ``None`` for a malformed, unknown or revoked key.
+
+        Raises ``KeyStoreUnavailable`` only when the answer is neither cached nor obtainable.
+        """
+        if _KEY_RE.match(key) is None:
+            return None  # not even shaped like a key: no need to ask anyone
+        h = key_hash(key)
+        hit = self._cache.get(h)
+        now = self._clock()
+        if hit is not None:
+            age = now - hit[1]
+            if age < self._ttl_s:
+                return hit[0]
+            if hit[0] is not None and age < self._stale_s:
+                # A known key past its TTL is answered from the cache and re-read in the
+                # background: no request waits for PostgreSQL every ttl_s.
+                self._lookup_task(h)
+                return hit[0]
+        try:
+            return await asyncio.shield(self._lookup_task(h))
+        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            raise KeyStoreUnavailable(f"api key lookup failed: {type(exc).__name__}") from exc
+
+    def _lookup_task(self, h: bytes) -> asyncio.Task[ApiKey | None]:
+        # One query per key however many requests ask at once; a task of its own, so a
+        # request cancelled meanwhile (client gone) does not cancel it for the others.
+        task = self._inflight.get(h)
+        if task is None:
+            task = asyncio.create_task(self._lookup(h))
+            self._inflight[h] = task
+            task.add_done_callback(lambda t: self._settle(h, t))
+        return task
+
+    def _settle(self, h: bytes, task: asyncio.Task[ApiKey | None]) -> None:
+        del self._inflight[h]
+        if task.cancelled():
+            return
+        # exception() also marks a failure as seen when no request is left to await it.
+        exc = task.exception()
+        if exc is None:
+            self._remember(h, task.result(), self._clock())
+        elif h in self._cache:
+            log.warning("api key lookup failed (%r); serving the cached answer meanwhile", exc)
+
+    async def _lookup(self, h: bytes) -> ApiKey | None:
+        async with asyncio.timeout(self._lookup_timeout_s):
+            row = await self._pool.fetchrow(
+                "SELECT key_id, account_id, role FROM api_keys"
+                " WHERE key_hash = $1 AND revoked_at IS NULL",
+                h,
+            )
+        if row is None:
+            return None
+        return ApiKey(row["key_id"], row["account_id"], row["role"])
+
+    def _remember(self, h: bytes, found: ApiKey | None, now: float) -> None:
+        if len(self._cache) >= _MAX_CACHED:
+            # Full: most likely of made-up keys. Keep only real keys still worth serving.
+            self._cache = {
+                k: v
+                for k, v in self._cache.items()
+                if v[0] is not None and now - v[1] < self._stale_s
+            }
+        self._cache[h] = (found, now)
+
+    def forget(self) -> None:
+        """Empty the cache (tests; after revoking keys in this process)."""
+        self._cache.clear()
+
+    async def create(self, account_id: str, role: Role) -> tuple[ApiKey, str]:
+        """Create a key for an existing account. Returns the record and the key, which is
+        not stored anywhere: show it once. Raises ``LookupError`` for an unknown account."""
+        if role not in ROLES:
+            raise ValueError(f"unknown role {role!r}; expected one of {', '.join(ROLES)}")
+        key_id, key = new_key()
+        try:
+            await self._pool.execute(
+                "INSERT INTO api_keys (key_id, key_hash, account_id, role) VALUES ($1, $2, $3, $4)",
+                key_id,
+                key_hash(key),
+                account_id,
+                role,
+            )
+        except asyncpg.ForeignKeyViolationError:
+            raise LookupError(f"no account {account_id!r}") from None
+        return ApiKey(key_id, account_id, role), key
+
+    async def revoke(self, key_id: str) -> bool:
+        """Revoke a key (other processes notice within their cache ``ttl_s``). Returns whether a
+        live key was revoked."""
+        done = await self._pool.fetchval(
+            "UPDATE api_keys SET revoked_at = now() WHERE key_id = $1 AND revoked_at IS NULL"
+            " RETURNING key_id",
+            key_id,
+        )
+        self._cache = {
+            k: v for k, v in self._cache.items() if v[0] is None or v[0].key_id != key_id
+        }
+        return done is not None

@@ -1,0 +1,77 @@
+"""Request and response bodies of the HTTP API (pydantic v2; they are the OpenAPI schemas).
+
+Requests are strict: a count must be a JSON integer, a string a JSON string, and unknown fields
+are refused (422), because a misspelt optional field would otherwise be dropped unnoticed and
+the caller is there to read the error. Money leaves as decimal strings (``contracts.money``),
+timestamps as RFC 3339 with an offset (``Z`` for UTC).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Final, Literal
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+
+from contracts.events import AccountId, Direction, Ident, Party
+
+# A call_id ends up in Redis hash fields and in '|'-separated outbox entries (call.terminate):
+# printable ASCII without spaces or '|'. A SIP Call-ID (``a84b4c76e66710@pc33.example.com``) fits.
+CALL_ID_PATTERN: Final = r"^[!-{}~]{1,256}$"
+CallId = Annotated[str, Field(pattern=CALL_ID_PATTERN)]
+Reason = Literal[
+    "ok",
+    "insufficient_credit",
+    "account_on_hold",
+    "account_suspended",
+    "unknown_account",
+    "no_rate_for_destination",
+]
+AccountStatus = Literal["active", "low", "hold", "suspended"]
+#: Money in an answer: ``contracts.money.format_money`` of micro-units, e.g. ``"12.50"``.
+Money = Annotated[str, Field(pattern=r"^-?\d{1,15}\.\d{2,6}$", examples=["12.50"])]
+
+
+class _In(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
+
+
+class AuthorizationIn(_In):
+    account_id: AccountId
+    call_id: CallId = Field(description="Idempotency key: a retry with it gets the first answer")
+    direction: Direction
+    from_: Party = Field(alias="from")
+    to: Party
+    outbound_profile_id: Ident | None = None
+
+
+class AuthorizationOut(BaseModel):
+    decision: Literal["allow", "deny"]
+    reason: Reason = Field(description='"ok" when allowed, else why not')
+    max_duration_s: int = Field(
+        description="Seconds the call may last at most (what the credit buys); 0 when denied"
+    )
+    reservation_id: str | None = Field(description="null when denied")
+    expires_at: AwareDatetime | None = Field(
+        description="When the reservation lapses unless call events extend it; null when denied"
+    )
+
+
+class BalanceOut(BaseModel):
+    """Money as decimal strings in the account's currency."""
+
+    balance: Money
+    pending: Money = Field(description="Credit reserved by calls in progress")
+    credit_limit: Money
+    available_credit: Money = Field(description="balance + credit_limit - pending")
+    currency: str
+    status: AccountStatus
+
+
+class StatusIn(_In):
+    reason: Annotated[str, Field(pattern=r"^[a-z0-9_]{1,64}$")] = "operator"
+
+
+class StatusOut(BaseModel):
+    account_id: str
+    status: AccountStatus
+    changed: bool = Field(description="false when the account already was so")

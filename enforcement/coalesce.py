@@ -1,0 +1,121 @@
+"""Concurrent reservations joined into shared Redis round trips (for the authorize API).
+
+Each ``reserve`` through redis-py costs this service far more client CPU than Redis time:
+building a pipeline, checking its script is loaded, a round trip (about 330 µs per call on the
+2-core machine of the benchmark, against 75 µs each when 64 go together). ``CoalescingBalances``
+answers ``reserve`` exactly as ``RedisBalances`` does; while fewer than ``max_inflight`` round
+trips are out, a call goes at once, and beyond that calls wait together and go as the next
+``reserve_many``. At low load nothing changes; under load the batches grow by
+themselves and the client's CPU per reservation falls. One round trip out at a time measured
+best (``meter bench authorize``, 2 cores): the API is bound by its own CPU, not by Redis, so
+each round trip saved is worth more than the wait for the one in flight.
+
+Semantics are those of ``reserve``: each reservation is its own atomic script, run in order of
+arrival within a batch; a batch that fails (``OutcomeUnknown``, Redis errors, ``TimeoutError``
+past ``timeout_s``) fails each of its calls, and a retry with the same call_id is safe. A caller
+that stops waiting (its deadline) does not stop the batch: its reservation may still be made,
+as with any timed-out ``reserve``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Final
+
+import redis.asyncio as aioredis
+
+from enforcement.balance import RedisBalances, Reservation, Tariff
+
+#: Calls per ``reserve_many``: bounds how long one batch holds Redis.
+MAX_BATCH: Final = 256
+
+_Params = tuple[int, int, int, int]  # now_s, grant_s, grace_s, max_s
+_Call = tuple[str, str, str, Tariff]  # account_id, call_id, direction, tariff
+
+
+class CoalescingBalances(RedisBalances):
+    """``RedisBalances`` whose ``reserve`` calls share round trips (see the module docstring)."""
+
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        *,
+        max_accounts_per_call: int = 256,
+        max_inflight: int = 1,
+        max_batch: int = MAX_BATCH,
+        timeout_s: float = 5.0,
+    ) -> None:
+        super().__init__(client, max_accounts_per_call=max_accounts_per_call)
+        self._timeout_s = timeout_s
+        self._max_inflight = max_inflight
+        self._max_batch = max_batch
+        self._inflight = 0
+        self._queue: list[tuple[_Call, _Params, asyncio.Future[Reservation]]] = []
+        self._tasks: set[asyncio.Task[None]] = set()  # the loop keeps only weak references
+
+    async def reserve(
+        self,
+        account_id: str,
+        call_id: str,
+        direction: str,
+        tariff: Tariff,
+        *,
+        now_s: int,
+        grant_s: int,
+        grace_s: int,
+        max_s: int,
+    ) -> Reservation:
+        fut: asyncio.Future[Reservation] = asyncio.get_running_loop().create_future()
+        call = (account_id, call_id, direction, tariff)
+        self._queue.append((call, (now_s, grant_s, grace_s, max_s), fut))
+        self._drain()
+        return await fut
+
+    def _drain(self) -> None:
+        """Send what waits if a slot is free. Round trips run in tasks of their own, never in a
+        caller's: a caller's deadline then only ends its wait, and never cancels redis-py in the
+        middle of a pipeline (which can leave a connection checked out of the pool for good)."""
+        if self._queue and self._inflight < self._max_inflight:
+            self._inflight += 1
+            batch = self._queue[: self._max_batch]
+            del self._queue[: self._max_batch]
+            task = asyncio.get_running_loop().create_task(self._send(batch))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _send(self, batch: list[tuple[_Call, _Params, asyncio.Future[Reservation]]]) -> None:
+        try:
+            # Calls of one batch share now_s and the grant parameters: split where they change
+            # (a second boundary), keeping the order.
+            start = 0
+            for i in range(1, len(batch) + 1):
+                if i == len(batch) or batch[i][1] != batch[start][1]:
+                    await self._send_part(batch[start:i])
+                    start = i
+        finally:
+            self._inflight -= 1
+            self._drain()
+
+    async def _send_part(
+        self, part: list[tuple[_Call, _Params, asyncio.Future[Reservation]]]
+    ) -> None:
+        now_s, grant_s, grace_s, max_s = part[0][1]
+        try:
+            # Bounded: a round trip that never ends (a hung Redis, no socket timeout) would
+            # otherwise hold the only slot, and every later call would queue behind it forever.
+            async with asyncio.timeout(self._timeout_s):
+                results = await self.reserve_many(
+                    [call for call, _, _ in part],
+                    now_s=now_s,
+                    grant_s=grant_s,
+                    grace_s=grace_s,
+                    max_s=max_s,
+                )
+        except Exception as exc:
+            for _, _, fut in part:
+                if not fut.done():
+                    fut.set_exception(exc)
+            return
+        for (_, _, fut), r in zip(part, results, strict=True):
+            if not fut.done():  # done: its caller gave up waiting
+                fut.set_result(r)

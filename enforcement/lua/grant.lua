@@ -1,0 +1,74 @@
+-- Buy seconds for an account's minute bucket from its balance, once per grant id.
+--
+-- KEYS[1] account hash   KEYS[2] applied-credits hash   KEYS[3] outbox list
+-- ARGV[1] grant_id     "b" .. purchase id; its debit is remembered in the applied-credits hash
+--                      as "grant:" .. grant_id, so a retry takes nothing again
+-- ARGV[2] price        micro-units (>= 0) taken from the balance
+-- ARGV[3] seconds      seconds added to the bucket
+-- ARGV[4] valid_from   unix seconds   ARGV[5] expires_at   unix seconds
+-- ARGV[6] now          unix seconds
+--
+-- Reply: {result, balance, status}; result 1 applied, 0 a repeat (nothing changed), -1 unknown
+-- account, -2 the available credit (balance + credit limit - reserved) does not cover the price.
+-- The bucket format is debit.lua's ("min" field); a spent or expired grant is dropped here too.
+
+-- The account state machine, shared by every script that moves money (keep the copies equal;
+-- tests/test_balance.py checks they are). Returns the new status and the signal to queue, if any.
+local function transition(st, avail, lowth)
+  if st == 'suspended' then
+    return st, nil
+  end
+  local target = 'active'
+  if avail <= 0 then
+    target = 'hold'
+  elseif avail <= lowth then
+    target = 'low'
+  end
+  if target == st then
+    return st, nil
+  elseif target == 'hold' then
+    return target, 'account.hold|credit_exhausted'
+  elseif st == 'hold' then
+    return target, 'account.resume|credit_available'
+  elseif target == 'low' then
+    return target, 'account.low_balance|below_threshold'
+  end
+  return target, nil
+end
+
+local grant_id = ARGV[1]
+local price = tonumber(ARGV[2])
+local now = tonumber(ARGV[6])
+local f = redis.call('HMGET', KEYS[1], 'bal', 'res', 'cl', 'lowth', 'st', 'min')
+if not f[1] then
+  return {-1, 0, ''}
+end
+local bal = tonumber(f[1])
+if redis.call('HEXISTS', KEYS[2], 'grant:' .. grant_id) == 1 then
+  return {0, bal, f[5] or 'active'}
+end
+local avail = bal + tonumber(f[3] or '0') - tonumber(f[2] or '0')
+if price > 0 and avail < price then
+  return {-2, bal, f[5] or 'active'}
+end
+redis.call('HSET', KEYS[2], 'grant:' .. grant_id, -price)
+local keep = {}
+for id, rem, from, to in string.gmatch(f[6] or '', '([^,;]+),(%d+),(%d+),(%d+)') do
+  if tonumber(to) + 86400 > now and (tonumber(rem) > 0 or string.sub(id, 1, 1) == 'p') then
+    keep[#keep + 1] = id .. ',' .. rem .. ',' .. from .. ',' .. to
+  end
+end
+keep[#keep + 1] = grant_id .. ',' .. ARGV[3] .. ',' .. ARGV[4] .. ',' .. ARGV[5]
+redis.call('HSET', KEYS[1], 'min', table.concat(keep, ';'))
+if price > 0 then
+  bal = tonumber(redis.call('HINCRBY', KEYS[1], 'bal', string.format('%d', -price)))
+end
+local st, signal = transition(f[5] or 'active', avail - price, tonumber(f[4] or '0'))
+if st ~= f[5] then
+  redis.call('HSET', KEYS[1], 'st', st)
+end
+if signal then
+  local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
+  redis.call('RPUSH', KEYS[3], seq .. '|' .. signal)
+end
+return {1, bal, st}

@@ -1,0 +1,108 @@
+"""``meter run api``: the HTTP API under uvicorn (uvloop, httptools), one process.
+
+Where ``METER_REDIS_URL`` / ``METER_DATABASE_URL`` are empty, an embedded ``redis-server`` and
+PostgreSQL are started under ``data_dir/embedded-api`` (their own folder: a metering worker
+running embedded services beside it owns ``data_dir/embedded``) and stopped on exit. The API
+needs no broker: the signals it causes wait in Redis outboxes for the outbox relay.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import asyncpg
+import uvicorn
+from starlette.types import ASGIApp
+
+from enforcement.api import asgi_app
+from meter.db import migrate
+from meter.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class ApiServer(uvicorn.Server):
+    """uvicorn's server without its own signal handling: whoever runs it decides when it stops
+    (``should_exit``). uvicorn would re-raise a caught SIGTERM after shutting down, killing the
+    process before the embedded services it started could be stopped."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+    @property
+    def port(self) -> int:
+        """The bound port (useful with port 0); only once ``started``."""
+        port: int = self.servers[0].sockets[0].getsockname()[1]
+        return port
+
+
+def server_for(app: ASGIApp, host: str, port: int) -> ApiServer:
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        http="httptools",
+        lifespan="on",
+        access_log=False,  # one log line per authorization would cost more than the answer
+        log_config=None,  # keep the process's own logging setup
+        server_header=False,
+        # No X-Forwarded-* rewriting: nothing here reads the client's address, and it is one
+        # more layer around every request.
+        proxy_headers=False,
+        timeout_keep_alive=30,  # call-control keeps its connections; do not close them idle
+    )
+    return ApiServer(config)
+
+
+@contextlib.asynccontextmanager
+async def running_stores(settings: Settings, root: Path | None = None) -> AsyncIterator[Settings]:
+    """Yield settings whose Redis and PostgreSQL are set, reachable and migrated."""
+    from meter import embedded
+
+    root = (root or settings.data_dir / "embedded-api").resolve()
+    handles: list[embedded._Stoppable] = []
+    redis_url, dsn = settings.redis_url, settings.database_url
+    try:
+        if not redis_url:
+            r = await asyncio.to_thread(embedded.start_redis, root)
+            handles.append(r)
+            redis_url = r.url
+            log.info("started embedded redis-server at %s", redis_url)
+        if not dsn:
+            p = await asyncio.to_thread(embedded.start_postgres, root)
+            handles.append(p)
+            dsn = p.url
+            log.info("started embedded PostgreSQL at %s", dsn)
+        conn = await asyncpg.connect(dsn)
+        try:
+            applied = await migrate(conn)
+            if applied:
+                log.info("applied migrations: %s", ", ".join(applied))
+        finally:
+            await conn.close()
+        yield settings.with_endpoints(settings.kafka_bootstrap, redis_url, dsn)
+    finally:
+        for h in reversed(handles):
+            await asyncio.to_thread(h.stop)
+
+
+async def serve_api(settings: Settings, stop: asyncio.Event) -> int:
+    """Serve until ``stop`` is set, then finish the requests in flight. Returns an exit code."""
+    async with running_stores(settings) as s:
+        server = server_for(asgi_app(s), s.api_host, s.api_port)
+
+        async def stop_when_told() -> None:
+            await stop.wait()
+            server.should_exit = True
+
+        watcher = asyncio.create_task(stop_when_told())
+        try:
+            await server.serve()
+        finally:
+            watcher.cancel()
+        return 0 if server.started else 1
