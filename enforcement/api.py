@@ -63,6 +63,8 @@ from enforcement.api_models import (
     AuthorizationIn,
     AuthorizationOut,
     BalanceOut,
+    BundlePurchaseIn,
+    BundlePurchaseOut,
     StatusIn,
     StatusOut,
 )
@@ -73,6 +75,7 @@ from meter.accounts import load_into_redis
 from meter.db import create_pool
 from meter.settings import Settings
 from metering.catalog import Catalog
+from metering.plans import BundleError, buy_bundle
 
 log = logging.getLogger(__name__)
 
@@ -515,5 +518,43 @@ def create_app(settings: Settings, services: ApiServices | None = None) -> FastA
     async def resume(request: Request, account_id: AccountPath, key: Caller) -> StatusOut:
         """Idempotent. The account returns to the state its credit gives (active, low, hold)."""
         return await set_status(request, account_id, key, "resume")
+
+    @app.post(
+        "/v1/accounts/{account_id}/bundles",
+        response_model=BundlePurchaseOut,
+        responses=api_errors.responses(400, 401, 403, 404, 409, 422, 503),
+        summary="Buy an add-on minute bundle from the balance (admin); idempotent per purchase_id",
+    )
+    async def buy(request: Request, account_id: AccountPath, key: Caller) -> BundlePurchaseOut:
+        """The price is debited and the minutes land in the account's bucket together, once
+        per ``purchase_id``; 409 ``insufficient_credit`` when the credit does not cover it."""
+        may_act(key, account_id, ("admin",))
+        body = await _body(request, BundlePurchaseIn)
+        await known(account_id)
+        await account_state(account_id)  # rebuilds a lost Redis state first
+        svc = current()
+        try:
+            p = await _redis(
+                buy_bundle(svc.pool, svc.balances, account_id, body.bundle_id, body.purchase_id),
+                deadline,
+            )
+        except BundleError as exc:
+            status, field = {
+                "unknown_bundle": (404, "bundle_id"),
+                "unknown_account": (404, "account_id"),
+                "insufficient_credit": (409, None),
+            }.get(exc.reason, (409, None))
+            raise ApiError(status, exc.reason, str(exc), field) from None
+        return BundlePurchaseOut(
+            account_id=account_id,
+            purchase_id=p.purchase_id,
+            bundle_id=p.bundle_id,
+            minutes=p.seconds // 60,
+            price=format_money(p.price),
+            valid_from=p.valid_from,
+            expires_at=p.expires_at,
+            balance=format_money(p.balance),
+            created=p.applied,
+        )
 
     return app

@@ -8,6 +8,7 @@ timestamps as RFC 3339 with an offset (``Z`` for UTC).
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Annotated, Final, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
@@ -75,3 +76,21 @@ class StatusOut(BaseModel):
     account_id: str
     status: AccountStatus
     changed: bool = Field(description="false when the account already was so")
+
+
+class BundlePurchaseIn(_In):
+    bundle_id: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")]
+    #: the caller's idempotency key: the same purchase_id never buys twice
+    purchase_id: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")]
+
+
+class BundlePurchaseOut(BaseModel):
+    account_id: str
+    purchase_id: str
+    bundle_id: str
+    minutes: int
+    price: str = Field(description="money taken from the balance, decimal string")
+    valid_from: datetime
+    expires_at: datetime
+    balance: str
+    created: bool = Field(description="false when this purchase_id was bought before")

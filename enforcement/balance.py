@@ -207,11 +207,14 @@ def _decode_outbox(entries: list[bytes]) -> list[PendingSignal]:
     """``seq|type|reason`` or, for call.terminate, ``seq|type|reason|call_id|terminate_at``."""
     out = []
     for raw in entries:
-        parts = raw.decode().split("|")
-        if len(parts) == 5:
-            out.append(PendingSignal(int(parts[0]), parts[1], parts[2], parts[3], int(parts[4])))
+        seq, type_, rest = raw.decode().split("|", 2)
+        if type_ == "call.terminate":
+            # A call_id may itself hold "|": the reason never does, the time is last.
+            reason, tail = rest.split("|", 1)
+            call_id, at = tail.rsplit("|", 1)
+            out.append(PendingSignal(int(seq), type_, reason, call_id, int(at)))
         else:
-            out.append(PendingSignal(int(parts[0]), parts[1], parts[2]))
+            out.append(PendingSignal(int(seq), type_, rest))
     return out
 
 

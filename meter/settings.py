@@ -115,6 +115,14 @@ class Settings:
         for name in ("ops_lag_interval_s", "ops_accounts_interval_s", "ops_reconcile_interval_s"):
             if getattr(self, name) < 0:
                 raise SettingsError(f"METER_{name.upper()} must be >= 0 (0 = off)")
+        if not 0 <= self.api_port <= 65_535:
+            raise SettingsError("METER_API_PORT must be a port number (0-65535)")
+        if self.authorize_deadline_s <= 0:
+            raise SettingsError("METER_AUTHORIZE_DEADLINE_S must be > 0")
+        if self.authorize_grant_s < 1 or self.authorize_grace_s < 0:
+            raise SettingsError(
+                "METER_AUTHORIZE_GRANT_S must be >= 1 and METER_AUTHORIZE_GRACE_S >= 0"
+            )
 
     def with_endpoints(self, kafka: str, redis: str, database: str) -> Settings:
         return replace(self, kafka_bootstrap=kafka, redis_url=redis, database_url=database)

@@ -439,7 +439,10 @@ class MeteringProcessor:
                 amount, billed = voice_cost(d.billable_s, rate)
                 if billed:  # any account may hold bundle seconds: debit.lua decides the draw
                     draw = f"{billed},{rate.rate_per_min},{rate.connect_fee},{at}"
-                kind, qty, ref, call = "call", billed, d.call_id, d.call_id
+                kind, qty, ref = "call", billed, d.call_id
+                # debit.lua reads call ids one per line: one holding a newline cannot close
+                # its reservation there (the sweep releases it instead).
+                call = d.call_id if "\n" not in d.call_id else ""
             else:
                 m = cast(FastMessage | MessageSent, ev).data
                 amount = plist.rate_message(m.parts)

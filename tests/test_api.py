@@ -482,3 +482,41 @@ async def test_the_catch_all_answers_500_without_a_trace(api: Api) -> None:
         r = await slow.post("/v1/authorizations", json=call(), headers=service)
         assert_error(r, 500, "internal")
         assert "secret" not in r.text
+
+
+async def test_buy_a_bundle_once_per_purchase_id(api: Api) -> None:
+    from meter.accounts import BundleSpec, put_bundle
+
+    await put_bundle(
+        api.svc.pool,
+        BundleSpec.model_validate({"id": "min300", "minutes": 300, "price": "3.00"}),
+    )
+    await api.seed("acc_1", balance="5.00")
+    admin = await api.key("acc_1", "admin")
+    user = await api.key("acc_1", "user")
+    body = {"bundle_id": "min300", "purchase_id": "p-1"}
+    assert_error(
+        await api.client.post("/v1/accounts/acc_1/bundles", json=body, headers=user),
+        403,
+        "forbidden",
+        None,
+    )
+    r = await api.client.post("/v1/accounts/acc_1/bundles", json=body, headers=admin)
+    assert r.status_code == 200, r.text
+    assert (r.json()["minutes"], r.json()["price"], r.json()["created"]) == (300, "3.00", True)
+    again = await api.client.post("/v1/accounts/acc_1/bundles", json=body, headers=admin)
+    assert again.json()["created"] is False and again.json()["balance"] == "2.00"
+    st = await api.svc.balances.get("acc_1")
+    assert st is not None and st.balance == 2_000_000  # taken once
+    poor = await api.client.post(
+        "/v1/accounts/acc_1/bundles",
+        json={"bundle_id": "min300", "purchase_id": "p-2"},
+        headers=admin,
+    )
+    assert_error(poor, 409, "insufficient_credit", None)
+    unknown = await api.client.post(
+        "/v1/accounts/acc_1/bundles",
+        json={"bundle_id": "nope", "purchase_id": "p-3"},
+        headers=admin,
+    )
+    assert_error(unknown, 404, "unknown_bundle", "bundle_id")

@@ -179,3 +179,18 @@ def test_billing_copies_are_identical() -> None:
         return text[start : text.index("\nlocal call_id", start)]
 
     assert billing("reserve.lua") == billing("progress.lua")
+
+
+def test_outbox_entries_decode_call_ids_holding_separators() -> None:
+    from enforcement.balance import _decode_outbox
+
+    (s,) = _decode_outbox([b"7|call.terminate|credit_exhausted|a|b|c|1795300000"])
+    assert (s.seq, s.type, s.reason, s.call_id, s.terminate_at) == (
+        7,
+        "call.terminate",
+        "credit_exhausted",
+        "a|b|c",
+        1795300000,
+    )
+    (h,) = _decode_outbox([b"3|account.hold|credit_exhausted"])
+    assert (h.seq, h.type, h.reason, h.call_id) == (3, "account.hold", "credit_exhausted", None)

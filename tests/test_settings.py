@@ -34,6 +34,9 @@ def test_unknown_setting_is_an_error() -> None:
         ("METER_BATCH_MAX_RECORDS", "0"),
         ("METER_MAX_CALL_S", "-1"),
         ("METER_REDIS_TIMEOUT_S", "soon"),
+        ("METER_API_PORT", "70000"),
+        ("METER_AUTHORIZE_DEADLINE_S", "0"),
+        ("METER_AUTHORIZE_GRANT_S", "0"),
     ],
 )
 def test_bad_values_are_errors(name: str, value: str) -> None:
