@@ -41,6 +41,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
 from typing import Annotated, Final, Literal, TypeVar
@@ -71,6 +72,7 @@ from enforcement.api_models import (
 from enforcement.authorize import Authorizer, AuthorizeRequest, BalanceStoreUnavailable
 from enforcement.balance import AccountState, OutcomeUnknown, RedisBalances
 from enforcement.coalesce import CoalescingBalances
+from meter import metrics
 from meter.accounts import load_into_redis
 from meter.db import create_pool
 from meter.settings import Settings
@@ -218,6 +220,7 @@ async def authorize_json(services: ApiServices, key: ApiKey, raw: bytes) -> byte
     """The whole of ``POST /v1/authorizations`` after authentication: the answer's JSON."""
     body = parse_body(raw, AuthorizationIn)
     may_act(key, body.account_id, ("service", "admin", "user"))
+    t0 = time.perf_counter()
     try:
         d = await services.authorizer.authorize(
             AuthorizeRequest(
@@ -230,12 +233,19 @@ async def authorize_json(services: ApiServices, key: ApiKey, raw: bytes) -> byte
             )
         )
     except BalanceStoreUnavailable as exc:
+        metrics.AUTHORIZE_DECISIONS.labels("error", "balance_store_unavailable").inc()
         raise ApiError(503, "balance_store_unavailable", str(exc), None, _RETRY) from exc
     except _DB_DOWN as exc:
         # An account not cached yet could not be looked up: nothing was reserved.
         raise ApiError(
             503, "database_unavailable", "the database did not answer; retry", None, _RETRY
         ) from exc
+    metrics.AUTHORIZE_SECONDS.observe(time.perf_counter() - t0)
+    if d.reason == "call_closed":
+        # Not a deny reason of the contract: a client re-using a call_id that hung up.
+        metrics.AUTHORIZE_DECISIONS.labels("error", "call_closed").inc()
+        raise ApiError(409, "call_closed", "this call_id has already hung up", "call_id")
+    metrics.AUTHORIZE_DECISIONS.labels(d.decision, d.reason).inc()
     out = AuthorizationOut(
         decision=d.decision,
         reason=d.reason,  # type: ignore[arg-type]  # one of Reason; pydantic checks it

@@ -520,3 +520,14 @@ async def test_buy_a_bundle_once_per_purchase_id(api: Api) -> None:
         headers=admin,
     )
     assert_error(unknown, 404, "unknown_bundle", "bundle_id")
+
+
+async def test_authorizing_a_call_that_already_hung_up_is_a_conflict(api: Api) -> None:
+    await api.seed("acc_1", balance="10.00")
+    service = await api.key("acc_1", "service")
+    assert (await api.authorize(service, call_id="done")).json()["decision"] == "allow"
+    # the hangup's debit leaves a closed marker where the reservation was
+    await api.svc.balances._r.hset(
+        keys.reservations("acc_1"), "done", "0|0|9999999999|0|0|1|1|0|-1"
+    )
+    assert_error(await api.authorize(service, call_id="done"), 409, "call_closed", "call_id")
