@@ -14,13 +14,12 @@ import logging
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
-import asyncpg
 import uvicorn
 from starlette.types import ASGIApp
 
 from enforcement.api import asgi_app
-from meter.db import migrate
 from meter.settings import Settings
+from meter.stack import running_stack
 
 log = logging.getLogger(__name__)
 
@@ -62,33 +61,10 @@ def server_for(app: ASGIApp, host: str, port: int) -> ApiServer:
 @contextlib.asynccontextmanager
 async def running_stores(settings: Settings, root: Path | None = None) -> AsyncIterator[Settings]:
     """Yield settings whose Redis and PostgreSQL are set, reachable and migrated."""
-    from meter import embedded
-
-    root = (root or settings.data_dir / "embedded-api").resolve()
-    handles: list[embedded._Stoppable] = []
-    redis_url, dsn = settings.redis_url, settings.database_url
-    try:
-        if not redis_url:
-            r = await asyncio.to_thread(embedded.start_redis, root)
-            handles.append(r)
-            redis_url = r.url
-            log.info("started embedded redis-server at %s", redis_url)
-        if not dsn:
-            p = await asyncio.to_thread(embedded.start_postgres, root)
-            handles.append(p)
-            dsn = p.url
-            log.info("started embedded PostgreSQL at %s", dsn)
-        conn = await asyncpg.connect(dsn)
-        try:
-            applied = await migrate(conn)
-            if applied:
-                log.info("applied migrations: %s", ", ".join(applied))
-        finally:
-            await conn.close()
-        yield settings.with_endpoints(settings.kafka_bootstrap, redis_url, dsn)
-    finally:
-        for h in reversed(handles):
-            await asyncio.to_thread(h.stop)
+    async with running_stack(
+        settings, root or settings.data_dir / "embedded-api", kafka_needed=False
+    ) as s:
+        yield s
 
 
 async def serve_api(settings: Settings, stop: asyncio.Event) -> int:

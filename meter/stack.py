@@ -15,7 +15,7 @@ from pathlib import Path
 
 import asyncpg
 
-from contracts import topics
+from contracts.topics import ALL
 from meter.db import migrate
 from meter.settings import Settings
 
@@ -23,8 +23,11 @@ log = logging.getLogger(__name__)
 
 
 @contextlib.asynccontextmanager
-async def running_stack(settings: Settings, root: Path | None = None) -> AsyncIterator[Settings]:
-    """Yield settings whose three endpoints are all set and reachable."""
+async def running_stack(
+    settings: Settings, root: Path | None = None, *, kafka_needed: bool = True
+) -> AsyncIterator[Settings]:
+    """Yield settings whose endpoints are all set and reachable (the broker only when
+    ``kafka_needed``: the API process has no use for one)."""
     from meter import embedded  # heavy imports only when something is embedded
 
     # Absolute: redis-server resolves its log file after changing into --dir.
@@ -32,7 +35,7 @@ async def running_stack(settings: Settings, root: Path | None = None) -> AsyncIt
     handles: list[embedded._Stoppable] = []
     kafka, redis_url, dsn = settings.kafka_bootstrap, settings.redis_url, settings.database_url
     try:
-        if not kafka:
+        if not kafka and kafka_needed:
             k = await asyncio.to_thread(embedded.start_kafka, root)
             handles.append(k)
             kafka = k.bootstrap
@@ -48,18 +51,19 @@ async def running_stack(settings: Settings, root: Path | None = None) -> AsyncIt
             dsn = p.url
             log.info("started embedded PostgreSQL at %s", dsn)
         resolved = settings.with_endpoints(kafka, redis_url, dsn)
-        await prepare(resolved)
+        await prepare(resolved, topics=kafka_needed)
         yield resolved
     finally:
         for h in reversed(handles):
             await asyncio.to_thread(h.stop)
 
 
-async def prepare(settings: Settings) -> None:
+async def prepare(settings: Settings, *, topics: bool = True) -> None:
     """Create missing topics and apply pending migrations (both idempotent)."""
     from meter.embedded import create_topics
 
-    await create_topics(settings.kafka_bootstrap, {t: settings.partitions for t in topics.ALL})
+    if topics:
+        await create_topics(settings.kafka_bootstrap, {t: settings.partitions for t in ALL})
     conn = await asyncpg.connect(settings.database_url)
     try:
         applied = await migrate(conn)

@@ -169,7 +169,8 @@ def test_state_machine_copies_are_identical() -> None:
         assert m, name
         return m.group(0)
 
-    assert transition("debit.lua") == transition("credit.lua") == transition("set_status.lua")
+    copies = {transition(n) for n in ("debit.lua", "credit.lua", "set_status.lua", "grant.lua")}
+    assert len(copies) == 1
 
 
 def test_billing_copies_are_identical() -> None:
