@@ -16,7 +16,8 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validato
 from contracts.events import ACCOUNT_ID_PATTERN
 from contracts.money import Micros
 from enforcement.balance import RedisBalances
-from meter.ledger import Ledger, LedgerRow, credit_key
+from meter.ledger import COLUMNS, Ledger, LedgerRow, credit_key
+from metering.pricelists import RATE_COLUMNS
 from metering.rating import MAX_RATE_PER_MIN
 
 
@@ -135,16 +136,7 @@ async def put_price_list(pool: asyncpg.Pool, spec: PriceListSpec) -> None:
                 )
                 for r in spec.outbound
             ],
-            columns=[
-                "price_list_id",
-                "prefix",
-                "description",
-                "rate_per_min",
-                "connect_fee",
-                "initial_s",
-                "subsequent_s",
-                "effective_from",
-            ],
+            columns=RATE_COLUMNS,
         )
 
 
@@ -230,25 +222,9 @@ async def create_accounts(
         ]
         if rows:
             await conn.executemany(
-                "INSERT INTO ledger (event_key, account_id, kind, amount, quantity, ref, rate_ref,"
-                " event_time, source, event_id, fingerprint)"
+                f"INSERT INTO ledger ({', '.join(COLUMNS[:11])})"
                 " VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11) ON CONFLICT DO NOTHING",
-                [
-                    (
-                        r.event_key,
-                        r.account_id,
-                        r.kind,
-                        r.amount,
-                        r.quantity,
-                        r.ref,
-                        r.rate_ref,
-                        r.event_time,
-                        r.source,
-                        r.event_id,
-                        r.fingerprint,
-                    )
-                    for r in rows
-                ],
+                [r.values() for r in rows],
             )
     await load_into_redis(pool, balances, [s.id for s in specs])
     return len(new_ids)

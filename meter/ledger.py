@@ -71,6 +71,22 @@ class LedgerRow:
     event_id: str
     fingerprint: bytes | None
 
+    def values(self) -> tuple[object, ...]:
+        """The row in the order of the first eleven ``COLUMNS``."""
+        return (
+            self.event_key,
+            self.account_id,
+            self.kind,
+            self.amount,
+            self.quantity,
+            self.ref,
+            self.rate_ref,
+            self.event_time,
+            self.source,
+            self.event_id,
+            self.fingerprint,
+        )
+
 
 class Ledger:
     """Writes and reads of the book of record. Every write is idempotent on ``event_key``."""
@@ -154,19 +170,3 @@ class SignalRow:
     seq: int
     type: str
     reason: str
-
-
-def _astuple(r: LedgerRow) -> tuple[object, ...]:
-    return (
-        r.event_key,
-        r.account_id,
-        r.kind,
-        r.amount,
-        r.quantity,
-        r.ref,
-        r.rate_ref,
-        r.event_time,
-        r.source,
-        r.event_id,
-        r.fingerprint,
-    )

@@ -29,8 +29,10 @@ EVENTS_CHARGED: Final = Counter(
 EVENTS_DUPLICATE: Final = Counter(
     "meter_events_duplicate_total", "Events already charged (redelivery, re-publish)", ["type"]
 )
-EVENTS_IGNORED: Final = Counter(
-    "meter_events_ignored_total", "Valid events the metering path does not charge", ["type"]
+CALL_UPDATES: Final = Counter(
+    "meter_call_updates_total",
+    "Live-call updates (call.answered, call.progress) applied to reservations",
+    ["type"],
 )
 DEAD_LETTERS: Final = Counter(
     "meter_dead_letters_total",

@@ -197,11 +197,11 @@ async def import_rates(
                 )
                 for r in rates
             ],
-            columns=[*_RATE_COLUMNS],
+            columns=[*RATE_COLUMNS],
         )
         await conn.execute(
-            f"INSERT INTO price_list_rates ({', '.join(_RATE_COLUMNS)})"
-            f" SELECT {', '.join(_RATE_COLUMNS)} FROM import_rates"
+            f"INSERT INTO price_list_rates ({', '.join(RATE_COLUMNS)})"
+            f" SELECT {', '.join(RATE_COLUMNS)} FROM import_rates"
             " ON CONFLICT (price_list_id, prefix, effective_from) DO UPDATE SET"
             " description = EXCLUDED.description, rate_per_min = EXCLUDED.rate_per_min,"
             " connect_fee = EXCLUDED.connect_fee, initial_s = EXCLUDED.initial_s,"
@@ -210,7 +210,7 @@ async def import_rates(
     return ImportResult(price_list_id, len(rates), int(version))
 
 
-_RATE_COLUMNS: Final = (
+RATE_COLUMNS: Final = (
     "price_list_id",
     "prefix",
     "description",

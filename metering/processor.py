@@ -19,6 +19,7 @@ import asyncio
 import hashlib
 import logging
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -125,7 +126,7 @@ class BatchOutcome:
     records: int = 0
     charged: int = 0
     duplicates: int = 0
-    ignored: int = 0
+    call_updates: int = 0  # call.answered / call.progress applied to reservations
     charged_micros: int = 0
     dead_letters: dict[str, int] = field(default_factory=dict)
     signals: list[tuple[str, PendingSignal]] = field(default_factory=list)
@@ -220,9 +221,7 @@ class MeteringProcessor:
         parsed: list[tuple[Record, Chargeable]] = []
         for rec in records:
             r = self._validate(rec, now)
-            if r is None:
-                out.ignored += 1
-            elif type(r) is Rejected:
+            if type(r) is Rejected:
                 rejected.append(r)
             else:
                 parsed.append((rec, r))  # type: ignore[arg-type]
@@ -236,6 +235,7 @@ class MeteringProcessor:
 
         # Live-call updates first: a hangup later in the same batch then closes what they opened.
         control_outbox = await self._control(control, now, rejected) if control else []
+        out.call_updates = len(control)
         await self._skip_known_old(charges, now)
         outcomes = await self._apply(charges, now, rejected)
         metrics.STAGE_SECONDS.labels("redis").observe(time.perf_counter() - t1)
@@ -249,6 +249,8 @@ class MeteringProcessor:
         ended where the credit runs out. Both are idempotent: a replay changes nothing."""
         cc = self._call_control
         now_s = int(now)
+        for type_, n in Counter(ev.type for _, ev in events).items():
+            metrics.CALL_UPDATES.labels(type_).inc(n)
         opens: list[tuple[str, str, str, Tariff]] = []
         updates: list[tuple[str, str, int, int]] = []
         for rec, ev in events:
@@ -359,8 +361,8 @@ class MeteringProcessor:
 
     # -- validation and rating -------------------------------------------------------------
 
-    def _validate(self, rec: Record, now: float) -> Rejected | Chargeable | None:
-        """The event to charge, a rejection, or ``None`` for a valid event not charged here."""
+    def _validate(self, rec: Record, now: float) -> Rejected | Chargeable:
+        """The event to charge (or a live-call update), or why it is rejected."""
         value = rec.value
         if value is None:
             return Rejected(rec, "schema", "empty message (tombstone)")

@@ -230,34 +230,3 @@ async def _consume(
             backoff = min(backoff * 2, 5.0)
     if pending is not None:
         await settle()
-
-
-async def consumer_lag(settings: Settings, group: str | None = None) -> dict[TopicPartition, int]:
-    """Messages not yet committed by the metering group, per partition."""
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=settings.kafka_bootstrap,
-        group_id=group or settings.consumer_group,
-        enable_auto_commit=False,
-    )
-    await consumer.start()
-    try:
-        tps = [
-            TopicPartition(t, p)
-            for t in topics.METERED
-            for p in (consumer.partitions_for_topic(t) or set())
-        ]
-        if not tps:
-            await consumer._client.force_metadata_update()
-            tps = [
-                TopicPartition(t, p)
-                for t in topics.METERED
-                for p in (consumer.partitions_for_topic(t) or set())
-            ]
-        ends = await consumer.end_offsets(tps)
-        lag = {}
-        for tp in tps:
-            committed = await consumer.committed(tp)
-            lag[tp] = ends[tp] - (committed or 0)
-        return lag
-    finally:
-        await consumer.stop()
