@@ -16,6 +16,7 @@ from contracts.events import (
     NumberDeactivated,
     NumberRenewalDue,
 )
+from contracts.payments import Notification, RechargeRequested
 from contracts.signals import Signal
 
 MODELS: dict[str, type[BaseModel]] = {
@@ -27,6 +28,8 @@ MODELS: dict[str, type[BaseModel]] = {
     "number.renewal_due": NumberRenewalDue,
     "number.deactivated": NumberDeactivated,
     "control-signal": Signal,
+    "recharge.requested": RechargeRequested,
+    "notification": Notification,
 }
 
 

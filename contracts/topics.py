@@ -7,7 +7,19 @@ NUMBER_EVENTS: Final = "telephony.number-events"
 MESSAGE_EVENTS: Final = "messaging.message-events"
 CONTROL_SIGNALS: Final = "billing.control-signals"
 DEAD_LETTER: Final = "billing.dead-letter"
+#: Added by this service (issue 5): auto-recharge triggers, from the balance scripts to the
+#: recharge worker; and payment notifications for operators and the account's admins.
+RECHARGE_REQUESTS: Final = "billing.recharge-requests"
+NOTIFICATIONS: Final = "billing.notifications"
 
 #: Topics the metering hot path consumes.
 METERED: Final = (CALL_EVENTS, MESSAGE_EVENTS)
-ALL: Final = (CALL_EVENTS, NUMBER_EVENTS, MESSAGE_EVENTS, CONTROL_SIGNALS, DEAD_LETTER)
+ALL: Final = (
+    CALL_EVENTS,
+    NUMBER_EVENTS,
+    MESSAGE_EVENTS,
+    CONTROL_SIGNALS,
+    DEAD_LETTER,
+    RECHARGE_REQUESTS,
+    NOTIFICATIONS,
+)

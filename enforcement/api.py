@@ -10,7 +10,12 @@ Every ``/v1`` endpoint needs ``Authorization: Bearer <api key>`` (``enforcement.
 ``GET /v1/accounts/{id}/balance``      ``service`` for any account; ``admin``/``user``
                                        for their own
 ``POST /v1/accounts/{id}/suspend``     ``admin`` of that account
-``POST /v1/accounts/{id}/resume``      ``admin`` of that account
+``POST /v1/accounts/{id}/resume``      ``admin`` of that account (also lifts a hold the
+                                       service pinned, e.g. after the recharge cap)
+``PUT|GET /v1/accounts/{id}/           ``admin`` of that account (billing is admin only)
+auto_recharge``, ``PUT|GET|DELETE
+.../payment_method``, ``POST|GET
+.../payments``
 =====================================  ===============================================
 
 Why a ``service`` key may authorize for any account: call-control sits in front of every
@@ -63,9 +68,16 @@ from enforcement.api_keys import ApiKey, ApiKeys, KeyStoreUnavailable, Role
 from enforcement.api_models import (
     AuthorizationIn,
     AuthorizationOut,
+    AutoRechargeIn,
+    AutoRechargeOut,
     BalanceOut,
     BundlePurchaseIn,
     BundlePurchaseOut,
+    PaymentIn,
+    PaymentMethodIn,
+    PaymentMethodOut,
+    PaymentOut,
+    PaymentsOut,
     StatusIn,
     StatusOut,
 )
@@ -78,6 +90,9 @@ from meter.db import create_pool
 from meter.settings import Settings
 from metering.catalog import Catalog
 from metering.plans import BundleError, buy_bundle
+from recharge.policy import PolicyRefusal
+from recharge.service import LogNotifier, Payment, PaymentError, PaymentService
+from recharge.worker import make_gateway
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +124,8 @@ class ApiServices:
     catalog: Catalog
     authorizer: Authorizer
     keys: ApiKeys
+    #: top-ups, the saved method and auto-recharge settings; None: the payment routes 503
+    payments: PaymentService | None = None
 
 
 def api_redis_client(settings: Settings) -> aioredis.Redis:
@@ -149,7 +166,20 @@ async def connect_api(settings: Settings) -> AsyncIterator[ApiServices]:
             deadline_s=settings.authorize_deadline_s,
         )
         keys = ApiKeys(pool, ttl_s=settings.api_key_cache_s)
-        yield ApiServices(pool, balances, catalog, authorizer, keys)
+        gateway = make_gateway(settings)
+        payments = PaymentService(
+            pool,
+            balances,
+            gateway,
+            LogNotifier(),
+            backoff_s=settings.backoff(),
+            max_declines=settings.recharge_max_declines,
+            charge_timeout_s=settings.payment_timeout_s,
+        )
+        try:
+            yield ApiServices(pool, balances, catalog, authorizer, keys, payments)
+        finally:
+            await gateway.close()
     finally:
         await r.aclose()
         await pool.close()
@@ -493,7 +523,10 @@ def create_app(settings: Settings, services: ApiServices | None = None) -> FastA
         # between the two is repaired by retrying the request (both steps are idempotent).
         await _db(
             svc.pool.execute(
-                "UPDATE accounts SET suspended = $2 WHERE id = $1", account_id, action == "suspend"
+                "UPDATE accounts SET suspended = $2,"
+                " hold_reason = CASE WHEN $2 THEN hold_reason END WHERE id = $1",
+                account_id,
+                action == "suspend",
             )
         )
         changed, status = await _redis(
@@ -566,5 +599,225 @@ def create_app(settings: Settings, services: ApiServices | None = None) -> FastA
             balance=format_money(p.balance),
             created=p.applied,
         )
+
+    # -- payments (admin only: billing) ---------------------------------------------------------
+
+    def payments_of() -> PaymentService:
+        svc = current().payments
+        if svc is None:
+            raise ApiError(503, "payments_unavailable", "payments are not configured", None)
+        return svc
+
+    async def _pay(work: Awaitable[_T]) -> _T:
+        """A payment request's errors as API errors (rules 422/409, stores 503)."""
+        try:
+            return await work
+        except PolicyRefusal as exc:
+            status = (
+                422
+                if exc.code in ("invalid_amount", "amount_below_minimum", "amount_above_maximum")
+                else 409
+            )
+            headers = (
+                {"Retry-After": str(max(1, int(exc.retry_at.timestamp() - time.time())))}
+                if exc.retry_at and status == 409
+                else None
+            )
+            raise ApiError(status, exc.code, exc.message, "amount", headers) from None
+        except PaymentError as exc:
+            raise ApiError(exc.status, exc.code, exc.message) from None
+        except (RedisError, OutcomeUnknown) as exc:
+            raise ApiError(
+                503, "balance_store_unavailable", "the balance store failed; retry", None, _RETRY
+            ) from exc
+        except _DB_DOWN as exc:
+            raise ApiError(
+                503, "database_unavailable", "the database did not answer; retry", None, _RETRY
+            ) from exc
+
+    def payment_out(p: Payment) -> PaymentOut:
+        return PaymentOut(
+            id=p.id,
+            account_id=p.account_id,
+            kind=p.kind,  # type: ignore[arg-type]  # the table's CHECK allows only these
+            paid_for="auto_recharge" if p.kind == "auto" else "top_up",
+            amount=format_money(p.amount),
+            captured=format_money(p.captured),
+            currency=p.currency,
+            status=p.status,  # type: ignore[arg-type]
+            reason=p.reason,
+            message=p.message,
+            method=p.method,
+            created_at=p.created_at,
+            credited=p.credited_at is not None,
+        )
+
+    @app.put(
+        "/v1/accounts/{account_id}/auto_recharge",
+        response_model=AutoRechargeOut,
+        responses=api_errors.responses(400, 401, 403, 404, 422, 503),
+        openapi_extra=_body_doc(AutoRechargeIn),
+        summary="Auto-recharge settings (admin): recharge when credit falls to the threshold",
+    )
+    async def put_auto_recharge(
+        request: Request, account_id: AccountPath, key: Caller
+    ) -> AutoRechargeOut:
+        """Turned on while the account is already at or below the threshold, a recharge is
+        triggered at once. Repeatable: the same body twice changes nothing more."""
+        may_act(key, account_id, ("admin",))
+        body = await _body(request, AutoRechargeIn)
+        await known(account_id)
+        await account_state(account_id)  # rebuilds a lost Redis state first
+        s = await _pay(
+            payments_of().set_auto_recharge(
+                account_id, body.enabled, body.threshold_amount, body.recharge_amount
+            )
+        )
+        return AutoRechargeOut(
+            account_id=account_id,
+            enabled=s.enabled,
+            threshold_amount=format_money(s.threshold_amount),
+            recharge_amount=format_money(s.recharge_amount),
+            disabled_reason=s.disabled_reason,
+        )
+
+    @app.get(
+        "/v1/accounts/{account_id}/auto_recharge",
+        response_model=AutoRechargeOut,
+        responses=api_errors.responses(401, 403, 404, 503),
+        summary="Auto-recharge settings (admin); disabled_reason says if the service turned it off",
+    )
+    async def get_auto_recharge(account_id: AccountPath, key: Caller) -> AutoRechargeOut:
+        may_act(key, account_id, ("admin",))
+        await known(account_id)
+        s = await _pay(payments_of().auto_recharge(account_id))
+        if s is None:
+            raise ApiError(404, "not_found", "auto-recharge was never set for this account")
+        return AutoRechargeOut(
+            account_id=account_id,
+            enabled=s.enabled,
+            threshold_amount=format_money(s.threshold_amount),
+            recharge_amount=format_money(s.recharge_amount),
+            disabled_reason=s.disabled_reason,
+        )
+
+    @app.put(
+        "/v1/accounts/{account_id}/payment_method",
+        response_model=PaymentMethodOut,
+        status_code=201,
+        responses=api_errors.responses(400, 401, 403, 404, 409, 422, 503),
+        openapi_extra=_body_doc(PaymentMethodIn),
+        summary="Save the account's one payment method (admin); 409 while one is saved",
+    )
+    async def put_method(
+        request: Request, account_id: AccountPath, key: Caller
+    ) -> PaymentMethodOut:
+        """Replacing a method means deleting the saved one first."""
+        may_act(key, account_id, ("admin",))
+        body = await _body(request, PaymentMethodIn)
+        await known(account_id)
+        svc = payments_of()
+        m = await _pay(svc.save_method(account_id, body.token))
+        return PaymentMethodOut(
+            account_id=account_id,
+            gateway=svc.gateway_name,
+            brand=m.brand,
+            last4=m.last4,
+            method_ref=m.method_ref,
+        )
+
+    @app.get(
+        "/v1/accounts/{account_id}/payment_method",
+        response_model=PaymentMethodOut,
+        responses=api_errors.responses(401, 403, 404, 503),
+        summary="The saved payment method (admin)",
+    )
+    async def get_method(account_id: AccountPath, key: Caller) -> PaymentMethodOut:
+        may_act(key, account_id, ("admin",))
+        await known(account_id)
+        svc = payments_of()
+        m = await _pay(svc.saved_method(account_id))
+        if m is None:
+            raise ApiError(404, "not_found", "the account has no saved payment method")
+        return PaymentMethodOut(
+            account_id=account_id,
+            gateway=svc.gateway_name,
+            brand=m.brand,
+            last4=m.last4,
+            method_ref=m.method_ref,
+        )
+
+    @app.delete(
+        "/v1/accounts/{account_id}/payment_method",
+        status_code=204,
+        responses=api_errors.responses(401, 403, 404, 503),
+        summary="Delete the saved payment method (admin); auto-recharge cannot charge until "
+        "another is saved",
+    )
+    async def delete_method(account_id: AccountPath, key: Caller) -> Response:
+        may_act(key, account_id, ("admin",))
+        await known(account_id)
+        if not await _pay(payments_of().delete_method(account_id)):
+            raise ApiError(404, "not_found", "the account has no saved payment method")
+        return Response(status_code=204)
+
+    @app.post(
+        "/v1/accounts/{account_id}/payments",
+        response_model=PaymentOut,
+        status_code=201,
+        responses=api_errors.responses(400, 401, 402, 403, 404, 409, 422, 503),
+        openapi_extra=_body_doc(PaymentIn),
+        summary="A manual top-up (admin): charge the saved method and credit what it captured",
+    )
+    async def pay(request: Request, account_id: AccountPath, key: Caller) -> Response:
+        """Idempotent per ``payment_id``. Limits: at least 10.00, whole cents; a new account
+        may pay 100.00 on its first day, 50.00 more each day after (level-2 verification lifts
+        it): 409 ``payment_limit_exceeded`` with ``Retry-After``. A declined card is 402
+        ``card_declined`` (the payment is in the history with its decline code). When the
+        gateway's answer is lost the payment is ``pending`` (202): it is settled in the
+        background with the same idempotency key, never charged twice."""
+        may_act(key, account_id, ("admin",))
+        body = await _body(request, PaymentIn)
+        await known(account_id)
+        await account_state(account_id)
+        svc = payments_of()
+        if body.payment_method is not None:
+            saved = await _pay(svc.saved_method(account_id))
+            if saved is None or saved.method_ref != body.payment_method:
+                raise ApiError(
+                    409,
+                    "payment_method_mismatch",
+                    "payment_method is not the account's saved method",
+                    "payment_method",
+                )
+        p = await _pay(svc.top_up(account_id, body.amount, body.payment_id))
+        if p.status == "declined":
+            raise ApiError(402, "card_declined", f"the card was declined ({p.reason}): {p.message}")
+        if p.status == "failed":
+            raise ApiError(
+                503,
+                "gateway_unavailable",
+                f"the payment gateway refused: {p.message}",
+                None,
+                _RETRY,
+            )
+        out = payment_out(p)
+        return Response(
+            out.model_dump_json().encode(),
+            status_code=202 if p.status == "pending" else 201,
+            media_type="application/json",
+        )
+
+    @app.get(
+        "/v1/accounts/{account_id}/payments",
+        response_model=PaymentsOut,
+        responses=api_errors.responses(401, 403, 404, 503),
+        summary="Payment history (admin): top-ups and auto-recharges, newest first",
+    )
+    async def history(account_id: AccountPath, key: Caller) -> PaymentsOut:
+        may_act(key, account_id, ("admin",))
+        await known(account_id)
+        ps = await _pay(payments_of().payments(account_id))
+        return PaymentsOut(account_id=account_id, payments=[payment_out(p) for p in ps])
 
     return app

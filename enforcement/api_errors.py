@@ -5,6 +5,7 @@ Codes by status:
 
     400 malformed_json               the body is not JSON (or is missing)
     401 unauthorized                 no ``Authorization: Bearer`` key, or an unknown/revoked one
+    402 card_declined                a manual top-up's card was declined (nothing charged)
     403 forbidden                    the key's role may not do this, or it is another account's
     404 account_not_found, not_found
     405 method_not_allowed
@@ -34,6 +35,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 _CODES: Final = {
     400: "bad_request",
     401: "unauthorized",
+    402: "card_declined",
     403: "forbidden",
     404: "not_found",
     405: "method_not_allowed",

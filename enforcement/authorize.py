@@ -20,8 +20,9 @@ from typing import Final, Literal
 
 from redis.exceptions import RedisError
 
-from enforcement.balance import OutcomeUnknown, RedisBalances, Tariff
+from enforcement.balance import OutcomeUnknown, PlanPeriod, RedisBalances, Tariff
 from metering.catalog import Catalog
+from metering.plans import month_period
 from metering.rating import NoRate
 
 DenyReason = Literal[
@@ -122,15 +123,22 @@ class Authorizer:
                 rate = plist.outbound_rate(req.to)
             except NoRate:
                 return Decision.deny("no_rate_for_destination")
+        now_s = int(self._clock())
+        plan: PlanPeriod | None = None
+        if acct.plan is not None and acct.plan.included_s:
+            # The period's grant may not be in the bucket yet: debit.lua creates it at the
+            # period's first charge, so the reservation counts the allowance itself.
+            plan = (acct.plan.included_s, *month_period(now_s))
         r = await self._balances.reserve(
             req.account_id,
             req.call_id,
             req.direction,
             Tariff(rate.rate_per_min, rate.connect_fee, rate.initial_s, rate.subsequent_s),
-            now_s=int(self._clock()),
+            now_s=now_s,
             grant_s=self._grant_s,
             grace_s=self._grace_s,
             max_s=self._max_s,
+            plan=plan,
         )
         if r.decision != "allow":
             return Decision("deny", r.reason, 0, None, None)

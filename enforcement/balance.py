@@ -27,6 +27,8 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from enforcement import keys
 
 ACCOUNT_STATES: Final = ("active", "low", "hold", "suspended")
+#: The outbox entry type of an auto-recharge trigger (not a signal: it goes to the worker).
+RECHARGE_REQUESTED: Final = "recharge.requested"
 
 
 class BalanceStoreError(Exception):
@@ -154,6 +156,8 @@ class Balances(Protocol):
 
     async def credit_many(self, credits: Sequence[tuple[str, str, int]]) -> list[CreditOutcome]: ...
 
+    async def undraw_many(self, draws: Sequence[tuple[str, bytes, int, int, int]]) -> list[int]: ...
+
     async def reserve_many(
         self,
         calls: Sequence[tuple[str, str, str, Tariff]],
@@ -163,6 +167,7 @@ class Balances(Protocol):
         grace_s: int,
         max_s: int,
         force: bool = False,
+        plans: Mapping[str, PlanPeriod] | None = None,
     ) -> list[Reservation]: ...
 
     async def progress(
@@ -173,6 +178,7 @@ class Balances(Protocol):
         grant_s: int,
         grace_s: int,
         max_s: int,
+        plans: Mapping[str, PlanPeriod] | None = None,
     ) -> list[Progress]: ...
 
     async def pending_outboxes(self, limit: int = 1000) -> dict[str, list[PendingSignal]]: ...
@@ -181,7 +187,7 @@ class Balances(Protocol):
 
     async def sweep_expired(
         self, *, now_s: int, limit: int = 1000
-    ) -> list[tuple[str, str, int]]: ...
+    ) -> list[tuple[str, str, int, int]]: ...
 
 
 async def _execute(pipe: Pipeline) -> list[Any]:
@@ -201,6 +207,11 @@ def _decode_draws(raw: bytes) -> dict[int, tuple[int, int]]:
         i, amount, drawn = part.split(b":")
         out[int(i)] = (int(amount), int(drawn))
     return out
+
+
+def _plan_line(plan: PlanPeriod | None) -> str:
+    """A plan allowance as the scripts read it: ``included_s,period_start,period_end``."""
+    return "{},{},{}".format(*plan) if plan else ""
 
 
 def _decode_outbox(entries: list[bytes]) -> list[PendingSignal]:
@@ -239,6 +250,8 @@ class Reservation:
     reserved: int
     granted_s: int
     expires_at: int  # unix seconds; the sweep releases it after this
+    #: of ``granted_s``, the seconds held in the minute bucket (``reserved`` covers the rest)
+    held_s: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -269,6 +282,8 @@ class RedisBalances:
         self._release: AsyncScript = client.register_script(_lua("release.lua"))
         self._status: AsyncScript = client.register_script(_lua("set_status.lua"))
         self._grant: AsyncScript = client.register_script(_lua("grant.lua"))
+        self._undraw: AsyncScript = client.register_script(_lua("undraw.lua"))
+        self._recharge: AsyncScript = client.register_script(_lua("recharge_settings.lua"))
 
     async def apply_debits(
         self,
@@ -377,14 +392,19 @@ class RedisBalances:
         grant_s: int,
         grace_s: int,
         max_s: int,
+        plan: PlanPeriod | None = None,
     ) -> Reservation:
-        """Authorize a call and reserve its first grant (idempotent per ``call_id``)."""
+        """Authorize a call and reserve its first grant (idempotent per ``call_id``).
+
+        ``plan``: the account's allowance for the current period, counted while debit.lua has
+        not yet created its grant in the bucket."""
         (r,) = await self.reserve_many(
             [(account_id, call_id, direction, tariff)],
             now_s=now_s,
             grant_s=grant_s,
             grace_s=grace_s,
             max_s=max_s,
+            plans={account_id: plan} if plan else None,
         )
         return r
 
@@ -397,6 +417,7 @@ class RedisBalances:
         grace_s: int,
         max_s: int,
         force: bool = False,
+        plans: Mapping[str, PlanPeriod] | None = None,
     ) -> list[Reservation]:
         """``reserve`` for many ``(account_id, call_id, direction, tariff)`` in one round trip.
 
@@ -404,10 +425,12 @@ class RedisBalances:
         so a crash in between cannot leave a reservation nobody releases; a listing without a
         reservation is dropped by the sweep. ``force``: the calls are already up (answered
         without an authorization); a barred one gets an empty reservation, which the next
-        progress update terminates.
+        progress update terminates. A grant holds the seconds the account's minute bucket can
+        still give (its ``plans`` allowance included) before any money.
         """
         if not calls:
             return []
+        plans = plans or {}
         pipe = self._r.pipeline(transaction=False)
         first_expiry = now_s + grant_s + grace_s
         for account_id, call_id, direction, t in calls:
@@ -428,6 +451,7 @@ class RedisBalances:
                     t.initial_s,
                     t.subsequent_s,
                     "1" if force else "0",
+                    _plan_line(plans.get(account_id)),
                 ],
                 client=pipe,
             )
@@ -438,7 +462,7 @@ class RedisBalances:
         out = []
         fix = self._r.pipeline(transaction=False)
         for (account_id, call_id, _, _), r in zip(calls, replies[1::2], strict=True):
-            decision, reason, max_d, reserved, granted, expires = r
+            decision, reason, max_d, reserved, granted, expires, held = r
             if decision == b"allow" and int(expires) < first_expiry:
                 fix.zadd(keys.RESERVATION_EXPIRY, {f"{account_id}\x00{call_id}": int(expires)})
             out.append(
@@ -449,6 +473,7 @@ class RedisBalances:
                     int(reserved),
                     int(granted),
                     int(expires),
+                    int(held),
                 )
             )
         if len(fix):
@@ -463,8 +488,10 @@ class RedisBalances:
         grant_s: int,
         grace_s: int,
         max_s: int,
+        plans: Mapping[str, PlanPeriod] | None = None,
     ) -> list[Progress]:
         """Apply ``(account_id, call_id, started_at, elapsed_s)`` updates in one round trip.
+        Extensions draw on the minute bucket (``plans`` as in ``reserve_many``) before money.
 
         Accounts whose update may queue a call.terminate are marked for the outbox relay
         first, for the same reason as in ``reserve``.
@@ -472,6 +499,7 @@ class RedisBalances:
         if not updates:
             return []
         await self._r.sadd(keys.OUTBOX_PENDING, *{a for a, _, _, _ in updates})
+        plans = plans or {}
         pipe = self._r.pipeline(transaction=False)
         for account_id, call_id, started_at, elapsed in updates:
             await self._progress(
@@ -480,7 +508,16 @@ class RedisBalances:
                     keys.reservations(account_id),
                     keys.outbox(account_id),
                 ],
-                args=[call_id, now_s, started_at, elapsed, grant_s, grace_s, max_s],
+                args=[
+                    call_id,
+                    now_s,
+                    started_at,
+                    elapsed,
+                    grant_s,
+                    grace_s,
+                    max_s,
+                    _plan_line(plans.get(account_id)),
+                ],
                 client=pipe,
             )
             pipe.zadd(
@@ -503,19 +540,23 @@ class RedisBalances:
         return out
 
     async def release(self, account_id: str, call_id: str, *, now_s: int) -> int:
-        """Close a reservation without charging it (the charge comes with the hangup)."""
-        n = await self._release(
+        """Close a reservation without charging it (the charge comes with the hangup).
+        Returns the micro-units released (its bucket seconds are free again too)."""
+        n, _ = await self._release(
             keys=[keys.account(account_id), keys.reservations(account_id)],
             args=[call_id, now_s, "0"],
         )
         await self._r.zrem(keys.RESERVATION_EXPIRY, f"{account_id}\x00{call_id}")
         return int(n)
 
-    async def sweep_expired(self, *, now_s: int, limit: int = 1000) -> list[tuple[str, str, int]]:
+    async def sweep_expired(
+        self, *, now_s: int, limit: int = 1000
+    ) -> list[tuple[str, str, int, int]]:
         """Release reservations whose call was never closed (hangup lost), at most ``limit``.
 
-        Returns ``(account_id, call_id, micro-units released)``. Policy: nothing is charged
-        for them; a hangup arriving later is still charged in full, exactly once.
+        Returns ``(account_id, call_id, micro-units released, bucket seconds released)``.
+        Policy: nothing is charged for them; a hangup arriving later is still charged in full,
+        exactly once.
         """
         due = cast(
             list[bytes],
@@ -536,20 +577,23 @@ class RedisBalances:
         results = await _execute(pipe)
         done = []
         pipe = self._r.pipeline(transaction=False)
-        for (account_id, call_id), member, released in zip(pairs, due, results, strict=True):
+        for (account_id, call_id), member, (released, held) in zip(
+            pairs, due, results, strict=True
+        ):
             if int(released) < 0:  # extended since it was listed: list it at its new expiry
                 pipe.zadd(keys.RESERVATION_EXPIRY, {member: -int(released)})
                 continue
             pipe.zrem(keys.RESERVATION_EXPIRY, member)
-            if int(released) > 0:
-                done.append((account_id, call_id, int(released)))
+            if int(released) > 0 or int(held) > 0:
+                done.append((account_id, call_id, int(released), int(held)))
         await _execute(pipe)
         return done
 
     async def set_status(self, account_id: str, action: str, reason: str) -> tuple[int, str]:
-        """``action`` "suspend" or "resume". Returns ``(changed, status)``: changed is 1 when a
-        signal was queued, 0 when the account already was so, -1 for an unknown account."""
-        if action not in ("suspend", "resume"):
+        """``action`` "suspend", "hold" (pinned whatever the credit, see set_status.lua) or
+        "resume" (lifts both). Returns ``(changed, status)``: changed is 1 when a signal was
+        queued, 0 when the account already was so, -1 for an unknown account."""
+        if action not in ("suspend", "hold", "resume"):
             raise ValueError(f"unknown action {action!r}")
         await self.mark_outbox_pending([account_id])
         changed, status = await self._status(
@@ -558,10 +602,50 @@ class RedisBalances:
         await self.mark_outbox_pending([account_id])
         return int(changed), status.decode()
 
+    async def set_auto_recharge(self, account_id: str, threshold: int | None) -> int | None:
+        """Turn auto-recharge on at ``threshold`` micro-units (None: off) in the account's
+        real-time state. Returns the seq of the trigger this fired (the account was already at
+        or below the threshold), 0 when none, None for an unknown account."""
+        await self.mark_outbox_pending([account_id])
+        args: list[str | int] = ["off"] if threshold is None else ["on", threshold]
+        found, seq = await self._recharge(
+            keys=[keys.account(account_id), keys.outbox(account_id)], args=args
+        )
+        return int(seq) if found else None
+
+    async def close_recharge_trigger(self, account_id: str, seq: int) -> bool:
+        """The recharge worker is done with trigger ``seq``: the next crossing fires anew.
+        False when another trigger is open (or none)."""
+        _, closed = await self._recharge(
+            keys=[keys.account(account_id), keys.outbox(account_id)], args=["close", seq]
+        )
+        return bool(closed)
+
+    async def recharge_state(self, account_id: str) -> tuple[int | None, int | None, str | None]:
+        """``(threshold, open trigger seq, pinned hold reason)`` of the real-time state."""
+        raw: list[bytes | None] = await self._r.hmget(  # type: ignore[assignment]
+            keys.account(account_id), ["rth", "rq", "hr"]
+        )
+        rth, rq, hr = raw
+        return (
+            int(rth) if rth is not None else None,
+            int(rq) if rq is not None else None,
+            hr.decode() if hr is not None else None,
+        )
+
     async def reservations(self, account_id: str) -> dict[str, int]:
         """Live reservations of an account: call_id -> micro-units held."""
         raw = cast(dict[bytes, bytes], await self._r.hgetall(keys.reservations(account_id)))
         return {k.decode(): int(v.split(b"|", 1)[0]) for k, v in raw.items()}
+
+    async def held_seconds(self, account_id: str) -> dict[str, int]:
+        """Live reservations of an account: call_id -> seconds of the minute bucket held."""
+        raw = cast(dict[bytes, bytes], await self._r.hgetall(keys.reservations(account_id)))
+        out = {}
+        for k, v in raw.items():
+            f = v.split(b"|")
+            out[k.decode()] = int(f[9]) if len(f) > 9 else 0
+        return out
 
     async def mark_outbox_pending(self, account_ids: Sequence[str]) -> None:
         if account_ids:
@@ -606,12 +690,16 @@ class RedisBalances:
         entries: list[bytes] = await self._r.lrange(keys.outbox(account_id), 0, -1)  # type: ignore[assignment]
         return _decode_outbox(entries)
 
-    async def credit(self, account_id: str, credit_id: str, amount: int) -> CreditOutcome:
-        """Credit ``amount`` once per ``credit_id``. May queue ``account.resume``."""
+    async def credit(
+        self, account_id: str, credit_id: str, amount: int, *, payment: bool = False
+    ) -> CreditOutcome:
+        """Credit ``amount`` once per ``credit_id``. May queue ``account.resume`` (the outbox
+        relay publishes it). A ``payment`` also lifts a hold the service pinned (``hold``)."""
         try:
+            await self.mark_outbox_pending([account_id])
             applied, bal, st = await self._credit(
                 keys=[keys.account(account_id), keys.credits(account_id), keys.outbox(account_id)],
-                args=[credit_id, amount],
+                args=[credit_id, amount, "1" if payment else "0"],
             )
         except (RedisConnectionError, RedisTimeoutError) as exc:
             raise OutcomeUnknown(f"credit {credit_id} outcome unknown: {exc}") from exc
@@ -625,7 +713,7 @@ class RedisBalances:
         for account_id, credit_id, amount in credits:
             await self._credit(
                 keys=[keys.account(account_id), keys.credits(account_id), keys.outbox(account_id)],
-                args=[credit_id, amount],
+                args=[credit_id, amount, "0"],
                 client=pipe,
             )
         try:
@@ -637,6 +725,29 @@ class RedisBalances:
             for applied, bal, st in replies
         ]
 
+    async def undraw_many(self, draws: Sequence[tuple[str, bytes, int, int, int]]) -> list[int]:
+        """Give back seconds drawn from minute buckets, once per event: ``(account_id,
+        event_key, day, drawn_s, answered_at)``, in one round trip (see ``undraw.lua``).
+        Returns the seconds given back for each; minus ``drawn_s`` where no grant could take
+        them back."""
+        if not draws:
+            return []
+        pipe = self._r.pipeline(transaction=False)
+        for account_id, event_key, day, drawn, answered_at in draws:
+            await self._undraw(
+                keys=[
+                    keys.account(account_id),
+                    keys.credits(account_id),
+                    keys.applied(account_id, day),
+                ],
+                args=["undraw:" + event_key.hex(), event_key, drawn, answered_at],
+                client=pipe,
+            )
+        try:
+            return [int(n) for n in await _execute(pipe)]
+        except (RedisConnectionError, RedisTimeoutError) as exc:
+            raise OutcomeUnknown(f"undraw batch outcome unknown: {exc}") from exc
+
     async def create_account(
         self,
         account_id: str,
@@ -646,13 +757,15 @@ class RedisBalances:
         low_threshold: int,
         status: str = "active",
         seq: int = 0,
+        bucket: str = "",
     ) -> bool:
-        """Create the account's state if absent (rebuild from the ledger uses this too)."""
+        """Create the account's state if absent (rebuild from the ledger uses this too).
+        ``bucket``: its minute bucket, a ``min`` field (``metering.plans.format_bucket``)."""
         if status not in ACCOUNT_STATES:
             raise ValueError(f"unknown account status {status!r}")
         r = await self._load(
             keys=[keys.account(account_id)],
-            args=[balance, credit_limit, low_threshold, status, seq, "create"],
+            args=[balance, credit_limit, low_threshold, status, seq, "create", bucket],
         )
         return bool(r)
 

@@ -24,13 +24,14 @@ from typing import Final
 
 import redis.asyncio as aioredis
 
-from enforcement.balance import RedisBalances, Reservation, Tariff
+from enforcement.balance import PlanPeriod, RedisBalances, Reservation, Tariff
 
 #: Calls per ``reserve_many``: bounds how long one batch holds Redis.
 MAX_BATCH: Final = 256
 
 _Params = tuple[int, int, int, int]  # now_s, grant_s, grace_s, max_s
 _Call = tuple[str, str, str, Tariff]  # account_id, call_id, direction, tariff
+_Queued = tuple[_Call, _Params, PlanPeriod | None, asyncio.Future[Reservation]]
 
 
 class CoalescingBalances(RedisBalances):
@@ -50,7 +51,7 @@ class CoalescingBalances(RedisBalances):
         self._max_inflight = max_inflight
         self._max_batch = max_batch
         self._inflight = 0
-        self._queue: list[tuple[_Call, _Params, asyncio.Future[Reservation]]] = []
+        self._queue: list[_Queued] = []
         self._tasks: set[asyncio.Task[None]] = set()  # the loop keeps only weak references
 
     async def reserve(
@@ -64,10 +65,11 @@ class CoalescingBalances(RedisBalances):
         grant_s: int,
         grace_s: int,
         max_s: int,
+        plan: PlanPeriod | None = None,
     ) -> Reservation:
         fut: asyncio.Future[Reservation] = asyncio.get_running_loop().create_future()
         call = (account_id, call_id, direction, tariff)
-        self._queue.append((call, (now_s, grant_s, grace_s, max_s), fut))
+        self._queue.append((call, (now_s, grant_s, grace_s, max_s), plan, fut))
         self._drain()
         return await fut
 
@@ -83,7 +85,7 @@ class CoalescingBalances(RedisBalances):
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    async def _send(self, batch: list[tuple[_Call, _Params, asyncio.Future[Reservation]]]) -> None:
+    async def _send(self, batch: list[_Queued]) -> None:
         try:
             # Calls of one batch share now_s and the grant parameters: split where they change
             # (a second boundary), keeping the order.
@@ -96,26 +98,27 @@ class CoalescingBalances(RedisBalances):
             self._inflight -= 1
             self._drain()
 
-    async def _send_part(
-        self, part: list[tuple[_Call, _Params, asyncio.Future[Reservation]]]
-    ) -> None:
+    async def _send_part(self, part: list[_Queued]) -> None:
         now_s, grant_s, grace_s, max_s = part[0][1]
+        # One allowance per account: now_s is shared, so is the period.
+        plans = {call[0]: plan for call, _, plan, _ in part if plan}
         try:
             # Bounded: a round trip that never ends (a hung Redis, no socket timeout) would
             # otherwise hold the only slot, and every later call would queue behind it forever.
             async with asyncio.timeout(self._timeout_s):
                 results = await self.reserve_many(
-                    [call for call, _, _ in part],
+                    [call for call, _, _, _ in part],
                     now_s=now_s,
                     grant_s=grant_s,
                     grace_s=grace_s,
                     max_s=max_s,
+                    plans=plans,
                 )
         except Exception as exc:
-            for _, _, fut in part:
+            for _, _, _, fut in part:
                 if not fut.done():
                     fut.set_exception(exc)
             return
-        for (_, _, fut), r in zip(part, results, strict=True):
+        for (_, _, _, fut), r in zip(part, results, strict=True):
             if not fut.done():  # done: its caller gave up waiting
                 fut.set_result(r)

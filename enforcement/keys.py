@@ -25,7 +25,9 @@ def account(account_id: str) -> str:
     """Hash: ``bal res cl lowth st seq cur`` (money in micro-units), and ``min``: the minute
     bucket of included seconds (grants ``id,remaining_s,valid_from,expires_at`` joined by
     ``;``, see ``metering/plans.py``). A field, not a key of its own, so the debit reads it
-    with the HMGET it already does."""
+    with the HMGET it already does. Auto-recharge: ``rth`` the threshold (present only while
+    it is on), ``rq`` the seq of the open trigger (see ``recharge_settings.lua``); ``hr`` the
+    reason of a hold the service pinned (e.g. ``recharge_cap``)."""
     return tag(account_id)
 
 

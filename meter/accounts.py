@@ -6,6 +6,7 @@ equals the sum of the account's ledger rows once the pipeline is drained.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Annotated, Self
@@ -17,6 +18,7 @@ from contracts.events import ACCOUNT_ID_PATTERN
 from contracts.money import Micros
 from enforcement.balance import RedisBalances
 from meter.ledger import COLUMNS, Ledger, LedgerRow, credit_key
+from metering.plans import rebuild_buckets
 from metering.pricelists import RATE_COLUMNS
 from metering.rating import MAX_RATE_PER_MIN
 
@@ -231,22 +233,34 @@ async def create_accounts(
 
 
 async def load_into_redis(
-    pool: asyncpg.Pool, balances: RedisBalances, account_ids: Sequence[str]
+    pool: asyncpg.Pool,
+    balances: RedisBalances,
+    account_ids: Sequence[str],
+    *,
+    now: int | None = None,
 ) -> list[str]:
     """Create the Redis state of accounts that have none, from the ledger. Returns those loaded.
 
     Used at account creation and when the hot path meets an account Redis does not know
-    (Redis lost or flushed): balance = sum of the ledger, seq = last signal recorded.
+    (Redis lost or flushed): balance = sum of the ledger, seq = last signal recorded, the
+    minute bucket as it stands at ``now`` (unix s, default: the clock) from the bundles bought
+    and the seconds drawn (``metering.plans.rebuild_buckets``).
     """
     ledger = Ledger(pool)
     rows = await pool.fetch(
-        "SELECT id, credit_limit, low_balance_threshold, suspended FROM accounts"
-        " WHERE id = ANY($1::text[])",
+        "SELECT a.id, a.credit_limit, a.low_balance_threshold, a.suspended,"
+        " coalesce(p.included_s, 0) AS included_s"
+        " FROM accounts a LEFT JOIN plans p ON p.id = a.plan_id WHERE a.id = ANY($1::text[])",
         list(account_ids),
     )
     ids = [r["id"] for r in rows]
     sums = await ledger.balances(ids)
     seqs = await ledger.last_seq(ids)
+    buckets = await rebuild_buckets(
+        pool,
+        {r["id"]: r["included_s"] for r in rows},
+        now=int(time.time()) if now is None else now,
+    )
     loaded = []
     for r in rows:
         bal = sums.get(r["id"], 0)
@@ -266,6 +280,7 @@ async def load_into_redis(
             low_threshold=r["low_balance_threshold"],
             status=status,
             seq=seqs.get(r["id"], 0),
+            bucket=buckets.get(r["id"], ""),
         ):
             loaded.append(r["id"])
     return loaded

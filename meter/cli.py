@@ -86,6 +86,27 @@ async def _run_ops(settings: Settings) -> int:
     return 0
 
 
+def _run_recharge(settings: Settings) -> int:
+    missing = [
+        name
+        for name, value in (
+            ("METER_KAFKA_BOOTSTRAP", settings.kafka_bootstrap),
+            ("METER_REDIS_URL", settings.redis_url),
+            ("METER_DATABASE_URL", settings.database_url),
+        )
+        if not value
+    ]
+    if missing:
+        # faust owns this process's event loop, so it cannot also host the embedded services:
+        # `meter demo` starts them and runs this worker beside them.
+        print(f"meter: run recharge needs {', '.join(missing)}", file=sys.stderr)
+        return 2
+    from recharge.worker import run_recharge_worker
+
+    _serve_metrics(settings)
+    return run_recharge_worker(settings)
+
+
 async def _run_api(settings: Settings) -> int:
     from meter.apiserver import serve_api
 
@@ -333,10 +354,11 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="run one of the service's processes")
     r.add_argument(
         "process",
-        choices=["metering", "ops", "api"],
+        choices=["metering", "ops", "api", "recharge"],
         help="metering: the usage stream worker; ops: consumer lag, accounts by state and "
         "reconciliation drift for Prometheus (one per deployment); api: the HTTP API "
-        "(METER_API_HOST, METER_API_PORT)",
+        "(METER_API_HOST, METER_API_PORT); recharge: the auto-recharge worker (faust; "
+        "METER_PAYMENT_GATEWAY)",
     )
 
     b = sub.add_parser("bench", help="measure a target of ARCHITECTURE.md")
@@ -430,6 +452,8 @@ def main(argv: list[str] | None = None) -> int:
         return asyncio.run(run_bench(settings, args.events, args.accounts, args.json))
     if args.command == "run" and args.process == "ops":
         return asyncio.run(_run_ops(settings))
+    if args.command == "run" and args.process == "recharge":
+        return _run_recharge(settings)
     if args.command == "run" and args.process == "api":
         return asyncio.run(_run_api(settings))
     if args.command == "run":

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from contracts import topics
 from meter.accounts import create_accounts, put_price_list
+from meter.demo_recharge import CAP, DECLINED, RechargeDemo
 from meter.kafkatools import read_all
 from meter.reconcile import reconcile
 from meter.settings import Settings
@@ -90,14 +91,30 @@ async def _demo(s: Settings, conns: object, n_accounts: int, seconds: float, rat
     specs = demo_accounts(n_accounts, rng)
     await create_accounts(conns.pool, conns.balances, specs)
     opening = sum(a.balance for a in specs)
+    # Every other thin account (they run dry) pays by card with auto-recharge on.
+    payments = RechargeDemo(
+        s,
+        conns,
+        [a.id for i, a in enumerate(specs) if i % 20 == 0],
+        log=Path(s.data_dir) / "recharge-worker.log",
+    )
+    await payments.setup(specs)
+    payments.start_worker()
     _say(
         f"  seeded price list {plist.id!r} ({len(plist.outbound)} prefixes) and "
         f"{len(specs)} accounts, opening balances {opening / 1e6:,.2f} USD"
     )
 
+    _say(
+        f"  auto-recharge on for {len(payments.auto_accounts)} accounts, plus {CAP} (will hit"
+        f" the 24 h cap) and {DECLINED} (its card declines); recharge worker pid"
+        f" {payments.worker.pid if payments.worker else '?'}"
+    )
     stats = LiveStats()
     stop = asyncio.Event()
     worker = asyncio.create_task(run_metering(s, stop, on_batch=stats.add, conns=conns))
+    heavy_stop = asyncio.Event()
+    heavy = asyncio.create_task(payments.drive(heavy_stop))
     gen = TrafficGenerator([a.id for a in specs])
     producer = conns.producer
     start = time.monotonic()
@@ -128,13 +145,21 @@ async def _demo(s: Settings, conns: object, n_accounts: int, seconds: float, rat
             next_report += 1.0
         await asyncio.sleep(tick)
 
-    _say("  traffic stopped; draining the pipeline ...")
+    _say("  traffic stopped; waiting for the recharge demo accounts, then draining ...")
+    heavy_deadline = time.monotonic() + 120
+    while not heavy.done() and time.monotonic() < heavy_deadline:  # noqa: ASYNC110
+        await asyncio.sleep(0.2)  # drive() ends once the cap account has had its 11th call
+    heavy_stop.set()
+    await heavy
     # Drained = every record produced was processed and committed (on_batch runs after the
     # commit). Broker end offsets are not used: Tansu reports the last batch's base offset.
+    sent += payments.heavy_calls
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and not worker.done() and stats.records < sent:  # noqa: ASYNC110
         await asyncio.sleep(0.2)  # polls a counter the worker's callback bumps
     drained = stats.records >= sent
+    await payments.settle()
+    await asyncio.sleep(1.5)  # the relay publishes the last resume / hold signals
     stop.set()
     await worker
     if not drained:
@@ -152,14 +177,16 @@ async def _demo(s: Settings, conns: object, n_accounts: int, seconds: float, rat
         st = await conns.balances.get(a.id)
         on_hold += st is not None and st.status == "hold"
 
-    ok_charged = charged_rows == p.unique_valid
+    payments.stop_worker()
+    ok_charged = charged_rows == p.unique_valid + payments.heavy_calls
     ok_dead = dict(dead) == dict(p.malformed)
     _say("")
     _say("reconciliation")
     _say(f"  drained                       {'yes' if drained else 'NO'}")
     _say(
         f"  events produced               {sent} ({p.unique_valid} distinct valid, "
-        f"{p.duplicates} duplicates, {sum(p.malformed.values())} malformed)"
+        f"{p.duplicates} duplicates, {sum(p.malformed.values())} malformed, "
+        f"{payments.heavy_calls} calls to drain the recharge demo accounts)"
     )
     _say(
         f"  distinct events in the ledger {charged_rows}  "
@@ -177,7 +204,8 @@ async def _demo(s: Settings, conns: object, n_accounts: int, seconds: float, rat
         f"  Redis vs ledger               {rec.accounts} accounts, "
         f"drift {rec.drift_micros} micro-units, {len(rec.mismatched)} mismatched"
     )
-    ok = drained and ok_charged and ok_dead and rec.ok
+    ok_payments = await payments.report(_say)
+    ok = drained and ok_charged and ok_dead and rec.ok and ok_payments
     _say("OK" if ok else "FAILED")
     sys.stdout.flush()
     return 0 if ok else 1

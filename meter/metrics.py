@@ -145,6 +145,10 @@ RECHARGE_CAPS: Final = ("rolling_24h_count", "new_account_daily_amount")
 RECHARGES: Final = Counter(
     "meter_recharges_total", "Auto-recharge attempts, by outcome", ["outcome"]
 )
+RECHARGE_TRIGGERS: Final = Counter(
+    "meter_recharge_triggers_total",
+    "Auto-recharge triggers published (available credit crossed the threshold)",
+)
 RECHARGE_CAP_HITS: Final = Counter(
     "meter_recharge_cap_hits_total", "Recharges not attempted because a cap was reached", ["cap"]
 )

@@ -14,6 +14,9 @@ from typing import Any, Final
 LOG_FORMATS: Final = ("text", "json")
 
 
+PAYMENT_GATEWAYS: Final = ("sandbox", "stripe")
+
+
 class SettingsError(ValueError):
     """An environment variable has a value the service cannot use."""
 
@@ -71,6 +74,22 @@ class Settings:
     authorize_max_s: int = 14_400
     #: The whole authorization answers within this, or 503 ``balance_store_unavailable``.
     authorize_deadline_s: float = 0.5
+    #: ``sandbox`` (in-process, behaves like Stripe's test cards; the demo's) or ``stripe``.
+    payment_gateway: str = "sandbox"
+    #: Stripe's secret key and, for tests or a proxy, another API base than api.stripe.com.
+    stripe_api_key: str = ""
+    stripe_api_base: str = ""
+    #: One gateway request gives up after this; the outcome is then unknown and the same
+    #: idempotency key is retried (never a new charge).
+    payment_timeout_s: float = 20.0
+    #: Consumer group of the recharge worker (``meter run recharge``).
+    recharge_group: str = "meter-recharge"
+    #: Seconds to wait after the 1st, 2nd, ... decline before trying the card again; after
+    #: ``recharge_max_declines`` declines in a row, auto-recharge is turned off.
+    recharge_backoff_s: str = "300,1800,7200"
+    recharge_max_declines: int = 3
+    #: How often the recharge worker looks for due retries and unsettled payments.
+    recharge_scan_interval_s: float = 5.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -123,6 +142,34 @@ class Settings:
             raise SettingsError(
                 "METER_AUTHORIZE_GRANT_S must be >= 1 and METER_AUTHORIZE_GRACE_S >= 0"
             )
+
+        if self.payment_gateway not in PAYMENT_GATEWAYS:
+            raise SettingsError(
+                f"METER_PAYMENT_GATEWAY must be one of {', '.join(PAYMENT_GATEWAYS)}"
+            )
+        if self.payment_gateway == "stripe" and not self.stripe_api_key:
+            raise SettingsError(
+                "METER_STRIPE_API_KEY is required with METER_PAYMENT_GATEWAY=stripe"
+            )
+        if self.payment_timeout_s <= 0 or self.recharge_scan_interval_s <= 0:
+            raise SettingsError(
+                "METER_PAYMENT_TIMEOUT_S and METER_RECHARGE_SCAN_INTERVAL_S must be > 0"
+            )
+        if self.recharge_max_declines < 1:
+            raise SettingsError("METER_RECHARGE_MAX_DECLINES must be >= 1")
+        self.backoff()
+
+    def backoff(self) -> tuple[float, ...]:
+        """``recharge_backoff_s`` as seconds, one per decline (the last repeats)."""
+        try:
+            steps = tuple(float(s) for s in self.recharge_backoff_s.split(","))
+        except ValueError:
+            steps = ()
+        if not steps or any(s < 0 for s in steps):
+            raise SettingsError(
+                "METER_RECHARGE_BACKOFF_S must be comma-separated seconds >= 0, e.g. 300,1800"
+            )
+        return steps
 
     def with_endpoints(self, kafka: str, redis: str, database: str) -> Settings:
         return replace(self, kafka_bootstrap=kafka, redis_url=redis, database_url=database)

@@ -20,7 +20,7 @@ import hashlib
 import logging
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol, cast
@@ -29,9 +29,17 @@ from pydantic import ValidationError
 
 from contracts import topics
 from contracts.events import CallHangup, MessageSent
+from contracts.payments import recharge_request
 from contracts.signals import make_signal
 from enforcement import keys
-from enforcement.balance import AccountOutcome, Balances, PendingSignal, Tariff
+from enforcement.balance import (
+    RECHARGE_REQUESTED,
+    AccountOutcome,
+    Balances,
+    PendingSignal,
+    PlanPeriod,
+    Tariff,
+)
 from enforcement.keys import DAY_S
 from meter import metrics
 from meter.ledger import Ledger, SignalRow, UsageRow, event_key
@@ -278,8 +286,9 @@ class MeteringProcessor:
                 started = int(ev.time.timestamp()) - d.elapsed_s
                 updates.append((ev.subject, d.call_id, started, d.elapsed_s))
         kw = {"now_s": now_s, "grant_s": cc.grant_s, "grace_s": cc.grace_s, "max_s": cc.max_s}
-        await self._balances.reserve_many(opens, force=True, **kw)
-        results = await self._balances.progress(updates, **kw)
+        plans = self._plan_periods({u[0] for u in updates}, now_s)
+        await self._balances.reserve_many(opens, force=True, plans=plans, **kw)
+        results = await self._balances.progress(updates, plans=plans, **kw)
         return [(u[0], s) for u, r in zip(updates, results, strict=True) for s in r.outbox]
 
     async def finish(self, applied: Applied) -> BatchOutcome:
@@ -526,16 +535,9 @@ class MeteringProcessor:
         batch = [
             (a, cs) for a, cs in by_account.items()
         ]  # a Charge has what a debit needs: event_key, fingerprint, amount, day, draw
-        # Plans once per account per batch; the allowance is the period's of processing time.
-        period: tuple[int, int] | None = None
-        plans: dict[str, tuple[int, int, int]] = {}
-        get = self._catalog.get
-        for a in by_account:
-            acct = get(a)
-            if acct is not None and acct.plan is not None and acct.plan.included_s:
-                period = period or month_period(now_s)
-                plans[a] = (acct.plan.included_s, *period)
-        outcomes = await self._balances.apply_debits(batch, now_s, plans)
+        outcomes = await self._balances.apply_debits(
+            batch, now_s, self._plan_periods(by_account, now_s)
+        )
         for o in outcomes:
             if not o.found:
                 continue
@@ -552,14 +554,45 @@ class MeteringProcessor:
                 cs[i].included_s = drawn
         return outcomes
 
+    def _plan_periods(self, account_ids: Iterable[str], now_s: int) -> dict[str, PlanPeriod]:
+        """Plan allowances once per account per batch: the period is that of processing time
+        (debit.lua creates the period's grant from it; reservations count it until then)."""
+        period: tuple[int, int] | None = None
+        plans: dict[str, PlanPeriod] = {}
+        get = self._catalog.get
+        for a in account_ids:
+            acct = get(a)
+            if acct is not None and acct.plan is not None and acct.plan.included_s:
+                period = period or month_period(now_s)
+                plans[a] = (acct.plan.included_s, *period)
+        return plans
+
     async def _compensate(
         self, charges: list[Charge], already: set[bytes], out: BatchOutcome
     ) -> None:
-        """Undo debits Redis applied for events the ledger already had (Redis forgot them)."""
+        """Undo debits Redis applied for events the ledger already had (Redis forgot them):
+        the money, and the included seconds the call drew again (back to their grants)."""
         undo = [c for c in charges if c.code == "n" and c.event_key in already]
         await self._balances.credit_many(
             [(c.account_id, "undo:" + c.event_key.hex(), c.applied_amount) for c in undo]
         )
+        drew = [c for c in undo if c.included_s]
+        if drew:
+            back = await self._balances.undraw_many(
+                [
+                    # draw: "billed_s,rate_per_min,connect_fee,answered_at"
+                    (c.account_id, c.event_key, c.day, c.included_s, int(c.draw.rsplit(",", 1)[1]))
+                    for c in drew
+                ]
+            )
+            for c, n in zip(drew, back, strict=True):
+                if n < 0:
+                    log.error(
+                        "%d included seconds drawn again could not be given back: no grant valid"
+                        " at the call's answer is left",
+                        c.included_s,
+                        extra={"account_id": c.account_id, "event_id": c.event_id},
+                    )
         for c in undo:
             c.code = "k"
         if undo:
@@ -625,6 +658,22 @@ class MeteringProcessor:
         at = datetime.now(UTC)
         acks: dict[str, int] = {}
         for account_id, s in pending:
+            if s.type == RECHARGE_REQUESTED:
+                # Not for telephony: the trigger goes to the recharge worker on its own topic.
+                req = recharge_request(account_id, s.seq, s.reason, at)
+                futures.append(
+                    await self._producer.send(
+                        topics.RECHARGE_REQUESTS,
+                        req.model_dump_json().encode(),
+                        account_id.encode(),
+                        headers=[("content-type", b"application/cloudevents+json")],
+                    )
+                )
+                acks[account_id] = max(acks.get(account_id, 0), s.seq)
+                self._published[account_id] = max(self._published.get(account_id, 0), s.seq)
+                metrics.RECHARGE_TRIGGERS.inc()
+                out.signals.append((account_id, s))
+                continue
             extra: dict[str, object] = {}
             if s.call_id is not None:
                 extra["call_id"] = s.call_id

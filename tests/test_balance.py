@@ -173,6 +173,17 @@ def test_state_machine_copies_are_identical() -> None:
     assert len(copies) == 1
 
 
+def test_recharge_trigger_copies_are_identical() -> None:
+    def trigger(name: str) -> str:
+        text = importlib.resources.files("enforcement").joinpath("lua", name).read_text()
+        m = re.search(r"local function recharge_trigger.*?\nend\n", text, re.S)
+        assert m, name
+        return m.group(0)
+
+    names = ("debit.lua", "credit.lua", "grant.lua", "recharge_settings.lua")
+    assert len({trigger(n) for n in names}) == 1
+
+
 def test_billing_copies_are_identical() -> None:
     def billing(name: str) -> str:
         text = importlib.resources.files("enforcement").joinpath("lua", name).read_text()

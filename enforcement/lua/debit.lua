@@ -48,8 +48,10 @@
 
 -- The account state machine, shared by every script that moves money (keep the copies equal;
 -- tests/test_balance.py checks they are). Returns the new status and the signal to queue, if any.
-local function transition(st, avail, lowth)
-  if st == 'suspended' then
+-- pinned: the account is held for a reason its credit does not explain ("hr", e.g.
+-- recharge_cap): only an operator's resume or a payment lifts it.
+local function transition(st, avail, lowth, pinned)
+  if st == 'suspended' or pinned then
     return st, nil
   end
   local target = 'active'
@@ -68,6 +70,32 @@ local function transition(st, avail, lowth)
     return target, 'account.low_balance|below_threshold'
   end
   return target, nil
+end
+
+-- The auto-recharge trigger, shared by the scripts that move money (keep the copies equal;
+-- tests/test_balance.py checks they are). Edge-triggered: it fires when available credit is at
+-- or below the threshold ("rth", present only while auto-recharge is on) and no trigger is open
+-- ("rq"); "rq" stays set until the available credit is seen above the threshold again or the
+-- recharge worker closes the trigger, so all the events of one crossing fire it once. The
+-- request travels in the outbox like a signal (metering/processor.py routes it to its own
+-- topic). Returns its seq.
+local function recharge_trigger(acct, avail, rth, rq)
+  if not rth then
+    return nil
+  end
+  if avail > tonumber(rth) then
+    if rq then
+      redis.call('HDEL', acct, 'rq')
+    end
+    return nil
+  end
+  if rq then
+    return nil
+  end
+  local seq = redis.call('HINCRBY', acct, 'seq', 1)
+  redis.call('HSET', acct, 'rq', seq)
+  redis.call('RPUSH', acct .. ':out', seq .. '|recharge.requested|below_threshold')
+  return seq
 end
 
 local now = tonumber(ARGV[1])
@@ -99,7 +127,8 @@ for c in string.gmatch(ARGV[5], '%d+') do
   local n_events = tonumber(c)
   local acct = KEYS[a]
   local dline = draw_lines() or ''
-  local f = redis.call('HMGET', acct, 'bal', 'res', 'cl', 'lowth', 'st', 'seq', 'ack', 'xd', 'min')
+  local f = redis.call('HMGET', acct, 'bal', 'res', 'cl', 'lowth', 'st', 'seq', 'ack', 'xd', 'min',
+    'rth', 'rq', 'hr')
   if not f[1] then
     ei = ei + n_events
     reply[a] = '0\t0\t\t\t\t\t'
@@ -260,7 +289,7 @@ for c in string.gmatch(ARGV[5], '%d+') do
       res = tonumber(redis.call('HINCRBY', acct, 'res', string.format('%d', -released)))
     end
     local avail = bal + tonumber(f[3] or '0') - res
-    local st, signal = transition(f[5] or 'active', avail, tonumber(f[4] or '0'))
+    local st, signal = transition(f[5] or 'active', avail, tonumber(f[4] or '0'), f[12])
     if st ~= f[5] then
       redis.call('HSET', acct, 'st', st)
     end
@@ -269,6 +298,7 @@ for c in string.gmatch(ARGV[5], '%d+') do
       seq = redis.call('HINCRBY', acct, 'seq', 1)
       redis.call('RPUSH', acct .. ':out', seq .. '|' .. signal)
     end
+    seq = recharge_trigger(acct, avail, f[10], f[11]) or seq
     local outbox = ''
     if seq > tonumber(f[7] or '0') then
       outbox = table.concat(redis.call('LRANGE', acct .. ':out', 0, -1), ';')

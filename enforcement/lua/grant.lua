@@ -14,8 +14,10 @@
 
 -- The account state machine, shared by every script that moves money (keep the copies equal;
 -- tests/test_balance.py checks they are). Returns the new status and the signal to queue, if any.
-local function transition(st, avail, lowth)
-  if st == 'suspended' then
+-- pinned: the account is held for a reason its credit does not explain ("hr", e.g.
+-- recharge_cap): only an operator's resume or a payment lifts it.
+local function transition(st, avail, lowth, pinned)
+  if st == 'suspended' or pinned then
     return st, nil
   end
   local target = 'active'
@@ -36,10 +38,36 @@ local function transition(st, avail, lowth)
   return target, nil
 end
 
+-- The auto-recharge trigger, shared by the scripts that move money (keep the copies equal;
+-- tests/test_balance.py checks they are). Edge-triggered: it fires when available credit is at
+-- or below the threshold ("rth", present only while auto-recharge is on) and no trigger is open
+-- ("rq"); "rq" stays set until the available credit is seen above the threshold again or the
+-- recharge worker closes the trigger, so all the events of one crossing fire it once. The
+-- request travels in the outbox like a signal (metering/processor.py routes it to its own
+-- topic). Returns its seq.
+local function recharge_trigger(acct, avail, rth, rq)
+  if not rth then
+    return nil
+  end
+  if avail > tonumber(rth) then
+    if rq then
+      redis.call('HDEL', acct, 'rq')
+    end
+    return nil
+  end
+  if rq then
+    return nil
+  end
+  local seq = redis.call('HINCRBY', acct, 'seq', 1)
+  redis.call('HSET', acct, 'rq', seq)
+  redis.call('RPUSH', acct .. ':out', seq .. '|recharge.requested|below_threshold')
+  return seq
+end
+
 local grant_id = ARGV[1]
 local price = tonumber(ARGV[2])
 local now = tonumber(ARGV[6])
-local f = redis.call('HMGET', KEYS[1], 'bal', 'res', 'cl', 'lowth', 'st', 'min')
+local f = redis.call('HMGET', KEYS[1], 'bal', 'res', 'cl', 'lowth', 'st', 'min', 'rth', 'rq', 'hr')
 if not f[1] then
   return {-1, 0, ''}
 end
@@ -63,7 +91,7 @@ redis.call('HSET', KEYS[1], 'min', table.concat(keep, ';'))
 if price > 0 then
   bal = tonumber(redis.call('HINCRBY', KEYS[1], 'bal', string.format('%d', -price)))
 end
-local st, signal = transition(f[5] or 'active', avail - price, tonumber(f[4] or '0'))
+local st, signal = transition(f[5] or 'active', avail - price, tonumber(f[4] or '0'), f[9])
 if st ~= f[5] then
   redis.call('HSET', KEYS[1], 'st', st)
 end
@@ -71,4 +99,5 @@ if signal then
   local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
   redis.call('RPUSH', KEYS[3], seq .. '|' .. signal)
 end
+recharge_trigger(KEYS[1], avail - price, f[7], f[8])
 return {1, bal, st}

@@ -4,6 +4,7 @@
 -- ARGV[1] balance  ARGV[2] credit_limit  ARGV[3] low_threshold  ARGV[4] status  ARGV[5] seq
 -- ARGV[6] mode: "create" sets the account only if it does not exist; "limits" updates
 --   credit_limit and low_threshold of an existing one and leaves the balance alone.
+-- ARGV[7] bucket (create only): the minute bucket, debit.lua's "min" field, or "" for none
 --
 -- Reply: 1 if written, 0 if left as it was.
 local mode = ARGV[6]
@@ -13,6 +14,9 @@ if mode == 'create' then
   end
   redis.call('HSET', KEYS[1], 'bal', ARGV[1], 'res', 0, 'cl', ARGV[2], 'lowth', ARGV[3],
     'st', ARGV[4], 'seq', ARGV[5])
+  if ARGV[7] and ARGV[7] ~= '' then
+    redis.call('HSET', KEYS[1], 'min', ARGV[7])
+  end
   return 1
 end
 if redis.call('EXISTS', KEYS[1]) == 0 then

@@ -1,10 +1,13 @@
 -- A live call's interim update (call.progress) or its answer (call.answered): extend its
 -- reservation by the next grant, or, when the credit cannot cover it, extend it as far as the
--- credit goes and queue one call.terminate at the moment the credit runs out.
+-- credit goes and queue one call.terminate at the moment the credit runs out. "Credit" here is
+-- the minute bucket's free seconds first, then money, as debit.lua will charge the call.
 --
 -- KEYS[1] account hash   KEYS[2] reservations hash   KEYS[3] outbox list
 -- ARGV[1] call_id   ARGV[2] now   ARGV[3] started_at (answered_at, unix s)   ARGV[4] elapsed_s
 -- ARGV[5] grant_s   ARGV[6] grace_s   ARGV[7] max_s
+-- ARGV[8] plan      "included_s,period_start,period_end" of the account's plan for the current
+--                   period, or "" (see reserve.lua)
 --
 -- Reply: {outcome, until_s, outbox}
 --   outcome "none" (no reservation: the call was never authorized), "closed" (hung up
@@ -25,16 +28,21 @@ local function billed(d, initial, subsequent)
   return initial + math.ceil((d - initial) / subsequent) * subsequent
 end
 
-local function cost(d, rate, fee, initial, subsequent)
+-- What covering a call for d seconds holds, drawn as debit.lua will charge it: free seconds of
+-- the minute bucket first, money for the rest, the connect fee always. Returns (micro-units,
+-- seconds).
+local function hold(d, free_s, rate, fee, initial, subsequent)
   local b = billed(d, initial, subsequent)
   if b == 0 then
-    return 0
+    return 0, 0
   end
-  return fee + math.ceil(rate * b / 60)
+  local s = math.min(free_s, b)
+  return fee + math.ceil(rate * (b - s) / 60), s
 end
 
--- The longest duration (whole increments) whose cost fits in avail; 0 if not even the first.
-local function affordable(avail, rate, fee, initial, subsequent, max_s)
+-- The longest duration (whole increments) that free_s seconds of the bucket and avail
+-- micro-units pay for together; 0 if not even the first increment.
+local function affordable(avail, free_s, rate, fee, initial, subsequent, max_s)
   local budget = avail - fee
   if budget < 0 then
     return 0
@@ -42,7 +50,7 @@ local function affordable(avail, rate, fee, initial, subsequent, max_s)
   if rate == 0 then
     return max_s
   end
-  local b = math.floor(budget * 60 / rate)
+  local b = free_s + math.floor(budget * 60 / rate)
   if b < initial then
     return 0
   end
@@ -53,9 +61,45 @@ local function affordable(avail, rate, fee, initial, subsequent, max_s)
   return d
 end
 
+-- Seconds of the minute bucket (the account's "min" field, see debit.lua) a call answered at
+-- `at` may hold: what the grants valid then have left (the plan's grant for the period in full
+-- while debit.lua has not created it, which it does at the period's first charge), less what
+-- the account's live calls hold, the asking call's own `own` seconds excepted. The holds are
+-- summed from the reservations themselves, not kept in a counter: the hangup's debit.lua
+-- overwrites a reservation with a closed marker, which holds nothing, so its seconds are free
+-- again in the same script that draws them. Money-only accounts never read the reservations.
+local function bucket_free(rsv, min, plan, at, own)
+  local p_s, p_from, p_to = string.match(plan, '^(%d+),(%d+),(%d+)$')
+  local pid = p_from and ('p' .. p_from)
+  local usable = 0
+  for id, rem, from, to in string.gmatch(min or '', '([^,;]+),(%d+),(%d+),(%d+)') do
+    if id == pid then
+      pid = nil -- created: what it has left counts, not the allowance
+    end
+    if tonumber(from) <= at and at < tonumber(to) then
+      usable = usable + tonumber(rem)
+    end
+  end
+  if pid and tonumber(p_s) > 0 and tonumber(p_from) <= at and at < tonumber(p_to) then
+    usable = usable + tonumber(p_s)
+  end
+  if usable == 0 then
+    return 0
+  end
+  local held = 0
+  for _, v in ipairs(redis.call('HVALS', rsv)) do
+    local s = string.match(v, '^[^|]*|[^|]*|[^|]*|[^|]*|[^|]*|[^|]*|[^|]*|[^|]*|[^|]*|(%d+)')
+    if s then
+      held = held + tonumber(s)
+    end
+  end
+  return math.max(usable - held + own, 0)
+end
+
 local call_id, now, started_at = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local elapsed, grant_s = tonumber(ARGV[4]), tonumber(ARGV[5])
 local grace_s, max_s = tonumber(ARGV[6]), tonumber(ARGV[7])
+local plan = ARGV[8] or ''
 
 local function pending()
   local f = redis.call('HMGET', KEYS[1], 'seq', 'ack')
@@ -74,13 +118,21 @@ for v in string.gmatch(raw, '[^|]+') do
   p[#p + 1] = tonumber(v)
 end
 local reserved, granted, rate, fee, initial, subsequent = p[1], p[2], p[4], p[5], p[6], p[7]
-local started, term = p[8], p[9]
+local started, term, held = p[8], p[9], p[10] or 0
 if started == 0 then
   started = started_at
 end
 local function save(expires_at)
-  redis.call('HSET', KEYS[2], call_id, string.format('%d|%d|%d|%d|%d|%d|%d|%d|%d', reserved,
-    granted, expires_at, rate, fee, initial, subsequent, started, term))
+  redis.call('HSET', KEYS[2], call_id, string.format('%d|%d|%d|%d|%d|%d|%d|%d|%d|%d', reserved,
+    granted, expires_at, rate, fee, initial, subsequent, started, term, held))
+end
+-- Move the call's reservation to covering d seconds: seconds and money as they are free now.
+local function cover(d, free)
+  local money, secs = hold(d, free, rate, fee, initial, subsequent)
+  if money ~= reserved then
+    redis.call('HINCRBY', KEYS[1], 'res', string.format('%d', money - reserved))
+  end
+  reserved, held, granted = money, secs, d
 end
 if term == -1 then
   return {'closed', 0, ''}
@@ -88,7 +140,7 @@ end
 if term > 0 then
   return {'terminating', term, pending()}
 end
-local f = redis.call('HMGET', KEYS[1], 'bal', 'res', 'cl', 'st')
+local f = redis.call('HMGET', KEYS[1], 'bal', 'res', 'cl', 'st', 'min')
 local function terminate(at, reason)
   term = at
   local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
@@ -104,24 +156,17 @@ if want <= granted then
   save(now + (granted - elapsed) + grace_s)
   return {'ok', granted, pending()}
 end
-local need = cost(want, rate, fee, initial, subsequent) - reserved
+local free = bucket_free(KEYS[2], f[5], plan, started, held)
 local avail = tonumber(f[1]) + tonumber(f[3] or '0') - tonumber(f[2] or '0')
+local need = hold(want, free, rate, fee, initial, subsequent) - reserved
 if need <= avail then
-  if need > 0 then
-    redis.call('HINCRBY', KEYS[1], 'res', string.format('%d', need))
-  end
-  reserved, granted = reserved + math.max(need, 0), want
+  cover(want, free)
   save(now + (granted - elapsed) + grace_s)
   return {'extended', granted, pending()}
 end
 -- Not enough for the next grant: take the call as far as the credit goes, then end it there.
-local reach = affordable(avail + reserved, rate, fee, initial, subsequent, max_s)
+local reach = affordable(avail + reserved, free, rate, fee, initial, subsequent, max_s)
 if reach > granted then
-  local more = cost(reach, rate, fee, initial, subsequent) - reserved
-  if more > 0 then
-    redis.call('HINCRBY', KEYS[1], 'res', string.format('%d', more))
-    reserved = reserved + more
-  end
-  granted = reach
+  cover(reach, free)
 end
 return terminate(started + granted, 'credit_exhausted')

@@ -1,7 +1,8 @@
--- Authorize a call: reserve credit for its first grant, atomically with every other call of
--- the account, so concurrent calls never together reserve more than the available credit.
+-- Authorize a call: reserve its first grant, atomically with every other call of the account,
+-- so concurrent calls never together reserve more than the available credit, nor more seconds
+-- than the minute bucket has left.
 --
--- KEYS[1] account hash ("{a:ID}": bal, res, cl, st, ...)
+-- KEYS[1] account hash ("{a:ID}": bal, res, cl, st, min, hr, ...)
 -- KEYS[2] reservations hash ("{a:ID}:rsv"): field = call_id, value = see RSV below
 -- ARGV[1] call_id      ARGV[2] direction ("inbound" | "outbound")   ARGV[3] now (unix s)
 -- ARGV[4] grant_s      seconds to reserve up front (e.g. 300)
@@ -11,11 +12,16 @@
 -- ARGV[11] force       "1" for a call already answered without an authorization: instead of
 --                      a credit denial, open a reservation of nothing, so the next progress
 --                      update ends the call where its credit runs out
+-- ARGV[12] plan        "included_s,period_start,period_end" of the account's plan for the
+--                      current period (as debit.lua gets it), or "" (no plan)
 --
--- RSV value: "reserved|granted_s|expires_at|rate|fee|initial|subsequent|started_at|terminate_at"
---   started_at is 0 until call.answered; terminate_at is 0 until call.terminate was queued.
+-- RSV value: "reserved|granted_s|expires_at|rate|fee|initial|subsequent|started_at|terminate_at
+--   |held_s" (one line): started_at is 0 until call.answered; terminate_at is 0 until
+--   call.terminate was queued, -1 once the hangup closed the call (debit.lua's marker, nine
+--   fields); held_s, the seconds of the minute bucket the grant covers (the rest is covered by
+--   reserved micro-units), is absent from reservations made before it existed: 0.
 --
--- Reply: {decision, reason, max_duration_s, reserved, granted_s, expires_at}
+-- Reply: {decision, reason, max_duration_s, reserved, granted_s, expires_at, held_s}
 --   decision "allow" | "deny"; reason "ok" or the contract's deny reason.
 --   A second call for the same call_id returns the first answer (authorize is retried).
 
@@ -30,16 +36,21 @@ local function billed(d, initial, subsequent)
   return initial + math.ceil((d - initial) / subsequent) * subsequent
 end
 
-local function cost(d, rate, fee, initial, subsequent)
+-- What covering a call for d seconds holds, drawn as debit.lua will charge it: free seconds of
+-- the minute bucket first, money for the rest, the connect fee always. Returns (micro-units,
+-- seconds).
+local function hold(d, free_s, rate, fee, initial, subsequent)
   local b = billed(d, initial, subsequent)
   if b == 0 then
-    return 0
+    return 0, 0
   end
-  return fee + math.ceil(rate * b / 60)
+  local s = math.min(free_s, b)
+  return fee + math.ceil(rate * (b - s) / 60), s
 end
 
--- The longest duration (whole increments) whose cost fits in avail; 0 if not even the first.
-local function affordable(avail, rate, fee, initial, subsequent, max_s)
+-- The longest duration (whole increments) that free_s seconds of the bucket and avail
+-- micro-units pay for together; 0 if not even the first increment.
+local function affordable(avail, free_s, rate, fee, initial, subsequent, max_s)
   local budget = avail - fee
   if budget < 0 then
     return 0
@@ -47,7 +58,7 @@ local function affordable(avail, rate, fee, initial, subsequent, max_s)
   if rate == 0 then
     return max_s
   end
-  local b = math.floor(budget * 60 / rate)
+  local b = free_s + math.floor(budget * 60 / rate)
   if b < initial then
     return 0
   end
@@ -58,16 +69,53 @@ local function affordable(avail, rate, fee, initial, subsequent, max_s)
   return d
 end
 
+-- Seconds of the minute bucket (the account's "min" field, see debit.lua) a call answered at
+-- `at` may hold: what the grants valid then have left (the plan's grant for the period in full
+-- while debit.lua has not created it, which it does at the period's first charge), less what
+-- the account's live calls hold, the asking call's own `own` seconds excepted. The holds are
+-- summed from the reservations themselves, not kept in a counter: the hangup's debit.lua
+-- overwrites a reservation with a closed marker, which holds nothing, so its seconds are free
+-- again in the same script that draws them. Money-only accounts never read the reservations.
+local function bucket_free(rsv, min, plan, at, own)
+  local p_s, p_from, p_to = string.match(plan, '^(%d+),(%d+),(%d+)$')
+  local pid = p_from and ('p' .. p_from)
+  local usable = 0
+  for id, rem, from, to in string.gmatch(min or '', '([^,;]+),(%d+),(%d+),(%d+)') do
+    if id == pid then
+      pid = nil -- created: what it has left counts, not the allowance
+    end
+    if tonumber(from) <= at and at < tonumber(to) then
+      usable = usable + tonumber(rem)
+    end
+  end
+  if pid and tonumber(p_s) > 0 and tonumber(p_from) <= at and at < tonumber(p_to) then
+    usable = usable + tonumber(p_s)
+  end
+  if usable == 0 then
+    return 0
+  end
+  local held = 0
+  for _, v in ipairs(redis.call('HVALS', rsv)) do
+    local s = string.match(v, '^[^|]*|[^|]*|[^|]*|[^|]*|[^|]*|[^|]*|[^|]*|[^|]*|[^|]*|(%d+)')
+    if s then
+      held = held + tonumber(s)
+    end
+  end
+  return math.max(usable - held + own, 0)
+end
+
 local call_id, direction, now = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local grant_s, grace_s, max_s = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
 local rate, fee = tonumber(ARGV[7]), tonumber(ARGV[8])
 local initial, subsequent = tonumber(ARGV[9]), tonumber(ARGV[10])
+local plan = ARGV[12] or ''
 
-local f = redis.call('HMGET', KEYS[1], 'bal', 'res', 'cl', 'st')
+local f = redis.call('HMGET', KEYS[1], 'bal', 'res', 'cl', 'st', 'min', 'hr')
 if not f[1] then
-  return {'deny', 'unknown_account', 0, 0, 0, 0}
+  return {'deny', 'unknown_account', 0, 0, 0, 0, 0}
 end
 local force = ARGV[11] == '1'
+local avail = tonumber(f[1]) + tonumber(f[3] or '0') - tonumber(f[2] or '0')
 local prior = redis.call('HGET', KEYS[2], call_id)
 if prior then
   local p = {}
@@ -75,39 +123,42 @@ if prior then
     p[#p + 1] = tonumber(v)
   end
   if p[9] == -1 then
-    return {'deny', 'call_closed', 0, 0, 0, 0}
+    return {'deny', 'call_closed', 0, 0, 0, 0, 0}
   end
-  local done = affordable(tonumber(f[1]) + tonumber(f[3] or '0') - tonumber(f[2] or '0') + p[1],
-    p[4], p[5], p[6], p[7], max_s)
-  return {'allow', 'ok', done, p[1], p[2], p[3]}
+  local held = p[10] or 0
+  local free = bucket_free(KEYS[2], f[5], plan, now, held)
+  local done = affordable(avail + p[1], free, p[4], p[5], p[6], p[7], max_s)
+  return {'allow', 'ok', done, p[1], p[2], p[3], held}
 end
 local st = f[4] or 'active'
-local avail = tonumber(f[1]) + tonumber(f[3] or '0') - tonumber(f[2] or '0')
-local d = affordable(avail, rate, fee, initial, subsequent, max_s)
+local free = bucket_free(KEYS[2], f[5], plan, now, 0)
+local d = affordable(avail, free, rate, fee, initial, subsequent, max_s)
 local barred = nil
 if st == 'suspended' then
   barred = 'account_suspended'
-elseif st == 'hold' and direction ~= 'inbound' then
+elseif st == 'hold' and direction ~= 'inbound' and (free == 0 or f[6]) then
+  -- The state machine holds on money alone: seconds left in the bucket still buy calls, unless
+  -- the hold was pinned for another reason ("hr").
   barred = 'account_on_hold'
 elseif d == 0 and direction ~= 'inbound' then
   barred = 'insufficient_credit'
 end
-local granted, reserved
+local granted, reserved, held
 if barred and not force then
-  return {'deny', barred, 0, 0, 0, 0}
+  return {'deny', barred, 0, 0, 0, 0, 0}
 elseif barred then
-  granted, reserved, d = 0, 0, 0 -- the next progress update terminates it at once
+  granted, reserved, held, d = 0, 0, 0, 0 -- the next progress update terminates it at once
 elseif d == 0 then
   -- Inbound still rings on hold: allowed, charged at hangup, with nothing reserved.
-  granted, reserved, d = grant_s, 0, grant_s
+  granted, reserved, held, d = grant_s, 0, 0, grant_s
 else
   granted = math.min(grant_s, d)
-  reserved = cost(granted, rate, fee, initial, subsequent)
+  reserved, held = hold(granted, free, rate, fee, initial, subsequent)
 end
 local expires_at = now + granted + grace_s
 if reserved > 0 then
   redis.call('HINCRBY', KEYS[1], 'res', string.format('%d', reserved))
 end
-redis.call('HSET', KEYS[2], call_id, string.format('%d|%d|%d|%d|%d|%d|%d|0|0', reserved, granted,
-  expires_at, rate, fee, initial, subsequent))
-return {'allow', 'ok', d, reserved, granted, expires_at}
+redis.call('HSET', KEYS[2], call_id, string.format('%d|%d|%d|%d|%d|%d|%d|0|0|%d', reserved,
+  granted, expires_at, rate, fee, initial, subsequent, held))
+return {'allow', 'ok', d, reserved, granted, expires_at, held}

@@ -1,0 +1,100 @@
+"""The payment-gateway seam: what the recharge worker and the payments API need of a card processor.
+
+Exceptions (what the caller may conclude)::
+
+    GatewayError                    the gateway could not give an answer
+    ├── GatewayUnavailable          definitely not charged (refused before it reached the
+    │                               processor: connection refused, 4xx other than a decline)
+    └── OutcomeUnknown              may have been charged (timeout, 5xx, connection lost after
+                                    sending): retry with the SAME idempotency key, never a new one
+
+A decline is not an exception: it is a ``ChargeResult`` with ``status == "declined"``; the card
+was definitely not charged.
+
+Money crosses this seam in integer micro-units; gateways that work in cents (Stripe) refuse an
+amount that is not a whole number of cents rather than round it (see ``to_cents``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+from contracts.money import Micros
+
+MICROS_PER_CENT = 10_000
+
+
+class GatewayError(Exception):
+    """The gateway gave no usable answer."""
+
+
+class GatewayUnavailable(GatewayError):
+    """Definitely not charged: the request never reached the processor or was refused as a
+    request (not as a card decline)."""
+
+
+class OutcomeUnknown(GatewayError):
+    """May have been charged: retry with the same idempotency key to learn the outcome."""
+
+
+def to_cents(amount: Micros) -> int:
+    """Micro-units to cents; an amount that is not a whole number of cents is a bug upstream
+    (policy rounds charges up to the cent), so it is refused, never rounded here."""
+    if amount <= 0 or amount % MICROS_PER_CENT:
+        raise ValueError(f"amount {amount} micro-units is not a positive whole number of cents")
+    return amount // MICROS_PER_CENT
+
+
+@dataclass(frozen=True, slots=True)
+class SavedMethod:
+    """A payment method saved for off-session charges."""
+
+    customer_ref: str  # the gateway's customer (Stripe: cus_...)
+    method_ref: str  # the gateway's payment method (Stripe: pm_...)
+    brand: str  # "visa", ...; "" when the gateway does not say
+    last4: str  # "" when the gateway does not say
+
+
+@dataclass(frozen=True, slots=True)
+class ChargeRequest:
+    account_id: str
+    amount: Micros  # a whole number of cents, > 0
+    currency: str  # ISO 4217, e.g. "USD"
+    customer_ref: str
+    method_ref: str
+    idempotency_key: str  # one per recharge or top-up; the same on every retry of it
+    description: str
+
+
+@dataclass(frozen=True, slots=True)
+class ChargeResult:
+    status: Literal["succeeded", "declined"]
+    captured: Micros  # what was captured: the amount on success, 0 on a decline
+    gateway_ref: str  # the gateway's id for the attempt (Stripe: pi_...), "" if none was made
+    decline_code: str  # "" on success; e.g. "generic_decline", "insufficient_funds"
+    message: str  # human-readable, safe to show the account's admin
+
+
+class PaymentGateway(Protocol):
+    """A card processor. Every method may raise ``GatewayError`` (see the module docstring)."""
+
+    name: str  # "stripe", "sandbox"; recorded with each payment
+
+    async def save_method(self, account_id: str, method_token: str) -> SavedMethod:
+        """Create the account's customer if needed and attach ``method_token`` (Stripe: a
+        PaymentMethod id such as ``pm_card_visa``) for off-session use. Raises
+        ``GatewayUnavailable`` when the token is refused."""
+        ...
+
+    async def delete_method(self, method: SavedMethod) -> None:
+        """Detach the method; it can no longer be charged."""
+        ...
+
+    async def charge(self, request: ChargeRequest) -> ChargeResult:
+        """Charge the saved method off-session and capture at once. Idempotent on
+        ``request.idempotency_key``: a retry with the same key never charges twice and answers
+        what the first call did."""
+        ...
+
+    async def close(self) -> None: ...
