@@ -47,6 +47,8 @@ from recharge.policy import AccountTerms
 
 log = logging.getLogger(__name__)
 
+#: A pending payment is given up (left for an operator) this long after it was created.
+UNKNOWN_GIVE_UP: Final = timedelta(hours=23)
 #: In-process retries of an unknown outcome before the payment is left to ``recover``.
 _UNKNOWN_RETRIES: Final = (0.2, 1.0)
 
@@ -498,6 +500,14 @@ class PaymentService:
             except OutcomeUnknown as exc:
                 if delay is None:
                     log.warning("payment %s: outcome unknown, left to recover: %s", p.id, exc)
+                    # updated_at paces recover's retries (one per grace period)
+                    await self._pool.execute(
+                        "UPDATE payments SET updated_at = $2, message = $3"
+                        " WHERE id = $1 AND status = 'pending'",
+                        p.id,
+                        self._clock(),
+                        f"outcome unknown, retrying with the same key: {exc}"[:500],
+                    )
                     return p
                 await self._sleep(delay)
             except GatewayUnavailable as exc:
@@ -663,7 +673,9 @@ class PaymentService:
         )
         for r in unsettled:
             p = Payment.of(r)
-            if p.status == "pending":
+            if p.status == "pending" and now - p.created_at > UNKNOWN_GIVE_UP:
+                await self._give_up(p)
+            elif p.status == "pending":
                 await self._charge(p)
             else:
                 await self._credit(p)
@@ -678,6 +690,30 @@ class PaymentService:
             await self.attempt(r["account_id"], r["seq"])
             done += 1
         return done
+
+    async def _give_up(self, p: Payment) -> None:
+        """A payment whose outcome stayed unknown for nearly a day (Stripe keeps an idempotency
+        key 24 hours, and replays a 500 stored under it): stop retrying, credit nothing, and
+        tell an operator to look it up at the gateway by its id. Its trigger is not retried
+        either: a new payment id could charge the card a second time."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            await conn.execute(
+                "UPDATE payments SET status = 'failed', reason = 'outcome_unknown',"
+                " message = $2, updated_at = now() WHERE id = $1 AND status = 'pending'",
+                p.id,
+                "no answer from the gateway for a day: look up this payment id (its idempotency"
+                " key) at the gateway; if it was charged, credit it by hand",
+            )
+            if p.trigger_seq is not None:
+                await self._end_trigger(
+                    conn, p.account_id, p.trigger_seq, "cancelled", "outcome_unknown"
+                )
+        if p.trigger_seq is not None:
+            await self._balances.close_recharge_trigger(p.account_id, p.trigger_seq)
+        metrics.RECHARGES.labels("failed").inc()
+        out = await self._payment(p.id)
+        log.error("payment %s: outcome unknown for a day, needs review", p.id)
+        await self._notify("payment.failed", p.account_id, out, "outcome_unknown", out.message)
 
     # -- helpers -------------------------------------------------------------------------------
 

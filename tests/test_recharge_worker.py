@@ -197,3 +197,41 @@ async def test_a_timeout_after_a_successful_charge_is_retried_with_the_same_key(
     st = await conns.balances.get("acc")
     assert st is not None and st.balance == 25 * USD
     assert await _credits(conns, "acc") == 1
+
+
+async def test_an_outcome_stripe_never_tells_is_retried_then_left_for_an_operator(
+    conns: Connections, seed: Seeder, fake: StripeFake
+) -> None:
+    from tests.test_recharge import Clock
+
+    clock = Clock(datetime.now(UTC))
+    gw = StripeGateway(API_KEY, api_base=fake.url, timeout_s=0.5)
+    notes = Collected()
+
+    async def no_sleep(_: float) -> None:
+        return None
+
+    svc = PaymentService(
+        conns.pool, conns.balances, gw, notes, charge_timeout_s=0.5, clock=clock, sleep=no_sleep
+    )
+    try:
+        await seed("acc", balance="0.00")
+        await svc.save_method("acc", "pm_card_visa")
+        # a 500 Stripe stores under the key: every retry with it gets the same 500
+        fake.fail_next(PI_PATH, times=1, stored=True)
+        p = await svc.top_up("acc", 25 * USD, "pay-500")
+        assert p.status == "pending"
+        clock.now += timedelta(minutes=1)
+        await svc.recover()  # retried with the same key, still unknown
+        assert (await svc.payments("acc"))[0].status == "pending"
+        clock.now += timedelta(hours=23)
+        await svc.recover()
+        (p,) = await svc.payments("acc")
+        assert (p.status, p.reason, p.captured) == ("failed", "outcome_unknown", 0)
+        assert notes.types() == ["payment.failed"]
+        keys = {r.headers.get("idempotency-key") for r in fake.requests_to("POST", PI_PATH)}
+        assert keys == {"pay-500"}  # never a second key, so never a second charge
+        st = await conns.balances.get("acc")
+        assert st is not None and st.balance == 0 and await _credits(conns, "acc") == 0
+    finally:
+        await gw.close()
