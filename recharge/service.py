@@ -360,6 +360,8 @@ class PaymentService:
                 seq,
             )
             if pending is not None:
+                if now - pending["updated_at"] < self._pending_grace:
+                    return "in_flight"  # another worker is charging it right now
                 p = Payment.of(pending)  # cut off before: finish it with its own key
             else:
                 if trig["next_attempt_at"] > now:

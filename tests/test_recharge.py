@@ -5,6 +5,7 @@ gateway (the Stripe adapter has its own suite in test_gateway.py)."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 
@@ -20,6 +21,7 @@ from meter.ledger import Ledger
 from meter.settings import Settings
 from meter.traffic import demo_price_list
 from recharge import policy
+from recharge.gateway import ChargeRequest, ChargeResult
 from recharge.policy import AccountTerms, PolicyRefusal
 from recharge.sandbox import SandboxGateway
 from recharge.service import PaymentError, PaymentService
@@ -204,7 +206,7 @@ async def test_a_pinned_hold_stays_until_a_payment_or_resume(balances: RedisBala
     paid = await balances.credit("a", "pay", 10 * USD, payment=True)
     assert paid.status == "active"
     types = [s.type for s in await balances.pending_outbox("a")]
-    assert types == ["account.hold", "account.resume"]
+    assert types == ["account.hold", "account.resume"]  # the relay publishes both, in order
 
 
 # --- the payment service ------------------------------------------------------------------------
@@ -421,3 +423,44 @@ async def test_concurrent_top_ups_cannot_pass_the_day_limit_together(world) -> N
     refused = [r for r in results if isinstance(r, PolicyRefusal)]
     assert len(ok) == 3 and len(refused) == 3  # $90 of $100; a 4th $30 would be $120
     assert gw.total_captured == 90 * USD
+
+
+async def test_two_workers_on_one_trigger_charge_the_card_once(world) -> None:  # type: ignore[no-untyped-def]
+    pool, balances, _, notes, clock = world
+    # two worker processes, each with its own gateway client: a double charge would show
+    gw1, gw2 = SandboxGateway(), SandboxGateway()
+    w1 = PaymentService(pool, balances, gw1, notes, clock=clock, sleep=_no_sleep)
+    w2 = PaymentService(pool, balances, gw2, notes, clock=clock, sleep=_no_sleep)
+    await _account(pool, balances, "a", "30.00")
+    await w1.save_method("a", "pm_card_visa")
+    await w1.set_auto_recharge("a", True, 20 * USD, 50 * USD)
+    await balances.apply_debits([("a", [_debit(1, 15 * USD)])], 1_700_000_000)
+    (seq,) = await _triggers(balances, "a")
+    outcomes = await asyncio.gather(w1.on_trigger("a", seq), w2.on_trigger("a", seq))
+    assert outcomes.count("succeeded") == 1  # the other: in_flight or not_open (timing)
+    assert set(outcomes) <= {"succeeded", "in_flight", "not_open"}
+    assert gw1.charge_count + gw2.charge_count == 1
+    st = await balances.get("a")
+    assert st is not None and st.balance == 70 * USD
+
+
+class PartialCapture(SandboxGateway):
+    """A processor that captured less than it was asked (e.g. a partial authorization)."""
+
+    async def charge(self, request: ChargeRequest) -> ChargeResult:
+        r = await super().charge(request)
+        return dataclasses.replace(r, captured=r.captured - 10_000)
+
+
+async def test_only_what_was_captured_is_credited(
+    pool: asyncpg.Pool, balances: RedisBalances
+) -> None:
+    await put_price_list(pool, demo_price_list())
+    svc = PaymentService(pool, balances, PartialCapture(), Collected(), sleep=_no_sleep)
+    await _account(pool, balances, "a", "0.00")
+    await svc.save_method("a", "pm_card_visa")
+    p = await svc.top_up("a", 20 * USD, "t1")
+    assert (p.amount, p.captured) == (20 * USD, 19_990_000)
+    st = await balances.get("a")
+    assert st is not None and st.balance == 19_990_000
+    assert (await Ledger(pool).balances(["a"]))["a"] == 19_990_000
