@@ -758,14 +758,36 @@ class RedisBalances:
         status: str = "active",
         seq: int = 0,
         bucket: str = "",
+        recharge_threshold: int | None = None,
+        recharge_trigger: int | None = None,
+        hold_reason: str | None = None,
+        credited: Sequence[str] = (),
     ) -> bool:
         """Create the account's state if absent (rebuild from the ledger uses this too).
-        ``bucket``: its minute bucket, a ``min`` field (``metering.plans.format_bucket``)."""
+        ``bucket``: its minute bucket, a ``min`` field (``metering.plans.format_bucket``);
+        the auto-recharge threshold and open trigger, a pinned hold's reason; ``credited``:
+        credit ids the balance already includes (see ``load_account.lua``)."""
         if status not in ACCOUNT_STATES:
             raise ValueError(f"unknown account status {status!r}")
+
+        def opt(v: object) -> str:
+            return "" if v is None else str(v)
+
         r = await self._load(
-            keys=[keys.account(account_id)],
-            args=[balance, credit_limit, low_threshold, status, seq, "create", bucket],
+            keys=[keys.account(account_id), keys.credits(account_id)],
+            args=[
+                balance,
+                credit_limit,
+                low_threshold,
+                status,
+                seq,
+                "create",
+                bucket,
+                opt(recharge_threshold),
+                opt(recharge_trigger),
+                opt(hold_reason),
+                ",".join(credited),
+            ],
         )
         return bool(r)
 

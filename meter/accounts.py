@@ -244,13 +244,21 @@ async def load_into_redis(
     Used at account creation and when the hot path meets an account Redis does not know
     (Redis lost or flushed): balance = sum of the ledger, seq = last signal recorded, the
     minute bucket as it stands at ``now`` (unix s, default: the clock) from the bundles bought
-    and the seconds drawn (``metering.plans.rebuild_buckets``).
+    and the seconds drawn (``metering.plans.rebuild_buckets``), and the auto-recharge state:
+    threshold, open trigger, a hold the service pinned, payments the ledger has and Redis was
+    not yet told of (remembered as applied, so finishing them credits nothing twice).
     """
     ledger = Ledger(pool)
     rows = await pool.fetch(
-        "SELECT a.id, a.credit_limit, a.low_balance_threshold, a.suspended,"
-        " coalesce(p.included_s, 0) AS included_s"
-        " FROM accounts a LEFT JOIN plans p ON p.id = a.plan_id WHERE a.id = ANY($1::text[])",
+        "SELECT a.id, a.credit_limit, a.low_balance_threshold, a.suspended, a.hold_reason,"
+        " coalesce(p.included_s, 0) AS included_s,"
+        " CASE WHEN r.enabled THEN r.threshold_amount END AS recharge_threshold,"
+        " (SELECT max(t.seq) FROM recharge_triggers t WHERE t.account_id = a.id"
+        "  AND t.status = 'open') AS recharge_trigger,"
+        " ARRAY(SELECT 'payment:' || y.id FROM payments y WHERE y.account_id = a.id"
+        "  AND y.status = 'succeeded' AND y.credited_at IS NULL) AS credited"
+        " FROM accounts a LEFT JOIN plans p ON p.id = a.plan_id"
+        " LEFT JOIN auto_recharge r ON r.account_id = a.id WHERE a.id = ANY($1::text[])",
         list(account_ids),
     )
     ids = [r["id"] for r in rows]
@@ -267,7 +275,7 @@ async def load_into_redis(
         avail = bal + r["credit_limit"]
         if r["suspended"]:
             status = "suspended"
-        elif avail <= 0:
+        elif avail <= 0 or r["hold_reason"]:
             status = "hold"
         elif avail <= r["low_balance_threshold"]:
             status = "low"
@@ -281,6 +289,10 @@ async def load_into_redis(
             status=status,
             seq=seqs.get(r["id"], 0),
             bucket=buckets.get(r["id"], ""),
+            recharge_threshold=r["recharge_threshold"],
+            recharge_trigger=r["recharge_trigger"],
+            hold_reason=r["hold_reason"],
+            credited=r["credited"],
         ):
             loaded.append(r["id"])
     return loaded

@@ -12,7 +12,6 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
-import pytest
 
 from contracts import topics
 from enforcement import keys
@@ -420,11 +419,6 @@ async def test_compensation_of_a_draw_across_grants_gives_back_every_second(
     assert sum(after.values()) == sum(before.values()) == 696
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="debit.lua does not yet record which grants a draw took from (see undraw.lua); "
-    "remove this mark when it does",
-)
 async def test_compensation_gives_each_second_back_to_the_grant_it_came_from(
     conns: Connections,
 ) -> None:

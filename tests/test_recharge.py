@@ -464,3 +464,29 @@ async def test_only_what_was_captured_is_credited(
     st = await balances.get("a")
     assert st is not None and st.balance == 19_990_000
     assert (await Ledger(pool).balances(["a"]))["a"] == 19_990_000
+
+
+async def test_a_lost_redis_state_comes_back_with_its_recharge_state(world) -> None:  # type: ignore[no-untyped-def]
+    from meter.accounts import load_into_redis
+
+    pool, balances, *_ = world
+    svc = _service(world)
+    await _account(pool, balances, "a", "30.00", level=2)
+    await svc.save_method("a", "pm_card_visa")
+    await svc.set_auto_recharge("a", True, 20 * USD, 10 * USD)
+    # a settled payment Redis was never told of (the worker died before crediting it)
+    p = await svc.top_up("a", 10 * USD, "t1")
+    await pool.execute("UPDATE payments SET credited_at = NULL WHERE id = $1", p.id)
+    await svc.set_auto_recharge("a", True, 50 * USD, 10 * USD)  # fires: 40 <= 50
+    await pool.execute("UPDATE accounts SET hold_reason = 'recharge_cap' WHERE id = 'a'")
+    (seq,) = await _triggers(balances, "a")
+    await pool.execute("INSERT INTO recharge_triggers (account_id, seq) VALUES ('a', $1)", seq)
+    await balances._r.flushall()
+    assert await load_into_redis(pool, balances, ["a"]) == ["a"]
+    st = await balances.get("a")
+    assert st is not None and (st.balance, st.status) == (40 * USD, "hold")
+    assert await balances.recharge_state("a") == (50 * USD, seq, "recharge_cap")
+    await svc.recover()  # finishes the uncredited payment: nothing is added twice
+    st = await balances.get("a")
+    assert st is not None and st.balance == 40 * USD
+    assert (await svc.payments("a"))[-1].credited_at is not None

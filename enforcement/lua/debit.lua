@@ -26,7 +26,9 @@
 -- "id,remaining_s,valid_from,expires_at" joined by ";". A new call draws its billed seconds
 -- from the grants valid at its answered_at, soonest to expire first; its amount becomes
 -- connect_fee + ceil(rate_per_min * (billed_s - drawn) / 60). The drawn seconds are stored in
--- the event's memory with its amount, so a duplicate draws nothing and reports the same. The
+-- the event's memory with its amount, so a duplicate draws nothing and reports the same, and
+-- after them "|" and the grants they came from, "id,take,valid_from,expires_at" joined by ";"
+-- (undraw.lua gives each take back to its grant when a compensation undoes the event). The
 -- plan's grant for the period ("p" .. period_start) is created at the period's first event;
 -- the bucket is read by the HMGET every account already costs, and written once.
 --
@@ -182,13 +184,14 @@ for c in string.gmatch(ARGV[5], '%d+') do
       local bucket = acct .. ':ev:' .. day
       local prior = redis.call('HGET', bucket, key)
       if prior then
-        -- "amount|fp" then the seconds drawn, if any (fp is 8 raw bytes: cut by position)
+        -- "amount|fp" then the seconds drawn and "|" the grants they came from, if any (fp is 8
+        -- raw bytes: cut by position)
         local sep = string.find(prior, '|', 1, true)
         if string.sub(prior, sep + 1, sep + 8) == fp then
           codes[e] = 'd'
           local first = string.sub(prior, 1, sep - 1)
           dups[#dups + 1] = first
-          local was_drawn = string.sub(prior, sep + 9)
+          local was_drawn = string.match(string.sub(prior, sep + 9), '^%d*')
           if was_drawn ~= '' then
             draws[#draws + 1] = (e - 1) .. ':' .. first .. ':' .. was_drawn
           end
@@ -198,6 +201,7 @@ for c in string.gmatch(ARGV[5], '%d+') do
       else
         codes[e] = 'n'
         local drawn = 0
+        local took = {}
         local ent = entries and entries[e]
         if ent and ent ~= '' then
           local billed, rate, fee, at = string.match(ent, '^(%d+),(%d+),(%d+),(%d+)$')
@@ -212,6 +216,7 @@ for c in string.gmatch(ARGV[5], '%d+') do
               g[2] = g[2] - take
               need = need - take
               drawn = drawn + take
+              took[#took + 1] = string.format('%s,%d,%d,%d', g[1], take, g[3], g[4])
             end
           end
           if drawn > 0 then
@@ -225,7 +230,8 @@ for c in string.gmatch(ARGV[5], '%d+') do
         end
         -- written at once, so a second copy of the event later in this batch is a duplicate
         if drawn > 0 then
-          redis.call('HSET', bucket, key, amount .. '|' .. fp .. string.format('%d', drawn))
+          redis.call('HSET', bucket, key,
+            amount .. '|' .. fp .. string.format('%d', drawn) .. '|' .. table.concat(took, ';'))
         else
           redis.call('HSET', bucket, key, amount .. '|' .. fp)
         end

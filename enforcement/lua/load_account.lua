@@ -5,6 +5,11 @@
 -- ARGV[6] mode: "create" sets the account only if it does not exist; "limits" updates
 --   credit_limit and low_threshold of an existing one and leaves the balance alone.
 -- ARGV[7] bucket (create only): the minute bucket, debit.lua's "min" field, or "" for none
+-- ARGV[8] recharge threshold ("rth") while auto-recharge is on, else ""
+-- ARGV[9] open recharge trigger seq ("rq"), else ""   ARGV[10] pinned hold reason ("hr"), else ""
+-- ARGV[11] credit ids the ledger already has but Redis may not have been told of (payments
+--   settled in PostgreSQL, not yet credited), "," separated: remembered as applied in KEYS[2],
+--   so finishing them later does not credit them a second time on top of the rebuilt balance
 --
 -- Reply: 1 if written, 0 if left as it was.
 local mode = ARGV[6]
@@ -16,6 +21,15 @@ if mode == 'create' then
     'st', ARGV[4], 'seq', ARGV[5])
   if ARGV[7] and ARGV[7] ~= '' then
     redis.call('HSET', KEYS[1], 'min', ARGV[7])
+  end
+  for i, field in ipairs({'rth', 'rq', 'hr'}) do
+    local v = ARGV[7 + i]
+    if v and v ~= '' then
+      redis.call('HSET', KEYS[1], field, v)
+    end
+  end
+  for id in string.gmatch(ARGV[11] or '', '[^,]+') do
+    redis.call('HSET', KEYS[2], id, 0)
   end
   return 1
 end
