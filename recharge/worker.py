@@ -40,7 +40,13 @@ _OUTAGE_BACKOFF = (0.5, 1.0, 2.0, 5.0)
 
 def make_gateway(settings: Settings) -> PaymentGateway:
     if settings.payment_gateway == "stripe":
+        import stripe
+
         from recharge.stripe_gateway import StripeGateway
+
+        # stripe-python otherwise writes an id under ~/.config/stripe and sends it with every
+        # request: a service process has no business with either.
+        stripe.enable_telemetry = False
 
         return StripeGateway(
             settings.stripe_api_key,
