@@ -90,8 +90,15 @@ from meter.db import create_pool
 from meter.settings import Settings
 from metering.catalog import Catalog
 from metering.plans import BundleError, buy_bundle
+from recharge.gateway import SavedMethod
 from recharge.policy import PolicyRefusal
-from recharge.service import LogNotifier, Payment, PaymentError, PaymentService
+from recharge.service import (
+    LogNotifier,
+    Payment,
+    PaymentError,
+    PaymentService,
+    RechargeSettings,
+)
 from recharge.worker import make_gateway
 
 log = logging.getLogger(__name__)
@@ -635,6 +642,24 @@ def create_app(settings: Settings, services: ApiServices | None = None) -> FastA
                 503, "database_unavailable", "the database did not answer; retry", None, _RETRY
             ) from exc
 
+    def auto_recharge_out(account_id: str, s: RechargeSettings) -> AutoRechargeOut:
+        return AutoRechargeOut(
+            account_id=account_id,
+            enabled=s.enabled,
+            threshold_amount=format_money(s.threshold_amount),
+            recharge_amount=format_money(s.recharge_amount),
+            disabled_reason=s.disabled_reason,
+        )
+
+    def method_out(account_id: str, gateway: str, m: SavedMethod) -> PaymentMethodOut:
+        return PaymentMethodOut(
+            account_id=account_id,
+            gateway=gateway,
+            brand=m.brand,
+            last4=m.last4,
+            method_ref=m.method_ref,
+        )
+
     def payment_out(p: Payment) -> PaymentOut:
         return PaymentOut(
             id=p.id,
@@ -673,13 +698,7 @@ def create_app(settings: Settings, services: ApiServices | None = None) -> FastA
                 account_id, body.enabled, body.threshold_amount, body.recharge_amount
             )
         )
-        return AutoRechargeOut(
-            account_id=account_id,
-            enabled=s.enabled,
-            threshold_amount=format_money(s.threshold_amount),
-            recharge_amount=format_money(s.recharge_amount),
-            disabled_reason=s.disabled_reason,
-        )
+        return auto_recharge_out(account_id, s)
 
     @app.get(
         "/v1/accounts/{account_id}/auto_recharge",
@@ -693,13 +712,7 @@ def create_app(settings: Settings, services: ApiServices | None = None) -> FastA
         s = await _pay(payments_of().auto_recharge(account_id))
         if s is None:
             raise ApiError(404, "not_found", "auto-recharge was never set for this account")
-        return AutoRechargeOut(
-            account_id=account_id,
-            enabled=s.enabled,
-            threshold_amount=format_money(s.threshold_amount),
-            recharge_amount=format_money(s.recharge_amount),
-            disabled_reason=s.disabled_reason,
-        )
+        return auto_recharge_out(account_id, s)
 
     @app.put(
         "/v1/accounts/{account_id}/payment_method",
@@ -718,13 +731,7 @@ def create_app(settings: Settings, services: ApiServices | None = None) -> FastA
         await known(account_id)
         svc = payments_of()
         m = await _pay(svc.save_method(account_id, body.token))
-        return PaymentMethodOut(
-            account_id=account_id,
-            gateway=svc.gateway_name,
-            brand=m.brand,
-            last4=m.last4,
-            method_ref=m.method_ref,
-        )
+        return method_out(account_id, svc.gateway_name, m)
 
     @app.get(
         "/v1/accounts/{account_id}/payment_method",
@@ -739,13 +746,7 @@ def create_app(settings: Settings, services: ApiServices | None = None) -> FastA
         m = await _pay(svc.saved_method(account_id))
         if m is None:
             raise ApiError(404, "not_found", "the account has no saved payment method")
-        return PaymentMethodOut(
-            account_id=account_id,
-            gateway=svc.gateway_name,
-            brand=m.brand,
-            last4=m.last4,
-            method_ref=m.method_ref,
-        )
+        return method_out(account_id, svc.gateway_name, m)
 
     @app.delete(
         "/v1/accounts/{account_id}/payment_method",

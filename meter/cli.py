@@ -53,10 +53,8 @@ async def _run_metering(settings: Settings) -> int:
     return 0
 
 
-async def _run_ops(settings: Settings) -> int:
-    from meter.ops import running_collector
-
-    missing = [
+def _missing_endpoints(settings: Settings) -> list[str]:
+    return [
         name
         for name, value in (
             ("METER_KAFKA_BOOTSTRAP", settings.kafka_bootstrap),
@@ -65,6 +63,12 @@ async def _run_ops(settings: Settings) -> int:
         )
         if not value
     ]
+
+
+async def _run_ops(settings: Settings) -> int:
+    from meter.ops import running_collector
+
+    missing = _missing_endpoints(settings)
     if missing:
         # Embedded services would be this process's own, empty ones: nothing to watch there.
         print(f"meter: run ops watches running services; set {', '.join(missing)}", file=sys.stderr)
@@ -87,15 +91,7 @@ async def _run_ops(settings: Settings) -> int:
 
 
 def _run_recharge(settings: Settings) -> int:
-    missing = [
-        name
-        for name, value in (
-            ("METER_KAFKA_BOOTSTRAP", settings.kafka_bootstrap),
-            ("METER_REDIS_URL", settings.redis_url),
-            ("METER_DATABASE_URL", settings.database_url),
-        )
-        if not value
-    ]
+    missing = _missing_endpoints(settings)
     if missing:
         # faust owns this process's event loop, so it cannot also host the embedded services:
         # `meter demo` starts them and runs this worker beside them.

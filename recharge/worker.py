@@ -81,20 +81,15 @@ def build_app(settings: Settings) -> Any:
         broker_heartbeat_interval=max(0.5, settings.kafka_session_timeout_ms / 4000),
         stream_wait_empty=False,
     )
-    requests = app.topic(
-        topics.RECHARGE_REQUESTS,
-        key_type=bytes,
-        value_type=bytes,
-        key_serializer="raw",
-        value_serializer="raw",
-    )
-    notifications = app.topic(
-        topics.NOTIFICATIONS,
-        key_type=bytes,
-        value_type=bytes,
-        key_serializer="raw",
-        value_serializer="raw",
-    )
+    # raw bytes both ways: pydantic (contracts.payments) is the one parser of our events
+    raw: dict[str, Any] = {
+        "key_type": bytes,
+        "value_type": bytes,
+        "key_serializer": "raw",
+        "value_serializer": "raw",
+    }
+    requests = app.topic(topics.RECHARGE_REQUESTS, **raw)
+    notifications = app.topic(topics.NOTIFICATIONS, **raw)
     running = _Running()
 
     class TopicNotifier:
