@@ -171,6 +171,7 @@ async def connect_api(settings: Settings) -> AsyncIterator[ApiServices]:
             grace_s=settings.authorize_grace_s,
             max_s=settings.authorize_max_s,
             deadline_s=settings.authorize_deadline_s,
+            rebuild=lambda ids: load_into_redis(pool, balances, ids),
         )
         keys = ApiKeys(pool, ttl_s=settings.api_key_cache_s)
         gateway = make_gateway(settings)

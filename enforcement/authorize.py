@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Final, Literal
@@ -21,6 +21,7 @@ from typing import Final, Literal
 from redis.exceptions import RedisError
 
 from enforcement.balance import OutcomeUnknown, PlanPeriod, RedisBalances, Tariff
+from meter import metrics
 from metering.catalog import Catalog
 from metering.plans import month_period
 from metering.rating import NoRate
@@ -91,7 +92,11 @@ class Authorizer:
         max_s: int = 14_400,
         deadline_s: float = 0.5,
         clock: Callable[[], float] = time.time,
+        rebuild: Callable[[Sequence[str]], Awaitable[list[str]]] | None = None,
     ) -> None:
+        """``rebuild``: recreates the Redis state of accounts Redis lost, from the book of
+        record (``meter.accounts.load_into_redis``); without it such an account is denied
+        ``unknown_account`` until the hot path rebuilds it."""
         self._balances = balances
         self._catalog = catalog
         self._grant_s = grant_s
@@ -99,6 +104,7 @@ class Authorizer:
         self._max_s = max_s
         self._deadline_s = deadline_s
         self._clock = clock
+        self._rebuild = rebuild
 
     async def authorize(self, req: AuthorizeRequest) -> Decision:
         try:
@@ -129,17 +135,26 @@ class Authorizer:
             # The period's grant may not be in the bucket yet: debit.lua creates it at the
             # period's first charge, so the reservation counts the allowance itself.
             plan = (acct.plan.included_s, *month_period(now_s))
-        r = await self._balances.reserve(
-            req.account_id,
-            req.call_id,
-            req.direction,
-            Tariff(rate.rate_per_min, rate.connect_fee, rate.initial_s, rate.subsequent_s),
-            now_s=now_s,
-            grant_s=self._grant_s,
-            grace_s=self._grace_s,
-            max_s=self._max_s,
-            plan=plan,
-        )
+        tariff = Tariff(rate.rate_per_min, rate.connect_fee, rate.initial_s, rate.subsequent_s)
+        for attempt in range(2):
+            r = await self._balances.reserve(
+                req.account_id,
+                req.call_id,
+                req.direction,
+                tariff,
+                now_s=now_s,
+                grant_s=self._grant_s,
+                grace_s=self._grace_s,
+                max_s=self._max_s,
+                plan=plan,
+            )
+            if r.reason != "unknown_account" or self._rebuild is None or attempt:
+                break
+            # The account exists (the catalog found it in PostgreSQL) but Redis lost it: a
+            # flushed or failed-over Redis must not deny every call until the next usage event.
+            if not await self._rebuild([req.account_id]):
+                break
+            metrics.ACCOUNTS_REBUILT.inc()
         if r.decision != "allow":
             return Decision("deny", r.reason, 0, None, None)
         return Decision(

@@ -531,3 +531,17 @@ async def test_authorizing_a_call_that_already_hung_up_is_a_conflict(api: Api) -
         keys.reservations("acc_1"), "done", "0|0|9999999999|0|0|1|1|0|-1"
     )
     assert_error(await api.authorize(service, call_id="done"), 409, "call_closed", "call_id")
+
+
+async def test_an_account_redis_lost_is_rebuilt_by_its_first_authorization(api: Api) -> None:
+    await api.seed("acc_1", balance="1.00")
+    service = await api.key("acc_1", "service")
+    await api.svc.balances._r.flushall()  # a Redis that lost everything (the test's own)
+    r = await api.authorize(service, call_id="after-loss")
+    assert r.status_code == 200 and r.json()["decision"] == "allow", r.text
+    state = await api.svc.balances.get("acc_1")
+    assert state is not None and state.balance == 1_000_000 and state.reserved > 0
+    # an account PostgreSQL does not know is still denied, and nothing is created for it
+    r = await api.authorize(service, account_id="nobody", call_id="x")
+    assert r.json()["reason"] == "unknown_account"
+    assert await api.svc.balances.get("nobody") is None
