@@ -18,9 +18,9 @@ from contracts.events import ACCOUNT_ID_PATTERN
 from contracts.money import Micros
 from enforcement.balance import RedisBalances
 from meter.ledger import COLUMNS, Ledger, LedgerRow, credit_key
-from metering.plans import rebuild_buckets
-from metering.pricelists import RATE_COLUMNS
-from metering.rating import MAX_RATE_PER_MIN
+from metering.plans import parse_bucket, rebuild_buckets
+from metering.pricelists import RATE_COLUMNS, write_prices
+from metering.rating import MAX_RATE_PER_MIN, PriceVersion, VoiceRate
 
 
 class _Spec(BaseModel):
@@ -101,9 +101,10 @@ class SeedFile(_Spec):
 
 
 async def put_price_list(pool: asyncpg.Pool, spec: PriceListSpec) -> None:
-    """Create or replace a price list: its rates (every version) and fees are replaced whole,
-    and its version bumped so running catalogs reload it. To add rate versions while keeping
-    the history calls are re-rated with, import a CSV (``metering.pricelists``) instead."""
+    """Create or replace a price list: its rates and its other prices (every version of both)
+    are replaced whole, and its version bumped so running catalogs reload it. To add versions
+    while keeping the history calls are re-rated with, import a CSV of rates or call
+    ``add_price_version`` (``metering.pricelists``) instead."""
     async with pool.acquire() as conn, conn.transaction():
         await conn.execute(
             "INSERT INTO price_lists (id, currency, inbound_per_min, sms_per_part, description,"
@@ -117,10 +118,18 @@ async def put_price_list(pool: asyncpg.Pool, spec: PriceListSpec) -> None:
             spec.description,
             spec.number_monthly_fee,
         )
-        await conn.execute("DELETE FROM price_list_fees WHERE price_list_id = $1", spec.id)
-        await conn.executemany(
-            "INSERT INTO price_list_fees (price_list_id, code, amount) VALUES ($1, $2, $3)",
-            [(spec.id, code, amount) for code, amount in spec.one_time_fees.items()],
+        # One version in force always, like a rate without effective_from; its fees cascade.
+        await conn.execute("DELETE FROM price_list_prices WHERE price_list_id = $1", spec.id)
+        await write_prices(
+            conn,
+            spec.id,
+            PriceVersion(
+                0,
+                VoiceRate("", spec.inbound_per_min),
+                spec.sms_per_part,
+                spec.number_monthly_fee,
+                spec.one_time_fees,
+            ),
         )
         await conn.execute("DELETE FROM price_list_rates WHERE price_list_id = $1", spec.id)
         await conn.copy_records_to_table(
@@ -269,13 +278,20 @@ async def load_into_redis(
         {r["id"]: r["included_s"] for r in rows},
         now=int(time.time()) if now is None else now,
     )
+    at = int(time.time()) if now is None else now
     loaded = []
     for r in rows:
         bal = sums.get(r["id"], 0)
         avail = bal + r["credit_limit"]
+        # as the scripts' state machine: money exhausted with minutes left is low, not hold
+        secs = sum(
+            g.remaining_s
+            for g in parse_bucket(buckets.get(r["id"]))
+            if g.valid_from <= at < g.expires_at
+        )
         if r["suspended"]:
             status = "suspended"
-        elif avail <= 0 or r["hold_reason"]:
+        elif (avail <= 0 and secs <= 0) or r["hold_reason"]:
             status = "hold"
         elif avail <= r["low_balance_threshold"]:
             status = "low"

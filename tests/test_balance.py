@@ -173,6 +173,16 @@ def test_state_machine_copies_are_identical() -> None:
     assert len(copies) == 1
 
 
+def test_usable_seconds_copies_are_identical() -> None:
+    def fn(name: str) -> str:
+        text = importlib.resources.files("enforcement").joinpath("lua", name).read_text()
+        m = re.search(r"local function usable_seconds.*?\nend\n", text, re.S)
+        assert m, name
+        return m.group(0)
+
+    assert len({fn(n) for n in ("debit.lua", "credit.lua", "set_status.lua", "grant.lua")}) == 1
+
+
 def test_recharge_trigger_copies_are_identical() -> None:
     def trigger(name: str) -> str:
         text = importlib.resources.files("enforcement").joinpath("lua", name).read_text()

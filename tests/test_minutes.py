@@ -132,9 +132,10 @@ async def test_concurrent_authorizations_never_hold_more_seconds_than_the_bucket
     assert sorted(held.values()) == [120, 240, 240]  # 600 s exactly, in first-grant pieces
     assert sorted(d.max_duration_s for d in allowed) == [120, 360, 600]
     assert len(allowed) == 3 and sum(d.reserved for d in allowed) == 0
-    assert {d.reason for d in decisions if d.decision == "deny"} == {"account_on_hold"}
+    # not on hold: $0 with minutes left is "low"; what is left is held by the three calls
+    assert {d.reason for d in decisions if d.decision == "deny"} == {"insufficient_credit"}
     st = await conns.balances.get("flat")
-    assert st is not None and st.reserved == 0 and st.balance == 0
+    assert st is not None and st.reserved == 0 and st.balance == 0 and st.status == "low"
 
 
 async def test_progress_extends_on_minutes_and_the_hangup_frees_them(
@@ -442,3 +443,33 @@ async def test_undraw_follows_the_grants_debit_recorded(conns: Connections) -> N
     # no list and no grant valid at the answer: nothing to give them to
     assert await b.undraw_many([("flat", b"x" * 16, day, 60, NOW - 40 * 86_400)]) == [-60]
     assert _left(await b.bucket("flat")) == {f"p{P_START}": 100, "bgone": 200}
+
+
+async def test_a_flat_rate_account_at_zero_is_low_not_held_until_its_minutes_run_out(
+    conns: Connections,
+) -> None:
+    from enforcement.balance import Debit
+
+    await account(conns, "flat", balance="0.50")
+    await conns.balances.grant_minutes(
+        "flat", "b1", price=0, seconds=120, valid_from=NOW - 10, expires_at=NOW + 86_400, now_s=NOW
+    )
+
+    def debit(i: int, amount: int, draw: str = "") -> Debit:
+        return Debit(i.to_bytes(16, "big"), b"\x00" * 8, amount, NOW // 86_400, draw=draw)
+
+    # an SMS takes the money to 0: minutes are left, so low (no hold for telephony)
+    (o,) = await conns.balances.apply_debits([("flat", [debit(1, 500_000)])], NOW)
+    assert (o.balance, o.status) == (0, "low")
+    assert [s.type for s in o.outbox] == ["account.low_balance"]
+    # a 120 s call drawn from the bucket spends the minutes: now the account is held
+    (o,) = await conns.balances.apply_debits(
+        [("flat", [debit(2, 30_000, draw=f"120,15000,0,{NOW - 5}")])], NOW
+    )
+    assert (o.balance, o.status) == (0, "hold")
+    assert [s.type for s in o.outbox][-1] == "account.hold"
+    # a bundle bought from nothing is refused; a free one brings it back to low with a resume
+    out = await conns.balances.grant_minutes(
+        "flat", "b2", price=0, seconds=60, valid_from=NOW - 10, expires_at=NOW + 86_400, now_s=NOW
+    )
+    assert (out.result, out.status) == ("applied", "low")

@@ -13,13 +13,13 @@
 -- The account state machine, shared by every script that moves money (keep the copies equal;
 -- tests/test_balance.py checks they are). Returns the new status and the signal to queue, if any.
 -- pinned: the account is held for a reason its credit does not explain ("hr", e.g.
--- recharge_cap): only an operator's resume or a payment lifts it.
-local function transition(st, avail, lowth, pinned)
+-- recharge_cap): only an operator's resume or a payment lifts it. secs: usable_seconds().
+local function transition(st, avail, lowth, pinned, secs)
   if st == 'suspended' or pinned then
     return st, nil
   end
   local target = 'active'
-  if avail <= 0 then
+  if avail <= 0 and secs <= 0 then
     target = 'hold'
   elseif avail <= lowth then
     target = 'low'
@@ -34,6 +34,19 @@ local function transition(st, avail, lowth, pinned)
     return target, 'account.low_balance|below_threshold'
   end
   return target, nil
+end
+
+-- Seconds the minute bucket can still give a call answered at ``now`` (grants valid then),
+-- shared by the scripts that decide the account's state (keep the copies equal;
+-- tests/test_balance.py checks they are): money exhausted with minutes left is low, not hold.
+local function usable_seconds(bucket, now)
+  local s = 0
+  for rem, from, to in string.gmatch(bucket or '', '[^,;]+,(%d+),(%d+),(%d+)') do
+    if tonumber(from) <= now and now < tonumber(to) then
+      s = s + tonumber(rem)
+    end
+  end
+  return s
 end
 
 -- The auto-recharge trigger, shared by the scripts that move money (keep the copies equal;
@@ -70,7 +83,7 @@ if redis.call('HSETNX', KEYS[2], ARGV[1], ARGV[2]) == 0 then
   return {0, tonumber(f[1] or '0'), f[2] or 'active'}
 end
 local bal = tonumber(redis.call('HINCRBY', KEYS[1], 'bal', ARGV[2]))
-local f = redis.call('HMGET', KEYS[1], 'res', 'cl', 'lowth', 'st', 'rth', 'rq', 'hr')
+local f = redis.call('HMGET', KEYS[1], 'res', 'cl', 'lowth', 'st', 'rth', 'rq', 'hr', 'min')
 local avail = bal + tonumber(f[2] or '0') - tonumber(f[1] or '0')
 local pinned = f[7]
 if pinned and ARGV[3] == '1' then
@@ -78,7 +91,9 @@ if pinned and ARGV[3] == '1' then
   redis.call('HDEL', KEYS[1], 'hr')
   pinned = nil
 end
-local st, signal = transition(f[4] or 'active', avail, tonumber(f[3] or '0'), pinned)
+local now = tonumber(redis.call('TIME')[1])
+local st, signal = transition(f[4] or 'active', avail, tonumber(f[3] or '0'), pinned,
+  usable_seconds(f[8], now))
 if st ~= f[4] then
   redis.call('HSET', KEYS[1], 'st', st)
 end

@@ -15,13 +15,13 @@
 -- The account state machine, shared by every script that moves money (keep the copies equal;
 -- tests/test_balance.py checks they are). Returns the new status and the signal to queue, if any.
 -- pinned: the account is held for a reason its credit does not explain ("hr", e.g.
--- recharge_cap): only an operator's resume or a payment lifts it.
-local function transition(st, avail, lowth, pinned)
+-- recharge_cap): only an operator's resume or a payment lifts it. secs: usable_seconds().
+local function transition(st, avail, lowth, pinned, secs)
   if st == 'suspended' or pinned then
     return st, nil
   end
   local target = 'active'
-  if avail <= 0 then
+  if avail <= 0 and secs <= 0 then
     target = 'hold'
   elseif avail <= lowth then
     target = 'low'
@@ -36,6 +36,19 @@ local function transition(st, avail, lowth, pinned)
     return target, 'account.low_balance|below_threshold'
   end
   return target, nil
+end
+
+-- Seconds the minute bucket can still give a call answered at ``now`` (grants valid then),
+-- shared by the scripts that decide the account's state (keep the copies equal;
+-- tests/test_balance.py checks they are): money exhausted with minutes left is low, not hold.
+local function usable_seconds(bucket, now)
+  local s = 0
+  for rem, from, to in string.gmatch(bucket or '', '[^,;]+,(%d+),(%d+),(%d+)') do
+    if tonumber(from) <= now and now < tonumber(to) then
+      s = s + tonumber(rem)
+    end
+  end
+  return s
 end
 
 -- The auto-recharge trigger, shared by the scripts that move money (keep the copies equal;
@@ -91,7 +104,8 @@ redis.call('HSET', KEYS[1], 'min', table.concat(keep, ';'))
 if price > 0 then
   bal = tonumber(redis.call('HINCRBY', KEYS[1], 'bal', string.format('%d', -price)))
 end
-local st, signal = transition(f[5] or 'active', avail - price, tonumber(f[4] or '0'), f[9])
+local secs = usable_seconds(table.concat(keep, ';'), now)
+local st, signal = transition(f[5] or 'active', avail - price, tonumber(f[4] or '0'), f[9], secs)
 if st ~= f[5] then
   redis.call('HSET', KEYS[1], 'st', st)
 end

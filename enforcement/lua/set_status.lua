@@ -12,13 +12,13 @@
 -- The account state machine, shared by every script that moves money (keep the copies equal;
 -- tests/test_balance.py checks they are). Returns the new status and the signal to queue, if any.
 -- pinned: the account is held for a reason its credit does not explain ("hr", e.g.
--- recharge_cap): only an operator's resume or a payment lifts it.
-local function transition(st, avail, lowth, pinned)
+-- recharge_cap): only an operator's resume or a payment lifts it. secs: usable_seconds().
+local function transition(st, avail, lowth, pinned, secs)
   if st == 'suspended' or pinned then
     return st, nil
   end
   local target = 'active'
-  if avail <= 0 then
+  if avail <= 0 and secs <= 0 then
     target = 'hold'
   elseif avail <= lowth then
     target = 'low'
@@ -35,7 +35,20 @@ local function transition(st, avail, lowth, pinned)
   return target, nil
 end
 
-local f = redis.call('HMGET', KEYS[1], 'bal', 'res', 'cl', 'lowth', 'st', 'hr')
+-- Seconds the minute bucket can still give a call answered at ``now`` (grants valid then),
+-- shared by the scripts that decide the account's state (keep the copies equal;
+-- tests/test_balance.py checks they are): money exhausted with minutes left is low, not hold.
+local function usable_seconds(bucket, now)
+  local s = 0
+  for rem, from, to in string.gmatch(bucket or '', '[^,;]+,(%d+),(%d+),(%d+)') do
+    if tonumber(from) <= now and now < tonumber(to) then
+      s = s + tonumber(rem)
+    end
+  end
+  return s
+end
+
+local f = redis.call('HMGET', KEYS[1], 'bal', 'res', 'cl', 'lowth', 'st', 'hr', 'min')
 if not f[1] then
   return {-1, ''}
 end
@@ -69,7 +82,8 @@ if st ~= 'suspended' and not f[6] then
 end
 redis.call('HDEL', KEYS[1], 'hr')
 local avail = tonumber(f[1]) + tonumber(f[3] or '0') - tonumber(f[2] or '0')
-local new_st = transition('active', avail, tonumber(f[4] or '0'), nil)
+local now = tonumber(redis.call('TIME')[1])
+local new_st = transition('active', avail, tonumber(f[4] or '0'), nil, usable_seconds(f[7], now))
 redis.call('HSET', KEYS[1], 'st', new_st)
 if st == 'hold' and new_st == 'hold' then
   return {1, new_st} -- still no credit: the hold telephony has stands, for another reason
