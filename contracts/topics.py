@@ -12,8 +12,9 @@ DEAD_LETTER: Final = "billing.dead-letter"
 RECHARGE_REQUESTS: Final = "billing.recharge-requests"
 NOTIFICATIONS: Final = "billing.notifications"
 
-#: Topics the metering hot path consumes.
-METERED: Final = (CALL_EVENTS, MESSAGE_EVENTS)
+#: Topics the metering hot path consumes. Number events are rare, but their fees are debits like
+#: any other: charging them in the same batch loop keeps them exactly once and in account order.
+METERED: Final = (CALL_EVENTS, MESSAGE_EVENTS, NUMBER_EVENTS)
 ALL: Final = (
     CALL_EVENTS,
     NUMBER_EVENTS,

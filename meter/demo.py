@@ -86,7 +86,10 @@ async def _demo(s: Settings, conns: object, n_accounts: int, seconds: float, rat
 
     assert isinstance(conns, Connections)
     rng = random.Random(42)
-    plist = demo_price_list()
+    # Number fees too, so that the number events of the traffic cost something.
+    plist = demo_price_list().model_copy(
+        update={"number_monthly_fee": 1_000_000, "one_time_fees": {"number_setup": 500_000}}
+    )
     await put_price_list(conns.pool, plist)
     specs = demo_accounts(n_accounts, rng)
     await create_accounts(conns.pool, conns.balances, specs)
@@ -115,7 +118,7 @@ async def _demo(s: Settings, conns: object, n_accounts: int, seconds: float, rat
     worker = asyncio.create_task(run_metering(s, stop, on_batch=stats.add, conns=conns))
     heavy_stop = asyncio.Event()
     heavy = asyncio.create_task(payments.drive(heavy_stop))
-    gen = TrafficGenerator([a.id for a in specs])
+    gen = TrafficGenerator([a.id for a in specs], number_share=0.002)
     producer = conns.producer
     start = time.monotonic()
     sent = 0
@@ -167,7 +170,7 @@ async def _demo(s: Settings, conns: object, n_accounts: int, seconds: float, rat
 
     p = gen.produced
     charged_rows = await conns.pool.fetchval(
-        "SELECT count(*) FROM ledger WHERE kind IN ('call', 'sms')"
+        "SELECT count(*) FROM ledger WHERE kind IN ('call', 'sms', 'fee')"
     )
     dead = await _count_topic(s.kafka_bootstrap, topics.DEAD_LETTER, "error.reason")
     signals = await _count_topic(s.kafka_bootstrap, topics.CONTROL_SIGNALS, None)
@@ -185,6 +188,7 @@ async def _demo(s: Settings, conns: object, n_accounts: int, seconds: float, rat
     _say(f"  drained                       {'yes' if drained else 'NO'}")
     _say(
         f"  events produced               {sent} ({p.unique_valid} distinct valid, "
+        f"{p.acknowledged} number deactivations (nothing to charge), "
         f"{p.duplicates} duplicates, {sum(p.malformed.values())} malformed, "
         f"{payments.heavy_calls} calls to drain the recharge demo accounts)"
     )

@@ -29,6 +29,11 @@ EVENTS_CHARGED: Final = Counter(
 EVENTS_DUPLICATE: Final = Counter(
     "meter_events_duplicate_total", "Events already charged (redelivery, re-publish)", ["type"]
 )
+EVENTS_ACKNOWLEDGED: Final = Counter(
+    "meter_events_acknowledged_total",
+    "Valid events taken that charge nothing (number.deactivated)",
+    ["type"],
+)
 CALL_UPDATES: Final = Counter(
     "meter_call_updates_total",
     "Live-call updates (call.answered, call.progress) applied to reservations",
@@ -184,6 +189,7 @@ DEAD_LETTER_REASONS: Final = (
     "no_rate_for_destination",
     "duplicate_id_different_payload",
     "oversized",
+    "bad_period",
 )
 
 

@@ -139,6 +139,33 @@ def message_sent(
     }
 
 
+def number_event(
+    type_: str,
+    account_id: str,
+    number: str,
+    *,
+    event_id: str | None = None,
+    period: str | None = None,
+    source: str = "urn:inventory:sim-1",
+    at: datetime | None = None,
+) -> dict[str, Any]:
+    """``number.activated``, ``number.renewal_due`` (give ``period``, "YYYY-MM") or
+    ``number.deactivated``, as number inventory publishes them."""
+    data: dict[str, Any] = {"account_id": account_id, "number": number}
+    if period is not None:
+        data["period"] = period
+    return {
+        "specversion": "1.0",
+        "id": event_id or f"{account_id}:{number}:{type_}" + (f":{period}" if period else ""),
+        "source": source,
+        "type": type_,
+        "time": (at or datetime.now(UTC)).isoformat(),
+        "subject": account_id,
+        "datacontenttype": "application/json",
+        "data": data,
+    }
+
+
 def encode(event: dict[str, Any]) -> bytes:
     return orjson.dumps(event)
 
@@ -147,7 +174,8 @@ def encode(event: dict[str, Any]) -> bytes:
 class Produced:
     """What a generator produced, to reconcile against what was charged."""
 
-    unique_valid: int = 0
+    unique_valid: int = 0  # distinct events to charge: one ledger row each
+    acknowledged: int = 0  # distinct valid events that charge nothing (number.deactivated)
     duplicates: int = 0
     malformed: Counter[str] = field(default_factory=Counter)
     #: account -> expected number of distinct charged events
@@ -163,7 +191,8 @@ class Message:
 
 
 class TrafficGenerator:
-    """Calls with realistic durations and destinations, some SMS, duplicates and bad events."""
+    """Calls with realistic durations and destinations, some SMS, duplicates and bad events;
+    with ``number_share``, number activations, renewals and deactivations too."""
 
     def __init__(
         self,
@@ -173,10 +202,12 @@ class TrafficGenerator:
         sms_share: float = 0.2,
         duplicate_share: float = 0.02,
         malformed_share: float = 0.002,
+        number_share: float = 0.0,
     ) -> None:
         self._rng = random.Random(seed)
         self._accounts = list(accounts)
         self._sms = sms_share
+        self._numbers = number_share
         self._dup = duplicate_share
         self._bad = malformed_share
         self._n = 0
@@ -204,6 +235,9 @@ class TrafficGenerator:
             self.produced.duplicates += 1
             return Message(m.topic, m.key, m.value, "duplicate")
         account = self._rng.choice(self._accounts)
+        # Drawn only when asked for, so the default traffic of a seed stays what it was.
+        if self._numbers and self._rng.random() < self._numbers:
+            return self._number_event(account)
         if self._rng.random() < self._sms:
             ev = message_sent(
                 account, f"msg-{self._n}", self._destination(), self._rng.choice((1, 1, 1, 2, 3))
@@ -216,6 +250,26 @@ class TrafficGenerator:
         self.produced.unique_valid += 1
         self.produced.per_account[account] += 1
         if len(self._recent) < 1000:
+            self._recent.append(msg)
+        else:
+            self._recent[self._rng.randrange(1000)] = msg
+        return msg
+
+    def _number_event(self, account: str) -> Message:
+        type_ = self._rng.choice(
+            ("number.activated", "number.renewal_due", "number.renewal_due", "number.deactivated")
+        )
+        at = datetime.now(UTC)
+        period = f"{at.year:04d}-{at.month:02d}" if type_ == "number.renewal_due" else None
+        number = f"+1555{self._rng.randrange(10_000_000):07d}"
+        ev = number_event(type_, account, number, event_id=f"num-{self._n}", period=period, at=at)
+        msg = Message(topics.NUMBER_EVENTS, account.encode(), encode(ev), "valid")
+        if type_ == "number.deactivated":
+            self.produced.acknowledged += 1
+        else:
+            self.produced.unique_valid += 1
+            self.produced.per_account[account] += 1
+        if len(self._recent) < 1000:  # so that some are re-published, as usage is
             self._recent.append(msg)
         else:
             self._recent[self._rng.randrange(1000)] = msg
@@ -256,9 +310,13 @@ class TrafficGenerator:
         elif kind == "duplicate_id_different_payload":
             if not self._recent:
                 return self.next()
-            m = self._rng.choice(
-                [m for m in self._recent if m.topic == topics.CALL_EVENTS] or self._recent
-            )
+            # Number events have no count to change: only calls and messages are altered.
+            usage = [m for m in self._recent if m.topic == topics.CALL_EVENTS] or [
+                m for m in self._recent if m.topic == topics.MESSAGE_EVENTS
+            ]
+            if not usage:
+                return self.next()
+            m = self._rng.choice(usage)
             orig = orjson.loads(m.value)
             if orig["type"] == "call.hangup":
                 orig["data"]["billable_s"] += 7

@@ -63,8 +63,9 @@ async def estimate(
     now: int | None = None,
 ) -> Estimate:
     """Cost of a call of ``seconds`` (answered ``now``, unix s) to ``to``, or of a message of
-    ``sms_parts`` parts. Raises ``LookupError`` (``NoRate`` included) for an unknown account
-    or destination. ``balances`` None: no bucket preview (money only)."""
+    ``sms_parts`` parts sent ``now``, with the prices in force then. Raises ``LookupError``
+    (``NoRate`` included) for an unknown account or destination. ``balances`` None: no bucket
+    preview (money only)."""
     now = int(time.time()) if now is None else now
     await catalog.resolve((account_id,))
     acct = catalog.get(account_id)
@@ -72,7 +73,8 @@ async def estimate(
         raise LookupError(f"no account {account_id!r}")
     plist = acct.price_list
     if sms_parts is not None:
-        return Estimate(account_id, plist.id, "sms", plist.rate_message(sms_parts), parts=sms_parts)
+        cost = plist.rate_message(sms_parts, now)
+        return Estimate(account_id, plist.id, "sms", cost, parts=sms_parts)
     if seconds is None or seconds < 0:
         raise ValueError("a call estimate needs --seconds >= 0")
     rate = plist.voice_rate(direction, to, now)

@@ -351,7 +351,7 @@ async def rebuild_buckets(
             " min(l.entry_id) AS first"
             " FROM unnest($1::text[], $2::timestamptz[]) AS w(account_id, since)"
             " JOIN ledger l ON l.account_id = w.account_id AND l.recorded_at >= w.since"
-            " WHERE l.kind IN ('call', 'sms') GROUP BY 1, 2",
+            " WHERE l.kind IN ('call', 'sms', 'fee') GROUP BY 1, 2",
             with_plan,
             [datetime.fromtimestamp(since[a], UTC) for a in with_plan],
         ):

@@ -28,7 +28,7 @@ from typing import Any, Protocol, cast
 from pydantic import ValidationError
 
 from contracts import topics
-from contracts.events import CallHangup, MessageSent
+from contracts.events import CallHangup, MessageSent, NumberData, NumberRenewalDueData
 from contracts.payments import recharge_request
 from contracts.signals import make_signal
 from enforcement import keys
@@ -51,15 +51,33 @@ from metering.rating import NoRate, voice_cost
 log = logging.getLogger(__name__)
 
 _CONTROL = frozenset(("call.answered", "call.progress"))
+_NUMBER = frozenset(("number.activated", "number.renewal_due", "number.deactivated"))
+#: Events taken out of a batch before ``_rate``, in the one pass that already sorted out the
+#: live-call updates: calls and messages pay nothing more for number events existing.
+_SIDE = _CONTROL | _NUMBER
+
+#: The one-time fee an activation charges when the account's price list defines it.
+NUMBER_SETUP_FEE = "number_setup"
+#: How far a renewal's ``period`` may be from the month of the event's own time. Inventory
+#: announces a renewal at most a month ahead, and may catch up on a year's backlog after an
+#: outage; anything further is a producer bug (a swapped year, "0000-01"), not a month to bill.
+RENEWAL_MONTHS_AHEAD = 1
+RENEWAL_MONTHS_BEHIND = 12
 
 #: An event the hot path charges: decoded by msgspec, or by pydantic when msgspec declined.
 Chargeable = FastHangup | FastMessage | CallHangup | MessageSent
 
 #: Which event types belong on which inbound topic, and whether the hot path charges them.
-#: True: charged (a debit and a ledger row); False: a live-call update (reservations only).
+#: True: charged (a debit and a ledger row); False: not a debit of its own (live-call updates
+#: act on reservations; number.deactivated is acknowledged: numbers are paid a month ahead).
 _TOPIC_TYPES: dict[str, dict[str, bool]] = {
     topics.CALL_EVENTS: {"call.hangup": True, "call.answered": False, "call.progress": False},
     topics.MESSAGE_EVENTS: {"message.sent": True},
+    topics.NUMBER_EVENTS: {
+        "number.activated": True,
+        "number.renewal_due": True,
+        "number.deactivated": False,
+    },
 }
 
 
@@ -135,6 +153,7 @@ class BatchOutcome:
     charged: int = 0
     duplicates: int = 0
     call_updates: int = 0  # call.answered / call.progress applied to reservations
+    acknowledged: int = 0  # taken, valid, and nothing to charge (number.deactivated)
     charged_micros: int = 0
     dead_letters: dict[str, int] = field(default_factory=dict)
     signals: list[tuple[str, PendingSignal]] = field(default_factory=list)
@@ -157,6 +176,24 @@ def _fingerprint(value: bytes) -> bytes:
     """8 bytes of BLAKE2b over the record's bytes. A redelivery from Kafka is byte-identical;
     the same (source, id) with other bytes is dead-lettered, never charged again."""
     return hashlib.blake2b(value, digest_size=8).digest()
+
+
+def _period_problem(period: str, year: int, month: int) -> str:
+    """Why a renewal's ``period`` ("YYYY-MM", its form checked by the contract) cannot be
+    billed for an event of ``year``-``month``; "" when it can."""
+    ahead = int(period[:4]) * 12 + int(period[5:7]) - (year * 12 + month)
+    if ahead > RENEWAL_MONTHS_AHEAD:
+        return (
+            f"period {period} is {ahead} months after the event's month {year:04d}-{month:02d};"
+            f" a renewal may be due at most {RENEWAL_MONTHS_AHEAD} month ahead"
+        )
+    if -ahead > RENEWAL_MONTHS_BEHIND:
+        return (
+            f"period {period} is {-ahead} months before the event's month"
+            f" {year:04d}-{month:02d}; a renewal may be at most {RENEWAL_MONTHS_BEHIND}"
+            " months late"
+        )
+    return ""
 
 
 def _validation_reason(exc: ValidationError) -> tuple[str, str]:
@@ -234,10 +271,16 @@ class MeteringProcessor:
             else:
                 parsed.append((rec, r))  # type: ignore[arg-type]
         await self._catalog.resolve({ev.subject for _, ev in parsed})
-        control = [(r, ev) for r, ev in parsed if ev.type in _CONTROL]
-        if control:
-            parsed = [(r, ev) for r, ev in parsed if ev.type not in _CONTROL]
+        control: list[tuple[Record, Any]] = []
+        numbers: list[tuple[Record, Any]] = []
+        side = [(r, ev) for r, ev in parsed if ev.type in _SIDE]
+        if side:
+            parsed = [(r, ev) for r, ev in parsed if ev.type not in _SIDE]
+            for item in side:
+                (control if item[1].type in _CONTROL else numbers).append(item)
         charges = self._rate(parsed, rejected, now)
+        if numbers:
+            charges += self._rate_numbers(numbers, rejected, now, out)
         t1 = time.perf_counter()
         metrics.STAGE_SECONDS.labels("decode_rate").observe(t1 - t0)
 
@@ -441,9 +484,7 @@ class MeteringProcessor:
                 # Rated with the versions in force when the call was answered.
                 at = int(d.answered_at.timestamp())
                 try:
-                    rate = (
-                        plist.inbound if d.direction == "inbound" else plist.outbound_rate(d.to, at)
-                    )
+                    rate = plist.voice_rate(d.direction, d.to, at)
                 except NoRate as exc:
                     rejected.append(Rejected(rec, "no_rate_for_destination", str(exc), ev.type))
                     continue
@@ -456,7 +497,7 @@ class MeteringProcessor:
                 call = d.call_id if "\n" not in d.call_id else ""
             else:
                 m = cast(FastMessage | MessageSent, ev).data
-                amount = plist.rate_message(m.parts)
+                amount = plist.rate_message(m.parts, epoch)
                 kind, qty, ref, call = "sms", m.parts, m.message_id, ""
             charges.append(
                 Charge(
@@ -477,6 +518,87 @@ class MeteringProcessor:
                     ev.source,
                     ev.id,
                     draw=draw,
+                )
+            )
+        return charges
+
+    def _rate_numbers(
+        self,
+        events: list[tuple[Record, Any]],
+        rejected: list[Rejected],
+        now: float,
+        out: BatchOutcome,
+    ) -> list[Charge]:
+        """Number fees, one charge per event (the same debit path as calls and messages).
+
+        ``number.activated``: the price list's ``number_setup`` one-time fee if it has one,
+        plus the monthly fee of the event's month (UTC), whole whatever the day: a number is
+        paid a month at a time, in advance. ``number.renewal_due``: the monthly fee of its
+        ``period``. ``number.deactivated``: nothing (the month was paid in advance, nothing is
+        refunded), acknowledged. Fees are those in force at the event's time. A price list
+        without these fees charges 0: the ledger row still records that the event was
+        accounted for, as for a call that billed nothing.
+        """
+        charges: list[Charge] = []
+        latest = now + self._skew_s
+        for rec, ev in events:
+            epoch = int(ev.time.timestamp())
+            if epoch > latest:
+                rejected.append(
+                    Rejected(
+                        rec,
+                        "future_timestamp",
+                        f"time {ev.time.isoformat()} is in the future",
+                        ev.type,
+                    )
+                )
+                continue
+            acct = self._catalog.get(ev.subject)
+            if acct is None:
+                rejected.append(
+                    Rejected(rec, "unknown_account", f"no account {ev.subject!r}", ev.type)
+                )
+                continue
+            if ev.type == "number.deactivated":
+                out.acknowledged += 1
+                metrics.EVENTS_ACKNOWLEDGED.labels(ev.type).inc()
+                continue
+            plist = acct.price_list
+            d: NumberData = ev.data
+            utc = datetime.fromtimestamp(epoch, UTC)
+            if ev.type == "number.activated":
+                fees, amount = ["monthly"], plist.rate_numbers(1, at=epoch)
+                try:
+                    amount += plist.one_time_fee(NUMBER_SETUP_FEE, at=epoch)
+                    fees.insert(0, NUMBER_SETUP_FEE)
+                except NoRate:
+                    pass  # the price list charges no setup
+                period = f"{utc.year:04d}-{utc.month:02d}"
+            else:
+                period = cast(NumberRenewalDueData, d).period
+                problem = _period_problem(period, utc.year, utc.month)
+                if problem:
+                    rejected.append(Rejected(rec, "bad_period", problem, ev.type))
+                    continue
+                fees, amount = ["monthly"], plist.rate_numbers(1, at=epoch)
+            charges.append(
+                Charge(
+                    rec,
+                    ev.type,
+                    ev.subject,
+                    event_key(ev.source, ev.id),
+                    _fingerprint(rec.value),  # type: ignore[arg-type]  # checked in _validate
+                    amount,
+                    "fee",
+                    1,
+                    d.number,
+                    f"{plist.id}:{'+'.join(fees)}:{period}",
+                    ev.time,
+                    epoch,
+                    epoch // DAY_S,
+                    "",
+                    ev.source,
+                    ev.id,
                 )
             )
         return charges

@@ -10,13 +10,21 @@ the micro-unit. All arithmetic is on ``int``; nothing here ever sees a float.
 Outbound rates are versioned per prefix: each ``VoiceRate`` is in force from its
 ``effective_from`` (unix seconds) until the next version of the same prefix. A call is rated
 with the versions in force at its ``answered_at``; a prefix whose first version starts later
-did not exist yet, so a shorter prefix may match instead. Inbound, SMS and fees are not
-versioned (a new value applies from its import).
+did not exist yet, so a shorter prefix may match instead.
+
+The other prices (inbound voice, SMS per part, the monthly fee per number, one-time fees) are
+versioned together: each ``PriceVersion`` carries all of them and is in force from its
+``effective_from`` until the list's next one. Calls use the version in force at
+``answered_at``, messages and fees the one at the event's time. The first version also covers
+any earlier time: these prices have no shorter prefix to fall back on, and an event that
+arrives late must still be charged rather than dead-lettered.
 """
 
 from __future__ import annotations
 
 import time
+from bisect import bisect_left, bisect_right
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -84,26 +92,115 @@ def destination_digits(party: str) -> str:
     return digits if digits.isdigit() else ""
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
+class PriceVersion:
+    """A price list's prices other than outbound voice, in force from ``effective_from`` (unix
+    seconds) until the list's next version. Whole: a version answers every price of its period,
+    so rating never combines two versions. Money in micro-units."""
+
+    effective_from: int
+    inbound: VoiceRate
+    sms_per_part: int
+    number_monthly_fee: int = 0
+    one_time_fees: Mapping[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.sms_per_part < 0 or self.number_monthly_fee < 0:
+            raise ValueError("prices cannot be negative")
+        if any(a < 0 for a in self.one_time_fees.values()):
+            raise ValueError("fees cannot be negative")
+
+
+@dataclass(slots=True, init=False)
 class PriceList:
-    """Outbound voice by longest destination prefix (versioned), inbound per minute, SMS per
-    part, a monthly fee per number and one-time fees by code. Money in micro-units."""
+    """Outbound voice by longest destination prefix (versioned per prefix), and versions of the
+    other prices (``PriceVersion``). Money in micro-units."""
 
     id: str
     currency: str
-    inbound: VoiceRate
-    sms_per_part: int
     #: prefix -> its newest version (the one in force for any time at or after its start)
-    outbound: dict[str, VoiceRate] = field(default_factory=dict)
-    number_monthly_fee: int = 0
-    one_time_fees: dict[str, int] = field(default_factory=dict)
-    version: int = 0
+    outbound: dict[str, VoiceRate]
+    version: int
+    #: the ``PriceVersion``s by start, oldest first; never empty
+    _prices: list[PriceVersion]
+    _starts: list[int]
     #: prefix -> its older versions, newest first (only prefixes with more than one version)
-    _older: dict[str, list[VoiceRate]] = field(default_factory=dict)
-    _max_len: int = 0
+    _older: dict[str, list[VoiceRate]]
+    _max_len: int
 
-    def __post_init__(self) -> None:
+    def __init__(
+        self,
+        id: str,
+        currency: str,
+        inbound: VoiceRate,
+        sms_per_part: int,
+        outbound: dict[str, VoiceRate] | None = None,
+        number_monthly_fee: int = 0,
+        one_time_fees: Mapping[str, int] | None = None,
+        version: int = 0,
+    ) -> None:
+        """``inbound``, ``sms_per_part``, ``number_monthly_fee`` and ``one_time_fees`` are the
+        first ``PriceVersion``, in force from ``inbound.effective_from`` (0: always); later
+        ones come from ``add_prices``."""
+        self.id = id
+        self.currency = currency
+        self.outbound = {} if outbound is None else outbound
+        self.version = version
+        first = PriceVersion(
+            inbound.effective_from,
+            inbound,
+            sms_per_part,
+            number_monthly_fee,
+            dict(one_time_fees or {}),
+        )
+        self._prices = [first]
+        self._starts = [first.effective_from]
+        self._older = {}
         self._max_len = max((len(p) for p in self.outbound), default=0)
+
+    def add_prices(self, prices: PriceVersion) -> None:
+        """Add a version of the non-prefix prices (any order; the same start replaces)."""
+        i = bisect_left(self._starts, prices.effective_from)
+        if i < len(self._starts) and self._starts[i] == prices.effective_from:
+            self._prices[i] = prices
+        else:
+            self._starts.insert(i, prices.effective_from)
+            self._prices.insert(i, prices)
+
+    def prices_at(self, at: int | None = None) -> PriceVersion:
+        """The ``PriceVersion`` in force at ``at`` (unix seconds; default now); the first one
+        for any earlier time. One compare when ``at`` is past the newest start."""
+        if at is None:
+            at = int(time.time())
+        starts = self._starts
+        if at >= starts[-1]:
+            return self._prices[-1]
+        return self._prices[max(bisect_right(starts, at) - 1, 0)]
+
+    def price_versions(self) -> list[PriceVersion]:
+        """Every version of the non-prefix prices, oldest first."""
+        return list(self._prices)
+
+    # Callers that only ever price "now" (authorize, tests) read these as before.
+    @property
+    def inbound(self) -> VoiceRate:
+        """The inbound rate in force now."""
+        return self.prices_at().inbound
+
+    @property
+    def sms_per_part(self) -> int:
+        """Micro-units per SMS part in force now."""
+        return self.prices_at().sms_per_part
+
+    @property
+    def number_monthly_fee(self) -> int:
+        """Micro-units per number and month in force now."""
+        return self.prices_at().number_monthly_fee
+
+    @property
+    def one_time_fees(self) -> Mapping[str, int]:
+        """The one-time fees in force now, by code."""
+        return self.prices_at().one_time_fees
 
     def add_outbound(self, rate: VoiceRate) -> None:
         """Add one version of a prefix's rate (any order; same prefix and start replaces)."""
@@ -149,7 +246,10 @@ class PriceList:
         raise NoRate(f"no outbound rate for destination {to[:32]!r} in price list {self.id}")
 
     def voice_rate(self, direction: str, to: str, at: int | None = None) -> VoiceRate:
-        return self.inbound if direction == "inbound" else self.outbound_rate(to, at)
+        """The rate of a call answered at ``at`` (unix s; default now)."""
+        if direction == "inbound":
+            return self.prices_at(at).inbound
+        return self.outbound_rate(to, at)
 
     def rate_call(
         self, direction: str, to: str, billable_s: int, at: int | None = None
@@ -157,17 +257,19 @@ class PriceList:
         """``(cost_micros, billed_s)`` for a finished call answered at ``at`` (unix s)."""
         return voice_cost(billable_s, self.voice_rate(direction, to, at))
 
-    def rate_message(self, parts: int) -> int:
-        """Micro-units for a message of ``parts`` parts."""
-        return self.sms_per_part * parts
+    def rate_message(self, parts: int, at: int | None = None) -> int:
+        """Micro-units for a message of ``parts`` parts sent at ``at`` (unix s; default now)."""
+        return self.prices_at(at).sms_per_part * parts
 
-    def rate_numbers(self, count: int = 1) -> int:
-        """Micro-units for ``count`` numbers for one month."""
-        return self.number_monthly_fee * count
+    def rate_numbers(self, count: int = 1, at: int | None = None) -> int:
+        """Micro-units for ``count`` numbers for one month, at the price in force at ``at``
+        (unix s; default now)."""
+        return self.prices_at(at).number_monthly_fee * count
 
-    def one_time_fee(self, code: str) -> int:
-        """Micro-units of the one-time fee ``code`` (e.g. ``number_setup``)."""
+    def one_time_fee(self, code: str, at: int | None = None) -> int:
+        """Micro-units of the one-time fee ``code`` (e.g. ``number_setup``) in force at ``at``
+        (unix s; default now)."""
         try:
-            return self.one_time_fees[code]
+            return self.prices_at(at).one_time_fees[code]
         except KeyError:
             raise NoRate(f"no one-time fee {code!r} in price list {self.id}") from None

@@ -1,5 +1,6 @@
 """Rating: hand-computed cases and properties (billed seconds, rounding up, monotonicity),
-versions in force at answered_at, and the price-list CSV."""
+versions in force at answered_at (outbound rates) or the event's time (inbound, SMS, fees),
+and the price-list CSV."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from metering.rating import (
     MAX_RATE_PER_MIN,
     NoRate,
     PriceList,
+    PriceVersion,
     VoiceRate,
     billed_seconds,
     time_cost,
@@ -152,13 +154,152 @@ def test_a_prefix_whose_versions_all_start_later_does_not_match() -> None:
 
 
 def test_fees_and_sms() -> None:
-    pl = PriceList("f", "USD", VoiceRate("", 0), 4_000, number_monthly_fee=1_000_000)
-    pl.one_time_fees["number_setup"] = 500_000
+    pl = PriceList(
+        "f",
+        "USD",
+        VoiceRate("", 0),
+        4_000,
+        number_monthly_fee=1_000_000,
+        one_time_fees={"number_setup": 500_000},
+    )
     assert pl.rate_numbers(3) == 3_000_000
     assert pl.one_time_fee("number_setup") == 500_000
     assert pl.rate_message(2) == 8_000
     with pytest.raises(NoRate):
         pl.one_time_fee("port_in")
+
+
+def _repriced() -> PriceList:
+    """Inbound 0.0035/min 6/6, SMS 0.004, 1.00/number, setup 0.50 until midnight; then inbound
+    0.01/min 60/60, SMS 0.006, 2.00/number, setup 1.50 and a port-in fee; a day later SMS
+    0.005 and no port-in fee."""
+    pl = PriceList(
+        "r",
+        "USD",
+        VoiceRate("", 3_500),
+        4_000,
+        number_monthly_fee=1_000_000,
+        one_time_fees={"number_setup": 500_000},
+    )
+    # added newest first: the order of addition must not matter
+    pl.add_prices(
+        PriceVersion(
+            MIDNIGHT + 86_400,
+            VoiceRate("", 10_000, 0, 60, 60, MIDNIGHT + 86_400),
+            5_000,
+            2_000_000,
+            {"number_setup": 1_500_000},
+        )
+    )
+    pl.add_prices(
+        PriceVersion(
+            MIDNIGHT,
+            VoiceRate("", 10_000, 0, 60, 60, MIDNIGHT),
+            6_000,
+            2_000_000,
+            {"number_setup": 1_500_000, "port_in": 250_000},
+        )
+    )
+    return pl
+
+
+@pytest.mark.parametrize(
+    ("at", "what", "cost"),
+    [
+        # a 61 s inbound call: 66 s at 0.0035/min before midnight, 120 s at 0.01/min after
+        (MIDNIGHT - 1, "inbound 61", 3_850),
+        (MIDNIGHT, "inbound 61", 20_000),
+        # a call answered before midnight is rated by its answered_at, however long it lasts
+        (MIDNIGHT - 30, "inbound 3600", 210_000),
+        (MIDNIGHT - 1, "sms 3", 12_000),
+        (MIDNIGHT, "sms 3", 18_000),
+        (MIDNIGHT + 86_399, "sms 3", 18_000),
+        (MIDNIGHT + 86_400, "sms 3", 15_000),
+        (MIDNIGHT - 1, "numbers 2", 2_000_000),
+        (MIDNIGHT, "numbers 2", 4_000_000),
+        (MIDNIGHT - 1, "fee number_setup", 500_000),
+        (MIDNIGHT, "fee number_setup", 1_500_000),
+        (MIDNIGHT, "fee port_in", 250_000),
+        # outbound prefixes are untouched by these versions
+        (MIDNIGHT - 1, "outbound 6", 0),
+    ],
+)
+def test_inbound_sms_and_fees_are_rated_with_the_version_in_force(
+    at: int, what: str, cost: int
+) -> None:
+    pl = _repriced()
+    kind, arg = what.split()
+    if kind == "inbound":
+        assert pl.rate_call("inbound", "+14155550100", int(arg), at)[0] == cost
+    elif kind == "sms":
+        assert pl.rate_message(int(arg), at) == cost
+    elif kind == "numbers":
+        assert pl.rate_numbers(int(arg), at) == cost
+    elif kind == "fee":
+        assert pl.one_time_fee(arg, at) == cost
+    else:
+        with pytest.raises(NoRate):
+            pl.rate_call("outbound", "+14155550100", int(arg), at)
+
+
+def test_a_fee_missing_from_the_version_in_force_is_no_rate() -> None:
+    pl = _repriced()
+    with pytest.raises(NoRate):
+        pl.one_time_fee("port_in", MIDNIGHT - 1)
+    with pytest.raises(NoRate):
+        pl.one_time_fee("port_in", MIDNIGHT + 86_400)
+
+
+def test_the_first_price_version_covers_earlier_times() -> None:
+    pl = PriceList("e", "USD", VoiceRate("", 3_500, effective_from=MIDNIGHT), 4_000)
+    pl.add_prices(PriceVersion(MIDNIGHT + 60, VoiceRate("", 9_000), 9_000))
+    assert [v.effective_from for v in pl.price_versions()] == [MIDNIGHT, MIDNIGHT + 60]
+    assert pl.rate_message(1, 0) == 4_000
+    assert pl.voice_rate("inbound", "", MIDNIGHT - 1).rate_per_min == 3_500
+    assert pl.rate_message(1, MIDNIGHT + 60) == 9_000
+
+
+def test_a_price_version_with_the_same_start_replaces_it() -> None:
+    pl = _repriced()
+    pl.add_prices(PriceVersion(MIDNIGHT, VoiceRate("", 1), 7_000))
+    assert len(pl.price_versions()) == 3
+    assert pl.rate_message(1, MIDNIGHT) == 7_000
+    with pytest.raises(NoRate):
+        pl.one_time_fee("number_setup", MIDNIGHT)
+
+
+def test_now_is_the_default_time() -> None:
+    pl = PriceList("n", "USD", VoiceRate("", 3_500), 4_000)
+    pl.add_prices(PriceVersion(4_000_000_000, VoiceRate("", 9_000), 9_000, 9_000))  # in 2096
+    assert (pl.inbound.rate_per_min, pl.sms_per_part, pl.number_monthly_fee) == (3_500, 4_000, 0)
+    assert (pl.rate_message(1), pl.rate_numbers(), pl.rate_call("inbound", "", 60)) == (
+        4_000,
+        0,
+        (3_500, 60),
+    )
+    assert pl.rate_message(1, 4_000_000_000) == 9_000
+
+
+@given(
+    st.lists(
+        st.tuples(st.integers(0, 1_000), st.integers(0, 1_000_000)),
+        min_size=1,
+        max_size=12,
+    ),
+    st.integers(-10, 1_010),
+)
+def test_prices_at_is_the_last_version_started_whatever_the_order_added(
+    versions: list[tuple[int, int]], at: int
+) -> None:
+    first, *rest = versions
+    pl = PriceList("h", "USD", VoiceRate("", 0, effective_from=first[0]), first[1])
+    for start, sms in rest:
+        pl.add_prices(PriceVersion(start, VoiceRate("", 0, effective_from=start), sms))
+    latest = dict(versions)  # the same start: the last added wins
+    started = [s for s in latest if s <= at]
+    expected = latest[max(started)] if started else latest[min(latest)]
+    assert pl.rate_message(1, at) == expected
+    assert [v.effective_from for v in pl.price_versions()] == sorted(latest)
 
 
 def test_csv_round_trip() -> None:
