@@ -196,6 +196,11 @@ def _period_problem(period: str, year: int, month: int) -> str:
     return ""
 
 
+def _future(rec: Record, ev: Any) -> Rejected:
+    detail = f"time {ev.time.isoformat()} is in the future"
+    return Rejected(rec, "future_timestamp", detail, ev.type)
+
+
 def _validation_reason(exc: ValidationError) -> tuple[str, str]:
     errors = exc.errors(include_url=False, include_input=False)
     if not errors:
@@ -462,14 +467,7 @@ class MeteringProcessor:
         for rec, ev in parsed:
             epoch = int(ev.time.timestamp())
             if epoch > latest:
-                rejected.append(
-                    Rejected(
-                        rec,
-                        "future_timestamp",
-                        f"time {ev.time.isoformat()} is in the future",
-                        ev.type,
-                    )
-                )
+                rejected.append(_future(rec, ev))
                 continue
             acct = get(ev.subject)
             if acct is None:
@@ -544,14 +542,7 @@ class MeteringProcessor:
         for rec, ev in events:
             epoch = int(ev.time.timestamp())
             if epoch > latest:
-                rejected.append(
-                    Rejected(
-                        rec,
-                        "future_timestamp",
-                        f"time {ev.time.isoformat()} is in the future",
-                        ev.type,
-                    )
-                )
+                rejected.append(_future(rec, ev))
                 continue
             acct = self._catalog.get(ev.subject)
             if acct is None:

@@ -549,13 +549,6 @@ class PaymentService:
             await conn.execute("UPDATE accounts SET hold_reason = NULL WHERE id = $1", p.account_id)
             if p.trigger_seq is not None:
                 await self._end_trigger(conn, p.account_id, p.trigger_seq, "done", "succeeded")
-            if p.kind == "auto":
-                # a success ends the run of declines
-                await conn.execute(
-                    "UPDATE recharge_triggers SET declines = 0 WHERE account_id = $1"
-                    " AND status = 'open'",
-                    p.account_id,
-                )
         settled = Payment.of(row)
         metrics.RECHARGES.labels("succeeded").inc()
         await self._credit(settled)
