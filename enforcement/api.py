@@ -24,14 +24,17 @@ switch per call. It belongs to the platform's own account, it cannot suspend, re
 pay, and it is the one kind of key that must never leave the platform. ``admin``/``user`` keys
 are customers' keys; acting for managed accounts comes with the issue that brings them.
 
-Failure policy: every answer comes within a bounded time, never a hang. Redis work is bounded
-by ``authorize_deadline_s`` (0.5 s by default); past it, or when Redis refuses connections, the
-answer is 503 ``balance_store_unavailable`` with ``Retry-After: 1``. The call was then neither
+Failure policy: every answer comes within a bounded time, never a hang. An authorization, the
+API key check included, answers within ``authorize_deadline_s`` (0.5 s by default). Past it,
+or when a store refuses connections, the answer is a 503 with ``Retry-After: 1`` naming the
+store that was waited for: ``balance_store_unavailable`` for Redis, ``database_unavailable`` for
+PostgreSQL (an account the process has not cached, or one Redis lost and that must be rebuilt
+from the ledger), ``key_store_unavailable`` for a key not cached. The call was then neither
 allowed nor denied: call-control retries with the *same* ``call_id`` (reservations are
 idempotent per call, so a retry never reserves twice) and applies its own fail-open or
-fail-closed rule when retries run out. PostgreSQL work is bounded by ``_DB_TIMEOUT_S`` (503
-``database_unavailable``). Authorizing reads PostgreSQL only for an account or key it has not
-cached. Errors have one shape, see ``enforcement.api_errors``.
+fail-closed rule when retries run out. An account and a key already cached are answered while
+PostgreSQL is away. Other PostgreSQL work is bounded by ``_DB_TIMEOUT_S`` (503
+``database_unavailable``). Errors have one shape, see ``enforcement.api_errors``.
 
 Speed (``meter bench authorize``): ``POST /v1/authorizations`` is answered by a plain ASGI
 handler in front of FastAPI (``AuthorizeFastPath``, served by ``asgi_app``) with the same
@@ -49,7 +52,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
-from typing import Annotated, Final, Literal, TypeVar
+from typing import Annotated, Any, Final, Literal, TypeVar
 
 import asyncpg
 import redis.asyncio as aioredis
@@ -81,7 +84,14 @@ from enforcement.api_models import (
     StatusIn,
     StatusOut,
 )
-from enforcement.authorize import Authorizer, AuthorizeRequest, BalanceStoreUnavailable
+from enforcement.authorize import (
+    POSTGRES_DOWN,
+    REDIS_DOWN,
+    Authorizer,
+    AuthorizeRequest,
+    BalanceStoreUnavailable,
+    DatabaseUnavailable,
+)
 from enforcement.balance import AccountState, OutcomeUnknown, RedisBalances
 from enforcement.coalesce import CoalescingBalances
 from meter import metrics
@@ -111,14 +121,11 @@ AUTHORIZATIONS: Final = "/v1/authorizations"
 _DB_TIMEOUT_S: Final = 2.0
 #: Larger bodies are refused (413) before they are parsed.
 MAX_BODY_BYTES: Final = 65_536
-_RETRY: Final = {"Retry-After": "1"}
+_RETRY: Final = api_errors.RETRY_AFTER
 #: What PostgreSQL being away looks like (not a bug in a query: those stay 500s).
-_DB_DOWN: Final = (
-    OSError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.InterfaceError,
-    asyncpg.exceptions.OperatorInterventionError,
-)
+_DB_DOWN: Final = POSTGRES_DOWN
+#: PostgreSQL work a request stopped waiting for, finishing its cancellation (see ``_db``).
+_LET_GO: Final[set[asyncio.Future[Any]]] = set()
 _JSON: Final = (b"content-type", b"application/json")
 
 
@@ -162,7 +169,7 @@ async def connect_api(settings: Settings) -> AsyncIterator[ApiServices]:
             max_accounts_per_call=settings.redis_accounts_per_call,
             timeout_s=settings.authorize_deadline_s,
         )
-        catalog = Catalog(pool)
+        catalog = Catalog(pool, lookup_timeout_s=_DB_TIMEOUT_S)
         await catalog.refresh()
         authorizer = Authorizer(
             balances,
@@ -171,6 +178,7 @@ async def connect_api(settings: Settings) -> AsyncIterator[ApiServices]:
             grace_s=settings.authorize_grace_s,
             max_s=settings.authorize_max_s,
             deadline_s=settings.authorize_deadline_s,
+            db_timeout_s=_DB_TIMEOUT_S,
             rebuild=lambda ids: load_into_redis(pool, balances, ids),
         )
         keys = ApiKeys(pool, ttl_s=settings.api_key_cache_s)
@@ -205,8 +213,11 @@ def bearer_token(header: str | None) -> str | None:
     return token if scheme.lower() == "bearer" and token else None
 
 
-async def authenticate(keys: ApiKeys, token: str | None) -> ApiKey:
-    """The caller's key: 401 without a valid one, 503 when it cannot be checked."""
+async def authenticate(
+    keys: ApiKeys, token: str | None, *, timeout_s: float | None = None
+) -> ApiKey:
+    """The caller's key: 401 without a valid one, 503 when it cannot be checked (within
+    ``timeout_s`` when given)."""
     if token is None:
         raise ApiError(
             401,
@@ -215,7 +226,7 @@ async def authenticate(keys: ApiKeys, token: str | None) -> ApiKey:
             headers={"WWW-Authenticate": "Bearer"},
         )
     try:
-        key = await keys.authenticate(token)
+        key = await keys.authenticate(token, timeout_s=timeout_s)
     except KeyStoreUnavailable as exc:
         raise ApiError(
             503, "key_store_unavailable", "the API key could not be checked; retry", None, _RETRY
@@ -254,8 +265,23 @@ def parse_body(raw: bytes, model: type[_M], *, optional: bool = False) -> _M:
         raise api_errors.from_validation(exc.errors()) from None
 
 
-async def authorize_json(services: ApiServices, key: ApiKey, raw: bytes) -> bytes:
-    """The whole of ``POST /v1/authorizations`` after authentication: the answer's JSON."""
+async def authenticate_by(services: ApiServices, header: str | None, deadline: float) -> ApiKey:
+    """An authorization's key check, within the time left of its deadline (loop time)."""
+    left = max(0.0, deadline - asyncio.get_running_loop().time())
+    return await authenticate(services.keys, bearer_token(header), timeout_s=left)
+
+
+def authorize_deadline(services: ApiServices) -> float:
+    """When an authorization starting now must have answered (loop time)."""
+    return asyncio.get_running_loop().time() + services.authorizer.deadline_s
+
+
+async def authorize_json(
+    services: ApiServices, key: ApiKey, raw: bytes, deadline: float | None = None
+) -> bytes:
+    """The whole of ``POST /v1/authorizations`` after authentication: the answer's JSON.
+    ``deadline`` (loop time): when to have answered; default: ``authorize_deadline_s`` from
+    now."""
     body = parse_body(raw, AuthorizationIn)
     may_act(key, body.account_id, ("service", "admin", "user"))
     t0 = time.perf_counter()
@@ -268,16 +294,16 @@ async def authorize_json(services: ApiServices, key: ApiKey, raw: bytes) -> byte
                 body.from_,
                 body.to,
                 body.outbound_profile_id,
-            )
+            ),
+            deadline=deadline,
         )
     except BalanceStoreUnavailable as exc:
         metrics.AUTHORIZE_DECISIONS.labels("error", "balance_store_unavailable").inc()
-        raise ApiError(503, "balance_store_unavailable", str(exc), None, _RETRY) from exc
-    except _DB_DOWN as exc:
-        # An account not cached yet could not be looked up: nothing was reserved.
-        raise ApiError(
-            503, "database_unavailable", "the database did not answer; retry", None, _RETRY
-        ) from exc
+        raise api_errors.balance_store_unavailable(str(exc)) from exc
+    except DatabaseUnavailable as exc:
+        # An account not cached yet could not be looked up, or not rebuilt: nothing reserved.
+        metrics.AUTHORIZE_DECISIONS.labels("error", "database_unavailable").inc()
+        raise api_errors.database_unavailable(f"{exc}; retry") from exc
     metrics.AUTHORIZE_SECONDS.observe(time.perf_counter() - t0)
     if d.reason == "call_closed":
         # Not a deny reason of the contract: a client re-using a call_id that hung up.
@@ -336,14 +362,15 @@ class AuthorizeFastPath:
             return
         extra: dict[str, str] = {}
         try:
+            services: ApiServices = self.app.state.services
+            deadline = authorize_deadline(services)
             header = None
             for name, value in scope["headers"]:
                 if name == b"authorization":
                     header = value.decode("latin-1")
                     break
-            services: ApiServices = self.app.state.services
-            key = await authenticate(services.keys, bearer_token(header))
-            payload = await authorize_json(services, key, await _read_body(receive))
+            key = await authenticate_by(services, header, deadline)
+            payload = await authorize_json(services, key, await _read_body(receive), deadline)
             status = 200
         except ApiError as e:
             status, extra = e.status, e.headers
@@ -398,23 +425,33 @@ async def _redis(work: Awaitable[_T], deadline_s: float) -> _T:
     try:
         async with asyncio.timeout(deadline_s):
             return await work
-    except (TimeoutError, OutcomeUnknown, RedisError, OSError) as exc:
-        raise ApiError(
-            503,
-            "balance_store_unavailable",
-            f"the balance store did not answer within {deadline_s} s; retry",
-            headers=_RETRY,
+    except (TimeoutError, *REDIS_DOWN) as exc:
+        raise api_errors.balance_store_unavailable(
+            f"the balance store did not answer within {deadline_s} s; retry"
         ) from exc
 
 
 async def _db(work: Awaitable[_T]) -> _T:
+    # In a task of its own: a query cancelled by the bound waits for the server to confirm the
+    # cancel (asyncpg), which a stalled server never does; the request answers at the bound,
+    # and the task finishes its cancellation in the background.
+    task = asyncio.ensure_future(work)
     try:
         async with asyncio.timeout(_DB_TIMEOUT_S):
-            return await work
+            return await asyncio.shield(task)
     except (TimeoutError, *_DB_DOWN) as exc:
-        raise ApiError(
-            503, "database_unavailable", "the database did not answer; retry", headers=_RETRY
-        ) from exc
+        raise api_errors.database_unavailable() from exc
+    finally:
+        if not task.done():
+            task.cancel()
+            _LET_GO.add(task)
+            task.add_done_callback(_let_go)
+
+
+def _let_go(task: asyncio.Future[Any]) -> None:
+    _LET_GO.discard(task)
+    if not task.cancelled():
+        task.exception()  # seen: the request that wanted it has answered already
 
 
 def asgi_app(settings: Settings, services: ApiServices | None = None) -> AuthorizeFastPath:
@@ -464,29 +501,39 @@ def create_app(settings: Settings, services: ApiServices | None = None) -> FastA
         openapi_extra=_body_doc(AuthorizationIn),
         summary="May this call connect, and for how long",
     )
-    async def authorize(request: Request, key: Caller) -> Response:
+    async def authorize(request: Request, _: Annotated[object, Security(_bearer)]) -> Response:
         """Allowing reserves credit for the first grant; concurrent calls of an account never
         together reserve more than its available credit. Idempotent per ``call_id``: a retry
-        gets the first answer. A deny is a 200 answer (unknown accounts included)."""
-        payload = await authorize_json(current(), key, await request.body())
+        gets the first answer. A deny is a 200 answer (unknown accounts included). Answered
+        within ``authorize_deadline_s``, the key check included, or 503."""
+        svc = current()
+        # The key is checked here rather than by the ``Caller`` dependency: within the
+        # authorization's deadline, as the fast path does.
+        deadline = authorize_deadline(svc)
+        key = await authenticate_by(svc, request.headers.get("authorization"), deadline)
+        payload = await authorize_json(svc, key, await request.body(), deadline)
         return Response(payload, media_type="application/json")
 
     async def account_state(account_id: str) -> AccountState:
         """The account's Redis state, rebuilt from PostgreSQL first if Redis lost it."""
         svc = current()
+        loop = asyncio.get_running_loop()
+        looked = loop.time()
         st = await _redis(svc.balances.get(account_id), deadline)
         if st is None:
+            # The authorizer's rebuild: one per account at a time, shared with the
+            # authorizations that met the same loss.
             try:
-                await _db(load_into_redis(svc.pool, svc.balances, [account_id]))
-            except (RedisError, OutcomeUnknown) as exc:
-                raise ApiError(
-                    503, "balance_store_unavailable", "the balance store failed", None, _RETRY
-                ) from exc
+                await svc.authorizer.restore(
+                    account_id, since=looked, deadline=loop.time() + _DB_TIMEOUT_S
+                )
+            except DatabaseUnavailable as exc:
+                raise api_errors.database_unavailable() from exc
+            except BalanceStoreUnavailable as exc:
+                raise api_errors.balance_store_unavailable(f"{exc}; retry") from exc
             st = await _redis(svc.balances.get(account_id), deadline)
             if st is None:
-                raise ApiError(
-                    503, "balance_store_unavailable", "account state missing", None, _RETRY
-                )
+                raise api_errors.balance_store_unavailable("account state missing; retry")
         return st
 
     async def known(account_id: str) -> str:
@@ -541,9 +588,7 @@ def create_app(settings: Settings, services: ApiServices | None = None) -> FastA
             svc.balances.set_status(account_id, action, body.reason), deadline
         )
         if changed < 0:
-            raise ApiError(
-                503, "balance_store_unavailable", "account state missing; retry", None, _RETRY
-            )
+            raise api_errors.balance_store_unavailable("account state missing; retry")
         return StatusOut(account_id=account_id, status=status, changed=changed == 1)  # type: ignore[arg-type]
 
     status_doc = _body_doc(StatusIn, required=False)
@@ -635,13 +680,9 @@ def create_app(settings: Settings, services: ApiServices | None = None) -> FastA
         except PaymentError as exc:
             raise ApiError(exc.status, exc.code, exc.message) from None
         except (RedisError, OutcomeUnknown) as exc:
-            raise ApiError(
-                503, "balance_store_unavailable", "the balance store failed; retry", None, _RETRY
-            ) from exc
+            raise api_errors.balance_store_unavailable("the balance store failed; retry") from exc
         except _DB_DOWN as exc:
-            raise ApiError(
-                503, "database_unavailable", "the database did not answer; retry", None, _RETRY
-            ) from exc
+            raise api_errors.database_unavailable() from exc
 
     def auto_recharge_out(account_id: str, s: RechargeSettings) -> AutoRechargeOut:
         return AutoRechargeOut(

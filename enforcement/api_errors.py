@@ -12,13 +12,17 @@ Codes by status:
     413 payload_too_large            a body over 64 KiB
     422 validation_error             JSON, but not what the endpoint takes (see ``field``)
     500 internal                     a bug; the body never carries a stack trace
-    503 balance_store_unavailable    Redis did not answer within the deadline; retry with the
-                                     same call_id (an authorization may or may not have been
-                                     reserved: the retry gets the first answer)
-        database_unavailable         PostgreSQL did not answer; retry (every endpoint is
-                                     idempotent)
+    503 balance_store_unavailable    Redis did not answer within the deadline, or failed; retry
+                                     with the same call_id (an authorization may or may not have
+                                     been reserved: the retry gets the first answer). Only ever
+                                     Redis: never for PostgreSQL's work.
+        database_unavailable         PostgreSQL did not answer within the deadline (for an
+                                     authorization: the account is not cached in the process,
+                                     or Redis lost it and it could not be rebuilt); nothing was
+                                     reserved; retry (every endpoint is idempotent)
         key_store_unavailable        the key could not be checked (not cached, PostgreSQL down)
-    Every 503 carries ``Retry-After: 1``.
+    Every 503 carries ``Retry-After: 1``; ``balance_store_unavailable`` and
+    ``database_unavailable`` are made by the two functions of that name, nowhere else.
 """
 
 from __future__ import annotations
@@ -50,6 +54,10 @@ _CODES: Final = {
 _LOCATIONS: Final = frozenset({"body", "path", "query", "header", "cookie"})
 
 
+#: Sent with every 503: the outage is expected to be short, and every retry is safe.
+RETRY_AFTER: Final = {"Retry-After": "1"}
+
+
 class ErrorDetail(BaseModel):
     code: str
     message: str
@@ -79,6 +87,16 @@ class ApiError(Exception):
         self.message = message
         self.field = field
         self.headers = dict(headers or {})
+
+
+def balance_store_unavailable(message: str) -> ApiError:
+    """503: Redis did not answer in time or failed (never for PostgreSQL's work)."""
+    return ApiError(503, "balance_store_unavailable", message, None, RETRY_AFTER)
+
+
+def database_unavailable(message: str = "the database did not answer in time; retry") -> ApiError:
+    """503: PostgreSQL did not answer in time or is unreachable; nothing was applied."""
+    return ApiError(503, "database_unavailable", message, None, RETRY_AFTER)
 
 
 def error_body(code: str, message: str, field: str | None = None) -> bytes:

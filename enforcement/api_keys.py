@@ -9,7 +9,9 @@ known key older than ``ttl_s`` (default 5 s) is still answered from the cache wh
 re-read in the background, so a revoked key keeps working for ``ttl_s`` plus one lookup at
 most. Concurrent lookups of one key share one query. When PostgreSQL cannot answer, a key seen
 within the last ``stale_s`` seconds keeps being served (calls keep connecting through a
-database blip); a key not in the cache raises ``KeyStoreUnavailable``.
+database blip); a key not in the cache raises ``KeyStoreUnavailable``, at the latest after the
+caller's ``timeout_s`` (an authorization's deadline): the shared lookup goes on without that
+caller, so a stalled PostgreSQL never holds a request longer than its deadline.
 """
 
 from __future__ import annotations
@@ -80,10 +82,11 @@ class ApiKeys:
         self._cache: dict[bytes, tuple[ApiKey | None, float]] = {}
         self._inflight: dict[bytes, asyncio.Task[ApiKey | None]] = {}
 
-    async def authenticate(self, key: str) -> ApiKey | None:
+    async def authenticate(self, key: str, *, timeout_s: float | None = None) -> ApiKey | None:
         """The key's owner and role, or ``None`` for a malformed, unknown or revoked key.
 
-        Raises ``KeyStoreUnavailable`` only when the answer is neither cached nor obtainable.
+        Raises ``KeyStoreUnavailable`` only when the answer is neither cached nor obtainable
+        within ``timeout_s`` (default: the lookup's own bound, ``lookup_timeout_s``).
         """
         if _KEY_RE.match(key) is None:
             return None  # not even shaped like a key: no need to ask anyone
@@ -100,7 +103,10 @@ class ApiKeys:
                 self._lookup_task(h)
                 return hit[0]
         try:
-            return await asyncio.shield(self._lookup_task(h))
+            # The lookup bounds itself, but a cancelled asyncpg query waits for the server to
+            # confirm the cancel: on a stalled server, only this caller's own bound ends the wait.
+            async with asyncio.timeout(self._lookup_timeout_s if timeout_s is None else timeout_s):
+                return await asyncio.shield(self._lookup_task(h))
         except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             raise KeyStoreUnavailable(f"api key lookup failed: {type(exc).__name__}") from exc
 

@@ -4,27 +4,54 @@ Pure domain service over the balance store and the price lists; the HTTP layer o
 requests and errors. Errors::
 
     AuthorizeError
-    └── BalanceStoreUnavailable   Redis did not answer in time. The reservation may or may
-                                  not exist; a retry with the same call_id is safe (reserve
-                                  is idempotent per call_id).
+    ├── BalanceStoreUnavailable   Redis did not answer in time (or failed). The reservation may
+    │                             or may not exist; a retry with the same call_id is safe
+    │                             (reserve is idempotent per call_id).
+    └── DatabaseUnavailable       PostgreSQL did not answer in time: the account's price list
+                                  and plan could not be read, or the Redis state Redis lost
+                                  could not be rebuilt. Nothing was reserved; retry.
+
+Every answer, error or not, comes by the deadline. PostgreSQL is read only for an account the
+process has not cached, or one Redis lost; that work runs in tasks of their own, one per account
+at a time, which a caller past its deadline stops waiting for without cancelling: concurrent
+requests for one account share one query and one connection, and no request waits for asyncpg
+to cancel a query on a stalled server (which can take as long as the server is stalled).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
+import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Final, Literal
 
+import asyncpg
 from redis.exceptions import RedisError
 
-from enforcement.balance import OutcomeUnknown, PlanPeriod, RedisBalances, Tariff
+from enforcement.balance import OutcomeUnknown, PlanPeriod, RedisBalances, Reservation, Tariff
 from meter import metrics
 from metering.catalog import Catalog
 from metering.plans import month_period
 from metering.rating import NoRate
+
+log = logging.getLogger(__name__)
+
+#: What PostgreSQL being away looks like (not a bug in a query: those stay errors of their own).
+POSTGRES_DOWN: Final = (
+    OSError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.OperatorInterventionError,  # includes a statement cancelled by a timeout
+)
+#: What Redis being away looks like to the balance store's callers.
+REDIS_DOWN: Final = (OutcomeUnknown, RedisError, OSError)
+#: How long a finished rebuild is remembered (see ``Authorizer.restore``): longer than any
+#: reservation's round trip, which the deadline bounds.
+_REBUILT_MEMORY_S: Final = 60.0
 
 DenyReason = Literal[
     "insufficient_credit",
@@ -48,6 +75,10 @@ class AuthorizeError(Exception):
 
 class BalanceStoreUnavailable(AuthorizeError):
     """The balance store did not answer within the deadline; retry with the same call_id."""
+
+
+class DatabaseUnavailable(AuthorizeError):
+    """PostgreSQL did not answer within the deadline; nothing was reserved, retry."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,7 +111,8 @@ def reservation_id(account_id: str, call_id: str) -> str:
 
 class Authorizer:
     """Answers authorizations. ``deadline_s`` bounds the whole answer: past it the caller gets
-    ``BalanceStoreUnavailable``, never a hang."""
+    ``BalanceStoreUnavailable`` or ``DatabaseUnavailable`` (whichever was being waited for),
+    never a hang."""
 
     def __init__(
         self,
@@ -91,34 +123,46 @@ class Authorizer:
         grace_s: int = 60,
         max_s: int = 14_400,
         deadline_s: float = 0.5,
+        db_timeout_s: float = 2.0,
         clock: Callable[[], float] = time.time,
         rebuild: Callable[[Sequence[str]], Awaitable[list[str]]] | None = None,
     ) -> None:
         """``rebuild``: recreates the Redis state of accounts Redis lost, from the book of
         record (``meter.accounts.load_into_redis``); without it such an account is denied
-        ``unknown_account`` until the hot path rebuilds it."""
+        ``unknown_account`` until the hot path rebuilds it. ``db_timeout_s`` bounds one
+        rebuild however long its callers wait (they give up at their deadline)."""
         self._balances = balances
         self._catalog = catalog
         self._grant_s = grant_s
         self._grace_s = grace_s
         self._max_s = max_s
         self._deadline_s = deadline_s
+        self._db_timeout_s = db_timeout_s
         self._clock = clock
         self._rebuild = rebuild
+        self._rebuilding: dict[str, asyncio.Task[None]] = {}
+        # account -> loop time its last rebuild finished (see restore)
+        self._rebuilt_at: dict[str, float] = {}
 
-    async def authorize(self, req: AuthorizeRequest) -> Decision:
+    @property
+    def deadline_s(self) -> float:
+        return self._deadline_s
+
+    async def authorize(self, req: AuthorizeRequest, *, deadline: float | None = None) -> Decision:
+        """``deadline``: the event loop's time (``loop.time()``) by which to answer, when the
+        caller has already spent part of ``deadline_s`` (checking the API key); default: now
+        plus ``deadline_s``."""
+        loop = asyncio.get_running_loop()
+        if deadline is None:
+            deadline = loop.time() + self._deadline_s
         try:
-            async with asyncio.timeout(self._deadline_s):
-                return await self._authorize(req)
-        except (TimeoutError, OutcomeUnknown, RedisError, OSError) as exc:
-            raise BalanceStoreUnavailable(
-                f"the balance store did not answer within {self._deadline_s} s: "
+            async with asyncio.timeout_at(deadline):
+                acct = await self._catalog.lookup(req.account_id)
+        except (TimeoutError, *POSTGRES_DOWN) as exc:
+            raise DatabaseUnavailable(
+                f"the account's prices could not be read within {self._deadline_s} s: "
                 f"{type(exc).__name__}"
             ) from exc
-
-    async def _authorize(self, req: AuthorizeRequest) -> Decision:
-        await self._catalog.resolve((req.account_id,))
-        acct = self._catalog.get(req.account_id)
         if acct is None:
             return Decision.deny("unknown_account")
         plist = acct.price_list
@@ -136,25 +180,14 @@ class Authorizer:
             # period's first charge, so the reservation counts the allowance itself.
             plan = (acct.plan.included_s, *month_period(now_s))
         tariff = Tariff(rate.rate_per_min, rate.connect_fee, rate.initial_s, rate.subsequent_s)
-        for attempt in range(2):
-            r = await self._balances.reserve(
-                req.account_id,
-                req.call_id,
-                req.direction,
-                tariff,
-                now_s=now_s,
-                grant_s=self._grant_s,
-                grace_s=self._grace_s,
-                max_s=self._max_s,
-                plan=plan,
-            )
-            if r.reason != "unknown_account" or self._rebuild is None or attempt:
-                break
+        sent = loop.time()
+        r = await self._reserve(req, tariff, now_s, plan, deadline)
+        if r.reason == "unknown_account" and self._rebuild is not None:
             # The account exists (the catalog found it in PostgreSQL) but Redis lost it: a
             # flushed or failed-over Redis must not deny every call until the next usage event.
-            if not await self._rebuild([req.account_id]):
-                break
-            metrics.ACCOUNTS_REBUILT.inc()
+            # Every request that met the loss waits for the one rebuild, then reserves again.
+            await self.restore(req.account_id, since=sent, deadline=deadline)
+            r = await self._reserve(req, tariff, now_s, plan, deadline)
         if r.decision != "allow":
             return Decision("deny", r.reason, 0, None, None)
         return Decision(
@@ -165,3 +198,84 @@ class Authorizer:
             datetime.fromtimestamp(r.expires_at, UTC),
             r.reserved,
         )
+
+    async def _reserve(
+        self,
+        req: AuthorizeRequest,
+        tariff: Tariff,
+        now_s: int,
+        plan: PlanPeriod | None,
+        deadline: float,
+    ) -> Reservation:
+        try:
+            async with asyncio.timeout_at(deadline):
+                return await self._balances.reserve(
+                    req.account_id,
+                    req.call_id,
+                    req.direction,
+                    tariff,
+                    now_s=now_s,
+                    grant_s=self._grant_s,
+                    grace_s=self._grace_s,
+                    max_s=self._max_s,
+                    plan=plan,
+                )
+        except (TimeoutError, *REDIS_DOWN) as exc:
+            raise BalanceStoreUnavailable(
+                f"the balance store did not answer within {self._deadline_s} s: "
+                f"{type(exc).__name__}"
+            ) from exc
+
+    async def restore(self, account_id: str, *, since: float, deadline: float) -> None:
+        """Make sure the Redis state of an account Redis lost is rebuilt from PostgreSQL, once
+        for every caller that found it missing at ``since`` (loop time) or later: a rebuild
+        already running is waited for, one finished since ``since`` is not repeated.
+
+        Raises ``DatabaseUnavailable`` past ``deadline`` (loop time) or when PostgreSQL fails,
+        ``BalanceStoreUnavailable`` when Redis fails. Without a ``rebuild`` function it does
+        nothing. The rebuild itself goes on, bounded by ``db_timeout_s``, for the next caller.
+        """
+        if self._rebuild is None:
+            return
+        if self._rebuilt_at.get(account_id, -1.0) > since:
+            return  # rebuilt after this caller looked: its next look finds it
+        task = self._rebuilding.get(account_id)
+        if task is None:
+            task = asyncio.create_task(self._rebuild_one(account_id))
+            self._rebuilding[account_id] = task
+            task.add_done_callback(functools.partial(self._rebuild_done, account_id))
+        try:
+            async with asyncio.timeout_at(deadline):
+                # Shielded: a caller at its deadline stops waiting; the others still need it.
+                await asyncio.shield(task)
+        except (TimeoutError, *POSTGRES_DOWN) as exc:
+            # A timeout is PostgreSQL's: Redis answered this caller's reservation a moment
+            # ago, and the rebuild is reads of the ledger then one Redis write.
+            raise DatabaseUnavailable(
+                f"the account's state could not be rebuilt from the ledger in time: "
+                f"{type(exc).__name__}"
+            ) from exc
+        except (RedisError, OutcomeUnknown) as exc:
+            raise BalanceStoreUnavailable(
+                f"the balance store failed while the account was rebuilt: {type(exc).__name__}"
+            ) from exc
+
+    async def _rebuild_one(self, account_id: str) -> None:
+        assert self._rebuild is not None
+        async with asyncio.timeout(self._db_timeout_s):
+            loaded = await self._rebuild([account_id])
+        # Empty when another process rebuilt it first: the state is there all the same.
+        if loaded:
+            metrics.ACCOUNTS_REBUILT.inc(len(loaded))
+        now = asyncio.get_running_loop().time()
+        if len(self._rebuilt_at) >= 1024:
+            self._rebuilt_at = {
+                a: t for a, t in self._rebuilt_at.items() if t > now - _REBUILT_MEMORY_S
+            }
+        self._rebuilt_at[account_id] = now
+
+    def _rebuild_done(self, account_id: str, task: asyncio.Task[None]) -> None:
+        del self._rebuilding[account_id]
+        # exception() also marks a failure as seen when every caller has stopped waiting.
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.warning("rebuilding %s from the ledger failed: %r", account_id, exc)

@@ -9,6 +9,12 @@ New price lists, plans and account changes are picked up without a restart: at m
 see migration 0003) and, when it moved, reloads the price lists whose version changed and the
 plans, and forgets its accounts (re-read on their next batch). Never a query per event.
 
+``lookup`` is for a caller with a deadline (the authorize API): a cached account is answered
+without waiting for PostgreSQL (a due version check runs in the background meanwhile), and an
+account not cached is read by one query per account at a time, in a task of its own bounded by
+``lookup_timeout_s``, so a caller that stops waiting neither cancels it for the others nor waits
+for asyncpg to cancel the query on a stalled server.
+
 A managed account without a price list of its own is rated with its manager's. Callers that
 show prices (the HTTP API) must not show a managed account its manager's price list:
 ``AccountRating.inherited`` says when that is the case.
@@ -17,15 +23,22 @@ show prices (the HTTP API) must not show a managed account its manager's price l
 from __future__ import annotations
 
 import asyncio
+import functools
+import logging
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import asyncpg
 
 from metering.plans import Plan
 from metering.pricelists import load_price_lists, price_list_versions
 from metering.rating import PriceList
+
+log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,7 +59,12 @@ class Catalog:
     """Account -> price list and plan, cached; reloaded when the rating version moves."""
 
     def __init__(
-        self, pool: asyncpg.Pool, *, negative_ttl_s: float = 5.0, check_interval_s: float = 1.0
+        self,
+        pool: asyncpg.Pool,
+        *,
+        negative_ttl_s: float = 5.0,
+        check_interval_s: float = 1.0,
+        lookup_timeout_s: float = 2.0,
     ) -> None:
         self._pool = pool
         self._lists: dict[str, PriceList] = {}
@@ -58,6 +76,9 @@ class Catalog:
         self._next_check = 0.0
         self._version = -1
         self._lock = asyncio.Lock()
+        self._lookup_timeout_s = lookup_timeout_s
+        self._lookups: dict[str, asyncio.Task[AccountRating | None]] = {}
+        self._checking: asyncio.Task[None] | None = None
 
     @property
     def version(self) -> int:
@@ -89,6 +110,42 @@ class Catalog:
             missing = self._missing(ids)
             if missing:
                 await self._fetch(missing)
+
+    async def lookup(self, account_id: str) -> AccountRating | None:
+        """One account's rating (None: no such account), for a caller with a deadline: wrap
+        the call in ``asyncio.timeout``; see the module docstring for what it waits for.
+
+        Raises ``TimeoutError`` past ``lookup_timeout_s`` and asyncpg's errors when the
+        account is not cached and PostgreSQL cannot be read."""
+        if time.monotonic() >= self._next_check and (
+            self._checking is None or self._checking.done()
+        ):
+            self._checking = asyncio.create_task(self._check_bounded())
+            self._checking.add_done_callback(_log_failure)
+        if not self._missing({account_id}):
+            return self._accounts.get(account_id)
+        task = self._lookups.get(account_id)
+        if task is None:
+            task = asyncio.create_task(self._lookup(account_id))
+            self._lookups[account_id] = task
+            task.add_done_callback(functools.partial(self._lookup_done, account_id))
+        # Shielded: a caller at its deadline stops waiting; the others still need the answer.
+        return await asyncio.shield(task)
+
+    async def _lookup(self, account_id: str) -> AccountRating | None:
+        async with asyncio.timeout(self._lookup_timeout_s), self._lock:
+            if self._missing({account_id}):
+                await self._fetch([account_id])
+            # Read under the lock: a version check may forget the accounts once it is released.
+            return self._accounts.get(account_id)
+
+    def _lookup_done(self, account_id: str, task: asyncio.Task[AccountRating | None]) -> None:
+        del self._lookups[account_id]
+        _log_failure(task)
+
+    async def _check_bounded(self) -> None:
+        async with asyncio.timeout(self._lookup_timeout_s):
+            await self._check()
 
     async def _check(self) -> None:
         async with self._lock:
@@ -147,3 +204,9 @@ class Catalog:
         for a in missing:
             if a not in found:
                 self._unknown[a] = now + self._negative_ttl_s
+
+
+def _log_failure(task: asyncio.Task[_T]) -> None:
+    # exception() also marks a failure as seen when no caller is left to await it.
+    if not task.cancelled() and (exc := task.exception()) is not None:
+        log.warning("catalog read failed: %r", exc)

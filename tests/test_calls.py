@@ -15,6 +15,7 @@ import redis.asyncio as aioredis
 from contracts import topics
 from enforcement.authorize import Authorizer, AuthorizeRequest, BalanceStoreUnavailable
 from enforcement.balance import RedisBalances
+from enforcement.coalesce import CoalescingBalances
 from meter.kafkatools import read_all
 from meter.ledger import Ledger
 from meter.settings import Settings
@@ -121,8 +122,15 @@ async def test_concurrent_authorizations_never_reserve_more_than_the_credit(
 ) -> None:
     await seed("acc_1", balance="1.00")
     _, auth = await make(conns, Clock(T0))
+    # Over CoalescingBalances, as the API runs it: a plain RedisBalances would open a
+    # connection per concurrent call, past redis-py's pool of 100.
     auth = Authorizer(
-        conns.balances, auth._catalog, grant_s=300, grace_s=60, clock=Clock(T0), deadline_s=30
+        CoalescingBalances(conns.redis, timeout_s=30),
+        auth._catalog,
+        grant_s=300,
+        grace_s=60,
+        clock=Clock(T0),
+        deadline_s=30,
     )  # a stress test, not a latency test
     decisions = await asyncio.gather(
         *(
