@@ -190,6 +190,10 @@ async def _reconcile(settings: Settings) -> int:
             {
                 "accounts": result.accounts,
                 "drift_micros": result.drift_micros,
+                "drift_accounts": len(result.mismatched),  # all of them; listed: the first 50
+                # Not drift: Redis lost them and rebuilds each on its next event or
+                # authorization, so they never make the exit code nonzero.
+                "missing_accounts": result.missing,
                 "mismatched": {
                     a: {"redis": g, "ledger": w}
                     for a, (g, w) in list(result.mismatched.items())[:50]
