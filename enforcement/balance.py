@@ -14,9 +14,11 @@ Scripts are loaded once (``register_script``); redis-py re-loads them on ``NOSCR
 from __future__ import annotations
 
 import importlib.resources
+import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol, cast
+from urllib.parse import unquote
 
 import redis.asyncio as aioredis
 from redis.asyncio.client import Pipeline
@@ -25,6 +27,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from enforcement import keys
+from meter.clock import Clock, system_clock
 
 ACCOUNT_STATES: Final = ("active", "low", "hold", "suspended")
 #: The outbox entry type of an auto-recharge trigger (not a signal: it goes to the worker).
@@ -43,6 +46,11 @@ def _lua(name: str) -> str:
     return importlib.resources.files("enforcement").joinpath("lua", name).read_text("utf-8")
 
 
+#: A call's draw on included minutes: (billed_s, rate_per_min, connect_fee, answered_at), or
+#: the same four integers comma separated; "" (or an empty tuple) for a final amount.
+Draw = str | tuple[int, int, int, int] | tuple[()]
+
+
 @dataclass(frozen=True, slots=True)
 class Debit:
     """One charge. ``event_key`` (16 bytes) and ``fingerprint`` (8 bytes) come from the event."""
@@ -56,9 +64,10 @@ class Debit:
     amount: int  # micro-units >= 0
     day: int  # UTC day number of the event's own time (unix seconds // 86400)
     call_id: str = ""  # a hangup's call: its reservation is released with the charge
-    #: a call that may draw included seconds: "billed_s,rate_per_min,connect_fee,answered_at"
-    #: (then ``amount`` is what it costs with nothing drawn); "" for a final amount
-    draw: str = ""
+    #: a call that may draw included seconds: (billed_s, rate_per_min, connect_fee,
+    #: answered_at), or the same as "billed_s,rate_per_min,connect_fee,answered_at" (then
+    #: ``amount`` is what it costs with nothing drawn); "" for a final amount
+    draw: Draw = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,7 +141,7 @@ class DebitLike(Protocol):
     @property
     def call_id(self) -> str: ...
     @property
-    def draw(self) -> str: ...
+    def draw(self) -> Draw: ...
 
 
 #: An account's plan allowance for the current period: ``(included_s, period_start,
@@ -152,9 +161,13 @@ class Balances(Protocol):
 
     async def ack_outbox(self, acks: dict[str, int]) -> None: ...
 
-    async def credit(self, account_id: str, credit_id: str, amount: int) -> CreditOutcome: ...
+    async def credit(
+        self, account_id: str, credit_id: str, amount: int, *, now_s: int | None = None
+    ) -> CreditOutcome: ...
 
-    async def credit_many(self, credits: Sequence[tuple[str, str, int]]) -> list[CreditOutcome]: ...
+    async def credit_many(
+        self, credits: Sequence[tuple[str, str, int]], *, now_s: int | None = None
+    ) -> list[CreditOutcome]: ...
 
     async def undraw_many(self, draws: Sequence[tuple[str, bytes, int, int, int]]) -> list[int]: ...
 
@@ -209,6 +222,22 @@ def _decode_draws(raw: bytes) -> dict[int, tuple[int, int]]:
     return out
 
 
+#: debit.lua's binary argument records (big-endian, as its EVENT and ACCOUNT formats):
+#: event_key, fingerprint, amount, day, billed_s (-1: no draw), rate_per_min, connect_fee,
+#: answered_at, len(call_id) -- the call id's bytes follow; and per account: its number of
+#: events, included_s (0: no plan), period_start, period_end.
+_DEBIT_EVENT: Final = struct.Struct(">16s8sqiiqqqH")
+_DEBIT_ACCOUNT: Final = struct.Struct(">Iqqq")
+
+
+def _parse_draw(draw: str) -> tuple[int, int, int, int]:
+    """``billed_s,rate_per_min,connect_fee,answered_at`` as four integers."""
+    billed, rate, fee, at = (int(x) for x in draw.split(","))
+    if billed < 0 or rate < 0 or fee < 0:
+        raise ValueError(f"a draw's seconds, rate and fee are >= 0: {draw!r}")
+    return billed, rate, fee, at
+
+
 def _plan_line(plan: PlanPeriod | None) -> str:
     """A plan allowance as the scripts read it: ``included_s,period_start,period_end``."""
     return "{},{},{}".format(*plan) if plan else ""
@@ -220,10 +249,10 @@ def _decode_outbox(entries: list[bytes]) -> list[PendingSignal]:
     for raw in entries:
         seq, type_, rest = raw.decode().split("|", 2)
         if type_ == "call.terminate":
-            # A call_id may itself hold "|": the reason never does, the time is last.
+            # The call id is percent-escaped by progress.lua (it may hold any character).
             reason, tail = rest.split("|", 1)
             call_id, at = tail.rsplit("|", 1)
-            out.append(PendingSignal(int(seq), type_, reason, call_id, int(at)))
+            out.append(PendingSignal(int(seq), type_, reason, unquote(call_id), int(at)))
         else:
             out.append(PendingSignal(int(seq), type_, rest))
     return out
@@ -268,11 +297,20 @@ class RedisBalances:
 
     On a single Redis node one script may carry many accounts; on a cluster pass
     ``max_accounts_per_call=1`` (keys of one script must share a slot) and use a cluster client.
+    ``clock``: the time of the calls that take no ``now_s`` (see ``meter.clock``); the scripts
+    never read Redis's own clock.
     """
 
-    def __init__(self, client: aioredis.Redis, *, max_accounts_per_call: int = 256) -> None:
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        *,
+        max_accounts_per_call: int = 256,
+        clock: Clock = system_clock,
+    ) -> None:
         self._r = client
         self._max = max_accounts_per_call
+        self._clock = clock
         self._debit: AsyncScript = client.register_script(_lua("debit.lua"))
         self._ack: AsyncScript = client.register_script(_lua("outbox_ack.lua"))
         self._credit: AsyncScript = client.register_script(_lua("credit.lua"))
@@ -300,23 +338,37 @@ class RedisBalances:
         """
         plans = plans or {}
         pipe = self._r.pipeline(transaction=False)
+        event = _DEBIT_EVENT.pack
+        account = _DEBIT_ACCOUNT.pack
         for start in range(0, len(batch), self._max):
             chunk = batch[start : start + self._max]
-            # Packed into five arguments, whatever the number of events: encoding thousands
-            # of small arguments is what a pipeline spends its client time on.
-            blob = b"".join(d.event_key + d.fingerprint for _, ds in chunk for d in ds)
-            amounts = " ".join(f"{d.amount} {d.day}" for _, ds in chunk for d in ds)
-            counts = " ".join(str(len(ds)) for _, ds in chunk)
-            calls = "\n".join(d.call_id for _, ds in chunk for d in ds)
-            buckets = "\n".join(
-                "{},{},{};".format(*plans[a]) + ";".join([d.draw for d in ds])
-                if a in plans
-                else ";" + ";".join([d.draw for d in ds])
-                for a, ds in chunk
-            )
+            # Two binary arguments, whatever the number of events (encoding thousands of small
+            # arguments is what a pipeline spends its client time on), every value in a
+            # fixed-width field or behind its length (see debit.lua): struct.error on a value
+            # out of its field's range, before anything is sent.
+            parts: list[bytes] = []
+            heads: list[bytes] = []
+            for a, ds in chunk:
+                p = plans.get(a)
+                heads.append(account(len(ds), *p) if p else account(len(ds), 0, 0, 0))
+                for d in ds:
+                    dr = d.draw
+                    if not dr:
+                        billed, rate, fee, at = -1, 0, 0, 0
+                    else:
+                        billed, rate, fee, at = _parse_draw(dr) if isinstance(dr, str) else dr
+                    call = d.call_id.encode() if d.call_id else b""
+                    parts.append(
+                        event(
+                            d.event_key, d.fingerprint, d.amount, d.day,
+                            billed, rate, fee, at, len(call),
+                        )
+                    )
+                    if call:
+                        parts.append(call)
             await self._debit(
                 keys=[keys.account(a) for a, _ in chunk],
-                args=[now_s, keys.DEDUP_KEEP_S, blob, amounts, counts, calls, buckets],
+                args=[now_s, keys.DEDUP_KEEP_S, b"".join(parts), b"".join(heads)],
                 client=pipe,
             )
         try:
@@ -589,15 +641,19 @@ class RedisBalances:
         await _execute(pipe)
         return done
 
-    async def set_status(self, account_id: str, action: str, reason: str) -> tuple[int, str]:
+    async def set_status(
+        self, account_id: str, action: str, reason: str, *, now_s: int | None = None
+    ) -> tuple[int, str]:
         """``action`` "suspend", "hold" (pinned whatever the credit, see set_status.lua) or
         "resume" (lifts both). Returns ``(changed, status)``: changed is 1 when a signal was
-        queued, 0 when the account already was so, -1 for an unknown account."""
+        queued, 0 when the account already was so, -1 for an unknown account. ``now_s`` (unix
+        s, default: the clock) decides which minute-bucket grants count for a resumed account."""
         if action not in ("suspend", "hold", "resume"):
             raise ValueError(f"unknown action {action!r}")
+        now = self._now(now_s)
         await self.mark_outbox_pending([account_id])
         changed, status = await self._status(
-            keys=[keys.account(account_id), keys.outbox(account_id)], args=[action, reason]
+            keys=[keys.account(account_id), keys.outbox(account_id)], args=[action, reason, now]
         )
         await self.mark_outbox_pending([account_id])
         return int(changed), status.decode()
@@ -690,16 +746,29 @@ class RedisBalances:
         entries: list[bytes] = await self._r.lrange(keys.outbox(account_id), 0, -1)  # type: ignore[assignment]
         return _decode_outbox(entries)
 
+    def _now(self, now_s: int | None) -> int:
+        """``now_s``, or the injected clock's whole seconds."""
+        return int(self._clock()) if now_s is None else now_s
+
     async def credit(
-        self, account_id: str, credit_id: str, amount: int, *, payment: bool = False
+        self,
+        account_id: str,
+        credit_id: str,
+        amount: int,
+        *,
+        payment: bool = False,
+        now_s: int | None = None,
     ) -> CreditOutcome:
         """Credit ``amount`` once per ``credit_id``. May queue ``account.resume`` (the outbox
-        relay publishes it). A ``payment`` also lifts a hold the service pinned (``hold``)."""
+        relay publishes it). A ``payment`` also lifts a hold the service pinned (``hold``).
+        ``now_s`` (unix s, default: the clock) decides which minute-bucket grants count for the
+        account's state."""
+        now = self._now(now_s)
         try:
             await self.mark_outbox_pending([account_id])
             applied, bal, st = await self._credit(
                 keys=[keys.account(account_id), keys.credits(account_id), keys.outbox(account_id)],
-                args=[credit_id, amount, "1" if payment else "0"],
+                args=[credit_id, amount, "1" if payment else "0", now],
             )
         except (RedisConnectionError, RedisTimeoutError) as exc:
             raise OutcomeUnknown(f"credit {credit_id} outcome unknown: {exc}") from exc
@@ -707,13 +776,17 @@ class RedisBalances:
             return CreditOutcome(False, 0, "", found=False)
         return CreditOutcome(applied == 1, int(bal), st.decode())
 
-    async def credit_many(self, credits: Sequence[tuple[str, str, int]]) -> list[CreditOutcome]:
-        """``credit`` for many ``(account_id, credit_id, amount)`` in one pipelined round trip."""
+    async def credit_many(
+        self, credits: Sequence[tuple[str, str, int]], *, now_s: int | None = None
+    ) -> list[CreditOutcome]:
+        """``credit`` for many ``(account_id, credit_id, amount)`` in one pipelined round trip
+        (``now_s`` as in ``credit``, one for the whole batch)."""
+        now = self._now(now_s)
         pipe = self._r.pipeline(transaction=False)
         for account_id, credit_id, amount in credits:
             await self._credit(
                 keys=[keys.account(account_id), keys.credits(account_id), keys.outbox(account_id)],
-                args=[credit_id, amount, "0"],
+                args=[credit_id, amount, "0", now],
                 client=pipe,
             )
         try:

@@ -6,7 +6,6 @@ equals the sum of the account's ledger rows once the pipeline is drained.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Annotated, Self
@@ -17,6 +16,7 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validato
 from contracts.events import ACCOUNT_ID_PATTERN
 from contracts.money import Micros
 from enforcement.balance import RedisBalances
+from meter.clock import Clock, system_clock, utc_datetime
 from meter.ledger import COLUMNS, Ledger, LedgerRow, credit_key
 from metering.plans import parse_bucket, rebuild_buckets
 from metering.pricelists import RATE_COLUMNS, write_prices
@@ -178,15 +178,20 @@ async def put_bundle(pool: asyncpg.Pool, spec: BundleSpec) -> None:
 
 
 async def create_accounts(
-    pool: asyncpg.Pool, balances: RedisBalances, specs: Sequence[AccountSpec]
+    pool: asyncpg.Pool,
+    balances: RedisBalances,
+    specs: Sequence[AccountSpec],
+    *,
+    clock: Clock = system_clock,
 ) -> int:
     """Create accounts with their opening balance (idempotent: existing ones are left alone).
 
     Order matters for a crash: PostgreSQL first (account row + opening ledger row in one
     transaction), then Redis, which is rebuilt from the ledger if it is missing.
-    Returns the number of accounts newly created.
+    Returns the number of accounts newly created. ``clock``: the opening row's time, and the
+    ``now`` of the Redis state.
     """
-    now = datetime.now(UTC)
+    now = utc_datetime(clock)
     managers = {s.manager_id for s in specs if s.manager_id is not None}
     async with pool.acquire() as conn, conn.transaction():
         created = await conn.fetch(
@@ -237,7 +242,7 @@ async def create_accounts(
                 " VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11) ON CONFLICT DO NOTHING",
                 [r.values() for r in rows],
             )
-    await load_into_redis(pool, balances, [s.id for s in specs])
+    await load_into_redis(pool, balances, [s.id for s in specs], now=int(now.timestamp()))
     return len(new_ids)
 
 
@@ -247,12 +252,13 @@ async def load_into_redis(
     account_ids: Sequence[str],
     *,
     now: int | None = None,
+    clock: Clock = system_clock,
 ) -> list[str]:
     """Create the Redis state of accounts that have none, from the ledger. Returns those loaded.
 
     Used at account creation and when the hot path meets an account Redis does not know
     (Redis lost or flushed): balance = sum of the ledger, seq = last signal recorded, the
-    minute bucket as it stands at ``now`` (unix s, default: the clock) from the bundles bought
+    minute bucket as it stands at ``now`` (unix s, default: ``clock``) from the bundles bought
     and the seconds drawn (``metering.plans.rebuild_buckets``), and the auto-recharge state:
     threshold, open trigger, a hold the service pinned, payments the ledger has and Redis was
     not yet told of (remembered as applied, so finishing them credits nothing twice).
@@ -270,15 +276,13 @@ async def load_into_redis(
         " LEFT JOIN auto_recharge r ON r.account_id = a.id WHERE a.id = ANY($1::text[])",
         list(account_ids),
     )
+    # One reading of the clock for the bucket and the status: read twice, a rebuild across a
+    # month's end could replay the bucket for one period and judge the status in the next.
+    at = int(clock()) if now is None else now
     ids = [r["id"] for r in rows]
     sums = await ledger.balances(ids)
     seqs = await ledger.last_seq(ids)
-    buckets = await rebuild_buckets(
-        pool,
-        {r["id"]: r["included_s"] for r in rows},
-        now=int(time.time()) if now is None else now,
-    )
-    at = int(time.time()) if now is None else now
+    buckets = await rebuild_buckets(pool, {r["id"]: r["included_s"] for r in rows}, now=at)
     loaded = []
     for r in rows:
         bal = sums.get(r["id"], 0)

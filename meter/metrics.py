@@ -84,6 +84,11 @@ RECONCILE_UNSETTLED: Final = Gauge(
     "meter_reconcile_unsettled_accounts",
     "Accounts still moving at every re-read of the last reconciliation (busy, not drift)",
 )
+RECONCILE_MISSING: Final = Gauge(
+    "meter_reconcile_missing_accounts",
+    "Accounts the ledger has and Redis does not at the last reconciliation (not rebuilt yet:"
+    " rebuilt on their next event or authorization; not drift)",
+)
 
 # --- Kafka, Redis, PostgreSQL ------------------------------------------------------------------
 
@@ -183,6 +188,9 @@ DEAD_LETTER_REASONS: Final = (
     "wrong_topic",
     "key_mismatch",
     "future_timestamp",
+    "timestamp_out_of_range",
+    "invalid_text",
+    "unprocessable",
     "negative_duration",
     "absurd_duration",
     "unknown_account",

@@ -14,6 +14,16 @@ from typing import Any, Final
 LOG_FORMATS: Final = ("text", "json")
 
 
+@dataclass(frozen=True, slots=True)
+class CallControl:
+    """The reservation rules of a live call, shared by the API's authorizations and the
+    metering worker's live-call extensions (``Settings.call_control``)."""
+
+    grant_s: int = 300  # reserved ahead at each step
+    grace_s: int = 60  # a reservation not closed by its end plus this is swept
+    max_s: int = 14_400  # the longest call (caps free destinations)
+
+
 PAYMENT_GATEWAYS: Final = ("sandbox", "stripe")
 
 
@@ -158,6 +168,16 @@ class Settings:
         if self.recharge_max_declines < 1:
             raise SettingsError("METER_RECHARGE_MAX_DECLINES must be >= 1")
         self.backoff()
+
+    def call_control(self) -> CallControl:
+        """The reservation rules of a live call, from ``authorize_grant_s``, ``_grace_s`` and
+        ``_max_s``: the API's authorizations and the metering worker's extensions must reserve
+        and sweep by the same ones, so both take them from here."""
+        return CallControl(
+            grant_s=self.authorize_grant_s,
+            grace_s=self.authorize_grace_s,
+            max_s=self.authorize_max_s,
+        )
 
     def backoff(self) -> tuple[float, ...]:
         """``recharge_backoff_s`` as seconds, one per decline (the last repeats)."""

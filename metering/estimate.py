@@ -6,11 +6,11 @@ account's minute bucket as it is now (a call answered now would draw them first)
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 from contracts.money import format_money
 from enforcement.balance import RedisBalances
+from meter.clock import Clock, system_clock
 from metering.catalog import Catalog
 from metering.plans import Grant, month_period, parse_bucket, preview_draw
 from metering.rating import time_cost, voice_cost
@@ -61,12 +61,13 @@ async def estimate(
     direction: str = "outbound",
     sms_parts: int | None = None,
     now: int | None = None,
+    clock: Clock = system_clock,
 ) -> Estimate:
     """Cost of a call of ``seconds`` (answered ``now``, unix s) to ``to``, or of a message of
     ``sms_parts`` parts sent ``now``, with the prices in force then. Raises ``LookupError``
     (``NoRate`` included) for an unknown account or destination. ``balances`` None: no bucket
-    preview (money only)."""
-    now = int(time.time()) if now is None else now
+    preview (money only). ``now`` defaults to ``clock``."""
+    now = int(clock()) if now is None else now
     await catalog.resolve((account_id,))
     acct = catalog.get(account_id)
     if acct is None:

@@ -24,6 +24,7 @@ from typing import Final
 import asyncpg
 
 from enforcement.balance import RedisBalances
+from meter.clock import Clock, system_clock, utc_datetime
 from meter.ledger import credit_key
 
 BUNDLE_SOURCE: Final = "urn:meter:bundles"
@@ -102,6 +103,7 @@ async def buy_bundle(
     purchase_id: str,
     *,
     now: datetime | None = None,
+    clock: Clock = system_clock,
 ) -> BundlePurchase:
     """Buy a bundle from the balance: its price is debited and its seconds land in the
     account's bucket in one Redis script, once per ``purchase_id`` (the caller's idempotency
@@ -113,8 +115,9 @@ async def buy_bundle(
     missing rows are written. Raises ``BundleError`` when nothing was bought.
 
     This is the function the HTTP endpoint should call (``POST /v1/accounts/{id}/bundles``).
+    ``now`` (aware) defaults to ``clock``: the purchase's validity starts then.
     """
-    now = now or datetime.now(UTC)
+    now = now or utc_datetime(clock)
     row = await pool.fetchrow(
         "SELECT seconds, price, validity_days FROM bundles WHERE id = $1", bundle_id
     )

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
 import time
 from collections import Counter
@@ -25,6 +26,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol, cast
 
+import orjson
 from pydantic import ValidationError
 
 from contracts import topics
@@ -43,6 +45,7 @@ from enforcement.balance import (
 from enforcement.keys import DAY_S
 from meter import metrics
 from meter.ledger import Ledger, SignalRow, UsageRow, event_key
+from meter.settings import CallControl
 from metering.catalog import Catalog
 from metering.decode import FastHangup, FastMessage, decode
 from metering.plans import month_period
@@ -64,6 +67,12 @@ NUMBER_SETUP_FEE = "number_setup"
 RENEWAL_MONTHS_AHEAD = 1
 RENEWAL_MONTHS_BEHIND = 12
 
+#: The earliest time an event, or a time inside one, may carry: 2000-01-01T00:00:00Z. Nothing
+#: this service bills happened before it; an earlier stamp is a broken producer clock (a unix
+#: time of 0, a year of 0001), and would otherwise become a negative day, a negative answered_at
+#: or a billing month in 1969 downstream.
+MIN_EVENT_TIME = 946_684_800
+
 #: An event the hot path charges: decoded by msgspec, or by pydantic when msgspec declined.
 Chargeable = FastHangup | FastMessage | CallHangup | MessageSent
 
@@ -79,15 +88,6 @@ _TOPIC_TYPES: dict[str, dict[str, bool]] = {
         "number.deactivated": False,
     },
 }
-
-
-@dataclass(frozen=True, slots=True)
-class CallControl:
-    """What the processor needs to manage a live call's reservation."""
-
-    grant_s: int = 300  # reserved ahead at each step
-    grace_s: int = 60  # a reservation not closed by its end plus this is swept
-    max_s: int = 14_400  # the longest call (caps free destinations)
 
 
 class Record(Protocol):
@@ -139,9 +139,9 @@ class Charge:
     event_id: str
     code: str = ""  # set from Redis: n(ew), d(uplicate), c(onflict), k (ledger already has it)
     applied_amount: int = 0
-    #: a call's "billed_s,rate_per_min,connect_fee,answered_at" for the minute bucket
-    #: (``enforcement.balance.Debit.draw``); "" when ``amount`` is final
-    draw: str = ""
+    #: a call's (billed_s, rate_per_min, connect_fee, answered_at) for the minute bucket
+    #: (``enforcement.balance.Debit.draw``); () when ``amount`` is final
+    draw: tuple[int, int, int, int] | tuple[()] = ()
     included_s: int = 0  # set from Redis: seconds drawn from included minutes / bundles
 
 
@@ -172,6 +172,39 @@ class Applied:
     control_outbox: list[tuple[str, PendingSignal]] = field(default_factory=list)
 
 
+#: A dead letter carries the record unchanged up to this size (the producer's request limit is
+#: 1 MiB, and the consumer fetches records of up to 8 MiB); past it, a bounded copy: the first
+#: ``DEAD_LETTER_KEEP_BYTES`` with ``error.truncated`` (the original size) in its headers.
+DEAD_LETTER_MAX_BYTES = 512 * 1024
+DEAD_LETTER_KEEP_BYTES = 64 * 1024
+#: No valid key is longer than an account id (64 characters): a longer one is cut to this.
+DEAD_LETTER_MAX_KEY_BYTES = 256
+
+
+def dead_letter(r: Rejected) -> tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]:
+    """The value, key and headers of a rejected record's dead letter: the record unchanged
+    with ``error.reason``, ``error.detail`` and its coordinates (``error.topic``,
+    ``error.partition``, ``error.offset``), or a bounded copy of it when it is too large to
+    publish (``error.truncated``, ``error.key_truncated``: the original sizes), so that a dead
+    letter can always be produced and never holds its partition up."""
+    rec = r.record
+    value, key = rec.value, rec.key
+    headers = [
+        ("error.reason", r.reason.encode()),
+        ("error.detail", r.detail.encode("utf-8", "backslashreplace")[:1000]),
+        ("error.topic", rec.topic.encode()),
+        ("error.partition", str(rec.partition).encode()),
+        ("error.offset", str(rec.offset).encode()),
+    ]
+    if value is not None and len(value) > DEAD_LETTER_MAX_BYTES:
+        headers.append(("error.truncated", str(len(value)).encode()))
+        value = value[:DEAD_LETTER_KEEP_BYTES]
+    if key is not None and len(key) > DEAD_LETTER_MAX_KEY_BYTES:
+        headers.append(("error.key_truncated", str(len(key)).encode()))
+        key = key[:DEAD_LETTER_MAX_KEY_BYTES]
+    return value, key, headers
+
+
 def _fingerprint(value: bytes) -> bytes:
     """8 bytes of BLAKE2b over the record's bytes. A redelivery from Kafka is byte-identical;
     the same (source, id) with other bytes is dead-lettered, never charged again."""
@@ -199,6 +232,26 @@ def _period_problem(period: str, year: int, month: int) -> str:
 def _future(rec: Record, ev: Any) -> Rejected:
     detail = f"time {ev.time.isoformat()} is in the future"
     return Rejected(rec, "future_timestamp", detail, ev.type)
+
+
+def _nul_field(value: Any, path: str = "") -> str | None:
+    """The path of the first string (key or value) in decoded JSON that holds a NUL."""
+    if isinstance(value, str):
+        return path or "a value" if "\x00" in value else None
+    if isinstance(value, dict):
+        for k, v in value.items():
+            here = f"{path}.{k}" if path else str(k)
+            if "\x00" in k:
+                return f"a key of {path or 'the event'}"
+            found = _nul_field(v, here)
+            if found:
+                return found
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            found = _nul_field(v, f"{path}[{i}]")
+            if found:
+                return found
+    return None
 
 
 def _validation_reason(exc: ValidationError) -> tuple[str, str]:
@@ -237,7 +290,7 @@ class MeteringProcessor:
         max_call_s: int = 86_400,
         max_clock_skew_s: int = 300,
         clock: Callable[[], float] = time.time,
-        call_control: CallControl = CallControl(),
+        call_control: CallControl | None = None,
     ) -> None:
         self._balances = balances
         self._ledger = ledger
@@ -252,7 +305,7 @@ class MeteringProcessor:
         # read by batch N+1 may still hold what batch N publishes. Losing this map (restart)
         # only means a harmless re-publish, which consumers drop by seq.
         self._published: dict[str, int] = {}
-        self._call_control = call_control
+        self._call_control = call_control or CallControl()
 
     async def process(self, records: Sequence[Record]) -> BatchOutcome:
         """The whole batch: ``finish(await apply(records))``."""
@@ -430,6 +483,19 @@ class MeteringProcessor:
         except ValidationError as exc:
             reason, detail = _validation_reason(exc)
             return Rejected(rec, reason, detail)
+        if b"\\u0000" in value:
+            # PostgreSQL text cannot hold NUL, Redis can: one charged in Redis could never
+            # reach the ledger. The byte test is cheap; the walk runs only when it matches
+            # (it may be an escaped backslash followed by "u0000", which is fine).
+            try:
+                doc = orjson.loads(value)
+            except orjson.JSONDecodeError:  # an integer past 64 bits, which pydantic takes
+                doc = json.loads(value)
+            where = _nul_field(doc)
+            if where is not None:
+                return Rejected(
+                    rec, "invalid_text", f"{where} holds a NUL character (\\u0000)", ev.type
+                )
         allowed = _TOPIC_TYPES.get(rec.topic, {})
         if ev.type not in allowed:
             return Rejected(
@@ -441,6 +507,19 @@ class MeteringProcessor:
             return Rejected(
                 rec, "key_mismatch", "the Kafka key must be the account id (partitioning)", ev.type
             )
+        problem = self._time_problem(ev, now)
+        if problem:
+            reason, detail = problem
+            return Rejected(rec, reason, detail, ev.type)
+        if ev.type == "call.progress":
+            elapsed = ev.data.elapsed_s  # type: ignore[union-attr]
+            if elapsed > self._max_call_s:
+                return Rejected(
+                    rec,
+                    "absurd_duration",
+                    f"elapsed_s is {elapsed}, the limit is {self._max_call_s}",
+                    ev.type,
+                )
         if not allowed[ev.type]:
             return ev  # type: ignore[return-value]  # a live-call update
         if ev.type == "call.hangup":
@@ -457,6 +536,32 @@ class MeteringProcessor:
             if ev.data.ended_at < ev.data.answered_at:  # type: ignore[union-attr]
                 return Rejected(rec, "schema", "ended_at is before answered_at", ev.type)
         return ev  # type: ignore[return-value]  # the charged types, by _TOPIC_TYPES
+
+    def _time_problem(self, ev: Any, now: float) -> tuple[str, str] | None:
+        """Why the event's own time, or a time in its data, cannot be taken: before
+        ``MIN_EVENT_TIME`` (``timestamp_out_of_range``), or a call's times after the latest
+        time allowed (``future_timestamp``; the envelope's own ``time`` is checked where it is
+        rated, as before)."""
+        t = ev.time.timestamp()
+        if t < MIN_EVENT_TIME:
+            return "timestamp_out_of_range", f"time {ev.time.isoformat()} is before 2000-01-01"
+        d = ev.data
+        at = getattr(d, "answered_at", None)
+        if at is None:
+            return None
+        latest = now + self._skew_s
+        for name, value in (("answered_at", at), ("ended_at", getattr(d, "ended_at", None))):
+            if value is None:
+                continue
+            v = value.timestamp()
+            if v < MIN_EVENT_TIME:
+                return (
+                    "timestamp_out_of_range",
+                    f"{name} {value.isoformat()} is before 2000-01-01",
+                )
+            if v > latest:
+                return "future_timestamp", f"{name} {value.isoformat()} is in the future"
+        return None
 
     def _rate(
         self, parsed: list[tuple[Record, Chargeable]], rejected: list[Rejected], now: float
@@ -476,7 +581,7 @@ class MeteringProcessor:
                 )
                 continue
             plist = acct.price_list
-            draw = ""
+            draw: tuple[int, int, int, int] | tuple[()] = ()
             if ev.type == "call.hangup":
                 d = cast(FastHangup | CallHangup, ev).data
                 # Rated with the versions in force when the call was answered.
@@ -488,11 +593,8 @@ class MeteringProcessor:
                     continue
                 amount, billed = voice_cost(d.billable_s, rate)
                 if billed:  # any account may hold bundle seconds: debit.lua decides the draw
-                    draw = f"{billed},{rate.rate_per_min},{rate.connect_fee},{at}"
-                kind, qty, ref = "call", billed, d.call_id
-                # debit.lua reads call ids one per line: one holding a newline cannot close
-                # its reservation there (the sweep releases it instead).
-                call = d.call_id if "\n" not in d.call_id else ""
+                    draw = (billed, rate.rate_per_min, rate.connect_fee, at)
+                kind, qty, ref, call = "call", billed, d.call_id, d.call_id
             else:
                 m = cast(FastMessage | MessageSent, ev).data
                 amount = plist.rate_message(m.parts, epoch)
@@ -694,7 +796,7 @@ class MeteringProcessor:
             back = await self._balances.undraw_many(
                 [
                     # draw: "billed_s,rate_per_min,connect_fee,answered_at"
-                    (c.account_id, c.event_key, c.day, c.included_s, int(c.draw.rsplit(",", 1)[1]))
+                    (c.account_id, c.event_key, c.day, c.included_s, c.draw[3])  # type: ignore[misc]
                     for c in drew
                 ]
             )
@@ -716,6 +818,14 @@ class MeteringProcessor:
             )
         metrics.REDIS_DEDUP_MISSES.inc(len(undo))
         out.compensated += len(undo)
+
+    async def dead_letter_unprocessable(self, rec: Record, exc: BaseException) -> BatchOutcome:
+        """Dead-letter a record that fails on its own for a reason retrying cannot cure
+        (``metering.isolate``), reason ``unprocessable`` with the error as its detail."""
+        out = BatchOutcome(records=1)
+        detail = f"{type(exc).__name__}: {exc}"
+        await self._publish([Rejected(rec, "unprocessable", detail)], [], out)
+        return out
 
     # -- timers ------------------------------------------------------------------------------
 
@@ -755,16 +865,9 @@ class MeteringProcessor:
     ) -> None:
         futures = []
         for r in rejected:
-            rec = r.record
-            headers = [
-                ("error.reason", r.reason.encode()),
-                ("error.detail", r.detail.encode()[:1000]),
-                ("error.topic", rec.topic.encode()),
-                ("error.partition", str(rec.partition).encode()),
-                ("error.offset", str(rec.offset).encode()),
-            ]
+            value, key, headers = dead_letter(r)
             futures.append(
-                await self._producer.send(topics.DEAD_LETTER, rec.value, rec.key, headers=headers)
+                await self._producer.send(topics.DEAD_LETTER, value, key, headers=headers)
             )
             out.dead_letters[r.reason] = out.dead_letters.get(r.reason, 0) + 1
             metrics.DEAD_LETTERS.labels(r.reason, r.type).inc()

@@ -22,11 +22,12 @@ arrives late must still be charged rather than dead-lettered.
 
 from __future__ import annotations
 
-import time
 from bisect import bisect_left, bisect_right
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Final
+
+from meter.clock import Clock, system_clock
 
 #: Longest prefix we index; E.164 numbers have at most 15 digits.
 MAX_PREFIX_LEN: Final = 15
@@ -127,6 +128,8 @@ class PriceList:
     #: prefix -> its older versions, newest first (only prefixes with more than one version)
     _older: dict[str, list[VoiceRate]]
     _max_len: int
+    #: what "now" is when no time is given (``meter.clock``)
+    _clock: Clock = field(compare=False, repr=False)
 
     def __init__(
         self,
@@ -138,10 +141,13 @@ class PriceList:
         number_monthly_fee: int = 0,
         one_time_fees: Mapping[str, int] | None = None,
         version: int = 0,
+        *,
+        clock: Clock = system_clock,
     ) -> None:
         """``inbound``, ``sms_per_part``, ``number_monthly_fee`` and ``one_time_fees`` are the
         first ``PriceVersion``, in force from ``inbound.effective_from`` (0: always); later
-        ones come from ``add_prices``."""
+        ones come from ``add_prices``. ``clock``: the time of the calls given none."""
+        self._clock = clock
         self.id = id
         self.currency = currency
         self.outbound = {} if outbound is None else outbound
@@ -171,7 +177,7 @@ class PriceList:
         """The ``PriceVersion`` in force at ``at`` (unix seconds; default now); the first one
         for any earlier time. One compare when ``at`` is past the newest start."""
         if at is None:
-            at = int(time.time())
+            at = int(self._clock())
         starts = self._starts
         if at >= starts[-1]:
             return self._prices[-1]
@@ -230,7 +236,7 @@ class PriceList:
         prefix: at most ``MAX_PREFIX_LEN`` dict probes, and one integer compare per probe
         unless a prefix has versions starting after ``at``."""
         if at is None:
-            at = int(time.time())
+            at = int(self._clock())
         digits = destination_digits(to)
         table = self.outbound
         for n in range(min(len(digits), self._max_len), 0, -1):

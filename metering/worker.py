@@ -24,6 +24,7 @@ from meter.instrument import instrumented_redis
 from meter.ledger import Ledger
 from meter.settings import Settings
 from metering.catalog import Catalog
+from metering.isolate import is_transient, isolate
 from metering.processor import BatchOutcome, MeteringProcessor
 
 log = logging.getLogger(__name__)
@@ -79,6 +80,28 @@ async def connect(settings: Settings) -> AsyncIterator[Connections]:
         await pool.close()
 
 
+def build_processor(settings: Settings, conns: Connections, catalog: Catalog) -> MeteringProcessor:
+    """The processor ``run_metering`` runs, with every setting it takes (a test holds each one
+    to reaching it: a setting dropped here is silently the processor's default)."""
+    pool, balances = conns.pool, conns.balances
+
+    async def rebuild(ids: list[str]) -> list[str]:
+        return await load_into_redis(pool, balances, ids)
+
+    return MeteringProcessor(
+        balances=balances,
+        ledger=Ledger(pool),
+        catalog=catalog,
+        producer=conns.producer,
+        rebuild=rebuild,  # type: ignore[arg-type]
+        max_message_bytes=settings.max_message_bytes,
+        max_call_s=settings.max_call_s,
+        max_clock_skew_s=settings.max_clock_skew_s,
+        # The same reservation rules as the API's authorizations (Settings.call_control).
+        call_control=settings.call_control(),
+    )
+
+
 async def run_metering(
     settings: Settings,
     stop: asyncio.Event,
@@ -93,21 +116,7 @@ async def run_metering(
             conns = await stack.enter_async_context(connect(settings))
         catalog = Catalog(conns.pool)
         await catalog.refresh()
-        pool, balances = conns.pool, conns.balances
-
-        async def rebuild(ids: list[str]) -> list[str]:
-            return await load_into_redis(pool, balances, ids)
-
-        processor = MeteringProcessor(
-            balances=balances,
-            ledger=Ledger(pool),
-            catalog=catalog,
-            producer=conns.producer,
-            rebuild=rebuild,  # type: ignore[arg-type]
-            max_message_bytes=settings.max_message_bytes,
-            max_call_s=settings.max_call_s,
-            max_clock_skew_s=settings.max_clock_skew_s,
-        )
+        processor = build_processor(settings, conns, catalog)
         consumer = AIOKafkaConsumer(
             *topics.METERED,
             bootstrap_servers=settings.kafka_bootstrap,
@@ -190,6 +199,18 @@ async def _consume(
         if on_batch is not None:
             on_batch(outcome)
 
+    isolating = False  # the last failure was not transient: find the record that causes it
+
+    def count(outcome: BatchOutcome) -> None:
+        if on_batch is not None:
+            on_batch(outcome)
+
+    def rewind_all() -> None:
+        assigned = consumer.assignment()
+        for tp, offset in rewind.items():
+            if tp in assigned:
+                consumer.seek(tp, offset)
+
     while not stop.is_set():
         data = await consumer.getmany(
             timeout_ms=settings.batch_timeout_ms, max_records=settings.batch_max_records
@@ -203,30 +224,43 @@ async def _consume(
             for tp, msgs in data.items():
                 rewind.setdefault(tp, msgs[0].offset)
             records = [r for msgs in data.values() for r in msgs]
+            offsets = {tp: msgs[-1].offset + 1 for tp, msgs in data.items()}
+            if isolating:
+                # No overlap here: the batch by halves, then its commit (metering.isolate).
+                await isolate(processor, records, count)
+                try:
+                    await consumer.commit(offsets)
+                    rewind.update(offsets)
+                except (CommitFailedError, KafkaError) as exc:
+                    log.warning("commit failed (%s); the batch will be replayed", exc)
+                isolating = False
+                backoff = 0.1
+                continue
             applied = await processor.apply(records)
             if pending is not None:
                 await settle()
-            offsets = {tp: msgs[-1].offset + 1 for tp, msgs in data.items()}
             per_topic: dict[str, int] = {}
             for tp, msgs in data.items():
                 per_topic[tp.topic] = per_topic.get(tp.topic, 0) + len(msgs)
             task = asyncio.create_task(processor.finish(applied))
             pending = (task, offsets, per_topic, len(records), t0)
             backoff = 0.1
-        except Exception:
+        except Exception as exc:
             # Nothing after the last commit counts: rewind and redo it. Every step is
-            # idempotent, so what was already applied is not applied twice.
-            log.exception("batch failed; rewinding to the last committed offsets")
+            # idempotent, so what was already applied is not applied twice. A failure that
+            # retrying cannot cure is redone by halves, to find the record behind it.
             if pending is not None:
                 pending[0].cancel()
                 with contextlib.suppress(BaseException):
                     await pending[0]
                 pending = None
-            assigned = consumer.assignment()
-            for tp, offset in rewind.items():
-                if tp in assigned:
-                    consumer.seek(tp, offset)
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, 5.0)
+            if is_transient(exc):
+                log.exception("batch failed; rewinding to the last committed offsets")
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+            else:
+                log.exception("batch failed for good; redoing it by halves to isolate the record")
+                isolating = True
+            rewind_all()
     if pending is not None:
         await settle()

@@ -24,7 +24,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any, Final, Protocol
 
 import asyncpg
@@ -33,6 +33,7 @@ from contracts.money import format_money
 from contracts.payments import PAYMENTS_SOURCE, Notification, NotificationData, NotificationType
 from enforcement.balance import RedisBalances
 from meter import metrics
+from meter.clock import datetime_clock, system_clock
 from meter.ledger import credit_key
 from recharge import policy
 from recharge.gateway import (
@@ -162,7 +163,8 @@ class PaymentService:
         self._pending_grace = timedelta(
             seconds=charge_timeout_s * (len(_UNKNOWN_RETRIES) + 1) + sum(_UNKNOWN_RETRIES) + 5
         )
-        self._clock = clock or (lambda: datetime.now(UTC))
+        # The default is meter.clock's, the one wall clock every calendar decision reads.
+        self._clock = clock or datetime_clock(system_clock)
         self._sleep = sleep
 
     @property
@@ -557,12 +559,15 @@ class PaymentService:
 
     async def _credit(self, p: Payment) -> None:
         """The ledger has the payment's credit row: put the money in the Redis balance."""
-        out = await self._balances.credit(p.account_id, "payment:" + p.id, p.captured, payment=True)
+        now_s = int(self._clock().timestamp())
+        out = await self._balances.credit(
+            p.account_id, "payment:" + p.id, p.captured, payment=True, now_s=now_s
+        )
         if not out.found:
             # Redis lost the account: rebuilt from the ledger, which already holds this credit.
             from meter.accounts import load_into_redis
 
-            await load_into_redis(self._pool, self._balances, [p.account_id])
+            await load_into_redis(self._pool, self._balances, [p.account_id], now=now_s)
         if p.trigger_seq is not None:
             await self._balances.close_recharge_trigger(p.account_id, p.trigger_seq)
         await self._pool.execute(

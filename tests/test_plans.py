@@ -34,11 +34,8 @@ from metering.rating import time_cost
 from metering.worker import Connections
 from tests.conftest import Seeder, Services, eventually
 from tests.helpers import Rec, produce
+from tests.test_calendar_edges import CALENDAR_EDGES, at
 from tests.test_processor import running
-
-NOW = 1_795_300_000  # 2026-11-22
-DAY = NOW // 86_400
-P_START, P_END = month_period(NOW)
 
 
 def key(i: int | str) -> bytes:
@@ -49,10 +46,26 @@ def fp(s: str = "") -> bytes:
     return hashlib.blake2b(s.encode(), digest_size=8).digest()
 
 
-def call(i: int | str, billed: int, rate: int = 60_000, fee: int = 0, at: int = NOW) -> Debit:
-    """A call debit as the processor builds it (60_000/min = 1_000 micro-units a second)."""
+def call(
+    i: int | str, billed: int, now: int, rate: int = 60_000, fee: int = 0, answered: int = 0
+) -> Debit:
+    """A call debit as the processor builds it at ``now`` (60_000/min = 1_000 micro-units a
+    second), answered at ``answered`` (default: ``now``)."""
     amount = fee + time_cost(billed, rate)
-    return Debit(key(i), fp(), amount, DAY, draw=f"{billed},{rate},{fee},{at}")
+    return Debit(
+        key(i), fp(), amount, now // 86_400, draw=f"{billed},{rate},{fee},{answered or now}"
+    )
+
+
+@pytest.fixture(params=CALENDAR_EDGES)
+def now(request: pytest.FixtureRequest) -> int:
+    """The time the test runs at (unix s): one calendar edge per run."""
+    return at(request.param)
+
+
+def plan_of(account_id: str, included_s: int, now: int) -> dict[str, tuple[int, int, int]]:
+    """The plan allowance the processor passes for the period holding ``now``."""
+    return {account_id: (included_s, *month_period(now))}
 
 
 @pytest.fixture
@@ -62,65 +75,67 @@ async def balances(redis_url: str) -> AsyncIterator[RedisBalances]:
     await r.aclose()
 
 
-async def test_plan_minutes_are_drawn_first_then_money(balances: RedisBalances) -> None:
+async def test_plan_minutes_are_drawn_first_then_money(balances: RedisBalances, now: int) -> None:
     await balances.create_account("a", balance=1_000_000, credit_limit=0, low_threshold=0)
-    plan = {"a": (120, P_START, P_END)}  # 2 minutes this month
-    out = await balances.apply_debits([("a", [call(1, 60), call(2, 90, fee=500)])], NOW, plan)
+    plan = plan_of("a", 120, now)  # 2 minutes this month
+    out = await balances.apply_debits(
+        [("a", [call(1, 60, now), call(2, 90, now, fee=500)])], now, plan
+    )
     # call 1: 60 s included; call 2: 60 s included, 30 s at 1_000/s, plus the connect fee
     assert out[0].codes == "nn"
     assert out[0].draws == {0: (0, 60), 1: (500 + 30_000, 60)}
     assert out[0].balance == 1_000_000 - 30_500
     grants = parse_bucket(await balances.bucket("a"))
-    assert [(g.id, g.remaining_s) for g in grants] == [(f"p{P_START}", 0)]
+    assert [(g.id, g.remaining_s) for g in grants] == [(f"p{month_period(now)[0]}", 0)]
     # the period's allowance is not granted again when spent
-    again = await balances.apply_debits([("a", [call(3, 6)])], NOW, plan)
+    again = await balances.apply_debits([("a", [call(3, 6, now)])], now, plan)
     assert again[0].draws == {} and again[0].balance == 1_000_000 - 30_500 - 6_000
 
 
 async def test_a_duplicate_draws_nothing_and_reports_the_first_draw(
-    balances: RedisBalances,
+    balances: RedisBalances, now: int
 ) -> None:
     await balances.create_account("a", balance=1_000_000, credit_limit=0, low_threshold=0)
-    plan = {"a": (60, P_START, P_END)}
-    first = await balances.apply_debits([("a", [call(1, 90), call(1, 90)])], NOW, plan)
+    plan = plan_of("a", 60, now)
+    first = await balances.apply_debits([("a", [call(1, 90, now), call(1, 90, now)])], now, plan)
     assert first[0].codes == "nd"
     assert first[0].draws == {0: (30_000, 60), 1: (30_000, 60)}
-    later = await balances.apply_debits([("a", [call(1, 90)])], NOW, plan)
+    later = await balances.apply_debits([("a", [call(1, 90, now)])], now, plan)
     assert later[0].codes == "d" and later[0].dup_amounts == [30_000]
     assert later[0].draws == {0: (30_000, 60)}
     assert later[0].balance == 1_000_000 - 30_000
 
 
 async def test_grants_are_valid_in_their_window_soonest_to_expire_first(
-    balances: RedisBalances,
+    balances: RedisBalances, now: int
 ) -> None:
     await balances.create_account("a", balance=10_000_000, credit_limit=0, low_threshold=0)
     for gid, secs, frm, to in (
-        ("blong", 600, NOW - 100, NOW + 30 * 86_400),
-        ("bshort", 60, NOW - 100, NOW + 60),
+        ("blong", 600, now - 100, now + 30 * 86_400),
+        ("bshort", 60, now - 100, now + 60),
     ):
         r = await balances.grant_minutes(
-            "a", gid, price=0, seconds=secs, valid_from=frm, expires_at=to, now_s=NOW
+            "a", gid, price=0, seconds=secs, valid_from=frm, expires_at=to, now_s=now
         )
         assert r.result == "applied"
     # answered before either grant existed: money only
-    out = await balances.apply_debits([("a", [call(1, 60, at=NOW - 200)])], NOW)
+    out = await balances.apply_debits([("a", [call(1, 60, now, answered=now - 200)])], now)
     assert out[0].draws == {}
-    out = await balances.apply_debits([("a", [call(2, 90)])], NOW)
+    out = await balances.apply_debits([("a", [call(2, 90, now)])], now)
     assert out[0].draws == {0: (0, 90)}
     left = {g.id: g.remaining_s for g in parse_bucket(await balances.bucket("a"))}
     assert left == {"blong": 570}  # the short one was spent first, then dropped
 
 
 async def test_concurrent_events_never_overdraw_or_double_spend_a_bucket(
-    balances: RedisBalances,
+    balances: RedisBalances, now: int
 ) -> None:
     await balances.create_account("a", balance=100_000_000, credit_limit=0, low_threshold=0)
-    plan = {"a": (300, P_START, P_END)}  # 5 minutes
+    plan = plan_of("a", 300, now)  # 5 minutes
     # 20 calls of 60 s, each sent by 3 concurrent callers (duplicates racing each other;
     # 60 at once, within the client's pool of 100 connections)
-    batches = [[("a", [call(i, 60)])] for i in range(20) for _ in range(3)]
-    outs = await asyncio.gather(*(balances.apply_debits(b, NOW, plan) for b in batches))
+    batches = [[("a", [call(i, 60, now)])] for i in range(20) for _ in range(3)]
+    outs = await asyncio.gather(*(balances.apply_debits(b, now, plan) for b in batches))
     new = [o[0] for o in outs if o[0].codes == "n"]
     assert len(new) == 20
     drawn = sum(o.draws.get(0, (0, 0))[1] for o in new)
@@ -149,6 +164,8 @@ def test_bucket_property_never_negative_never_twice(
     # an event id always carries the same call (a duplicate is a byte-identical redelivery)
     calls = [(i % len(durations), durations[i % len(durations)]) for i in order]
 
+    now = int(time.time())
+
     async def scenario() -> None:
         r = aioredis.Redis.from_url(services.redis_url)
         b = RedisBalances(r)
@@ -162,12 +179,12 @@ def test_bucket_property_never_negative_never_twice(
                     price=0,
                     seconds=bundle,
                     valid_from=0,
-                    expires_at=NOW + 86_400,
-                    now_s=NOW,
+                    expires_at=now + 86_400,
+                    now_s=now,
                 )
-            plan = {acct: (included, P_START, P_END)}
-            batches = [[(acct, [call(i, s * 6)])] for i, s in calls]
-            outs = await asyncio.gather(*(b.apply_debits(x, NOW, plan) for x in batches))
+            plan = plan_of(acct, included, now)
+            batches = [[(acct, [call(i, s * 6, now)])] for i, s in calls]
+            outs = await asyncio.gather(*(b.apply_debits(x, now, plan) for x in batches))
             first: dict[int, tuple[int, int]] = {}
             for (i, s), o in zip(calls, outs, strict=True):
                 amount = o[0].draws.get(0, (time_cost(s * 6, 60_000), 0))

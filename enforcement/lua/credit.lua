@@ -5,6 +5,8 @@
 -- ARGV[2] amount         micro-units (> 0 credits, < 0 is a correcting debit)
 -- ARGV[3] payment        "1" when the credit is a payment: it lifts a hold the service pinned
 --                        (hr, e.g. recharge_cap), as a customer paying expects service back
+-- ARGV[4] now            unix seconds of the caller's clock (never Redis's own): which grants
+--                        of the minute bucket are usable now, for the state machine
 --
 -- Reply: {applied, balance, status}; applied = 0 for a repeat, -1 for an unknown account.
 -- An account on hold whose available credit is positive again goes back to active and an
@@ -75,6 +77,7 @@ local function recharge_trigger(acct, avail, rth, rq)
   return seq
 end
 
+local now = tonumber(ARGV[4])
 if redis.call('EXISTS', KEYS[1]) == 0 then
   return {-1, 0, ''}
 end
@@ -91,7 +94,6 @@ if pinned and ARGV[3] == '1' then
   redis.call('HDEL', KEYS[1], 'hr')
   pinned = nil
 end
-local now = tonumber(redis.call('TIME')[1])
 local st, signal = transition(f[4] or 'active', avail, tonumber(f[3] or '0'), pinned,
   usable_seconds(f[8], now))
 if st ~= f[4] then

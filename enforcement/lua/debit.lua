@@ -6,21 +6,22 @@
 --   slot, so this is safe on a Redis Cluster as long as one call carries one slot's accounts.
 -- ARGV[1] now      unix seconds
 -- ARGV[2] keep_s   how long past its day an applied-events hash is kept (>= the dedup window)
--- ARGV[3] events   24 bytes per event, accounts in KEYS order: event_key (16 raw bytes, the
---                  hash of (source, id)) then fingerprint (8 raw bytes, the hash of the
---                  content: same key with another fingerprint is a conflict)
--- ARGV[4] amounts  per event "amount day": micro-units to debit (>= 0) and the UTC day number
---                  of the event's time, space separated, same order
--- ARGV[5] counts   number of events per account, space separated, KEYS order
--- ARGV[6] calls    per event, the call_id whose reservation the charge closes ("" for none),
---                  "\n" separated, same order: a newly applied hangup releases what its
---                  call still held in "{a:ID}:rsv" (the charge replaces the reservation)
+-- ARGV[3] events   one binary record per event, accounts in KEYS order (struct format EVENT
+--                  below, big-endian): event_key (16 raw bytes, the hash of (source, id)),
+--                  fingerprint (8 raw bytes, the hash of the content: same key with another
+--                  fingerprint is a conflict), amount (micro-units to debit, >= 0), day (the UTC
+--                  day number of the event's time), then the call's draw on included minutes:
+--                  billed_s (-1: none, the amount is final), rate_per_min, connect_fee,
+--                  answered_at; last the call_id whose reservation the charge closes (length
+--                  then bytes, empty for none): a newly applied hangup releases what its call
+--                  still held in "{a:ID}:rsv" (the charge replaces the reservation)
+-- ARGV[4] accounts one binary record per account, KEYS order (struct format ACCOUNT): the
+--                  number of its events, then its plan for the current period: included_s
+--                  (0: no plan), period_start, period_end
 --
--- ARGV[7] buckets  a line per account, KEYS order ("\n" separated): "PLAN;E1;E2;..." where
---                  PLAN is "included_s,period_start,period_end" of the account's plan for the
---                  current period, or "" (no plan), and Ei, one per event of the account, is
---                  "billed_s,rate_per_min,connect_fee,answered_at" for a call that may draw
---                  included seconds, or "" (the event's amount is final)
+-- Every value travels in a fixed-width field or behind its length: no value, whatever its
+-- bytes or sign, can shift another's meaning (a separator-joined list once let one event's
+-- negative day move the amounts of the other accounts in the same call).
 --
 -- Minute bucket (see metering/plans.py): the account hash's "min" field holds grants
 -- "id,remaining_s,valid_from,expires_at" joined by ";". A new call draws its billed seconds
@@ -113,35 +114,57 @@ local function recharge_trigger(acct, avail, rth, rq)
   return seq
 end
 
+local EVENT = '>c16c8i8i4i4i8i8i8I2c0'
+local ACCOUNT = '>I4i8i8i8'
 local now = tonumber(ARGV[1])
 local keep_s = tonumber(ARGV[2])
 local blob = ARGV[3]
-local amounts = {}
-local days = {}
+local heads = ARGV[4]
+-- Decode everything before writing anything: a malformed argument fails the call while it has
+-- changed nothing (Redis does not roll back a script's writes on error).
+local ev_key, ev_fp, amounts, days, calls, draws_in = {}, {}, {}, {}, {}, {}
+local pos = 1
 local n = 0
-for amount, day in string.gmatch(ARGV[4], '(%d+) (%d+)') do
+while pos <= #blob do
+  local key, fp, amount, day, billed, rate, fee, at, call
+  key, fp, amount, day, billed, rate, fee, at, call, pos = struct.unpack(EVENT, blob, pos)
+  if amount < 0 then
+    return redis.error_reply('ERR debit: negative amount')
+  end
   n = n + 1
-  amounts[n] = amount
-  days[n] = day
+  ev_key[n], ev_fp[n], amounts[n], days[n], calls[n] = key, fp, amount, day, call
+  if billed >= 0 then
+    draws_in[n] = {billed, rate, fee, at}
+  end
 end
-local calls = {}
-n = 0
-for c in string.gmatch(ARGV[6] .. '\n', '([^\n]*)\n') do
-  n = n + 1
-  calls[n] = c
+local n_accounts = #heads / 28
+if n_accounts ~= #KEYS then
+  return redis.error_reply('ERR debit: accounts do not match KEYS')
 end
-local draw_lines = string.gmatch((ARGV[7] or '') .. '\n', '([^\n]*)\n')
+local acc_n, acc_plan = {}, {}
+local total_events = 0
+pos = 1
+for a = 1, n_accounts do
+  local ne, p_s, p_from, p_to
+  ne, p_s, p_from, p_to, pos = struct.unpack(ACCOUNT, heads, pos)
+  acc_n[a] = ne
+  total_events = total_events + ne
+  if p_s > 0 then
+    acc_plan[a] = {p_s, p_from, p_to}
+  end
+end
+if total_events ~= n then
+  return redis.error_reply('ERR debit: event counts do not match the events')
+end
 local reply = {}
 local ei = 0 -- events consumed so far, over all accounts
 local min_expiry = now + 86400
 local today = math.floor(now / 86400)
 
-local a = 0
-for c in string.gmatch(ARGV[5], '%d+') do
-  a = a + 1
-  local n_events = tonumber(c)
+for a = 1, n_accounts do
+  local n_events = acc_n[a]
   local acct = KEYS[a]
-  local dline = draw_lines() or ''
+  local plan = acc_plan[a]
   local f = redis.call('HMGET', acct, 'bal', 'res', 'cl', 'lowth', 'st', 'seq', 'ack', 'xd', 'min',
     'rth', 'rq', 'hr')
   if not f[1] then
@@ -153,17 +176,15 @@ for c in string.gmatch(ARGV[5], '%d+') do
     local draws = {}
     -- The bucket is parsed only for accounts that have one or a plan: the rest pay nothing.
     local grants = nil
-    local entries = nil
     local dirty = false
-    local plan = string.match(dline, '^[^;]*')
-    if f[9] or plan ~= '' then
+    if f[9] or plan then
       grants = {}
       for id, rem, from, to in string.gmatch(f[9] or '', '([^,;]+),(%d+),(%d+),(%d+)') do
         grants[#grants + 1] = {id, tonumber(rem), tonumber(from), tonumber(to)}
       end
-      local p_s, p_from, p_to = string.match(plan, '^(%d+),(%d+),(%d+)$')
-      if p_s and tonumber(p_s) > 0 then
-        local pid = 'p' .. p_from
+      if plan then
+        local p_s, p_from, p_to = plan[1], plan[2], plan[3]
+        local pid = string.format('p%d', p_from)
         local have = false
         for _, g in ipairs(grants) do
           if g[1] == pid then
@@ -172,29 +193,22 @@ for c in string.gmatch(ARGV[5], '%d+') do
           end
         end
         if not have then
-          grants[#grants + 1] = {pid, tonumber(p_s), tonumber(p_from), tonumber(p_to)}
+          grants[#grants + 1] = {pid, p_s, p_from, p_to}
           dirty = true
         end
       end
       table.sort(grants, function(x, y) return x[4] < y[4] end)
-      entries = {}
-      local k = 0
-      for ent in string.gmatch(string.sub(dline, #plan + 2) .. ';', '([^;]*);') do
-        k = k + 1
-        entries[k] = ent
-      end
     end
     local total = 0
     local touched = {}
     local released = 0
     local rsv = acct .. ':rsv'
     for e = 1, n_events do
-      local off = (ei + e - 1) * 24
-      local key = string.sub(blob, off + 1, off + 16)
-      local fp = string.sub(blob, off + 17, off + 24)
-      local amount = amounts[ei + e]
+      local key = ev_key[ei + e]
+      local fp = ev_fp[ei + e]
+      local amount = string.format('%d', amounts[ei + e])
       local day = days[ei + e]
-      local bucket = acct .. ':ev:' .. day
+      local bucket = acct .. string.format(':ev:%d', day)
       local prior = redis.call('HGET', bucket, key)
       if prior then
         -- "amount|fp" then the seconds drawn and "|" the grants they came from, if any (fp is 8
@@ -215,11 +229,9 @@ for c in string.gmatch(ARGV[5], '%d+') do
         codes[e] = 'n'
         local drawn = 0
         local took = {}
-        local ent = entries and entries[e]
-        if ent and ent ~= '' then
-          local billed, rate, fee, at = string.match(ent, '^(%d+),(%d+),(%d+),(%d+)$')
-          local need = tonumber(billed)
-          at = tonumber(at)
+        local ent = grants and draws_in[ei + e]
+        if ent then
+          local need, rate, fee, at = ent[1], ent[2], ent[3], ent[4]
           for _, g in ipairs(grants) do
             if need == 0 then
               break
@@ -235,8 +247,8 @@ for c in string.gmatch(ARGV[5], '%d+') do
           if drawn > 0 then
             -- the overage, rounded up as metering/rating.py does: exact, as rate * need
             -- stays far below 2^53 (rates are capped at MAX_RATE_PER_MIN)
-            local x = tonumber(rate) * need + 59
-            amount = string.format('%d', tonumber(fee) + (x - x % 60) / 60)
+            local x = rate * need + 59
+            amount = string.format('%d', fee + (x - x % 60) / 60)
             dirty = true
             draws[#draws + 1] = (e - 1) .. ':' .. amount .. ':' .. drawn
           end
@@ -249,7 +261,7 @@ for c in string.gmatch(ARGV[5], '%d+') do
           redis.call('HSET', bucket, key, amount .. '|' .. fp)
         end
         total = total + tonumber(amount)
-        touched[bucket] = tonumber(day)
+        touched[bucket] = day
         local call = calls[ei + e]
         if call ~= '' then
           local held = redis.call('HGET', rsv, call)
@@ -284,16 +296,18 @@ for c in string.gmatch(ARGV[5], '%d+') do
         -- Today's bucket always gets the same expiry: set it once a day, remembered in the
         -- account's "xd" field, instead of two more calls per account per batch.
         if tonumber(f[8] or '-1') ~= today then
-          redis.call('EXPIREAT', bucket, want)
+          redis.call('EXPIRE', bucket, want - now)
           redis.call('HSET', acct, 'xd', today)
         end
       else
         if want < min_expiry then
           want = min_expiry
         end
-        -- Only ever lengthen a bucket's life (EXPIRETIME is -1 for a new hash).
-        if redis.call('EXPIRETIME', bucket) < want then
-          redis.call('EXPIREAT', bucket, want)
+        -- Only ever lengthen a bucket's life (TTL is -1 for a new hash). Expiry is relative to
+        -- the caller's clock (ARGV[1]), never Redis's own: EXPIRE by want - now, not EXPIREAT.
+        local ttl = redis.call('TTL', bucket)
+        if ttl < 0 or now + ttl < want then
+          redis.call('EXPIRE', bucket, want - now)
         end
       end
     end

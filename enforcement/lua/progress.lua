@@ -144,7 +144,12 @@ local f = redis.call('HMGET', KEYS[1], 'bal', 'res', 'cl', 'st', 'min')
 local function terminate(at, reason)
   term = at
   local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
-  redis.call('RPUSH', KEYS[3], seq .. '|call.terminate|' .. reason .. '|' .. call_id .. '|' .. at)
+  -- The call id is percent-escaped in the entry: whatever its bytes, it can never hold a
+  -- separator of the entry ("|") or of the replies that carry outboxes (";", tab, newline).
+  local esc = string.gsub(call_id, '[%c%%;|,]', function(ch)
+    return string.format('%%%02X', string.byte(ch))
+  end)
+  redis.call('RPUSH', KEYS[3], seq .. '|call.terminate|' .. reason .. '|' .. esc .. '|' .. at)
   save(now + math.max(granted - elapsed, 0) + grace_s)
   return {'terminate', at, pending()}
 end

@@ -2,6 +2,8 @@
 --
 -- KEYS[1] account hash   KEYS[2] outbox list
 -- ARGV[1] action "suspend" | "hold" | "resume"   ARGV[2] reason (short code, e.g. "operator")
+-- ARGV[3] now    unix seconds of the caller's clock (never Redis's own): which grants of the
+--                minute bucket are usable now, for where a resumed account's credit puts it
 --
 -- "hold" pins the account on hold whatever its credit (field "hr" = reason, e.g.
 -- recharge_cap): no new outbound calls until an operator resumes it or a payment lifts it.
@@ -48,6 +50,7 @@ local function usable_seconds(bucket, now)
   return s
 end
 
+local now = tonumber(ARGV[3])
 local f = redis.call('HMGET', KEYS[1], 'bal', 'res', 'cl', 'lowth', 'st', 'hr', 'min')
 if not f[1] then
   return {-1, ''}
@@ -82,7 +85,6 @@ if st ~= 'suspended' and not f[6] then
 end
 redis.call('HDEL', KEYS[1], 'hr')
 local avail = tonumber(f[1]) + tonumber(f[3] or '0') - tonumber(f[2] or '0')
-local now = tonumber(redis.call('TIME')[1])
 local new_st = transition('active', avail, tonumber(f[4] or '0'), nil, usable_seconds(f[7], now))
 redis.call('HSET', KEYS[1], 'st', new_st)
 if st == 'hold' and new_st == 'hold' then
