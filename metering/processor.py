@@ -229,9 +229,17 @@ def _period_problem(period: str, year: int, month: int) -> str:
     return ""
 
 
-def _future(rec: Record, ev: Any) -> Rejected:
-    detail = f"time {ev.time.isoformat()} is in the future"
+def _future(rec: Record, ev: Any, field: str = "time") -> Rejected:
+    if field == "time":
+        detail = f"time {ev.time.isoformat()} is in the future"
+    else:  # a call's answered_at or ended_at (answered_at <= ended_at is checked first)
+        detail = f"the call ends in the future ({ev.data.ended_at.isoformat()})"
     return Rejected(rec, "future_timestamp", detail, ev.type)
+
+
+def _too_early(rec: Record, ev: Any, field: str, value: datetime) -> Rejected:
+    detail = f"{field} {value.isoformat()} is before 2000-01-01"
+    return Rejected(rec, "timestamp_out_of_range", detail, ev.type)
 
 
 def _nul_field(value: Any, path: str = "") -> str | None:
@@ -507,10 +515,6 @@ class MeteringProcessor:
             return Rejected(
                 rec, "key_mismatch", "the Kafka key must be the account id (partitioning)", ev.type
             )
-        problem = self._time_problem(ev, now)
-        if problem:
-            reason, detail = problem
-            return Rejected(rec, reason, detail, ev.type)
         if ev.type == "call.progress":
             elapsed = ev.data.elapsed_s  # type: ignore[union-attr]
             if elapsed > self._max_call_s:
@@ -521,6 +525,11 @@ class MeteringProcessor:
                     ev.type,
                 )
         if not allowed[ev.type]:
+            # Charged events have their times checked where they are rated (_rate,
+            # _rate_numbers), which reads them anyway; these are not rated.
+            problem = self._time_problem(ev, now)
+            if problem:
+                return Rejected(rec, problem[0], problem[1], ev.type)
             return ev  # type: ignore[return-value]  # a live-call update
         if ev.type == "call.hangup":
             d = cast(FastHangup | CallHangup, ev).data.billable_s
@@ -574,6 +583,9 @@ class MeteringProcessor:
             if epoch > latest:
                 rejected.append(_future(rec, ev))
                 continue
+            if epoch < MIN_EVENT_TIME:
+                rejected.append(_too_early(rec, ev, "time", ev.time))
+                continue
             acct = get(ev.subject)
             if acct is None:
                 rejected.append(
@@ -586,6 +598,12 @@ class MeteringProcessor:
                 d = cast(FastHangup | CallHangup, ev).data
                 # Rated with the versions in force when the call was answered.
                 at = int(d.answered_at.timestamp())
+                if at < MIN_EVENT_TIME:
+                    rejected.append(_too_early(rec, ev, "answered_at", d.answered_at))
+                    continue
+                if at > latest or d.ended_at.timestamp() > latest:
+                    rejected.append(_future(rec, ev, "ended_at"))
+                    continue
                 try:
                     rate = plist.voice_rate(d.direction, d.to, at)
                 except NoRate as exc:
@@ -645,6 +663,9 @@ class MeteringProcessor:
             epoch = int(ev.time.timestamp())
             if epoch > latest:
                 rejected.append(_future(rec, ev))
+                continue
+            if epoch < MIN_EVENT_TIME:
+                rejected.append(_too_early(rec, ev, "time", ev.time))
                 continue
             acct = self._catalog.get(ev.subject)
             if acct is None:
