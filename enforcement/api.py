@@ -171,12 +171,14 @@ async def connect_api(settings: Settings) -> AsyncIterator[ApiServices]:
         )
         catalog = Catalog(pool, lookup_timeout_s=_DB_TIMEOUT_S)
         await catalog.refresh()
+        # The same reservation rules as the metering worker's live-call extensions.
+        cc = settings.call_control()
         authorizer = Authorizer(
             balances,
             catalog,
-            grant_s=settings.authorize_grant_s,
-            grace_s=settings.authorize_grace_s,
-            max_s=settings.authorize_max_s,
+            grant_s=cc.grant_s,
+            grace_s=cc.grace_s,
+            max_s=cc.max_s,
             deadline_s=settings.authorize_deadline_s,
             db_timeout_s=_DB_TIMEOUT_S,
             rebuild=lambda ids: load_into_redis(pool, balances, ids),
