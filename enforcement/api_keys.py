@@ -28,6 +28,8 @@ from typing import Final, Literal, get_args
 
 import asyncpg
 
+from meter.singleflight import SingleFlight
+
 log = logging.getLogger(__name__)
 
 Role = Literal["admin", "user", "service"]
@@ -80,7 +82,11 @@ class ApiKeys:
         self._clock = clock
         # sha256 -> (key or None for "no such key", when it was read)
         self._cache: dict[bytes, tuple[ApiKey | None, float]] = {}
-        self._inflight: dict[bytes, asyncio.Task[ApiKey | None]] = {}
+        # One query per key however many requests ask at once; a task of its own, so a
+        # request cancelled meanwhile (client gone) does not cancel it for the others.
+        self._inflight: SingleFlight[bytes, ApiKey | None] = SingleFlight(
+            "api key lookup", on_done=self._settle
+        )
 
     async def authenticate(self, key: str, *, timeout_s: float | None = None) -> ApiKey | None:
         """The key's owner and role, or ``None`` for a malformed, unknown or revoked key.
@@ -111,17 +117,9 @@ class ApiKeys:
             raise KeyStoreUnavailable(f"api key lookup failed: {type(exc).__name__}") from exc
 
     def _lookup_task(self, h: bytes) -> asyncio.Task[ApiKey | None]:
-        # One query per key however many requests ask at once; a task of its own, so a
-        # request cancelled meanwhile (client gone) does not cancel it for the others.
-        task = self._inflight.get(h)
-        if task is None:
-            task = asyncio.create_task(self._lookup(h))
-            self._inflight[h] = task
-            task.add_done_callback(lambda t: self._settle(h, t))
-        return task
+        return self._inflight.task(h, lambda: self._lookup(h))
 
     def _settle(self, h: bytes, task: asyncio.Task[ApiKey | None]) -> None:
-        del self._inflight[h]
         if task.cancelled():
             return
         # exception() also marks a failure as seen when no request is left to await it.

@@ -21,8 +21,6 @@ to cancel a query on a stalled server (which can take as long as the server is s
 from __future__ import annotations
 
 import asyncio
-import functools
-import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -34,11 +32,10 @@ from redis.exceptions import RedisError
 
 from enforcement.balance import OutcomeUnknown, PlanPeriod, RedisBalances, Reservation, Tariff
 from meter import metrics
+from meter.singleflight import SingleFlight
 from metering.catalog import Catalog
 from metering.plans import month_period
 from metering.rating import NoRate
-
-log = logging.getLogger(__name__)
 
 #: What PostgreSQL being away looks like (not a bug in a query: those stay errors of their own).
 POSTGRES_DOWN: Final = (
@@ -140,7 +137,7 @@ class Authorizer:
         self._db_timeout_s = db_timeout_s
         self._clock = clock
         self._rebuild = rebuild
-        self._rebuilding: dict[str, asyncio.Task[None]] = {}
+        self._rebuilding: SingleFlight[str, None] = SingleFlight("rebuilding from the ledger")
         # account -> loop time its last rebuild finished (see restore)
         self._rebuilt_at: dict[str, float] = {}
 
@@ -239,11 +236,7 @@ class Authorizer:
             return
         if self._rebuilt_at.get(account_id, -1.0) > since:
             return  # rebuilt after this caller looked: its next look finds it
-        task = self._rebuilding.get(account_id)
-        if task is None:
-            task = asyncio.create_task(self._rebuild_one(account_id))
-            self._rebuilding[account_id] = task
-            task.add_done_callback(functools.partial(self._rebuild_done, account_id))
+        task = self._rebuilding.task(account_id, lambda: self._rebuild_one(account_id))
         try:
             async with asyncio.timeout_at(deadline):
                 # Shielded: a caller at its deadline stops waiting; the others still need it.
@@ -273,9 +266,3 @@ class Authorizer:
                 a: t for a, t in self._rebuilt_at.items() if t > now - _REBUILT_MEMORY_S
             }
         self._rebuilt_at[account_id] = now
-
-    def _rebuild_done(self, account_id: str, task: asyncio.Task[None]) -> None:
-        del self._rebuilding[account_id]
-        # exception() also marks a failure as seen when every caller has stopped waiting.
-        if not task.cancelled() and (exc := task.exception()) is not None:
-            log.warning("rebuilding %s from the ledger failed: %r", account_id, exc)

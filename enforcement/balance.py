@@ -46,9 +46,8 @@ def _lua(name: str) -> str:
     return importlib.resources.files("enforcement").joinpath("lua", name).read_text("utf-8")
 
 
-#: A call's draw on included minutes: (billed_s, rate_per_min, connect_fee, answered_at), or
-#: the same four integers comma separated; "" (or an empty tuple) for a final amount.
-Draw = str | tuple[int, int, int, int] | tuple[()]
+#: A call's draw on included minutes: (billed_s, rate_per_min, connect_fee, answered_at).
+Draw = tuple[int, int, int, int]
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,10 +63,9 @@ class Debit:
     amount: int  # micro-units >= 0
     day: int  # UTC day number of the event's own time (unix seconds // 86400)
     call_id: str = ""  # a hangup's call: its reservation is released with the charge
-    #: a call that may draw included seconds: (billed_s, rate_per_min, connect_fee,
-    #: answered_at), or the same as "billed_s,rate_per_min,connect_fee,answered_at" (then
-    #: ``amount`` is what it costs with nothing drawn); "" for a final amount
-    draw: Draw = ""
+    #: a call that may draw included seconds (then ``amount`` is what it costs with nothing
+    #: drawn); None for a final amount
+    draw: Draw | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,7 +139,7 @@ class DebitLike(Protocol):
     @property
     def call_id(self) -> str: ...
     @property
-    def draw(self) -> Draw: ...
+    def draw(self) -> Draw | None: ...
 
 
 #: An account's plan allowance for the current period: ``(included_s, period_start,
@@ -228,14 +226,7 @@ def _decode_draws(raw: bytes) -> dict[int, tuple[int, int]]:
 #: events, included_s (0: no plan), period_start, period_end.
 _DEBIT_EVENT: Final = struct.Struct(">16s8sqiiqqqH")
 _DEBIT_ACCOUNT: Final = struct.Struct(">Iqqq")
-
-
-def _parse_draw(draw: str) -> tuple[int, int, int, int]:
-    """``billed_s,rate_per_min,connect_fee,answered_at`` as four integers."""
-    billed, rate, fee, at = (int(x) for x in draw.split(","))
-    if billed < 0 or rate < 0 or fee < 0:
-        raise ValueError(f"a draw's seconds, rate and fee are >= 0: {draw!r}")
-    return billed, rate, fee, at
+_NO_DRAW: Final = (-1, 0, 0, 0)
 
 
 def _plan_line(plan: PlanPeriod | None) -> str:
@@ -352,11 +343,7 @@ class RedisBalances:
                 p = plans.get(a)
                 heads.append(account(len(ds), *p) if p else account(len(ds), 0, 0, 0))
                 for d in ds:
-                    dr = d.draw
-                    if not dr:
-                        billed, rate, fee, at = -1, 0, 0, 0
-                    else:
-                        billed, rate, fee, at = _parse_draw(dr) if isinstance(dr, str) else dr
+                    billed, rate, fee, at = d.draw or _NO_DRAW
                     call = d.call_id.encode() if d.call_id else b""
                     parts.append(
                         event(

@@ -26,11 +26,6 @@ def system_clock() -> float:
     return time.time()
 
 
-def now_s(clock: Clock = system_clock) -> int:
-    """Whole unix seconds of ``clock`` (what the Lua scripts and the ledger's periods take)."""
-    return int(clock())
-
-
 def utc_datetime(clock: Clock = system_clock) -> datetime:
     """``clock``'s time as an aware UTC ``datetime``."""
     return datetime.fromtimestamp(clock(), UTC)
@@ -60,7 +55,3 @@ class SettableClock:
         """Move forward ``seconds`` (backward if negative); returns the new time."""
         self.now += seconds
         return self.now
-
-
-#: The same thing by the name a test reads best when it never moves it.
-FixedClock = SettableClock

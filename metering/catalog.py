@@ -23,22 +23,16 @@ show prices (the HTTP API) must not show a managed account its manager's price l
 from __future__ import annotations
 
 import asyncio
-import functools
-import logging
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TypeVar
 
 import asyncpg
 
+from meter.singleflight import SingleFlight
 from metering.plans import Plan
 from metering.pricelists import load_price_lists, price_list_versions
 from metering.rating import PriceList
-
-log = logging.getLogger(__name__)
-
-_T = TypeVar("_T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,8 +71,8 @@ class Catalog:
         self._version = -1
         self._lock = asyncio.Lock()
         self._lookup_timeout_s = lookup_timeout_s
-        self._lookups: dict[str, asyncio.Task[AccountRating | None]] = {}
-        self._checking: asyncio.Task[None] | None = None
+        self._lookups: SingleFlight[str, AccountRating | None] = SingleFlight("account lookup")
+        self._checking: SingleFlight[None, None] = SingleFlight("catalog version check")
 
     @property
     def version(self) -> int:
@@ -117,19 +111,12 @@ class Catalog:
 
         Raises ``TimeoutError`` past ``lookup_timeout_s`` and asyncpg's errors when the
         account is not cached and PostgreSQL cannot be read."""
-        if time.monotonic() >= self._next_check and (
-            self._checking is None or self._checking.done()
-        ):
-            self._checking = asyncio.create_task(self._check_bounded())
-            self._checking.add_done_callback(_log_failure)
+        if time.monotonic() >= self._next_check:
+            self._checking.task(None, self._check_bounded)  # in the background, once at a time
         if not self._missing({account_id}):
             return self._accounts.get(account_id)
-        task = self._lookups.get(account_id)
-        if task is None:
-            task = asyncio.create_task(self._lookup(account_id))
-            self._lookups[account_id] = task
-            task.add_done_callback(functools.partial(self._lookup_done, account_id))
         # Shielded: a caller at its deadline stops waiting; the others still need the answer.
+        task = self._lookups.task(account_id, lambda: self._lookup(account_id))
         return await asyncio.shield(task)
 
     async def _lookup(self, account_id: str) -> AccountRating | None:
@@ -138,10 +125,6 @@ class Catalog:
                 await self._fetch([account_id])
             # Read under the lock: a version check may forget the accounts once it is released.
             return self._accounts.get(account_id)
-
-    def _lookup_done(self, account_id: str, task: asyncio.Task[AccountRating | None]) -> None:
-        del self._lookups[account_id]
-        _log_failure(task)
 
     async def _check_bounded(self) -> None:
         async with asyncio.timeout(self._lookup_timeout_s):
@@ -204,9 +187,3 @@ class Catalog:
         for a in missing:
             if a not in found:
                 self._unknown[a] = now + self._negative_ttl_s
-
-
-def _log_failure(task: asyncio.Task[_T]) -> None:
-    # exception() also marks a failure as seen when no caller is left to await it.
-    if not task.cancelled() and (exc := task.exception()) is not None:
-        log.warning("catalog read failed: %r", exc)

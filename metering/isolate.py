@@ -70,6 +70,22 @@ def is_transient(exc: BaseException) -> bool:
     return isinstance(exc, OSError | TimeoutError)
 
 
+async def _attempt(
+    processor: MeteringProcessor,
+    records: Sequence[Record],
+    on_outcome: Callable[[BatchOutcome], None],
+) -> Exception | None:
+    """Process ``records``: None when it went through, the error when it failed for good.
+    Raises a transient failure."""
+    try:
+        on_outcome(await processor.process(records))
+        return None
+    except Exception as exc:
+        if is_transient(exc):
+            raise
+        return exc
+
+
 async def isolate(
     processor: MeteringProcessor,
     records: Sequence[Record],
@@ -83,34 +99,27 @@ async def isolate(
 
     Processing a part again is safe: every step is idempotent (a debit Redis applied before the
     part failed is found by its event key, and still gets its ledger row)."""
-    try:
-        on_outcome(await processor.process(records))
+    first = await _attempt(processor, records, on_outcome)
+    if first is None:
         return 0
-    except Exception as exc:
-        if is_transient(exc):
-            raise
-        if len(records) > 1:
-            mid = len(records) // 2
-            return await isolate(
-                processor, records[:mid], on_outcome, retry_pause_s=retry_pause_s
-            ) + await isolate(processor, records[mid:], on_outcome, retry_pause_s=retry_pause_s)
-        first = exc
+    if len(records) > 1:
+        mid = len(records) // 2
+        return await isolate(
+            processor, records[:mid], on_outcome, retry_pause_s=retry_pause_s
+        ) + await isolate(processor, records[mid:], on_outcome, retry_pause_s=retry_pause_s)
     # One record, failed for good once: one more try, so that a failure of the moment that
     # looks permanent does not cost a record that was fine.
     await asyncio.sleep(retry_pause_s)
-    rec = records[0]
-    try:
-        on_outcome(await processor.process(records))
+    again = await _attempt(processor, records, on_outcome)
+    if again is None:
         return 0
-    except Exception as exc:
-        if is_transient(exc):
-            raise
-        log.exception(
-            "record %s[%d]@%d cannot be processed; dead-lettered as unprocessable",
-            rec.topic,
-            rec.partition,
-            rec.offset,
-            exc_info=first,
-        )
-        on_outcome(await processor.dead_letter_unprocessable(rec, exc))
-        return 1
+    rec = records[0]
+    log.error(
+        "record %s[%d]@%d cannot be processed; dead-lettered as unprocessable",
+        rec.topic,
+        rec.partition,
+        rec.offset,
+        exc_info=first,
+    )
+    on_outcome(await processor.dead_letter_unprocessable(rec, again))
+    return 1

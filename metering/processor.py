@@ -38,6 +38,7 @@ from enforcement.balance import (
     RECHARGE_REQUESTED,
     AccountOutcome,
     Balances,
+    Draw,
     PendingSignal,
     PlanPeriod,
     Tariff,
@@ -139,9 +140,9 @@ class Charge:
     event_id: str
     code: str = ""  # set from Redis: n(ew), d(uplicate), c(onflict), k (ledger already has it)
     applied_amount: int = 0
-    #: a call's (billed_s, rate_per_min, connect_fee, answered_at) for the minute bucket
-    #: (``enforcement.balance.Debit.draw``); () when ``amount`` is final
-    draw: tuple[int, int, int, int] | tuple[()] = ()
+    #: a call's draw on the minute bucket (``enforcement.balance.Debit.draw``); None when
+    #: ``amount`` is final
+    draw: Draw | None = None
     included_s: int = 0  # set from Redis: seconds drawn from included minutes / bundles
 
 
@@ -229,11 +230,8 @@ def _period_problem(period: str, year: int, month: int) -> str:
     return ""
 
 
-def _future(rec: Record, ev: Any, field: str = "time") -> Rejected:
-    if field == "time":
-        detail = f"time {ev.time.isoformat()} is in the future"
-    else:  # a call's answered_at or ended_at (answered_at <= ended_at is checked first)
-        detail = f"the call ends in the future ({ev.data.ended_at.isoformat()})"
+def _future(rec: Record, ev: Any, field: str = "time", value: datetime | None = None) -> Rejected:
+    detail = f"{field} {(value or ev.time).isoformat()} is in the future"
     return Rejected(rec, "future_timestamp", detail, ev.type)
 
 
@@ -527,10 +525,7 @@ class MeteringProcessor:
         if not allowed[ev.type]:
             # Charged events have their times checked where they are rated (_rate,
             # _rate_numbers), which reads them anyway; these are not rated.
-            problem = self._time_problem(ev, now)
-            if problem:
-                return Rejected(rec, problem[0], problem[1], ev.type)
-            return ev  # type: ignore[return-value]  # a live-call update
+            return self._time_problem(rec, ev, now) or ev  # type: ignore[return-value]  # a live-call update
         if ev.type == "call.hangup":
             d = cast(FastHangup | CallHangup, ev).data.billable_s
             if d < 0:
@@ -546,30 +541,19 @@ class MeteringProcessor:
                 return Rejected(rec, "schema", "ended_at is before answered_at", ev.type)
         return ev  # type: ignore[return-value]  # the charged types, by _TOPIC_TYPES
 
-    def _time_problem(self, ev: Any, now: float) -> tuple[str, str] | None:
-        """Why the event's own time, or a time in its data, cannot be taken: before
-        ``MIN_EVENT_TIME`` (``timestamp_out_of_range``), or a call's times after the latest
-        time allowed (``future_timestamp``; the envelope's own ``time`` is checked where it is
-        rated, as before)."""
-        t = ev.time.timestamp()
-        if t < MIN_EVENT_TIME:
-            return "timestamp_out_of_range", f"time {ev.time.isoformat()} is before 2000-01-01"
-        d = ev.data
-        at = getattr(d, "answered_at", None)
+    def _time_problem(self, rec: Record, ev: Any, now: float) -> Rejected | None:
+        """For the events that are not rated (their times are checked where rating reads them):
+        the event's ``time`` or a call's ``answered_at`` before ``MIN_EVENT_TIME``, or an
+        ``answered_at`` after the latest time allowed."""
+        if ev.time.timestamp() < MIN_EVENT_TIME:
+            return _too_early(rec, ev, "time", ev.time)
+        at = getattr(ev.data, "answered_at", None)
         if at is None:
             return None
-        latest = now + self._skew_s
-        for name, value in (("answered_at", at), ("ended_at", getattr(d, "ended_at", None))):
-            if value is None:
-                continue
-            v = value.timestamp()
-            if v < MIN_EVENT_TIME:
-                return (
-                    "timestamp_out_of_range",
-                    f"{name} {value.isoformat()} is before 2000-01-01",
-                )
-            if v > latest:
-                return "future_timestamp", f"{name} {value.isoformat()} is in the future"
+        if at.timestamp() < MIN_EVENT_TIME:
+            return _too_early(rec, ev, "answered_at", at)
+        if at.timestamp() > now + self._skew_s:
+            return _future(rec, ev, "answered_at", at)
         return None
 
     def _rate(
@@ -593,7 +577,7 @@ class MeteringProcessor:
                 )
                 continue
             plist = acct.price_list
-            draw: tuple[int, int, int, int] | tuple[()] = ()
+            draw: Draw | None = None
             if ev.type == "call.hangup":
                 d = cast(FastHangup | CallHangup, ev).data
                 # Rated with the versions in force when the call was answered.
@@ -601,8 +585,8 @@ class MeteringProcessor:
                 if at < MIN_EVENT_TIME:
                     rejected.append(_too_early(rec, ev, "answered_at", d.answered_at))
                     continue
-                if at > latest or d.ended_at.timestamp() > latest:
-                    rejected.append(_future(rec, ev, "ended_at"))
+                if d.ended_at.timestamp() > latest:  # answered_at <= ended_at: checked first
+                    rejected.append(_future(rec, ev, "ended_at", d.ended_at))
                     continue
                 try:
                     rate = plist.voice_rate(d.direction, d.to, at)
@@ -812,12 +796,12 @@ class MeteringProcessor:
         await self._balances.credit_many(
             [(c.account_id, "undo:" + c.event_key.hex(), c.applied_amount) for c in undo]
         )
-        drew = [c for c in undo if c.included_s]
+        drew = [c for c in undo if c.included_s and c.draw is not None]
         if drew:
             back = await self._balances.undraw_many(
                 [
-                    # draw: "billed_s,rate_per_min,connect_fee,answered_at"
-                    (c.account_id, c.event_key, c.day, c.included_s, c.draw[3])  # type: ignore[misc]
+                    # the draw's last field is the call's answered_at
+                    (c.account_id, c.event_key, c.day, c.included_s, c.draw[3])  # type: ignore[index]
                     for c in drew
                 ]
             )

@@ -156,6 +156,24 @@ def _hangup(call_id: str, answered: int, seconds: int) -> dict[str, Any]:
     return call_hangup("flat", call_id, US, seconds, at=_dt(answered + seconds))
 
 
+async def _processor(conns: Connections, clock: SettableClock) -> MeteringProcessor:
+    """The hot path on ``clock``, rebuilding lost accounts from the ledger as the worker does."""
+    catalog = Catalog(conns.pool)
+    await catalog.refresh()
+
+    async def rebuild(ids: Sequence[str]) -> list[str]:
+        return await load_into_redis(conns.pool, conns.balances, ids, clock=clock)
+
+    return MeteringProcessor(
+        balances=conns.balances,
+        ledger=Ledger(conns.pool),
+        catalog=catalog,
+        producer=conns.producer,
+        rebuild=rebuild,
+        clock=clock,
+    )
+
+
 @pytest.mark.parametrize("edge", BOUNDARY_EDGES)
 async def test_a_bucket_rebuilt_across_the_calendars_edge_is_exactly_redis(
     conns: Connections, edge: int
@@ -182,20 +200,7 @@ async def test_a_bucket_rebuilt_across_the_calendars_edge_is_exactly_redis(
     clock.set(edge - 7_200)
     for bundle in ("short", "long"):
         await buy_bundle(pool, conns.balances, "flat", bundle, bundle, clock=clock)
-    catalog = Catalog(pool)
-    await catalog.refresh()
-
-    async def rebuild(ids: Sequence[str]) -> list[str]:
-        return await load_into_redis(pool, conns.balances, ids, clock=clock)
-
-    p = MeteringProcessor(
-        balances=conns.balances,
-        ledger=Ledger(pool),
-        catalog=catalog,
-        producer=conns.producer,
-        rebuild=rebuild,
-        clock=clock,
-    )
+    p = await _processor(conns, clock)
     # (when the batch is charged, [(call, answered, seconds)]), relative to the edge
     batches = [
         (-5_400, [("c0", -7_300, 60), ("c1", -6_000, 60)]),  # before the bundles, then after
@@ -265,20 +270,7 @@ async def test_a_rebuild_the_day_after_a_months_end_keeps_the_old_periods_grant(
     await put_plan(pool, PlanSpec(id="flat5", included_minutes=5))
     spec = {"id": "flat", "price_list_id": "standard", "plan_id": "flat5", "balance": "1.00"}
     await create_accounts(pool, conns.balances, [AccountSpec.model_validate(spec)], clock=clock)
-    catalog = Catalog(pool)
-    await catalog.refresh()
-
-    async def rebuild(ids: Sequence[str]) -> list[str]:
-        return await load_into_redis(pool, conns.balances, ids, clock=clock)
-
-    p = MeteringProcessor(
-        balances=conns.balances,
-        ledger=Ledger(pool),
-        catalog=catalog,
-        producer=conns.producer,
-        rebuild=rebuild,
-        clock=clock,
-    )
+    p = await _processor(conns, clock)
     old, _ = month_period(edge - 3_600)
     new, _ = month_period(edge)
     assert old < new  # the edge is in the first hour of a month

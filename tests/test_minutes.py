@@ -518,7 +518,7 @@ async def test_a_flat_rate_account_at_zero_is_low_not_held_until_its_minutes_run
         "flat", "b1", price=0, seconds=120, valid_from=now - 10, expires_at=now + 86_400, now_s=now
     )
 
-    def debit(i: int, amount: int, draw: str = "") -> Debit:
+    def debit(i: int, amount: int, draw: tuple[int, int, int, int] | None = None) -> Debit:
         return Debit(i.to_bytes(16, "big"), b"\x00" * 8, amount, now // 86_400, draw=draw)
 
     # an SMS takes the money to 0: minutes are left, so low (no hold for telephony)
@@ -527,7 +527,7 @@ async def test_a_flat_rate_account_at_zero_is_low_not_held_until_its_minutes_run
     assert [s.type for s in o.outbox] == ["account.low_balance"]
     # a 120 s call drawn from the bucket spends the minutes: now the account is held
     (o,) = await conns.balances.apply_debits(
-        [("flat", [debit(2, 30_000, draw=f"120,15000,0,{now - 5}")])], now
+        [("flat", [debit(2, 30_000, draw=(120, 15000, 0, now - 5))])], now
     )
     assert (o.balance, o.status) == (0, "hold")
     assert [s.type for s in o.outbox][-1] == "account.hold"

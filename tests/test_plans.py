@@ -53,7 +53,7 @@ def call(
     second), answered at ``answered`` (default: ``now``)."""
     amount = fee + time_cost(billed, rate)
     return Debit(
-        key(i), fp(), amount, now // 86_400, draw=f"{billed},{rate},{fee},{answered or now}"
+        key(i), fp(), amount, now // 86_400, draw=(billed, rate, fee, answered or now)
     )
 
 

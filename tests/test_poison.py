@@ -89,6 +89,21 @@ async def all_committed(settings: Settings, ends: dict[TopicPartition, int]) -> 
         await consumer.stop()
 
 
+async def through_worker(
+    settings: Settings,
+    conns: Connections,
+    items: Sequence[tuple[str, bytes | None, bytes]],
+    *,
+    dead: int,
+) -> tuple[dict[TopicPartition, int], list[Any]]:
+    """Produce ``items``, run the worker until the group has committed every one of them,
+    then read the ``dead`` dead letters expected: (end offsets, dead letters)."""
+    ends = await send_all(settings, items)
+    async with worker(settings, conns):
+        await all_committed(settings, ends)
+    return ends, await read_all(settings.kafka_bootstrap, topics.DEAD_LETTER, expect=dead)
+
+
 def ev(e: dict[str, Any]) -> tuple[str, bytes | None, bytes]:
     topic = topics.MESSAGE_EVENTS if e["type"] == "message.sent" else topics.CALL_EVENTS
     return topic, e["subject"].encode(), orjson.dumps(e)
@@ -106,10 +121,7 @@ async def test_a_time_before_1970_is_dead_lettered_and_moves_no_other_accounts_m
     # Same partition and batch as the others: under one key, in between them.
     items = [ev(good[0]), ev(old), ev(good[1]), ev(answered_early), *map(ev, good[2:])]
     items[1] = (topics.CALL_EVENTS, b"acc_1", items[1][2])
-    ends = await send_all(settings, items)
-    async with worker(settings, conns):
-        await all_committed(settings, ends)
-    dead = await read_all(settings.kafka_bootstrap, topics.DEAD_LETTER, expect=2)
+    _, dead = await through_worker(settings, conns, items, dead=2)
     assert sorted(dict(m.headers)["error.reason"].decode() for m in dead) == [
         "timestamp_out_of_range",
         "timestamp_out_of_range",
@@ -133,10 +145,7 @@ async def test_a_nul_in_any_text_is_dead_lettered_and_redis_and_the_ledger_agree
     in_extension["ext"] = {"note": "a\x00b"}
     escaped_backslash = call_hangup("acc_1", "c3\\u0000", DEST, 60)  # no NUL: a backslash
     items = [ev(in_call), ev(in_source), ev(in_extension), ev(escaped_backslash)]
-    ends = await send_all(settings, items)
-    async with worker(settings, conns):
-        await all_committed(settings, ends)
-    dead = await read_all(settings.kafka_bootstrap, topics.DEAD_LETTER, expect=3)
+    _, dead = await through_worker(settings, conns, items, dead=3)
     assert [dict(m.headers)["error.reason"] for m in dead] == [b"invalid_text"] * 3
     assert sorted(m.value for m in dead) == sorted(i[2] for i in items[:3])  # unchanged
     rows = await conns.pool.fetch("SELECT ref FROM ledger WHERE kind = 'call'")
@@ -153,10 +162,7 @@ async def test_a_record_near_one_mib_is_dead_lettered_as_a_bounded_copy(
     after = call_hangup("acc_1", "after", DEST, 60)
     items = [ev(huge), ev(after)]
     items.append((topics.CALL_EVENTS, b"k" * 5_000, b"{}"))  # a key no account has
-    ends = await send_all(settings, items)
-    async with worker(settings, conns):
-        await all_committed(settings, ends)
-    dead = await read_all(settings.kafka_bootstrap, topics.DEAD_LETTER, expect=2)
+    ends, dead = await through_worker(settings, conns, items, dead=2)
     by_reason = {dict(m.headers)["error.reason"]: m for m in dead}
     big = by_reason[b"oversized"]
     h = dict(big.headers)
@@ -194,7 +200,7 @@ async def test_no_value_shifts_another_in_the_debit_arguments(conns: Connections
     out = await b.apply_debits(
         [
             # a negative day and a negative answered_at: once they shifted what followed
-            ("a", [Debit(_key(1), fp, 300, -1, draw=f"60,1000,0,{-86_400}")]),
+            ("a", [Debit(_key(1), fp, 300, -1, draw=(60, 1000, 0, -86_400))]),
             ("b", [Debit(_key(2), fp, 500, day, call_id="x\n|;\t,y")]),
             ("c", [Debit(_key(3), fp, 700, day, call_id="\n"), Debit(_key(4), fp, 11, day)]),
         ],
