@@ -10,9 +10,13 @@ WORKDIR /app
 # Only what the package is built from, so a change to the tests or the docs does not rebuild.
 COPY pyproject.toml ./
 COPY contracts ./contracts
+COPY infra ./infra
+COPY rating ./rating
+COPY balance ./balance
 COPY metering ./metering
 COPY enforcement ./enforcement
 COPY recharge ./recharge
+COPY ops ./ops
 COPY meter ./meter
 RUN pip install . \
     && useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin meter

@@ -1,1 +1,1 @@
-"""The balance store (Redis Lua), account states and the signals they publish."""
+"""Call control: authorization, estimates and the HTTP API."""

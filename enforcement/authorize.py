@@ -30,12 +30,12 @@ from typing import Final, Literal
 import asyncpg
 from redis.exceptions import RedisError
 
-from enforcement.balance import OutcomeUnknown, PlanPeriod, RedisBalances, Reservation, Tariff
-from meter import metrics
-from meter.singleflight import SingleFlight
-from metering.catalog import Catalog
-from metering.plans import month_period
-from metering.rating import NoRate
+from balance.store import OutcomeUnknown, PlanPeriod, RedisBalances, Reservation, Tariff
+from infra import metrics
+from infra.singleflight import SingleFlight
+from rating.catalog import Catalog
+from rating.plans import month_period
+from rating.rating import NoRate
 
 #: What PostgreSQL being away looks like (not a bug in a query: those stay errors of their own).
 POSTGRES_DOWN: Final = (
@@ -125,7 +125,7 @@ class Authorizer:
         rebuild: Callable[[Sequence[str]], Awaitable[list[str]]] | None = None,
     ) -> None:
         """``rebuild``: recreates the Redis state of accounts Redis lost, from the book of
-        record (``meter.accounts.load_into_redis``); without it such an account is denied
+        record (``balance.accounts.load_into_redis``); without it such an account is denied
         ``unknown_account`` until the hot path rebuilds it. ``db_timeout_s`` bounds one
         rebuild however long its callers wait (they give up at their deadline)."""
         self._balances = balances

@@ -17,9 +17,9 @@ from pathlib import Path
 import uvicorn
 from starlette.types import ASGIApp
 
-from enforcement.api import asgi_app
-from meter.settings import Settings
-from meter.stack import running_stack
+from enforcement.http.app import asgi_app
+from infra.settings import Settings
+from infra.stack import running_stack
 
 log = logging.getLogger(__name__)
 

@@ -23,15 +23,15 @@ from typing import Any
 import orjson
 from aiokafka import AIOKafkaConsumer
 
+from balance.accounts import AccountSpec, create_accounts, put_price_list
 from contracts import topics
-from meter import metrics
-from meter.accounts import AccountSpec, create_accounts, put_price_list
-from meter.reconcile import reconcile
-from meter.settings import Settings
-from meter.stack import running_stack
+from infra import metrics
+from infra.settings import Settings
+from infra.stack import running_stack
 from meter.traffic import call_hangup, demo_price_list, encode, message_sent
 from metering.processor import BatchOutcome
 from metering.worker import Connections, connect, run_metering
+from ops.reconcile import reconcile
 
 _BASELINE_LUA = """
 for i = 1, #KEYS do

@@ -37,13 +37,13 @@ from typing import Any
 import orjson
 from starlette.types import Receive, Scope, Send
 
-from enforcement.api_keys import ApiKeys
-from enforcement.balance import RedisBalances
-from meter.accounts import AccountSpec, create_accounts, put_price_list
+from balance.accounts import AccountSpec, create_accounts, put_price_list
+from balance.store import RedisBalances
+from enforcement.http.auth import ApiKeys
+from infra.db import create_pool
+from infra.settings import Settings
 from meter.apiserver import running_stores, server_for
-from meter.db import create_pool
 from meter.loadgen import StepResult, run_step
-from meter.settings import Settings
 from meter.traffic import demo_price_list
 from metering.worker import redis_client
 

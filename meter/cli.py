@@ -11,11 +11,11 @@ import signal
 import sys
 from pathlib import Path
 
-from meter.settings import Settings, SettingsError
+from infra.settings import Settings, SettingsError
 
 
 def _setup_logging(level: str, fmt: str = "text") -> None:
-    from meter.logs import formatter
+    from infra.logs import formatter
 
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(formatter(fmt))
@@ -39,7 +39,7 @@ def _serve_metrics(settings: Settings) -> None:
 
 
 async def _run_metering(settings: Settings) -> int:
-    from meter.stack import running_stack
+    from infra.stack import running_stack
     from metering.worker import run_metering
 
     _serve_metrics(settings)
@@ -66,7 +66,7 @@ def _missing_endpoints(settings: Settings) -> list[str]:
 
 
 async def _run_ops(settings: Settings) -> int:
-    from meter.ops import running_collector
+    from ops.collector import running_collector
 
     missing = _missing_endpoints(settings)
     if missing:
@@ -113,8 +113,8 @@ async def _run_api(settings: Settings) -> int:
 
 
 async def _keys(settings: Settings, args: argparse.Namespace) -> int:
-    from enforcement.api_keys import ApiKeys
-    from meter.db import create_pool
+    from enforcement.http.auth import ApiKeys
+    from infra.db import create_pool
 
     pool = await create_pool(settings.database_url)
     try:
@@ -146,9 +146,9 @@ async def _keys(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def _seed(settings: Settings, raw: bytes) -> int:
-    from enforcement.balance import RedisBalances
-    from meter.accounts import SeedFile, create_accounts, put_bundle, put_plan, put_price_list
-    from meter.db import create_pool
+    from balance.accounts import SeedFile, create_accounts, put_bundle, put_plan, put_price_list
+    from balance.store import RedisBalances
+    from infra.db import create_pool
     from metering.worker import redis_client
 
     seed = SeedFile.model_validate_json(raw)
@@ -173,10 +173,10 @@ async def _seed(settings: Settings, raw: bytes) -> int:
 
 
 async def _reconcile(settings: Settings) -> int:
-    from enforcement.balance import RedisBalances
-    from meter.db import create_pool
-    from meter.reconcile import reconcile
+    from balance.store import RedisBalances
+    from infra.db import create_pool
     from metering.worker import redis_client
+    from ops.reconcile import reconcile
 
     pool = await create_pool(settings.database_url)
     r = redis_client(settings)
@@ -209,15 +209,15 @@ async def _pricelist(settings: Settings, args: argparse.Namespace) -> int:
     import time
     from datetime import datetime
 
-    from meter.db import create_pool
-    from metering.pricelists import (
+    from infra.db import create_pool
+    from rating.pricelists import (
         PriceListCsvError,
         export_csv,
         import_rates,
         load_price_lists,
         parse_csv,
     )
-    from metering.rating import VoiceRate
+    from rating.rating import VoiceRate
 
     pool = await create_pool(settings.database_url)
     try:
@@ -257,11 +257,11 @@ async def _pricelist(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def _estimate(settings: Settings, args: argparse.Namespace) -> int:
-    from enforcement.balance import RedisBalances
-    from meter.db import create_pool
-    from metering.catalog import Catalog
-    from metering.estimate import estimate
+    from balance.store import RedisBalances
+    from enforcement.estimate import estimate
+    from infra.db import create_pool
     from metering.worker import redis_client
+    from rating.catalog import Catalog
 
     if (args.seconds is None) == (args.sms_parts is None):
         print("meter: estimate needs one of --seconds or --sms-parts", file=sys.stderr)
@@ -292,10 +292,10 @@ async def _estimate(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def _bundle_buy(settings: Settings, args: argparse.Namespace) -> int:
+    from balance.bundles import BundleError, buy_bundle
+    from balance.store import RedisBalances
     from contracts.money import format_money
-    from enforcement.balance import RedisBalances
-    from meter.db import create_pool
-    from metering.plans import BundleError, buy_bundle
+    from infra.db import create_pool
     from metering.worker import redis_client
 
     pool = await create_pool(settings.database_url)
@@ -462,7 +462,7 @@ def main(argv: list[str] | None = None) -> int:
         print("meter: METER_DATABASE_URL is not set", file=sys.stderr)
         return 2
     if args.command == "migrate":
-        from meter.db import create_pool, migrate
+        from infra.db import create_pool, migrate
 
         async def _migrate() -> int:
             pool = await create_pool(settings.database_url)

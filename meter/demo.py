@@ -17,16 +17,16 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from balance.accounts import create_accounts, put_price_list
 from contracts import topics
-from meter.accounts import create_accounts, put_price_list
+from infra.kafkatools import read_all
+from infra.settings import Settings
+from infra.stack import running_stack
 from meter.demo_recharge import CAP, DECLINED, RechargeDemo
-from meter.kafkatools import read_all
-from meter.reconcile import reconcile
-from meter.settings import Settings
-from meter.stack import running_stack
 from meter.traffic import TrafficGenerator, demo_accounts, demo_price_list
 from metering.processor import BatchOutcome
 from metering.worker import connect, run_metering
+from ops.reconcile import reconcile
 
 
 @dataclass(slots=True)

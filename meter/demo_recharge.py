@@ -25,10 +25,10 @@ from pathlib import Path
 
 import orjson
 
+from balance.accounts import AccountSpec, create_accounts
 from contracts import topics
-from meter.accounts import AccountSpec, create_accounts
-from meter.kafkatools import read_all
-from meter.settings import Settings
+from infra.kafkatools import read_all
+from infra.settings import Settings
 from meter.traffic import call_hangup
 from metering.worker import Connections
 from recharge.policy import MAX_AUTO_RECHARGES

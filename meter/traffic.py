@@ -14,9 +14,9 @@ from typing import Any
 
 import orjson
 
+from balance.accounts import AccountSpec, PriceListSpec, RateSpec
 from contracts import topics
 from contracts.money import format_money
-from meter.accounts import AccountSpec, PriceListSpec, RateSpec
 
 SOURCE = "urn:switch:sim-1"
 

@@ -1,1 +1,1 @@
-"""Rating and the usage stream processor (the hot path)."""
+"""The usage stream processor (the hot path) and its worker."""

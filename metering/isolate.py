@@ -24,7 +24,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from enforcement.balance import OutcomeUnknown
+from balance.store import OutcomeUnknown
 from metering.processor import BatchOutcome, MeteringProcessor, Record
 
 log = logging.getLogger(__name__)

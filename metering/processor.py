@@ -29,12 +29,9 @@ from typing import Any, Protocol, cast
 import orjson
 from pydantic import ValidationError
 
-from contracts import topics
-from contracts.events import CallHangup, MessageSent, NumberData, NumberRenewalDueData
-from contracts.payments import recharge_request
-from contracts.signals import make_signal
-from enforcement import keys
-from enforcement.balance import (
+from balance import keys
+from balance.keys import DAY_S
+from balance.store import (
     RECHARGE_REQUESTED,
     AccountOutcome,
     Balances,
@@ -43,14 +40,17 @@ from enforcement.balance import (
     PlanPeriod,
     Tariff,
 )
-from enforcement.keys import DAY_S
-from meter import metrics
-from meter.ledger import Ledger, SignalRow, UsageRow, event_key
-from meter.settings import CallControl
-from metering.catalog import Catalog
+from contracts import topics
+from contracts.events import CallHangup, MessageSent, NumberData, NumberRenewalDueData
+from contracts.payments import recharge_request
+from contracts.signals import make_signal
+from infra import metrics
+from infra.ledger import Ledger, SignalRow, UsageRow, event_key
+from infra.settings import CallControl
 from metering.decode import FastHangup, FastMessage, decode
-from metering.plans import month_period
-from metering.rating import NoRate, voice_cost
+from rating.catalog import Catalog
+from rating.plans import month_period
+from rating.rating import NoRate, voice_cost
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +140,7 @@ class Charge:
     event_id: str
     code: str = ""  # set from Redis: n(ew), d(uplicate), c(onflict), k (ledger already has it)
     applied_amount: int = 0
-    #: a call's draw on the minute bucket (``enforcement.balance.Debit.draw``); None when
+    #: a call's draw on the minute bucket (``balance.store.Debit.draw``); None when
     #: ``amount`` is final
     draw: Draw | None = None
     included_s: int = 0  # set from Redis: seconds drawn from included minutes / bundles

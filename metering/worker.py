@@ -15,17 +15,17 @@ import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import CommitFailedError, KafkaError
 
+from balance.accounts import load_into_redis
+from balance.store import RedisBalances
 from contracts import topics
-from enforcement.balance import RedisBalances
-from meter import metrics
-from meter.accounts import load_into_redis
-from meter.db import create_pool
-from meter.instrument import instrumented_redis
-from meter.ledger import Ledger
-from meter.settings import Settings
-from metering.catalog import Catalog
+from infra import metrics
+from infra.db import create_pool
+from infra.instrument import instrumented_redis
+from infra.ledger import Ledger
+from infra.settings import Settings
 from metering.isolate import is_transient, isolate
 from metering.processor import BatchOutcome, MeteringProcessor
+from rating.catalog import Catalog
 
 log = logging.getLogger(__name__)
 

@@ -1,1 +1,1 @@
-"""Auto-recharge and top-up policy (issue: auto-recharge and top-ups within the caps)."""
+"""Auto-recharge, top-ups and payments."""

@@ -29,12 +29,12 @@ from typing import Any, Final, Protocol
 
 import asyncpg
 
+from balance.store import RedisBalances
 from contracts.money import format_money
 from contracts.payments import PAYMENTS_SOURCE, Notification, NotificationData, NotificationType
-from enforcement.balance import RedisBalances
-from meter import metrics
-from meter.clock import datetime_clock, system_clock
-from meter.ledger import credit_key
+from infra import metrics
+from infra.clock import datetime_clock, system_clock
+from infra.ledger import credit_key
 from recharge import policy
 from recharge.gateway import (
     ChargeRequest,
@@ -163,7 +163,7 @@ class PaymentService:
         self._pending_grace = timedelta(
             seconds=charge_timeout_s * (len(_UNKNOWN_RETRIES) + 1) + sum(_UNKNOWN_RETRIES) + 5
         )
-        # The default is meter.clock's, the one wall clock every calendar decision reads.
+        # The default is infra.clock's, the one wall clock every calendar decision reads.
         self._clock = clock or datetime_clock(system_clock)
         self._sleep = sleep
 
@@ -565,7 +565,7 @@ class PaymentService:
         )
         if not out.found:
             # Redis lost the account: rebuilt from the ledger, which already holds this credit.
-            from meter.accounts import load_into_redis
+            from balance.accounts import load_into_redis
 
             await load_into_redis(self._pool, self._balances, [p.account_id], now=now_s)
         if p.trigger_seq is not None:

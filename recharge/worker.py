@@ -24,11 +24,11 @@ from typing import Any
 import redis.asyncio as aioredis
 from pydantic import ValidationError
 
+from balance.store import RedisBalances
 from contracts import topics
 from contracts.payments import Notification, RechargeRequested
-from enforcement.balance import RedisBalances
-from meter.db import create_pool
-from meter.settings import Settings
+from infra.db import create_pool
+from infra.settings import Settings
 from recharge.gateway import PaymentGateway
 from recharge.service import PaymentService
 
@@ -75,7 +75,7 @@ def build_app(settings: Settings) -> Any:
         web_enabled=False,
         store="memory://",
         topic_disable_leader=True,
-        topic_allow_declare=False,  # the topics are the deployment's (meter.stack.prepare)
+        topic_allow_declare=False,  # the topics are the deployment's (infra.stack.prepare)
         consumer_auto_offset_reset="earliest",
         broker_session_timeout=settings.kafka_session_timeout_ms / 1000,
         broker_heartbeat_interval=max(0.5, settings.kafka_session_timeout_ms / 4000),

@@ -15,11 +15,11 @@ import asyncpg
 import pytest
 import redis.asyncio as aioredis
 
+from balance.accounts import AccountSpec, create_accounts, put_price_list
 from contracts import topics
-from meter import embedded
-from meter.accounts import AccountSpec, create_accounts, put_price_list
-from meter.db import migrate
-from meter.settings import Settings
+from infra import embedded
+from infra.db import migrate
+from infra.settings import Settings
 from meter.traffic import demo_price_list
 from metering.worker import Connections, connect
 

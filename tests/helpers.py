@@ -10,7 +10,7 @@ import orjson
 from aiokafka import AIOKafkaProducer
 
 from meter.traffic import demo_price_list
-from metering.rating import voice_cost
+from rating.rating import voice_cost
 
 
 @dataclass(frozen=True)
@@ -40,7 +40,7 @@ async def produce(
 
 def expected_cost(event: dict[str, Any]) -> int:
     """Price an event with the demo price list, independently of the processor."""
-    from metering.rating import PriceList, VoiceRate
+    from rating.rating import PriceList, VoiceRate
 
     spec = demo_price_list()
     pl = PriceList(spec.id, spec.currency, VoiceRate("", spec.inbound_per_min), spec.sms_per_part)

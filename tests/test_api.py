@@ -17,13 +17,13 @@ import httpx
 import orjson
 import pytest
 
-from enforcement import keys
-from enforcement.api import ApiServices, asgi_app, connect_api, create_app
-from enforcement.api_keys import Role
-from meter.accounts import AccountSpec, create_accounts, put_price_list
-from meter.settings import Settings
+from balance import keys
+from balance.accounts import AccountSpec, create_accounts, put_price_list
+from enforcement.http.app import ApiServices, asgi_app, connect_api, create_app
+from enforcement.http.auth import Role
+from infra.settings import Settings
 from meter.traffic import demo_price_list
-from metering.rating import VoiceRate, voice_cost
+from rating.rating import VoiceRate, voice_cost
 
 UK = "+442071234567"  # prefix 44: 0.015/min, 6/6
 UK_MOBILE = "+447911123456"  # prefix 447: 0.035/min, connect 0.005, 60/6
@@ -99,7 +99,7 @@ async def api(db_settings: Settings) -> AsyncIterator[Api]:
 def grants_bought(available: int, rate: VoiceRate, grant_s: int) -> list[int]:
     """The grants, in seconds, that successive calls get from ``available`` micro-units: the
     longest duration up to ``grant_s`` whose price fits, until not even one increment does.
-    Found by search over ``metering.rating``, independently of the Lua script."""
+    Found by search over ``rating.rating``, independently of the Lua script."""
     grants = []
     while True:
         fits = [d for d in range(1, grant_s + 1) if voice_cost(d, rate)[0] <= available]
@@ -485,7 +485,7 @@ async def test_the_catch_all_answers_500_without_a_trace(api: Api) -> None:
 
 
 async def test_buy_a_bundle_once_per_purchase_id(api: Api) -> None:
-    from meter.accounts import BundleSpec, put_bundle
+    from balance.accounts import BundleSpec, put_bundle
 
     await put_bundle(
         api.svc.pool,

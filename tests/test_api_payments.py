@@ -9,7 +9,7 @@ from dataclasses import replace
 
 import pytest
 
-from meter.settings import Settings
+from infra.settings import Settings
 from tests.test_api import ERROR_KEYS, Api, api_on
 
 

@@ -19,12 +19,12 @@ import httpx
 import orjson
 import pytest
 
-from enforcement.api import asgi_app
+from enforcement.http.app import asgi_app
+from infra.settings import Settings
 from meter.apiserver import server_for
 from meter.bench_authorize import AuthorizationRequests
 from meter.loadgen import run_step
-from meter.settings import Settings
-from metering.rating import VoiceRate, voice_cost
+from rating.rating import VoiceRate, voice_cost
 from tests.test_api import UK_MOBILE, Api, api_on, grants_bought
 
 

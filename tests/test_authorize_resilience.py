@@ -18,9 +18,9 @@ import httpx
 import pytest
 from prometheus_client import REGISTRY
 
-from enforcement import keys
-from meter.settings import Settings
-from metering.rating import VoiceRate, voice_cost
+from balance import keys
+from infra.settings import Settings
+from rating.rating import VoiceRate, voice_cost
 from tests.test_api import Api, api_on, assert_error, grants_bought
 
 DEADLINE_S = 0.5

@@ -17,9 +17,9 @@ from collections.abc import AsyncIterator
 import pytest
 import redis.asyncio as aioredis
 
-from enforcement import keys
-from enforcement.balance import Debit, RedisBalances
-from meter.clock import SettableClock
+from balance import keys
+from balance.store import Debit, RedisBalances
+from infra.clock import SettableClock
 from tests.test_calendar_edges import CALENDAR_EDGES, at, ttl
 
 DAY_S = 86_400
@@ -257,7 +257,7 @@ async def test_suspended_accounts_are_charged_but_stay_suspended(
 
 def test_state_machine_copies_are_identical() -> None:
     def transition(name: str) -> str:
-        text = importlib.resources.files("enforcement").joinpath("lua", name).read_text()
+        text = importlib.resources.files("balance").joinpath("lua", name).read_text()
         m = re.search(r"local function transition.*?\nend\n", text, re.S)
         assert m, name
         return m.group(0)
@@ -268,7 +268,7 @@ def test_state_machine_copies_are_identical() -> None:
 
 def test_usable_seconds_copies_are_identical() -> None:
     def fn(name: str) -> str:
-        text = importlib.resources.files("enforcement").joinpath("lua", name).read_text()
+        text = importlib.resources.files("balance").joinpath("lua", name).read_text()
         m = re.search(r"local function usable_seconds.*?\nend\n", text, re.S)
         assert m, name
         return m.group(0)
@@ -278,7 +278,7 @@ def test_usable_seconds_copies_are_identical() -> None:
 
 def test_recharge_trigger_copies_are_identical() -> None:
     def trigger(name: str) -> str:
-        text = importlib.resources.files("enforcement").joinpath("lua", name).read_text()
+        text = importlib.resources.files("balance").joinpath("lua", name).read_text()
         m = re.search(r"local function recharge_trigger.*?\nend\n", text, re.S)
         assert m, name
         return m.group(0)
@@ -289,15 +289,15 @@ def test_recharge_trigger_copies_are_identical() -> None:
 
 def test_billing_copies_are_identical() -> None:
     def billing(name: str) -> str:
-        text = importlib.resources.files("enforcement").joinpath("lua", name).read_text()
-        start = text.index("-- Billing as metering/rating.py does it")
+        text = importlib.resources.files("balance").joinpath("lua", name).read_text()
+        start = text.index("-- Billing as rating/rating.py does it")
         return text[start : text.index("\nlocal call_id", start)]
 
     assert billing("reserve.lua") == billing("progress.lua")
 
 
 def test_outbox_entries_decode_call_ids_holding_separators() -> None:
-    from enforcement.balance import _decode_outbox
+    from balance.store import _decode_outbox
 
     (s,) = _decode_outbox([b"7|call.terminate|credit_exhausted|a|b|c|1795300000"])
     assert (s.seq, s.type, s.reason, s.call_id, s.terminate_at) == (

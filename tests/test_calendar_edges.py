@@ -5,7 +5,7 @@ tests/test_plans.py, tests/test_minutes.py import it): the last seconds of a mon
 minutes of the next, 29 February, 31 December into 1 January, a date in the past and one in the
 future of the real clock, and the real clock itself. The servers' own clocks are never faked
 (Debian's libfaketime cannot start Debian's redis-server): the code takes ``now`` from
-``meter.clock`` and the Lua scripts take it as an argument and set expiry relative to it, so
+``infra.clock`` and the Lua scripts take it as an argument and set expiry relative to it, so
 Redis behaves the same whatever its own clock says.
 
 Here: the billing month's arithmetic at each edge, and a minute bucket flushed from Redis and
@@ -23,7 +23,7 @@ import asyncpg
 import pytest
 import redis.asyncio as aioredis
 
-from meter.accounts import (
+from balance.accounts import (
     AccountSpec,
     BundleSpec,
     PlanSpec,
@@ -33,22 +33,22 @@ from meter.accounts import (
     put_plan,
     put_price_list,
 )
-from meter.clock import SettableClock
-from meter.ledger import Ledger
+from balance.bundles import buy_bundle
+from infra.clock import SettableClock
+from infra.ledger import Ledger
 from meter.traffic import call_hangup, demo_price_list
-from metering.catalog import Catalog
-from metering.plans import (
+from metering.processor import MeteringProcessor
+from metering.worker import Connections
+from rating.catalog import Catalog
+from rating.plans import (
     GRANT_KEEP_S,
     Grant,
-    buy_bundle,
     month_period,
     parse_bucket,
     preview_draw,
     replay_since,
 )
-from metering.processor import MeteringProcessor
-from metering.rating import time_cost
-from metering.worker import Connections
+from rating.rating import time_cost
 
 
 def _utc(text: str) -> int:

@@ -12,18 +12,18 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
+from balance.coalesce import CoalescingBalances
+from balance.store import RedisBalances
 from contracts import topics
 from enforcement.authorize import Authorizer, AuthorizeRequest, BalanceStoreUnavailable
-from enforcement.balance import RedisBalances
-from enforcement.coalesce import CoalescingBalances
-from meter.kafkatools import read_all
-from meter.ledger import Ledger
-from meter.settings import Settings
+from infra.kafkatools import read_all
+from infra.ledger import Ledger
+from infra.settings import Settings
 from meter.traffic import call_hangup
-from metering.catalog import Catalog
 from metering.processor import MeteringProcessor
-from metering.rating import VoiceRate, voice_cost
 from metering.worker import Connections
+from rating.catalog import Catalog
+from rating.rating import VoiceRate, voice_cost
 from tests.conftest import Seeder
 from tests.helpers import Rec
 

@@ -12,8 +12,8 @@ import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from enforcement.balance import OutcomeUnknown, Reservation, Tariff
-from enforcement.coalesce import CoalescingBalances
+from balance.coalesce import CoalescingBalances
+from balance.store import OutcomeUnknown, Reservation, Tariff
 from tests.conftest import eventually
 
 NOW = 1_795_300_000

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from contracts import topics
-from meter.reconcile import reconcile
-from meter.settings import Settings
+from infra.settings import Settings
 from metering.worker import Connections
+from ops.reconcile import reconcile
 from tests.conftest import Seeder, eventually
 from tests.helpers import expected_cost, produce
 from tests.test_processor import traffic

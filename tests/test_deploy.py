@@ -9,6 +9,7 @@ import argparse
 import json
 import re
 import subprocess
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +17,9 @@ import pytest
 import yaml
 from prometheus_client import REGISTRY
 
-from meter import metrics
+from infra import metrics
+from infra.settings import Settings
 from meter.cli import build_parser
-from meter.settings import Settings
 from tests.helpers import require_binary
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,7 +41,7 @@ def compose() -> dict[str, Any]:
 
 def exposed_names() -> set[str]:
     """Every sample name the service's metrics can expose (labelled ones included before use)."""
-    assert metrics.EVENTS_CHARGED is not None  # meter.metrics is imported: all are registered
+    assert metrics.EVENTS_CHARGED is not None  # infra.metrics is imported: all are registered
     suffixes = {
         "counter": ("_total", "_created"),
         "gauge": ("",),
@@ -176,8 +177,9 @@ def test_dockerfile_builds_the_package_from_what_exists() -> None:
     copied = [x.split()[1] for x in lines if x.startswith("COPY ")]
     for source in copied:
         assert (ROOT / source).exists(), source
-    packages = ["contracts", "metering", "enforcement", "recharge", "meter"]  # pyproject's find
-    assert set(packages) <= set(copied)
+    find = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    packages = {p.rstrip("*") for p in find["find"]["include"]}
+    assert packages <= set(copied), packages - set(copied)
     assert any("pip install ." in x for x in lines)
     assert any(x.startswith("USER ") and "root" not in x for x in lines)
 

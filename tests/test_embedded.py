@@ -1,4 +1,4 @@
-"""Tests for meter.embedded: each service really starts, answers, and is gone after stop()."""
+"""Tests for infra.embedded: each service really starts, answers, and is gone after stop()."""
 
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ import pytest
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer  # type: ignore[import-untyped, unused-ignore]
 
-from meter import embedded
-from meter.embedded import (
+from infra import embedded
+from infra.embedded import (
     EmbeddedStack,
     KafkaHandle,
     PostgresHandle,
@@ -351,7 +351,7 @@ def test_stack_failure_stops_what_already_started(
 
 def _run_child(tmp_path: Path, body: str) -> int:
     """Run ``body`` in a fresh interpreter that prints the pid of what it started."""
-    script = "import os, sys\nfrom pathlib import Path\nfrom meter.embedded import *\n"
+    script = "import os, sys\nfrom pathlib import Path\nfrom infra.embedded import *\n"
     script += textwrap.dedent(body)
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     out = subprocess.run(

@@ -36,13 +36,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from contracts import topics
-from meter.kafkatools import read_all
-from meter.ledger import event_key
-from meter.reconcile import reconcile
-from meter.settings import Settings
+from infra.kafkatools import read_all
+from infra.ledger import event_key
+from infra.settings import Settings
 from meter.traffic import call_hangup, message_sent
 from metering.processor import BatchOutcome
 from metering.worker import Connections, run_metering
+from ops.reconcile import reconcile
 from tests.conftest import Seeder, eventually
 from tests.helpers import expected_cost
 

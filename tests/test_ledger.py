@@ -9,15 +9,15 @@ import asyncpg
 import orjson
 import pytest
 
+from balance import keys
 from contracts import topics
-from enforcement import keys
-from meter import metrics
-from meter.ledger import Ledger
-from meter.reconcile import reconcile
+from infra import metrics
+from infra.ledger import Ledger
 from meter.traffic import call_hangup
-from metering.catalog import Catalog
 from metering.processor import MeteringProcessor
 from metering.worker import Connections
+from ops.reconcile import reconcile
+from rating.catalog import Catalog
 from tests.conftest import Seeder
 from tests.helpers import Rec, expected_cost
 
@@ -96,7 +96,7 @@ class SignalsDown:
 async def test_a_state_change_is_published_after_a_crash_before_its_publish(
     settings: Any, conns: Connections, seed: Seeder
 ) -> None:
-    from meter.kafkatools import read_all
+    from infra.kafkatools import read_all
 
     await seed("acc_1", balance="0.05")
     events = [call_hangup("acc_1", f"c{i}", "+442071234567", 60) for i in range(10)]

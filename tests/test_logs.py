@@ -10,9 +10,9 @@ from collections.abc import Iterator
 import orjson
 import pytest
 
+from infra.logs import JsonFormatter, TextFormatter, bind, formatter
+from infra.settings import Settings, SettingsError
 from meter.cli import _setup_logging
-from meter.logs import JsonFormatter, TextFormatter, bind, formatter
-from meter.settings import Settings, SettingsError
 
 Capture = tuple[logging.Logger, io.StringIO, "logging.StreamHandler[io.StringIO]"]
 

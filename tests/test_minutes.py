@@ -13,10 +13,8 @@ from typing import Any
 import orjson
 import pytest
 
-from contracts import topics
-from enforcement import keys
-from enforcement.authorize import Authorizer, AuthorizeRequest
-from meter.accounts import (
+from balance import keys
+from balance.accounts import (
     AccountSpec,
     BundleSpec,
     PlanSpec,
@@ -26,24 +24,26 @@ from meter.accounts import (
     put_plan,
     put_price_list,
 )
-from meter.kafkatools import read_all
-from meter.ledger import Ledger, event_key
-from meter.settings import Settings
+from balance.bundles import buy_bundle
+from contracts import topics
+from enforcement.authorize import Authorizer, AuthorizeRequest
+from infra.kafkatools import read_all
+from infra.ledger import Ledger, event_key
+from infra.settings import Settings
 from meter.traffic import call_hangup, demo_price_list
-from metering.catalog import Catalog
-from metering.plans import (
+from metering.processor import MeteringProcessor
+from metering.worker import Connections
+from rating.catalog import Catalog
+from rating.plans import (
     Draw,
     Grant,
-    buy_bundle,
     month_period,
     parse_bucket,
     preview_draw,
     replay_bucket,
     replay_since,
 )
-from metering.processor import MeteringProcessor
-from metering.rating import time_cost
-from metering.worker import Connections
+from rating.rating import time_cost
 from tests.test_calendar_edges import CALENDAR_EDGES, at, ledger_clock
 from tests.test_calls import UK, Clock, answered, feed, hangup, make, progress
 from tests.test_plans import _rec
@@ -511,7 +511,7 @@ async def test_undraw_follows_the_grants_debit_recorded(conns: Connections, now:
 async def test_a_flat_rate_account_at_zero_is_low_not_held_until_its_minutes_run_out(
     conns: Connections, now: int
 ) -> None:
-    from enforcement.balance import Debit
+    from balance.store import Debit
 
     await account(conns, "flat", balance="0.50")
     await conns.balances.grant_minutes(

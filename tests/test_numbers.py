@@ -9,16 +9,16 @@ from typing import Any
 import asyncpg
 import orjson
 
+from balance.accounts import AccountSpec, create_accounts, put_price_list
 from contracts import topics
-from meter.accounts import AccountSpec, create_accounts, put_price_list
-from meter.kafkatools import read_all
-from meter.ledger import Ledger
-from meter.reconcile import reconcile
-from meter.settings import Settings
+from infra.kafkatools import read_all
+from infra.ledger import Ledger
+from infra.settings import Settings
 from meter.traffic import demo_price_list, number_event
-from metering.catalog import Catalog
 from metering.processor import BatchOutcome, MeteringProcessor
 from metering.worker import Connections
+from ops.reconcile import reconcile
+from rating.catalog import Catalog
 from tests.conftest import Seeder, eventually
 from tests.helpers import Rec, produce
 from tests.test_processor import running

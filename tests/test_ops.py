@@ -19,16 +19,16 @@ import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer
 from prometheus_client import REGISTRY
 
+from balance import keys
 from contracts import topics
-from enforcement import keys
-from meter import metrics
-from meter.db import create_pool
-from meter.instrument import instrumented_redis, redis_timer, sql_op
-from meter.ops import OpsCollector, count_accounts, running_collector
-from meter.reconcile import reconcile
-from meter.settings import Settings
+from infra import metrics
+from infra.db import create_pool
+from infra.instrument import instrumented_redis, redis_timer, sql_op
+from infra.settings import Settings
 from meter.traffic import call_hangup
 from metering.worker import Connections
+from ops.collector import OpsCollector, count_accounts, running_collector
+from ops.reconcile import reconcile
 from tests.conftest import Seeder, eventually
 from tests.helpers import produce
 

@@ -18,20 +18,28 @@ import redis.asyncio as aioredis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from balance.accounts import (
+    AccountSpec,
+    BundleSpec,
+    PlanSpec,
+    create_accounts,
+    put_bundle,
+    put_plan,
+)
+from balance.bundles import BundleError, buy_bundle
+from balance.store import Debit, RedisBalances
 from contracts import topics
-from enforcement.balance import Debit, RedisBalances
-from meter.accounts import AccountSpec, BundleSpec, PlanSpec, create_accounts, put_bundle, put_plan
-from meter.ledger import Ledger
-from meter.reconcile import reconcile
-from meter.settings import Settings
+from enforcement.estimate import estimate
+from infra.ledger import Ledger
+from infra.settings import Settings
 from meter.traffic import call_hangup, message_sent
-from metering.catalog import Catalog
-from metering.estimate import estimate
-from metering.plans import BundleError, buy_bundle, month_period, parse_bucket
-from metering.pricelists import import_rates, parse_csv
 from metering.processor import MeteringProcessor
-from metering.rating import time_cost
 from metering.worker import Connections
+from ops.reconcile import reconcile
+from rating.catalog import Catalog
+from rating.plans import month_period, parse_bucket
+from rating.pricelists import import_rates, parse_csv
+from rating.rating import time_cost
 from tests.conftest import Seeder, Services, eventually
 from tests.helpers import Rec, produce
 from tests.test_calendar_edges import CALENDAR_EDGES, at
@@ -214,7 +222,7 @@ def test_bucket_property_never_negative_never_twice(
 
 def test_grant_script_shares_the_state_machine() -> None:
     def transition(name: str) -> str:
-        text = importlib.resources.files("enforcement").joinpath("lua", name).read_text()
+        text = importlib.resources.files("balance").joinpath("lua", name).read_text()
         m = re.search(r"local function transition.*?\nend\n", text, re.S)
         assert m, name
         return m.group(0)

@@ -21,17 +21,17 @@ import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
+from balance.store import Debit, OutcomeUnknown, RedisBalances, Tariff
 from contracts import topics
-from enforcement.balance import Debit, OutcomeUnknown, RedisBalances, Tariff
-from meter.kafkatools import read_all
-from meter.ledger import Ledger
-from meter.reconcile import reconcile
-from meter.settings import Settings
+from infra.kafkatools import read_all
+from infra.ledger import Ledger
+from infra.settings import Settings
 from meter.traffic import call_hangup, message_sent
-from metering.catalog import Catalog
 from metering.isolate import is_transient, isolate
 from metering.processor import BatchOutcome, MeteringProcessor, Record
 from metering.worker import Connections, run_metering
+from ops.reconcile import reconcile
+from rating.catalog import Catalog
 from tests.conftest import Seeder, eventually
 from tests.helpers import Rec, expected_cost
 

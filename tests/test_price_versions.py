@@ -14,19 +14,19 @@ import asyncpg
 import orjson
 import pytest
 
+from balance.accounts import put_price_list
 from contracts import topics
-from meter import embedded
-from meter.accounts import put_price_list
-from meter.db import migrate, migrations
-from meter.ledger import Ledger
-from meter.settings import Settings
+from enforcement.estimate import estimate
+from infra import embedded
+from infra.db import migrate, migrations
+from infra.ledger import Ledger
+from infra.settings import Settings
 from meter.traffic import call_hangup, demo_price_list, message_sent
-from metering.catalog import Catalog
-from metering.estimate import estimate
-from metering.pricelists import add_price_version, load_price_lists
 from metering.processor import MeteringProcessor
-from metering.rating import NoRate, PriceList
 from metering.worker import Connections
+from rating.catalog import Catalog
+from rating.pricelists import add_price_version, load_price_lists
+from rating.rating import NoRate, PriceList
 from tests.conftest import Seeder, Services, eventually
 from tests.helpers import Rec, produce
 from tests.test_processor import running

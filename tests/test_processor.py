@@ -13,14 +13,14 @@ import orjson
 import pytest
 
 from contracts import topics
-from meter.kafkatools import read_all
-from meter.ledger import Ledger
-from meter.reconcile import reconcile
-from meter.settings import Settings
+from infra.kafkatools import read_all
+from infra.ledger import Ledger
+from infra.settings import Settings
 from meter.traffic import call_hangup, message_sent
-from metering.catalog import Catalog
 from metering.processor import BatchOutcome, MeteringProcessor
 from metering.worker import Connections, run_metering
+from ops.reconcile import reconcile
+from rating.catalog import Catalog
 from tests.conftest import Seeder, eventually
 from tests.helpers import Rec, expected_cost, produce
 

@@ -23,11 +23,11 @@ import yaml
 from prometheus_client import REGISTRY, start_http_server
 
 from contracts import topics
-from meter.ops import running_collector
-from meter.settings import Settings
+from infra.settings import Settings
 from meter.traffic import call_hangup
 from metering.processor import BatchOutcome
 from metering.worker import Connections, run_metering
+from ops.collector import running_collector
 from tests.conftest import Seeder, eventually
 from tests.helpers import produce, require_binary
 from tests.test_ops import free_port

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from metering.pricelists import CSV_COLUMNS, PriceListCsvError, export_csv, parse_csv
-from metering.rating import (
+from rating.pricelists import CSV_COLUMNS, PriceListCsvError, export_csv, parse_csv
+from rating.rating import (
     MAX_RATE_PER_MIN,
     NoRate,
     PriceList,

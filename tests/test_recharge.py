@@ -13,12 +13,12 @@ import asyncpg
 import pytest
 import redis.asyncio as aioredis
 
+from balance.accounts import AccountSpec, create_accounts, put_price_list
+from balance.store import RECHARGE_REQUESTED, Debit, RedisBalances
 from contracts.payments import Notification
-from enforcement.balance import RECHARGE_REQUESTED, Debit, RedisBalances
-from meter.accounts import AccountSpec, create_accounts, put_price_list
-from meter.db import create_pool
-from meter.ledger import Ledger
-from meter.settings import Settings
+from infra.db import create_pool
+from infra.ledger import Ledger
+from infra.settings import Settings
 from meter.traffic import demo_price_list
 from recharge import policy
 from recharge.gateway import ChargeRequest, ChargeResult
@@ -467,7 +467,7 @@ async def test_only_what_was_captured_is_credited(
 
 
 async def test_a_lost_redis_state_comes_back_with_its_recharge_state(world) -> None:  # type: ignore[no-untyped-def]
-    from meter.accounts import load_into_redis
+    from balance.accounts import load_into_redis
 
     pool, balances, *_ = world
     svc = _service(world)

@@ -19,8 +19,8 @@ import pytest
 import stripe
 
 from contracts import topics
-from meter.ledger import Ledger
-from meter.settings import Settings
+from infra.ledger import Ledger
+from infra.settings import Settings
 from metering.worker import Connections
 from recharge.service import PaymentService
 from recharge.stripe_gateway import StripeGateway

@@ -14,15 +14,15 @@ from typing import Any
 import orjson
 from prometheus_client import REGISTRY
 
+from balance import keys
+from balance.accounts import load_into_redis
 from contracts import topics
-from enforcement import keys
-from meter.accounts import load_into_redis
-from meter.ledger import Ledger
-from meter.reconcile import reconcile
-from meter.settings import Settings
+from infra.ledger import Ledger
+from infra.settings import Settings
 from meter.traffic import call_hangup
-from metering.catalog import Catalog
 from metering.worker import Connections, build_processor
+from ops.reconcile import reconcile
+from rating.catalog import Catalog
 from tests.conftest import Seeder
 from tests.helpers import Rec
 

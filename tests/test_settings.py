@@ -10,9 +10,9 @@ from typing import Any, cast
 
 import pytest
 
-from meter.settings import CallControl, Settings, SettingsError
-from metering.catalog import Catalog
+from infra.settings import CallControl, Settings, SettingsError
 from metering.worker import Connections, build_processor
+from rating.catalog import Catalog
 
 
 def test_defaults_and_overrides() -> None:
@@ -64,7 +64,7 @@ def settings_table() -> list[tuple[list[str], str]]:
     """The README's settings table: (variables, default) per row, up to its first non-row
     line, so a table cut in two by a blank line documents only its first half."""
     lines = (ROOT / "README.md").read_text().splitlines()
-    start = lines.index("## Settings (environment, read once in `meter/settings.py`)")
+    start = lines.index("## Settings (environment, read once in `infra/settings.py`)")
     first = next(i for i in range(start, len(lines)) if lines[i].startswith("|"))
     rows = list(itertools.takewhile(lambda x: x.startswith("|"), lines[first:]))
     assert rows[0].startswith("| variable | default |") and set(rows[1]) <= {"|", "-"}

@@ -24,7 +24,7 @@ def tag(account_id: str) -> str:
 def account(account_id: str) -> str:
     """Hash: ``bal res cl lowth st seq cur`` (money in micro-units), and ``min``: the minute
     bucket of included seconds (grants ``id,remaining_s,valid_from,expires_at`` joined by
-    ``;``, see ``metering/plans.py``). A field, not a key of its own, so the debit reads it
+    ``;``, see ``rating/plans.py``). A field, not a key of its own, so the debit reads it
     with the HMGET it already does. Auto-recharge: ``rth`` the threshold (present only while
     it is on), ``rq`` the seq of the open trigger (see ``recharge_settings.lua``); ``hr`` the
     reason of a hold the service pinned (e.g. ``recharge_cap``)."""
@@ -48,7 +48,7 @@ def credits(account_id: str) -> str:
 
 
 def reservations(account_id: str) -> str:
-    """Hash of live reservations: field = call_id, value = see ``enforcement/lua/reserve.lua``."""
+    """Hash of live reservations: field = call_id, value = see ``balance/lua/reserve.lua``."""
     return f"{tag(account_id)}:rsv"
 
 

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from balance.store import RedisBalances
 from contracts.money import format_money
-from enforcement.balance import RedisBalances
-from meter.clock import Clock, system_clock
-from metering.catalog import Catalog
-from metering.plans import Grant, month_period, parse_bucket, preview_draw
-from metering.rating import time_cost, voice_cost
+from infra.clock import Clock, system_clock
+from rating.catalog import Catalog
+from rating.plans import Grant, month_period, parse_bucket, preview_draw
+from rating.rating import time_cost, voice_cost
 
 
 @dataclass(frozen=True, slots=True)

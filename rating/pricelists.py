@@ -30,7 +30,7 @@ from typing import Final
 import asyncpg
 
 from contracts.money import MoneyFormatError, format_money, parse_money
-from metering.rating import MAX_PREFIX_LEN, MAX_RATE_PER_MIN, PriceList, PriceVersion, VoiceRate
+from rating.rating import MAX_PREFIX_LEN, MAX_RATE_PER_MIN, PriceList, PriceVersion, VoiceRate
 
 CSV_COLUMNS: Final = (
     "prefix",

@@ -1,4 +1,4 @@
-"""PostgreSQL connections and versioned migrations (``meter/migrations/NNNN_name.sql``)."""
+"""PostgreSQL connections and versioned migrations (``infra/migrations/NNNN_name.sql``)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Final
 import asyncpg
 import asyncpg.pool
 
-from meter.instrument import observe_queries
+from infra.instrument import observe_queries
 
 _MIGRATION_RE: Final = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
 # Any fixed number: serialises concurrent migrators (several processors starting together).
@@ -19,7 +19,7 @@ _MIGRATION_LOCK: Final = 0x6D65746572
 def migrations() -> list[tuple[int, str, str]]:
     """``(version, name, sql)`` of every migration shipped in the package, in order."""
     out = []
-    for entry in importlib.resources.files("meter").joinpath("migrations").iterdir():
+    for entry in importlib.resources.files("infra").joinpath("migrations").iterdir():
         m = _MIGRATION_RE.match(entry.name)
         if m:
             out.append((int(m.group(1)), entry.name, entry.read_text("utf-8")))
@@ -56,7 +56,7 @@ async def migrate(conn: asyncpg.Connection | asyncpg.pool.PoolConnectionProxy) -
 
 
 async def _instrument(conn: asyncpg.Connection) -> None:
-    # Every statement's latency into meter_postgres_query_duration_seconds (meter.instrument).
+    # Every statement's latency into meter_postgres_query_duration_seconds (infra.instrument).
     conn.add_query_logger(observe_queries)
 
 

@@ -1,7 +1,7 @@
 """The HTTP API (FastAPI, OpenAPI at ``/openapi.json``): call authorization, balances, and the
 operator's suspend / resume.
 
-Every ``/v1`` endpoint needs ``Authorization: Bearer <api key>`` (``enforcement.api_keys``):
+Every ``/v1`` endpoint needs ``Authorization: Bearer <api key>`` (``enforcement.http.auth``):
 
 =====================================  ===============================================
 ``POST /v1/authorizations``            ``service`` keys for any account (call-control
@@ -34,13 +34,13 @@ allowed nor denied: call-control retries with the *same* ``call_id`` (reservatio
 idempotent per call, so a retry never reserves twice) and applies its own fail-open or
 fail-closed rule when retries run out. An account and a key already cached are answered while
 PostgreSQL is away. Other PostgreSQL work is bounded by ``_DB_TIMEOUT_S`` (503
-``database_unavailable``). Errors have one shape, see ``enforcement.api_errors``.
+``database_unavailable``). Errors have one shape, see ``enforcement.http.errors``.
 
 Speed (``meter bench authorize``): ``POST /v1/authorizations`` is answered by a plain ASGI
 handler in front of FastAPI (``AuthorizeFastPath``, served by ``asgi_app``) with the same
 functions as the FastAPI route that documents it, since the framework's layers cost more than
 the authorization itself; and concurrent reservations share Redis round trips
-(``enforcement.coalesce``).
+(``balance.coalesce``).
 """
 
 from __future__ import annotations
@@ -63,12 +63,24 @@ from pydantic import BaseModel, ValidationError
 from redis.exceptions import RedisError
 from starlette.types import Message, Receive, Scope, Send
 
+from balance.accounts import load_into_redis
+from balance.bundles import BundleError, buy_bundle
+from balance.coalesce import CoalescingBalances
+from balance.store import AccountState, OutcomeUnknown, RedisBalances
 from contracts.events import ACCOUNT_ID_PATTERN
 from contracts.money import format_money
-from enforcement import api_errors
-from enforcement.api_errors import ApiError
-from enforcement.api_keys import ApiKey, ApiKeys, KeyStoreUnavailable, Role
-from enforcement.api_models import (
+from enforcement.authorize import (
+    POSTGRES_DOWN,
+    REDIS_DOWN,
+    Authorizer,
+    AuthorizeRequest,
+    BalanceStoreUnavailable,
+    DatabaseUnavailable,
+)
+from enforcement.http import errors as api_errors
+from enforcement.http.auth import ApiKey, ApiKeys, KeyStoreUnavailable, Role
+from enforcement.http.errors import ApiError
+from enforcement.http.models import (
     AuthorizationIn,
     AuthorizationOut,
     AutoRechargeIn,
@@ -84,22 +96,10 @@ from enforcement.api_models import (
     StatusIn,
     StatusOut,
 )
-from enforcement.authorize import (
-    POSTGRES_DOWN,
-    REDIS_DOWN,
-    Authorizer,
-    AuthorizeRequest,
-    BalanceStoreUnavailable,
-    DatabaseUnavailable,
-)
-from enforcement.balance import AccountState, OutcomeUnknown, RedisBalances
-from enforcement.coalesce import CoalescingBalances
-from meter import metrics
-from meter.accounts import load_into_redis
-from meter.db import create_pool
-from meter.settings import Settings
-from metering.catalog import Catalog
-from metering.plans import BundleError, buy_bundle
+from infra import metrics
+from infra.db import create_pool
+from infra.settings import Settings
+from rating.catalog import Catalog
 from recharge.gateway import SavedMethod
 from recharge.policy import PolicyRefusal
 from recharge.service import (

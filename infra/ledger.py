@@ -10,7 +10,7 @@ from typing import Final
 
 import asyncpg
 
-from meter.instrument import postgres_timer
+from infra.instrument import postgres_timer
 
 _INSERT: Final = """
 INSERT INTO ledger (event_key, account_id, kind, amount, quantity, ref, rate_ref, event_time,

@@ -17,7 +17,7 @@
 --   outbox: pending signals "seq|type|reason[|call_id|terminate_at]" joined by ";".
 -- Idempotent: the same update again changes nothing and queues nothing.
 
--- Billing as metering/rating.py does it, in micro-units, always rounding up.
+-- Billing as rating/rating.py does it, in micro-units, always rounding up.
 local function billed(d, initial, subsequent)
   if d <= 0 then
     return 0

@@ -29,10 +29,10 @@ from dataclasses import dataclass
 
 import asyncpg
 
-from meter.singleflight import SingleFlight
-from metering.plans import Plan
-from metering.pricelists import load_price_lists, price_list_versions
-from metering.rating import PriceList
+from infra.singleflight import SingleFlight
+from rating.plans import Plan
+from rating.pricelists import load_price_lists, price_list_versions
+from rating.rating import PriceList
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,7 +28,7 @@ from typing import Final, Literal, get_args
 
 import asyncpg
 
-from meter.singleflight import SingleFlight
+from infra.singleflight import SingleFlight
 
 log = logging.getLogger(__name__)
 

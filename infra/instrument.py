@@ -1,6 +1,6 @@
 """Call latency of Redis and PostgreSQL, as each process's clients see it.
 
-- PostgreSQL: ``observe_queries`` is an asyncpg query logger; ``meter.db.create_pool`` adds it
+- PostgreSQL: ``observe_queries`` is an asyncpg query logger; ``infra.db.create_pool`` adds it
   to every connection, so every pool of the service is measured without further wiring.
   asyncpg (0.32) does not report ``COPY`` to query loggers: time those with
   ``postgres_timer("copy")``.
@@ -23,7 +23,7 @@ from typing import Any, Final
 from asyncpg.connection import LoggedQuery
 from redis.asyncio.client import Pipeline, Redis
 
-from meter import metrics
+from infra import metrics
 
 #: Statement keywords reported as themselves; anything else is ``other`` (bounded label values).
 _SQL_OPS: Final = frozenset(

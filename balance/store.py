@@ -1,4 +1,4 @@
-"""The balance store: typed wrappers around the Lua scripts in ``enforcement/lua``.
+"""The balance store: typed wrappers around the Lua scripts in ``balance/lua``.
 
 Errors (httpx-style tree)::
 
@@ -26,8 +26,8 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from enforcement import keys
-from meter.clock import Clock, system_clock
+from balance import keys
+from infra.clock import Clock, system_clock
 
 ACCOUNT_STATES: Final = ("active", "low", "hold", "suspended")
 #: The outbox entry type of an auto-recharge trigger (not a signal: it goes to the worker).
@@ -43,7 +43,7 @@ class OutcomeUnknown(BalanceStoreError):
 
 
 def _lua(name: str) -> str:
-    return importlib.resources.files("enforcement").joinpath("lua", name).read_text("utf-8")
+    return importlib.resources.files("balance").joinpath("lua", name).read_text("utf-8")
 
 
 #: A call's draw on included minutes: (billed_s, rate_per_min, connect_fee, answered_at).
@@ -251,7 +251,7 @@ def _decode_outbox(entries: list[bytes]) -> list[PendingSignal]:
 
 @dataclass(frozen=True, slots=True)
 class Tariff:
-    """The price of a call's time, as a reservation needs it (from ``metering.rating``)."""
+    """The price of a call's time, as a reservation needs it (from ``rating.rating``)."""
 
     rate_per_min: int
     connect_fee: int = 0
@@ -288,7 +288,7 @@ class RedisBalances:
 
     On a single Redis node one script may carry many accounts; on a cluster pass
     ``max_accounts_per_call=1`` (keys of one script must share a slot) and use a cluster client.
-    ``clock``: the time of the calls that take no ``now_s`` (see ``meter.clock``); the scripts
+    ``clock``: the time of the calls that take no ``now_s`` (see ``infra.clock``); the scripts
     never read Redis's own clock.
     """
 
@@ -416,7 +416,7 @@ class RedisBalances:
         return GrantOutcome(names[int(result)], int(bal), st.decode())
 
     async def bucket(self, account_id: str) -> bytes | None:
-        """The raw minute bucket of an account (``metering.plans.parse_bucket`` reads it)."""
+        """The raw minute bucket of an account (``rating.plans.parse_bucket`` reads it)."""
         raw = await self._r.hget(keys.account(account_id), "min")
         return cast(bytes | None, raw)
 
@@ -824,7 +824,7 @@ class RedisBalances:
         credited: Sequence[str] = (),
     ) -> bool:
         """Create the account's state if absent (rebuild from the ledger uses this too).
-        ``bucket``: its minute bucket, a ``min`` field (``metering.plans.format_bucket``);
+        ``bucket``: its minute bucket, a ``min`` field (``rating.plans.format_bucket``);
         the auto-recharge threshold and open trigger, a pinned hold's reason; ``credited``:
         credit ids the balance already includes (see ``load_account.lua``)."""
         if status not in ACCOUNT_STATES:

@@ -16,8 +16,8 @@ from pathlib import Path
 import asyncpg
 
 from contracts.topics import ALL
-from meter.db import migrate
-from meter.settings import Settings
+from infra.db import migrate
+from infra.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ async def running_stack(
 ) -> AsyncIterator[Settings]:
     """Yield settings whose endpoints are all set and reachable (the broker only when
     ``kafka_needed``: the API process has no use for one)."""
-    from meter import embedded  # heavy imports only when something is embedded
+    from infra import embedded  # heavy imports only when something is embedded
 
     # Absolute: redis-server resolves its log file after changing into --dir.
     root = (root or settings.data_dir / "embedded").resolve()
@@ -60,7 +60,7 @@ async def running_stack(
 
 async def prepare(settings: Settings, *, topics: bool = True) -> None:
     """Create missing topics and apply pending migrations (both idempotent)."""
-    from meter.embedded import create_topics
+    from infra.embedded import create_topics
 
     if topics:
         await create_topics(settings.kafka_bootstrap, {t: settings.partitions for t in ALL})

@@ -24,7 +24,7 @@ from typing import Final
 
 import redis.asyncio as aioredis
 
-from enforcement.balance import PlanPeriod, RedisBalances, Reservation, Tariff
+from balance.store import PlanPeriod, RedisBalances, Reservation, Tariff
 
 #: Calls per ``reserve_many``: bounds how long one batch holds Redis.
 MAX_BATCH: Final = 256

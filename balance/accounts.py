@@ -13,14 +13,14 @@ from typing import Annotated, Self
 import asyncpg
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
 
+from balance.store import RedisBalances
 from contracts.events import ACCOUNT_ID_PATTERN
 from contracts.money import Micros
-from enforcement.balance import RedisBalances
-from meter.clock import Clock, system_clock, utc_datetime
-from meter.ledger import COLUMNS, Ledger, LedgerRow, credit_key
-from metering.plans import parse_bucket, rebuild_buckets
-from metering.pricelists import RATE_COLUMNS, write_prices
-from metering.rating import MAX_RATE_PER_MIN, PriceVersion, VoiceRate
+from infra.clock import Clock, system_clock, utc_datetime
+from infra.ledger import COLUMNS, Ledger, LedgerRow, credit_key
+from rating.plans import parse_bucket, rebuild_buckets
+from rating.pricelists import RATE_COLUMNS, write_prices
+from rating.rating import MAX_RATE_PER_MIN, PriceVersion, VoiceRate
 
 
 class _Spec(BaseModel):
@@ -104,7 +104,7 @@ async def put_price_list(pool: asyncpg.Pool, spec: PriceListSpec) -> None:
     """Create or replace a price list: its rates and its other prices (every version of both)
     are replaced whole, and its version bumped so running catalogs reload it. To add versions
     while keeping the history calls are re-rated with, import a CSV of rates or call
-    ``add_price_version`` (``metering.pricelists``) instead."""
+    ``add_price_version`` (``rating.pricelists``) instead."""
     async with pool.acquire() as conn, conn.transaction():
         await conn.execute(
             "INSERT INTO price_lists (id, currency, inbound_per_min, sms_per_part, description,"
@@ -259,7 +259,7 @@ async def load_into_redis(
     Used at account creation and when the hot path meets an account Redis does not know
     (Redis lost or flushed): balance = sum of the ledger, seq = last signal recorded, the
     minute bucket as it stands at ``now`` (unix s, default: ``clock``) from the bundles bought
-    and the seconds drawn (``metering.plans.rebuild_buckets``), and the auto-recharge state:
+    and the seconds drawn (``rating.plans.rebuild_buckets``), and the auto-recharge state:
     threshold, open trigger, a hold the service pinned, payments the ledger has and Redis was
     not yet told of (remembered as applied, so finishing them credits nothing twice).
     """

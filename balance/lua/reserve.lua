@@ -25,7 +25,7 @@
 --   decision "allow" | "deny"; reason "ok" or the contract's deny reason.
 --   A second call for the same call_id returns the first answer (authorize is retried).
 
--- Billing as metering/rating.py does it, in micro-units, always rounding up.
+-- Billing as rating/rating.py does it, in micro-units, always rounding up.
 local function billed(d, initial, subsequent)
   if d <= 0 then
     return 0

@@ -115,7 +115,7 @@ def _stop_all_at_exit() -> None:
         try:
             handle.stop()
         except Exception as exc:  # at exit there is nobody left to handle it
-            print(f"meter.embedded: failed to stop {handle!r}: {exc}", file=sys.stderr)
+            print(f"infra.embedded: failed to stop {handle!r}: {exc}", file=sys.stderr)
 
 
 # --------------------------------------------------------------------------- #

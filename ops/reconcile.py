@@ -13,7 +13,7 @@ next one changes the difference). An account that changed at every read is repor
 An account the ledger has and Redis does not (Redis lost it: a flush, a failover to an empty
 replica, a restore) is ``missing``, counted apart and exported as
 ``meter_reconcile_missing_accounts``, never as drift: it holds no balance that could be wrong,
-and its next event or authorization rebuilds it from the ledger (``meter.accounts``). Counting
+and its next event or authorization rebuilds it from the ledger (``balance.accounts``). Counting
 its whole ledger balance as drift would page, after every Redis loss, for money that is right.
 """
 
@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 
 import asyncpg
 
-from enforcement.balance import RedisBalances
-from meter import metrics
-from meter.ledger import Ledger
+from balance.store import RedisBalances
+from infra import metrics
+from infra.ledger import Ledger
 
 
 @dataclass(slots=True)

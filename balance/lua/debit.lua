@@ -23,7 +23,7 @@
 -- bytes or sign, can shift another's meaning (a separator-joined list once let one event's
 -- negative day move the amounts of the other accounts in the same call).
 --
--- Minute bucket (see metering/plans.py): the account hash's "min" field holds grants
+-- Minute bucket (see rating/plans.py): the account hash's "min" field holds grants
 -- "id,remaining_s,valid_from,expires_at" joined by ";". A new call draws its billed seconds
 -- from the grants valid at its answered_at, soonest to expire first; its amount becomes
 -- connect_fee + ceil(rate_per_min * (billed_s - drawn) / 60). The drawn seconds are stored in
@@ -245,7 +245,7 @@ for a = 1, n_accounts do
             end
           end
           if drawn > 0 then
-            -- the overage, rounded up as metering/rating.py does: exact, as rate * need
+            -- the overage, rounded up as rating/rating.py does: exact, as rate * need
             -- stays far below 2^53 (rates are capped at MAX_RATE_PER_MIN)
             local x = rate * need + 59
             amount = string.format('%d', fee + (x - x % 60) / 60)

@@ -27,7 +27,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Final
 
-from meter.clock import Clock, system_clock
+from infra.clock import Clock, system_clock
 
 #: Longest prefix we index; E.164 numbers have at most 15 digits.
 MAX_PREFIX_LEN: Final = 15
@@ -128,7 +128,7 @@ class PriceList:
     #: prefix -> its older versions, newest first (only prefixes with more than one version)
     _older: dict[str, list[VoiceRate]]
     _max_len: int
-    #: what "now" is when no time is given (``meter.clock``)
+    #: what "now" is when no time is given (``infra.clock``)
     _clock: Clock = field(compare=False, repr=False)
 
     def __init__(

@@ -7,7 +7,7 @@
   the live reservations (``meter_reservations_live``), the size of their expiry index.
 - reconciliation drift (``meter_reconcile_drift_*``), with mismatches confirmed by re-reads,
   since the pipeline is live, and apart from it the accounts Redis lost and has not rebuilt yet
-  (``meter_reconcile_missing_accounts``; see ``meter.reconcile``).
+  (``meter_reconcile_missing_accounts``; see ``ops.reconcile``).
 
 Each collector runs on its own period (settings ``ops_*_interval_s``; 0 = off). A failing
 collector logs, counts ``meter_ops_errors_total`` and tries again next period; its
@@ -27,14 +27,14 @@ from dataclasses import dataclass
 import asyncpg
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from balance import keys
+from balance.store import ACCOUNT_STATES, RedisBalances
 from contracts import topics
-from enforcement import keys
-from enforcement.balance import ACCOUNT_STATES, RedisBalances
-from meter import metrics
-from meter.db import create_pool
-from meter.instrument import InstrumentedRedis, instrumented_redis
-from meter.reconcile import Reconciliation, reconcile
-from meter.settings import Settings
+from infra import metrics
+from infra.db import create_pool
+from infra.instrument import InstrumentedRedis, instrumented_redis
+from infra.settings import Settings
+from ops.reconcile import Reconciliation, reconcile
 
 log = logging.getLogger(__name__)
 

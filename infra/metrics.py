@@ -6,9 +6,9 @@ operations. Counters whose label values are known in advance are created at zero
 ``increase()`` sees the first event and a quiet counter is told apart from a missing one.
 
 Who sets what: the metering worker the ``meter_events_*``, ``meter_dead_letters_*``,
-``meter_signals_*`` and ``meter_batch_*`` series; ``meter run ops`` (``meter.ops``) the consumer
+``meter_signals_*`` and ``meter_batch_*`` series; ``meter run ops`` (``ops.collector``) the consumer
 lag, the accounts by state and the reconciliation drift; every process that talks to Redis or
-PostgreSQL through ``meter.instrument`` the call latencies.
+PostgreSQL through ``infra.instrument`` the call latencies.
 """
 
 from __future__ import annotations

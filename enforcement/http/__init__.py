@@ -1,0 +1,1 @@
+"""The HTTP API of call control and account administration."""

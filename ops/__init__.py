@@ -1,0 +1,1 @@
+"""What no single worker sees: reconciliation and the ops collector for Prometheus."""
