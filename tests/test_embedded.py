@@ -1,4 +1,5 @@
-"""Tests for infra.embedded: each service really starts, answers, and is gone after stop()."""
+"""Tests for infra.embedded and infra.stack: each service really starts, answers, and is gone
+after stop(); the stack embeds exactly what is not configured."""
 
 from __future__ import annotations
 
@@ -22,7 +23,6 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer  # type: ignore[import-u
 
 from infra import embedded
 from infra.embedded import (
-    EmbeddedStack,
     KafkaHandle,
     PostgresHandle,
     RedisHandle,
@@ -33,6 +33,9 @@ from infra.embedded import (
     start_postgres,
     start_redis,
 )
+from infra.embedded.postgres import dsn_for_database
+from infra.settings import Settings
+from infra.stack import EmbeddedStack, running_stack
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -254,7 +257,7 @@ def test_postgres_restarts_on_same_root_and_keeps_data(tmp_path: Path) -> None:
     second = start_postgres(tmp_path)
     try:
         assert second.pid != first.pid
-        kept = embedded._dsn_for_database(second.url, "kept")
+        kept = dsn_for_database(second.url, "kept")
         assert asyncio.run(_select_one(kept)) == 1
     finally:
         second.stop()
@@ -347,6 +350,33 @@ def test_stack_failure_stops_what_already_started(
     assert len(started) == 2
     for handle in started:
         assert _wait_pid_gone(handle.pid, 1.0), handle
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+@pytest.mark.asyncio
+async def test_running_stack_keeps_configured_endpoints_and_embeds_the_rest(
+    tmp_path: Path,
+) -> None:
+    configured = await asyncio.to_thread(start_redis, tmp_path / "configured")
+    root = tmp_path / "embedded"
+    try:
+        settings = Settings(redis_url=configured.url, data_dir=tmp_path)
+        async with running_stack(settings, root, kafka_needed=False) as resolved:
+            assert resolved.redis_url == configured.url
+            assert resolved.kafka_bootstrap == ""  # not needed: no broker started
+            assert resolved.database_url.startswith("postgresql://")
+            conn = await asyncpg.connect(resolved.database_url)
+            try:  # migrated
+                assert await conn.fetchval("select count(*) from schema_migrations") > 0
+            finally:
+                await conn.close()
+            assert sorted(p.name for p in root.iterdir()) == ["postgres"]
+        with pytest.raises(OSError):
+            await asyncpg.connect(resolved.database_url, timeout=5)
+        assert configured.is_running()  # configured services are not the stack's to stop
+    finally:
+        await asyncio.to_thread(configured.stop)
 
 
 def _run_child(tmp_path: Path, body: str) -> int:
