@@ -79,7 +79,7 @@ def _stop_all_at_exit() -> None:
 # --------------------------------------------------------------------------- #
 
 
-def free_port() -> int:
+def _free_port() -> int:
     """Return a TCP port on 127.0.0.1 that was free a moment ago (racy by nature)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((HOST, 0))
@@ -179,7 +179,7 @@ class ProcessHandle:
                 return
             self._stopped = True
             try:
-                terminate_group(self._proc, timeout)
+                _terminate_group(self._proc, timeout)
             finally:
                 unregister(self)
 
@@ -199,7 +199,7 @@ class ProcessHandle:
         return f"<{type(self).__name__} pid={self.pid} {state} log={self.log_path}>"
 
 
-def terminate_group(proc: subprocess.Popen[bytes], timeout: float) -> None:
+def _terminate_group(proc: subprocess.Popen[bytes], timeout: float) -> None:
     if proc.returncode is not None:
         return  # already reaped: its pid (and so the group id) may belong to someone else now
     pgid = proc.pid  # start_new_session=True made the child its own group leader
@@ -274,7 +274,7 @@ def start_with_port_retry(
     deadline = time.monotonic() + timeout
     attempts = 1 if port is not None else _SPAWN_ATTEMPTS
     for attempt in range(1, attempts + 1):
-        chosen = port if port is not None else free_port()
+        chosen = port if port is not None else _free_port()
         proc = _spawn(make_cmd(chosen), log_path)
         try:
             while True:
@@ -290,7 +290,7 @@ def start_with_port_retry(
                     return proc, chosen
                 time.sleep(0.1)
         except BaseException:
-            terminate_group(proc, STOP_TIMEOUT_S)
+            _terminate_group(proc, STOP_TIMEOUT_S)
             raise
         if attempt == attempts or time.monotonic() >= deadline:
             raise RuntimeError(
