@@ -41,14 +41,18 @@ class Settings:
     database_url: str = ""
     #: Where embedded services keep their data and logs.
     data_dir: Path = Path(".meter")
+    #: Consumer group of the metering workers: the workers of one group share the partitions.
     consumer_group: str = "meter-metering"
     #: Partitions for topics the service creates itself (embedded broker, demo, bench).
     partitions: int = 8
+    #: The most records a metering worker takes into one batch.
     batch_max_records: int = 5000
+    #: How long a metering worker waits for a batch to fill, in milliseconds.
     batch_timeout_ms: int = 50
     #: Larger messages are dead-lettered as ``oversized``.
     max_message_bytes: int = 65_536
-    #: Longer calls are dead-lettered as ``absurd_duration``.
+    #: Longer calls (``billable_s``, or a ``call.progress``'s ``elapsed_s``) are dead-lettered
+    #: as ``absurd_duration``.
     max_call_s: int = 86_400
     #: Events stamped further in the future are dead-lettered as ``future_timestamp``.
     max_clock_skew_s: int = 300
@@ -56,49 +60,67 @@ class Settings:
     redis_accounts_per_call: int = 256
     #: Consumer-group session timeout; the embedded broker holds a join for about half of it.
     kafka_session_timeout_ms: int = 10_000
+    #: Connect and read timeout of the workers' and ops' Redis calls, and the API's connect
+    #: timeout (its reads are bounded by ``authorize_deadline_s``): a hung Redis fails a batch,
+    #: never hangs it.
     redis_timeout_s: float = 5.0
     #: Prometheus ``/metrics`` port of every process; 0 = no endpoint.
     metrics_port: int = 0
     #: Loopback by default; ``0.0.0.0`` inside a container, so Prometheus can reach it.
     metrics_addr: str = "127.0.0.1"
+    #: ``DEBUG``, ``INFO``, ``WARNING`` or ``ERROR``; an unknown name means ``INFO``.
     log_level: str = "INFO"
-    #: ``text`` for people, ``json`` (one object per line) for log shippers.
+    #: ``text`` for people, ``json`` for log shippers: one object per line (``ts, level, logger,
+    #: msg``, plus ``account_id``, ``call_id``, ``event_id``, ... when the line is about one;
+    #: ``exc`` with the traceback).
     log_format: str = "text"
-    #: ``meter run ops``: how often it samples consumer lag (cheap: a request per partition),
-    #: counts accounts by state (a SCAN over every Redis key) and reconciles Redis against the
-    #: ledger (a sum over the whole ledger). 0 switches that collector off.
+    #: ``meter run ops``: how often it samples consumer lag (cheap: a few requests per
+    #: partition); 0 switches that collector off.
     ops_lag_interval_s: float = 15.0
+    #: ``meter run ops``: how often it counts accounts by state, a ``SCAN`` over every Redis key
+    #: (250 per step, each step holding Redis about 0.2 ms: per 100k accounts about 0.3 s of
+    #: Redis time and 2 s end to end, measured here; raise it at millions); 0 = off.
     ops_accounts_interval_s: float = 60.0
+    #: ``meter run ops``: how often it reconciles Redis against the ledger (a sum over the whole
+    #: ledger: run it less often as the ledger grows); 0 = off.
     ops_reconcile_interval_s: float = 300.0
-    #: ``meter run api``: where the HTTP API listens (loopback unless told otherwise).
+    #: ``meter run api``: the address the HTTP API listens on (loopback unless told otherwise).
     api_host: str = "127.0.0.1"
+    #: ``meter run api``: the port the HTTP API listens on.
     api_port: int = 8080
     #: How long an API key is trusted from the API process's cache before it is re-read (in the
     #: background): a revoked key keeps working this long plus one lookup at most.
     api_key_cache_s: float = 5.0
-    #: Seconds of credit reserved up front by an authorization, and how long past them an
-    #: unclosed reservation lives before the sweep releases it.
+    #: Seconds of credit a call reserves ahead, at authorization and at each live-call
+    #: extension (``call.answered``, ``call.progress``). The API and the metering workers both
+    #: read it, and the two below (``Settings.call_control``).
     authorize_grant_s: int = 300
+    #: How long past its granted time an unclosed reservation lives before the sweep releases
+    #: it (without charging anything).
     authorize_grace_s: int = 60
-    #: The longest call authorize ever allows (caps free destinations).
+    #: The longest call authorize ever allows, and live-call extension reserves for (caps free
+    #: destinations).
     authorize_max_s: int = 14_400
-    #: The whole authorization answers within this, or 503 ``balance_store_unavailable``.
+    #: The whole authorization answers within this (the key check included), or 503
+    #: ``balance_store_unavailable`` (Redis) / ``database_unavailable`` (PostgreSQL).
     authorize_deadline_s: float = 0.5
     #: ``sandbox`` (in-process, behaves like Stripe's test cards; the demo's) or ``stripe``.
     payment_gateway: str = "sandbox"
-    #: Stripe's secret key and, for tests or a proxy, another API base than api.stripe.com.
+    #: Stripe's secret key (required when ``payment_gateway`` is ``stripe``).
     stripe_api_key: str = ""
+    #: Another API base than api.stripe.com, for tests or a proxy; empty = Stripe's own.
     stripe_api_base: str = ""
     #: One gateway request gives up after this; the outcome is then unknown and the same
     #: idempotency key is retried (never a new charge).
     payment_timeout_s: float = 20.0
     #: Consumer group of the recharge worker (``meter run recharge``).
     recharge_group: str = "meter-recharge"
-    #: Seconds to wait after the 1st, 2nd, ... decline before trying the card again; after
-    #: ``recharge_max_declines`` declines in a row, auto-recharge is turned off.
+    #: Seconds to wait after the 1st, 2nd, ... decline before trying the card again,
+    #: comma-separated (the last one repeats).
     recharge_backoff_s: str = "300,1800,7200"
+    #: Declines in a row after which auto-recharge is turned off (``repeated_declines``).
     recharge_max_declines: int = 3
-    #: How often the recharge worker looks for due retries and unsettled payments.
+    #: How often the recharge worker retries due triggers and settles unfinished payments.
     recharge_scan_interval_s: float = 5.0
 
     @classmethod

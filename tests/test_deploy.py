@@ -25,6 +25,7 @@ from tests.helpers import require_binary
 ROOT = Path(__file__).resolve().parents[1]
 PROM = ROOT / "deploy" / "prometheus"
 GRAFANA = ROOT / "deploy" / "grafana"
+RUNBOOK = "docs/runbook.md"  # what on-call reads: one section per alert, named after it
 DASHBOARD = GRAFANA / "dashboards" / "meter.json"
 
 
@@ -209,6 +210,15 @@ def test_alert_rules_pass_their_unit_tests() -> None:
     assert "SUCCESS" in out.stdout
 
 
+def anchors(page: Path) -> set[str]:
+    """The anchors of a Markdown page's headings, as GitHub makes them."""
+    text = re.sub(r"^```.*?^```", "", page.read_text(), flags=re.M | re.S)  # not in code
+    return {
+        re.sub(r"[^a-z0-9 _-]", "", h.strip().lower()).replace(" ", "-")
+        for h in re.findall(r"^#+ (.+)$", text, flags=re.M)
+    }
+
+
 def test_every_alert_has_a_case_where_it_fires_and_a_runbook_entry() -> None:
     cases = load_yaml(PROM / "alerts_test.yml")["tests"]
     fired = {
@@ -220,10 +230,7 @@ def test_every_alert_has_a_case_where_it_fires_and_a_runbook_entry() -> None:
         for t in c.get("alert_rule_test", [])
         if not t["exp_alerts"]
     }
-    readme_anchors = {
-        re.sub(r"[^a-z0-9 -]", "", h.lower()).replace(" ", "-")
-        for h in re.findall(r"^#+ (.+)$", (ROOT / "README.md").read_text(), flags=re.M)
-    }
+    runbook_anchors = anchors(ROOT / RUNBOOK)
     names = [r["alert"] for r in alert_rules()]
     assert len(names) == len(set(names))
     required = {
@@ -239,8 +246,24 @@ def test_every_alert_has_a_case_where_it_fires_and_a_runbook_entry() -> None:
         assert rule["alert"] in fired, f"{rule['alert']}: no test case where it fires"
         assert rule["alert"] in quiet, f"{rule['alert']}: no test case where it stays quiet"
         assert rule["labels"]["severity"] in ("critical", "warning")
-        anchor = rule["annotations"]["runbook"].removeprefix("README.md#")
-        assert anchor in readme_anchors, f"{rule['alert']}: README has no entry #{anchor}"
+        page, _, anchor = rule["annotations"]["runbook"].partition("#")
+        assert page == RUNBOOK, f"{rule['alert']}: its runbook is {RUNBOOK}, not {page}"
+        assert anchor in runbook_anchors, f"{rule['alert']}: {RUNBOOK} has no section #{anchor}"
+
+
+def test_every_link_of_the_readme_and_docs_leads_to_a_page_and_its_section() -> None:
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+    assert len(pages) > 5
+    for page in pages:
+        for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
+            if re.match(r"[a-z]+://", target):
+                continue
+            path, _, anchor = target.partition("#")
+            linked = (page.parent / path).resolve() if path else page
+            where = f"{page.relative_to(ROOT)}: {target}"
+            assert linked.exists(), f"{where}: no such file"
+            if anchor:
+                assert anchor in anchors(linked), f"{where}: no such section"
 
 
 def test_rules_and_panels_read_only_metrics_the_service_defines() -> None:
@@ -310,7 +333,7 @@ def test_label_values_created_at_zero_are_the_ones_the_service_uses() -> None:
     from enforcement.authorize import DENY_REASONS
 
     assert set(metrics.AUTHORIZE_DENY_REASONS) == set(DENY_REASONS)
-    readme = (ROOT / "README.md").read_text()
-    documented = re.search(r"^Dead-letter reasons: (.+?)\.$", readme, flags=re.M | re.S)
+    guide = (ROOT / "docs" / "integration.md").read_text()
+    documented = re.search(r"^Dead-letter reasons: (.+?)\.$", guide, flags=re.M | re.S)
     assert documented is not None
     assert set(metrics.DEAD_LETTER_REASONS) == set(re.findall(r"`([a-z_]+)`", documented[1]))

@@ -11,6 +11,7 @@ from typing import Any, cast
 import pytest
 
 from infra.settings import CallControl, Settings, SettingsError
+from infra.settings_reference import COMMAND, DOCS_PATH, env_name, reference, setting_docs
 from metering.worker import Connections, build_processor
 from rating.catalog import Catalog
 
@@ -50,9 +51,10 @@ def test_bad_values_are_errors(name: str, value: str) -> None:
         Settings.from_env({name: value})
 
 
-# --- Every setting is documented -----------------------------------------------------------
+# --- Every setting is documented, in one generated table ------------------------------------
 
 ROOT = Path(__file__).resolve().parents[1]
+REFERENCE = ROOT / DOCS_PATH
 
 
 def env_names() -> dict[str, str]:
@@ -60,54 +62,66 @@ def env_names() -> dict[str, str]:
     return {f"METER_{f.name.upper()}": f.name for f in fields(Settings)}
 
 
-def settings_table() -> list[tuple[list[str], str]]:
-    """The README's settings table: (variables, default) per row, up to its first non-row
-    line, so a table cut in two by a blank line documents only its first half."""
-    lines = (ROOT / "README.md").read_text().splitlines()
-    start = lines.index("## Settings (environment, read once in `infra/settings.py`)")
-    first = next(i for i in range(start, len(lines)) if lines[i].startswith("|"))
-    rows = list(itertools.takewhile(lambda x: x.startswith("|"), lines[first:]))
-    assert rows[0].startswith("| variable | default |") and set(rows[1]) <= {"|", "-"}
-    table = []
-    for row in rows[2:]:
-        name_cell, default_cell = (c.strip() for c in row.strip("|").split("|")[:2])
-        names = re.findall(r"`(METER_[A-Z0-9_]+)`", name_cell)
-        assert names, row
-        table.append((names, default_cell))
-    return table
+def test_the_settings_reference_is_generated_from_the_settings_as_they_are() -> None:
+    assert REFERENCE.read_text() == reference(), (
+        f"{DOCS_PATH} is stale: regenerate it with `{COMMAND}` and commit it"
+    )
 
 
-def documented_default(value: object) -> str:
-    if value == "":
-        return "empty"
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
-    return str(value)
+def settings_table() -> list[list[str]]:
+    """The cells of every row of the reference's table, which must be the page's only one and
+    unbroken: a blank line inside it would leave the rows after it out of the table."""
+    lines = REFERENCE.read_text().splitlines()
+    headers = [i for i, x in enumerate(lines) if x.startswith("| variable |")]
+    assert len(headers) == 1, "the settings reference has one table"
+    rows = list(itertools.takewhile(lambda x: x.startswith("|"), lines[headers[0] :]))
+    assert set(rows[1]) <= {"|", "-"}
+    assert not [x for x in lines[headers[0] + len(rows) :] if x.startswith("|")]
+    return [[c.strip() for c in row.strip("|").split(" | ")] for row in rows[2:]]
 
 
-def test_the_readme_settings_table_lists_every_setting_and_nothing_else() -> None:
+def test_the_settings_table_lists_every_setting_once_with_its_default_and_meaning() -> None:
     known = env_names()
-    documented = [n for names, _ in settings_table() for n in names]
-    assert len(documented) == len(set(documented)), "a variable is listed twice"
-    assert sorted(set(known) - set(documented)) == [], "settings the table does not document"
-    assert sorted(set(documented) - set(known)) == [], "the table documents unknown settings"
-
-
-def test_the_readme_settings_table_gives_each_setting_its_real_default() -> None:
+    table = settings_table()
+    documented = [re.fullmatch(r"`(METER_[A-Z0-9_]+)`", row[0]) for row in table]
+    names = [m[1] for m in documented if m]
+    assert len(names) == len(table), "a row without one variable"
+    assert len(names) == len(set(names)), "a variable is listed twice"
+    assert sorted(set(known) - set(names)) == [], "settings the table does not document"
+    assert sorted(set(names) - set(known)) == [], "the table documents unknown settings"
     defaults = Settings()
-    for names, cell in settings_table():
-        parts = [p.strip().strip("`") for p in cell.split(" / ")]
-        if len(parts) == 1:
-            parts *= len(names)
-        assert len(parts) == len(names), f"{names}: defaults {cell!r}"
-        for name, part in zip(names, parts, strict=True):
-            want = documented_default(getattr(defaults, env_names()[name]))
-            assert part.startswith(want), f"{name}: README says {part!r}, Settings has {want!r}"
+    for name, (_, type_, default, meaning) in zip(names, table, strict=True):
+        value = getattr(defaults, known[name])
+        assert type_ == type(value).__name__.removeprefix("Posix"), name
+        assert default == (f"`{value}`" if value != "" else "empty"), name
+        # a default the environment could not spell back would be a wrong reference
+        if value != "":
+            env_value = getattr(Settings.from_env({name: str(value)}), known[name])
+            assert env_value == value, name
+        assert len(meaning) > 10, f"{name}: no meaning"
 
 
-def test_every_meter_variable_the_readme_names_is_a_setting() -> None:
-    named = set(re.findall(r"\bMETER_[A-Z][A-Z0-9_]*", (ROOT / "README.md").read_text()))
-    assert sorted(named - set(env_names())) == []
+def test_every_setting_has_a_description_of_its_own() -> None:
+    docs = setting_docs()
+    assert [d.field for d in docs] == [f.name for f in fields(Settings)]
+    assert all(d.description and d.env == env_name(d.field) for d in docs)
+
+
+def docs_pages() -> list[Path]:
+    return [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+
+
+def test_every_meter_variable_the_docs_name_is_a_setting() -> None:
+    for page in docs_pages():
+        named = set(re.findall(r"\bMETER_[A-Z][A-Z0-9_]*", page.read_text()))
+        assert sorted(named - set(env_names())) == [], page.relative_to(ROOT)
+
+
+def test_settings_are_listed_in_the_reference_only() -> None:
+    for page in docs_pages():
+        if page != REFERENCE:
+            rows = re.findall(r"^\| `METER_\w+`", page.read_text(), flags=re.M)
+            assert rows == [], f"{page.relative_to(ROOT)} lists settings: link {DOCS_PATH}"
 
 
 # --- One CallControl, from the settings, for the API and the processor ---------------------
