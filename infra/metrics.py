@@ -180,7 +180,7 @@ OPS_ERRORS: Final = Counter(
     "meter_ops_errors_total", "Ops collector runs that failed", ["collector"]
 )
 
-#: Dead-letter reasons of the metering path (README), created at zero.
+#: Dead-letter reasons of the metering path (docs/integration.md), created at zero.
 DEAD_LETTER_REASONS: Final = (
     "not_json",
     "schema",
