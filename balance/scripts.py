@@ -51,10 +51,13 @@ SCRIPTS: Final = (
 KEYS_FRAGMENT: Final = "lib/keys.lua"
 
 _INCLUDE: Final = re.compile(r"^--#include[ \t]+(\S+)[ \t]*$", re.MULTILINE)
+#: Any other line starting so is a mistyped directive, not a comment to skip silently.
+_DIRECTIVE: Final = re.compile(r"^--#.*$", re.MULTILINE)
 
 
 class ScriptError(Exception):
-    """A script cannot be assembled: a fragment it includes is missing, or includes form a cycle."""
+    """A script cannot be assembled: a fragment it includes is missing, includes form a cycle,
+    or a line starting ``--#`` is not an include."""
 
 
 def keys_fragment() -> str:
@@ -77,7 +80,8 @@ def _lua_root() -> Traversable:
 
 def assemble(name: str, root: Traversable | None = None) -> str:
     """The text of script ``name`` (relative to ``root``, by default ``balance/lua``) with every
-    include expanded. Raises ``ScriptError`` on a missing fragment or a cycle."""
+    include expanded. Raises ``ScriptError`` on a missing fragment, a cycle or a mistyped
+    directive."""
     base = root if root is not None else _lua_root()
     done: set[str] = set()
 
@@ -98,10 +102,14 @@ def assemble(name: str, root: Traversable | None = None) -> str:
             if inner in done:
                 return f"-- (included above: {inner})"
             done.add(inner)
-            text = expand(inner, (*chain, path)).rstrip("\n")
-            return f"-- >>> {inner}\n{text}\n-- <<< {inner}"
+            body = expand(inner, (*chain, path)).rstrip("\n")
+            return f"-- >>> {inner}\n{body}\n-- <<< {inner}"
 
-        return _INCLUDE.sub(include, text)
+        text = _INCLUDE.sub(include, text)
+        bad = _DIRECTIVE.search(text)
+        if bad:
+            raise ScriptError(f"{path}: not a directive the loader knows: {bad.group(0)!r}")
+        return text
 
     return expand(name, ())
 

@@ -157,3 +157,9 @@ def test_an_include_cycle_fails_naming_it(tmp_path: Path) -> None:
     )
     with pytest.raises(scripts.ScriptError, match=r"cycle: main\.lua -> lib/a\.lua -> lib/b\.lua"):
         scripts.assemble("main.lua", root)
+
+
+def test_a_mistyped_directive_fails_instead_of_passing_as_a_comment(tmp_path: Path) -> None:
+    root = _write(tmp_path, {"lib/one.lua": "", "main.lua": "--#incldue lib/one.lua\n"})
+    with pytest.raises(scripts.ScriptError, match=r"main\.lua: not a directive"):
+        scripts.assemble("main.lua", root)
