@@ -31,25 +31,35 @@ def account(account_id: str) -> str:
     return tag(account_id)
 
 
+# The names of an account's other keys: its account key (the tag) and one of these suffixes.
+# The Lua scripts take them from here too: balance/scripts.py writes them into the generated
+# fragment lib/keys.lua, so no script spells a key name itself.
+#: Applied events of one UTC day: the suffix, then the day number.
+APPLIED_SUFFIX: Final = ":ev:"
+OUTBOX_SUFFIX: Final = ":out"
+CREDITS_SUFFIX: Final = ":cr"
+RESERVATIONS_SUFFIX: Final = ":rsv"
+
+
 def applied(account_id: str, day: int) -> str:
     """Applied events whose time falls on UTC day ``day``: field = 16-byte event key,
     value = ``amount|fp`` (the amount debited, the 8-byte content fingerprint)."""
-    return f"{tag(account_id)}:ev:{day}"
+    return f"{tag(account_id)}{APPLIED_SUFFIX}{day}"
 
 
 def outbox(account_id: str) -> str:
     """List of signals not yet acknowledged as published: ``seq|type|reason``, in seq order."""
-    return f"{tag(account_id)}:out"
+    return tag(account_id) + OUTBOX_SUFFIX
 
 
 def credits(account_id: str) -> str:
     """Hash of applied credit ids (payments, adjustments): field = credit key, value = amount."""
-    return f"{tag(account_id)}:cr"
+    return tag(account_id) + CREDITS_SUFFIX
 
 
 def reservations(account_id: str) -> str:
     """Hash of live reservations: field = call_id, value = see ``balance/lua/reserve.lua``."""
-    return f"{tag(account_id)}:rsv"
+    return tag(account_id) + RESERVATIONS_SUFFIX
 
 
 #: Sorted set of every live reservation, ``account_id NUL call_id`` scored by when it expires.

@@ -13,7 +13,6 @@ Scripts are loaded once (``register_script``); redis-py re-loads them on ``NOSCR
 
 from __future__ import annotations
 
-import importlib.resources
 import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -26,7 +25,7 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from balance import keys
+from balance import keys, scripts
 from infra.clock import Clock, system_clock
 
 ACCOUNT_STATES: Final = ("active", "low", "hold", "suspended")
@@ -43,7 +42,7 @@ class OutcomeUnknown(BalanceStoreError):
 
 
 def _lua(name: str) -> str:
-    return importlib.resources.files("balance").joinpath("lua", name).read_text("utf-8")
+    return scripts.source(name)
 
 
 #: A call's draw on included minutes: (billed_s, rate_per_min, connect_fee, answered_at).

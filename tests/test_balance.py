@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import importlib.resources
-import re
 from collections.abc import AsyncIterator
 
 import pytest
@@ -253,47 +251,6 @@ async def test_suspended_accounts_are_charged_but_stay_suspended(
     )
     out = await balances.apply_debits([("a", [Debit(key(1), fp(), 500, now // DAY_S)])], now)
     assert out[0].status == "suspended" and out[0].balance == -400 and out[0].outbox == []
-
-
-def test_state_machine_copies_are_identical() -> None:
-    def transition(name: str) -> str:
-        text = importlib.resources.files("balance").joinpath("lua", name).read_text()
-        m = re.search(r"local function transition.*?\nend\n", text, re.S)
-        assert m, name
-        return m.group(0)
-
-    copies = {transition(n) for n in ("debit.lua", "credit.lua", "set_status.lua", "grant.lua")}
-    assert len(copies) == 1
-
-
-def test_usable_seconds_copies_are_identical() -> None:
-    def fn(name: str) -> str:
-        text = importlib.resources.files("balance").joinpath("lua", name).read_text()
-        m = re.search(r"local function usable_seconds.*?\nend\n", text, re.S)
-        assert m, name
-        return m.group(0)
-
-    assert len({fn(n) for n in ("debit.lua", "credit.lua", "set_status.lua", "grant.lua")}) == 1
-
-
-def test_recharge_trigger_copies_are_identical() -> None:
-    def trigger(name: str) -> str:
-        text = importlib.resources.files("balance").joinpath("lua", name).read_text()
-        m = re.search(r"local function recharge_trigger.*?\nend\n", text, re.S)
-        assert m, name
-        return m.group(0)
-
-    names = ("debit.lua", "credit.lua", "grant.lua", "recharge_settings.lua")
-    assert len({trigger(n) for n in names}) == 1
-
-
-def test_billing_copies_are_identical() -> None:
-    def billing(name: str) -> str:
-        text = importlib.resources.files("balance").joinpath("lua", name).read_text()
-        start = text.index("-- Billing as rating/rating.py does it")
-        return text[start : text.index("\nlocal call_id", start)]
-
-    assert billing("reserve.lua") == billing("progress.lua")
 
 
 def test_outbox_entries_decode_call_ids_holding_separators() -> None:

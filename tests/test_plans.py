@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import importlib.resources
-import re
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -218,16 +216,6 @@ def test_bucket_property_never_negative_never_twice(
             await r.aclose()
 
     asyncio.run(scenario())
-
-
-def test_grant_script_shares_the_state_machine() -> None:
-    def transition(name: str) -> str:
-        text = importlib.resources.files("balance").joinpath("lua", name).read_text()
-        m = re.search(r"local function transition.*?\nend\n", text, re.S)
-        assert m, name
-        return m.group(0)
-
-    assert transition("grant.lua") == transition("debit.lua")
 
 
 # -- with PostgreSQL: bundles, processor, managed accounts, versions -------------------------

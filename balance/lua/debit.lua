@@ -1,9 +1,11 @@
 -- Apply a batch of debits to one or more accounts, idempotently, and decide state changes.
 --
--- KEYS: the account hash of each account ("{a:ID}"). The script also uses the account's
---   applied-events hashes ("{a:ID}:ev:DAY", one per UTC day of the events' own time) and its
---   outbox ("{a:ID}:out"), derived from the account key: they share its hash tag, hence its
---   slot, so this is safe on a Redis Cluster as long as one call carries one slot's accounts.
+-- KEYS: the account hash of each account (balance/keys.py account). The script also uses the
+--   account's applied-events hashes (keys.applied: one per UTC day of the events' own time),
+--   its reservations and its outbox, derived from the account key by lib/keys.lua: they share
+--   its hash tag, hence its slot, so this is safe on a Redis Cluster as long as one call
+--   carries one slot's accounts. (Passing them in KEYS instead would cost the hot path two
+--   keys per account and one per account and day, each built in Python and mapped back here.)
 -- ARGV[1] now      unix seconds
 -- ARGV[2] keep_s   how long past its day an applied-events hash is kept (>= the dedup window)
 -- ARGV[3] events   one binary record per event, accounts in KEYS order (struct format EVENT
@@ -14,7 +16,7 @@
 --                  billed_s (-1: none, the amount is final), rate_per_min, connect_fee,
 --                  answered_at; last the call_id whose reservation the charge closes (length
 --                  then bytes, empty for none): a newly applied hangup releases what its call
---                  still held in "{a:ID}:rsv" (the charge replaces the reservation)
+--                  still held in its reservations hash (the charge replaces the reservation)
 -- ARGV[4] accounts one binary record per account, KEYS order (struct format ACCOUNT): the
 --                  number of its events, then its plan for the current period: included_s
 --                  (0: no plan), period_start, period_end
@@ -49,70 +51,10 @@
 --   draws        for each event (new or duplicate) that drew included seconds,
 --                "index:amount:drawn_s" (index within the account's events, from 0), "," separated
 
--- The account state machine, shared by every script that moves money (keep the copies equal;
--- tests/test_balance.py checks they are). Returns the new status and the signal to queue, if any.
--- pinned: the account is held for a reason its credit does not explain ("hr", e.g.
--- recharge_cap): only an operator's resume or a payment lifts it. secs: usable_seconds().
-local function transition(st, avail, lowth, pinned, secs)
-  if st == 'suspended' or pinned then
-    return st, nil
-  end
-  local target = 'active'
-  if avail <= 0 and secs <= 0 then
-    target = 'hold'
-  elseif avail <= lowth then
-    target = 'low'
-  end
-  if target == st then
-    return st, nil
-  elseif target == 'hold' then
-    return target, 'account.hold|credit_exhausted'
-  elseif st == 'hold' then
-    return target, 'account.resume|credit_available'
-  elseif target == 'low' then
-    return target, 'account.low_balance|below_threshold'
-  end
-  return target, nil
-end
-
--- Seconds the minute bucket can still give a call answered at ``now`` (grants valid then),
--- shared by the scripts that decide the account's state (keep the copies equal;
--- tests/test_balance.py checks they are): money exhausted with minutes left is low, not hold.
-local function usable_seconds(bucket, now)
-  local s = 0
-  for rem, from, to in string.gmatch(bucket or '', '[^,;]+,(%d+),(%d+),(%d+)') do
-    if tonumber(from) <= now and now < tonumber(to) then
-      s = s + tonumber(rem)
-    end
-  end
-  return s
-end
-
--- The auto-recharge trigger, shared by the scripts that move money (keep the copies equal;
--- tests/test_balance.py checks they are). Edge-triggered: it fires when available credit is at
--- or below the threshold ("rth", present only while auto-recharge is on) and no trigger is open
--- ("rq"); "rq" stays set until the available credit is seen above the threshold again or the
--- recharge worker closes the trigger, so all the events of one crossing fire it once. The
--- request travels in the outbox like a signal (metering/processor.py routes it to its own
--- topic). Returns its seq.
-local function recharge_trigger(acct, avail, rth, rq)
-  if not rth then
-    return nil
-  end
-  if avail > tonumber(rth) then
-    if rq then
-      redis.call('HDEL', acct, 'rq')
-    end
-    return nil
-  end
-  if rq then
-    return nil
-  end
-  local seq = redis.call('HINCRBY', acct, 'seq', 1)
-  redis.call('HSET', acct, 'rq', seq)
-  redis.call('RPUSH', acct .. ':out', seq .. '|recharge.requested|below_threshold')
-  return seq
-end
+--#include lib/keys.lua
+--#include lib/state.lua
+--#include lib/outbox.lua
+--#include lib/recharge.lua
 
 local EVENT = '>c16c8i8i4i4i8i8i8I2c0'
 local ACCOUNT = '>I4i8i8i8'
@@ -202,13 +144,15 @@ for a = 1, n_accounts do
     local total = 0
     local touched = {}
     local released = 0
-    local rsv = acct .. ':rsv'
+    local rsv = acct .. RESERVATIONS_SUFFIX
+    local applied = acct .. APPLIED_SUFFIX
+    local outbox_key = acct .. OUTBOX_SUFFIX
     for e = 1, n_events do
       local key = ev_key[ei + e]
       local fp = ev_fp[ei + e]
       local amount = string.format('%d', amounts[ei + e])
       local day = days[ei + e]
-      local bucket = acct .. string.format(':ev:%d', day)
+      local bucket = applied .. string.format('%d', day)
       local prior = redis.call('HGET', bucket, key)
       if prior then
         -- "amount|fp" then the seconds drawn and "|" the grants they came from, if any (fp is 8
@@ -336,13 +280,12 @@ for a = 1, n_accounts do
     end
     local seq = tonumber(f[6] or '0')
     if signal then
-      seq = redis.call('HINCRBY', acct, 'seq', 1)
-      redis.call('RPUSH', acct .. ':out', seq .. '|' .. signal)
+      seq = queue_signal(acct, outbox_key, signal)
     end
-    seq = recharge_trigger(acct, avail, f[10], f[11]) or seq
+    seq = recharge_trigger(acct, outbox_key, avail, f[10], f[11]) or seq
     local outbox = ''
     if seq > tonumber(f[7] or '0') then
-      outbox = table.concat(redis.call('LRANGE', acct .. ':out', 0, -1), ';')
+      outbox = table.concat(redis.call('LRANGE', outbox_key, 0, -1), ';')
     end
     reply[a] = '1\t' .. string.format('%d', bal) .. '\t' .. st .. '\t' .. table.concat(codes)
       .. '\t' .. table.concat(dups, ',') .. '\t' .. outbox .. '\t' .. table.concat(draws, ',')

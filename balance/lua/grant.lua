@@ -12,70 +12,10 @@
 -- account, -2 the available credit (balance + credit limit - reserved) does not cover the price.
 -- The bucket format is debit.lua's ("min" field); a spent or expired grant is dropped here too.
 
--- The account state machine, shared by every script that moves money (keep the copies equal;
--- tests/test_balance.py checks they are). Returns the new status and the signal to queue, if any.
--- pinned: the account is held for a reason its credit does not explain ("hr", e.g.
--- recharge_cap): only an operator's resume or a payment lifts it. secs: usable_seconds().
-local function transition(st, avail, lowth, pinned, secs)
-  if st == 'suspended' or pinned then
-    return st, nil
-  end
-  local target = 'active'
-  if avail <= 0 and secs <= 0 then
-    target = 'hold'
-  elseif avail <= lowth then
-    target = 'low'
-  end
-  if target == st then
-    return st, nil
-  elseif target == 'hold' then
-    return target, 'account.hold|credit_exhausted'
-  elseif st == 'hold' then
-    return target, 'account.resume|credit_available'
-  elseif target == 'low' then
-    return target, 'account.low_balance|below_threshold'
-  end
-  return target, nil
-end
-
--- Seconds the minute bucket can still give a call answered at ``now`` (grants valid then),
--- shared by the scripts that decide the account's state (keep the copies equal;
--- tests/test_balance.py checks they are): money exhausted with minutes left is low, not hold.
-local function usable_seconds(bucket, now)
-  local s = 0
-  for rem, from, to in string.gmatch(bucket or '', '[^,;]+,(%d+),(%d+),(%d+)') do
-    if tonumber(from) <= now and now < tonumber(to) then
-      s = s + tonumber(rem)
-    end
-  end
-  return s
-end
-
--- The auto-recharge trigger, shared by the scripts that move money (keep the copies equal;
--- tests/test_balance.py checks they are). Edge-triggered: it fires when available credit is at
--- or below the threshold ("rth", present only while auto-recharge is on) and no trigger is open
--- ("rq"); "rq" stays set until the available credit is seen above the threshold again or the
--- recharge worker closes the trigger, so all the events of one crossing fire it once. The
--- request travels in the outbox like a signal (metering/processor.py routes it to its own
--- topic). Returns its seq.
-local function recharge_trigger(acct, avail, rth, rq)
-  if not rth then
-    return nil
-  end
-  if avail > tonumber(rth) then
-    if rq then
-      redis.call('HDEL', acct, 'rq')
-    end
-    return nil
-  end
-  if rq then
-    return nil
-  end
-  local seq = redis.call('HINCRBY', acct, 'seq', 1)
-  redis.call('HSET', acct, 'rq', seq)
-  redis.call('RPUSH', acct .. ':out', seq .. '|recharge.requested|below_threshold')
-  return seq
-end
+--#include lib/state.lua
+--#include lib/bucket.lua
+--#include lib/outbox.lua
+--#include lib/recharge.lua
 
 local grant_id = ARGV[1]
 local price = tonumber(ARGV[2])
@@ -110,8 +50,7 @@ if st ~= f[5] then
   redis.call('HSET', KEYS[1], 'st', st)
 end
 if signal then
-  local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
-  redis.call('RPUSH', KEYS[3], seq .. '|' .. signal)
+  queue_signal(KEYS[1], KEYS[3], signal)
 end
-recharge_trigger(KEYS[1], avail - price, f[7], f[8])
+recharge_trigger(KEYS[1], KEYS[3], avail - price, f[7], f[8])
 return {1, bal, st}

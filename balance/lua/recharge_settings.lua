@@ -11,31 +11,7 @@
 -- Reply: {found, n}: found 0 for an unknown account; n = the seq of the trigger fired ("on"),
 -- or 1 if the trigger was closed ("close"), else 0.
 
--- The auto-recharge trigger, shared by the scripts that move money (keep the copies equal;
--- tests/test_balance.py checks they are). Edge-triggered: it fires when available credit is at
--- or below the threshold ("rth", present only while auto-recharge is on) and no trigger is open
--- ("rq"); "rq" stays set until the available credit is seen above the threshold again or the
--- recharge worker closes the trigger, so all the events of one crossing fire it once. The
--- request travels in the outbox like a signal (metering/processor.py routes it to its own
--- topic). Returns its seq.
-local function recharge_trigger(acct, avail, rth, rq)
-  if not rth then
-    return nil
-  end
-  if avail > tonumber(rth) then
-    if rq then
-      redis.call('HDEL', acct, 'rq')
-    end
-    return nil
-  end
-  if rq then
-    return nil
-  end
-  local seq = redis.call('HINCRBY', acct, 'seq', 1)
-  redis.call('HSET', acct, 'rq', seq)
-  redis.call('RPUSH', acct .. ':out', seq .. '|recharge.requested|below_threshold')
-  return seq
-end
+--#include lib/recharge.lua
 
 local f = redis.call('HMGET', KEYS[1], 'bal', 'res', 'cl', 'rq')
 if not f[1] then
@@ -55,4 +31,4 @@ if ARGV[1] == 'off' then
 end
 redis.call('HSET', KEYS[1], 'rth', ARGV[2])
 local avail = tonumber(f[1]) + tonumber(f[3] or '0') - tonumber(f[2] or '0')
-return {1, recharge_trigger(KEYS[1], avail, ARGV[2], nil) or 0}
+return {1, recharge_trigger(KEYS[1], KEYS[2], avail, ARGV[2], nil) or 0}

@@ -2,8 +2,8 @@
 -- so concurrent calls never together reserve more than the available credit, nor more seconds
 -- than the minute bucket has left.
 --
--- KEYS[1] account hash ("{a:ID}": bal, res, cl, st, min, hr, ...)
--- KEYS[2] reservations hash ("{a:ID}:rsv"): field = call_id, value = see RSV below
+-- KEYS[1] account hash (bal, res, cl, st, min, hr, ...; balance/keys.py account)
+-- KEYS[2] reservations hash (keys.reservations): field = call_id, value = see RSV below
 -- ARGV[1] call_id      ARGV[2] direction ("inbound" | "outbound")   ARGV[3] now (unix s)
 -- ARGV[4] grant_s      seconds to reserve up front (e.g. 300)
 -- ARGV[5] grace_s      a reservation not closed by then + grace_s is swept
@@ -25,84 +25,8 @@
 --   decision "allow" | "deny"; reason "ok" or the contract's deny reason.
 --   A second call for the same call_id returns the first answer (authorize is retried).
 
--- Billing as rating/rating.py does it, in micro-units, always rounding up.
-local function billed(d, initial, subsequent)
-  if d <= 0 then
-    return 0
-  end
-  if d <= initial then
-    return initial
-  end
-  return initial + math.ceil((d - initial) / subsequent) * subsequent
-end
-
--- What covering a call for d seconds holds, drawn as debit.lua will charge it: free seconds of
--- the minute bucket first, money for the rest, the connect fee always. Returns (micro-units,
--- seconds).
-local function hold(d, free_s, rate, fee, initial, subsequent)
-  local b = billed(d, initial, subsequent)
-  if b == 0 then
-    return 0, 0
-  end
-  local s = math.min(free_s, b)
-  return fee + math.ceil(rate * (b - s) / 60), s
-end
-
--- The longest duration (whole increments) that free_s seconds of the bucket and avail
--- micro-units pay for together; 0 if not even the first increment.
-local function affordable(avail, free_s, rate, fee, initial, subsequent, max_s)
-  local budget = avail - fee
-  if budget < 0 then
-    return 0
-  end
-  if rate == 0 then
-    return max_s
-  end
-  local b = free_s + math.floor(budget * 60 / rate)
-  if b < initial then
-    return 0
-  end
-  local d = initial + math.floor((b - initial) / subsequent) * subsequent
-  if d > max_s then
-    d = max_s
-  end
-  return d
-end
-
--- Seconds of the minute bucket (the account's "min" field, see debit.lua) a call answered at
--- `at` may hold: what the grants valid then have left (the plan's grant for the period in full
--- while debit.lua has not created it, which it does at the period's first charge), less what
--- the account's live calls hold, the asking call's own `own` seconds excepted. The holds are
--- summed from the reservations themselves, not kept in a counter: the hangup's debit.lua
--- overwrites a reservation with a closed marker, which holds nothing, so its seconds are free
--- again in the same script that draws them. Money-only accounts never read the reservations.
-local function bucket_free(rsv, min, plan, at, own)
-  local p_s, p_from, p_to = string.match(plan, '^(%d+),(%d+),(%d+)$')
-  local pid = p_from and ('p' .. p_from)
-  local usable = 0
-  for id, rem, from, to in string.gmatch(min or '', '([^,;]+),(%d+),(%d+),(%d+)') do
-    if id == pid then
-      pid = nil -- created: what it has left counts, not the allowance
-    end
-    if tonumber(from) <= at and at < tonumber(to) then
-      usable = usable + tonumber(rem)
-    end
-  end
-  if pid and tonumber(p_s) > 0 and tonumber(p_from) <= at and at < tonumber(p_to) then
-    usable = usable + tonumber(p_s)
-  end
-  if usable == 0 then
-    return 0
-  end
-  local held = 0
-  for _, v in ipairs(redis.call('HVALS', rsv)) do
-    local s = string.match(v, '^[^|]*|[^|]*|[^|]*|[^|]*|[^|]*|[^|]*|[^|]*|[^|]*|[^|]*|(%d+)')
-    if s then
-      held = held + tonumber(s)
-    end
-  end
-  return math.max(usable - held + own, 0)
-end
+--#include lib/billing.lua
+--#include lib/free_seconds.lua
 
 local call_id, direction, now = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local grant_s, grace_s, max_s = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])

@@ -11,44 +11,10 @@
 -- so, -1 for an unknown account. Resuming lifts a suspension and a pinned hold, puts the account
 -- where its credit says (active, low or hold), and queues account.resume (then account.hold too
 -- when its credit is exhausted).
--- The account state machine, shared by every script that moves money (keep the copies equal;
--- tests/test_balance.py checks they are). Returns the new status and the signal to queue, if any.
--- pinned: the account is held for a reason its credit does not explain ("hr", e.g.
--- recharge_cap): only an operator's resume or a payment lifts it. secs: usable_seconds().
-local function transition(st, avail, lowth, pinned, secs)
-  if st == 'suspended' or pinned then
-    return st, nil
-  end
-  local target = 'active'
-  if avail <= 0 and secs <= 0 then
-    target = 'hold'
-  elseif avail <= lowth then
-    target = 'low'
-  end
-  if target == st then
-    return st, nil
-  elseif target == 'hold' then
-    return target, 'account.hold|credit_exhausted'
-  elseif st == 'hold' then
-    return target, 'account.resume|credit_available'
-  elseif target == 'low' then
-    return target, 'account.low_balance|below_threshold'
-  end
-  return target, nil
-end
 
--- Seconds the minute bucket can still give a call answered at ``now`` (grants valid then),
--- shared by the scripts that decide the account's state (keep the copies equal;
--- tests/test_balance.py checks they are): money exhausted with minutes left is low, not hold.
-local function usable_seconds(bucket, now)
-  local s = 0
-  for rem, from, to in string.gmatch(bucket or '', '[^,;]+,(%d+),(%d+),(%d+)') do
-    if tonumber(from) <= now and now < tonumber(to) then
-      s = s + tonumber(rem)
-    end
-  end
-  return s
-end
+--#include lib/state.lua
+--#include lib/bucket.lua
+--#include lib/outbox.lua
 
 local now = tonumber(ARGV[3])
 local f = redis.call('HMGET', KEYS[1], 'bal', 'res', 'cl', 'lowth', 'st', 'hr', 'min')
@@ -57,8 +23,7 @@ if not f[1] then
 end
 local st = f[5] or 'active'
 local function queue(signal)
-  local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
-  redis.call('RPUSH', KEYS[2], seq .. '|' .. signal)
+  queue_signal(KEYS[1], KEYS[2], signal)
 end
 if ARGV[1] == 'suspend' then
   if st == 'suspended' then

@@ -2,8 +2,8 @@
 -- Redis applied again for an event the ledger already had (its memory of the event was lost),
 -- which drew the call's included seconds a second time (metering/processor.py _compensate).
 --
--- KEYS[1] account hash   KEYS[2] applied-credits hash ("{a:ID}:cr")
--- KEYS[3] the applied-events hash of the event's day ("{a:ID}:ev:DAY")
+-- KEYS[1] account hash   KEYS[2] applied-credits hash (balance/keys.py credits)
+-- KEYS[3] the applied-events hash of the event's day (keys.applied)
 -- ARGV[1] undo id      "undraw:" .. event key in hex; remembered in the applied-credits hash
 --                      (with the seconds), so a second call gives nothing back again
 -- ARGV[2] event key    16 raw bytes   ARGV[3] drawn_s   ARGV[4] answered_at (unix s)
