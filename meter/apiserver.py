@@ -82,6 +82,11 @@ def create_app(settings: Settings, services: ServedServices | None = None) -> Fa
     )
 
 
+def _payments_host(services: ServedServices) -> payment_routes.PaymentsHost:
+    # Never called: mypy checks here that ServedServices is what payments' routes read.
+    return services
+
+
 def asgi_app(settings: Settings, services: ServedServices | None = None) -> AuthorizeFastPath:
     """What ``meter run api`` serves: ``create_app``'s API behind ``AuthorizeFastPath``."""
     return AuthorizeFastPath(create_app(settings, services))

@@ -1,5 +1,6 @@
 """Who is calling: the ``Authorization: Bearer <api key>`` check every ``/v1`` route makes, and
-what a key's role may do (see the table in ``enforcement.http.app``).
+the rule of what a key may act on (``may_act``: its role, and its own account but for
+``service`` keys); each route says which roles it takes.
 
 Routes take the caller as a ``Caller`` parameter (a FastAPI dependency): the key is looked up in
 the ``ApiKeys`` of the app's services, ``request.app.state.services.keys`` (the app serving the
