@@ -27,23 +27,16 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Final, Literal
 
-import asyncpg
 from redis.exceptions import RedisError
 
 from balance.store import OutcomeUnknown, PlanPeriod, RedisBalances, Reservation, Tariff
 from infra import metrics
+from infra.db import POSTGRES_DOWN
 from infra.singleflight import SingleFlight
 from rating.catalog import Catalog
 from rating.plans import month_period
 from rating.rating import NoRate
 
-#: What PostgreSQL being away looks like (not a bug in a query: those stay errors of their own).
-POSTGRES_DOWN: Final = (
-    OSError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.InterfaceError,
-    asyncpg.exceptions.OperatorInterventionError,  # includes a statement cancelled by a timeout
-)
 #: What Redis being away looks like to the balance store's callers.
 REDIS_DOWN: Final = (OutcomeUnknown, RedisError, OSError)
 #: How long a finished rebuild is remembered (see ``Authorizer.restore``): longer than any

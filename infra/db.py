@@ -14,6 +14,13 @@ from infra.instrument import observe_queries
 _MIGRATION_RE: Final = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
 # Any fixed number: serialises concurrent migrators (several processors starting together).
 _MIGRATION_LOCK: Final = 0x6D65746572
+#: What PostgreSQL being away looks like (not a bug in a query: those stay errors of their own).
+POSTGRES_DOWN: Final = (
+    OSError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.OperatorInterventionError,  # includes a statement cancelled by a timeout
+)
 
 
 def migrations() -> list[tuple[int, str, str]]:

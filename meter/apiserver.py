@@ -1,5 +1,10 @@
 """``meter run api``: the HTTP API under uvicorn (uvloop, httptools), one process.
 
+The one API is composed here, at the top, since its rooms may not import each other: the
+enforcement app (``enforcement.http``: authorizations, balances, bundles, suspend / resume)
+with payments' router (``recharge.routes``) included, on ``ServedServices``, both rooms'
+services in one (``connect_api``), behind the authorization fast path (``asgi_app``).
+
 Where ``METER_REDIS_URL`` / ``METER_DATABASE_URL`` are empty, an embedded ``redis-server`` and
 PostgreSQL are started under ``data_dir/embedded-api`` (their own folder: a metering worker
 running embedded services beside it owns ``data_dir/embedded``) and stopped on exit. The API
@@ -10,18 +15,81 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import uvicorn
+from fastapi import FastAPI
 from starlette.types import ASGIApp
 
-from enforcement.http.app import asgi_app
+from enforcement.http import app as enforcement_app
+from enforcement.http import services as enforcement_services
+from enforcement.http.fastpath import AuthorizeFastPath
+from enforcement.http.services import ApiServices
 from infra.settings import Settings
 from infra.stack import running_stack
+from recharge import routes as payment_routes
+from recharge.service import LogNotifier, PaymentService
+from recharge.worker import make_gateway
 
 log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ServedServices(ApiServices):
+    """What the one API runs on: the enforcement routes' services, and what payments' routes
+    need besides (``recharge.routes.PaymentsHost``): the ``PaymentService`` and the API's
+    own checks of an account, so that they answer as every other route does."""
+
+    #: top-ups, the saved method and auto-recharge settings; None: the payment routes 503
+    payments: PaymentService | None = None
+
+    async def known(self, account_id: str) -> str:
+        return await enforcement_services.known(self, account_id)
+
+    async def loaded(self, account_id: str) -> None:
+        await enforcement_services.account_state(self, account_id)
+
+
+@contextlib.asynccontextmanager
+async def connect_api(settings: Settings) -> AsyncIterator[ServedServices]:
+    """Connections and caches for one API process, payments' included; closed on exit."""
+    async with enforcement_app.connect_api(settings) as core:
+        gateway = make_gateway(settings)
+        try:
+            payments = PaymentService(
+                core.pool,
+                core.balances,
+                gateway,
+                LogNotifier(),
+                backoff_s=settings.backoff(),
+                max_declines=settings.recharge_max_declines,
+                charge_timeout_s=settings.payment_timeout_s,
+            )
+            shared = {f.name: getattr(core, f.name) for f in dataclasses.fields(core)}
+            yield ServedServices(**shared, payments=payments)
+        finally:
+            await gateway.close()
+
+
+def create_app(settings: Settings, services: ServedServices | None = None) -> FastAPI:
+    """The one API on ``services``; without them it connects (``connect_api``) at startup and
+    closes at shutdown. Serve it behind ``AuthorizeFastPath`` (``asgi_app``)."""
+    return enforcement_app.create_app(
+        settings, services, connect=connect_api, routers=(payment_routes.router,)
+    )
+
+
+def _payments_host(services: ServedServices) -> payment_routes.PaymentsHost:
+    # Never called: mypy checks here that ServedServices is what payments' routes read.
+    return services
+
+
+def asgi_app(settings: Settings, services: ServedServices | None = None) -> AuthorizeFastPath:
+    """What ``meter run api`` serves: ``create_app``'s API behind ``AuthorizeFastPath``."""
+    return AuthorizeFastPath(create_app(settings, services))
 
 
 class ApiServer(uvicorn.Server):

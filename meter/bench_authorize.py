@@ -39,8 +39,8 @@ from starlette.types import Receive, Scope, Send
 
 from balance.accounts import AccountSpec, create_accounts, put_price_list
 from balance.store import RedisBalances
-from enforcement.http.auth import ApiKeys
 from infra.db import create_pool
+from infra.http.api_keys import ApiKeys
 from infra.settings import Settings
 from meter.apiserver import running_stores, server_for
 from meter.loadgen import StepResult, run_step

@@ -113,8 +113,8 @@ async def _run_api(settings: Settings) -> int:
 
 
 async def _keys(settings: Settings, args: argparse.Namespace) -> int:
-    from enforcement.http.auth import ApiKeys
     from infra.db import create_pool
+    from infra.http.api_keys import ApiKeys
 
     pool = await create_pool(settings.database_url)
     try:

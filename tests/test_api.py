@@ -19,9 +19,9 @@ import pytest
 
 from balance import keys
 from balance.accounts import AccountSpec, create_accounts, put_price_list
-from enforcement.http.app import ApiServices, asgi_app, connect_api, create_app
-from enforcement.http.auth import Role
+from infra.http.api_keys import Role
 from infra.settings import Settings
+from meter.apiserver import ServedServices, asgi_app, connect_api, create_app
 from meter.traffic import demo_price_list
 from rating.rating import VoiceRate, voice_cost
 
@@ -35,7 +35,7 @@ ERROR_KEYS = {"code", "message", "field"}
 @dataclass
 class Api:
     settings: Settings
-    svc: ApiServices
+    svc: ServedServices
     client: httpx.AsyncClient
 
     async def seed(
@@ -109,7 +109,7 @@ def grants_bought(available: int, rate: VoiceRate, grant_s: int) -> list[int]:
         available -= voice_cost(max(fits), rate)[0]
 
 
-async def granted_seconds(svc: ApiServices, account_id: str) -> list[int]:
+async def granted_seconds(svc: ServedServices, account_id: str) -> list[int]:
     raw = cast(
         dict[bytes, bytes],
         await svc.balances._r.hgetall(keys.reservations(account_id)),

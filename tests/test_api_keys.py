@@ -9,8 +9,8 @@ from collections.abc import AsyncIterator
 import asyncpg
 import pytest
 
-from enforcement.http.auth import ApiKey, ApiKeys, KeyStoreUnavailable, key_hash
 from infra.db import create_pool
+from infra.http.api_keys import ApiKey, ApiKeys, KeyStoreUnavailable, key_hash
 
 
 class Clock:

@@ -7,9 +7,12 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from dataclasses import replace
 
+import httpx
 import pytest
 
+from enforcement.http.app import create_app as enforcement_app
 from infra.settings import Settings
+from meter.apiserver import asgi_app
 from tests.test_api import ERROR_KEYS, Api, api_on
 
 
@@ -158,3 +161,26 @@ async def test_auto_recharge_settings_are_validated_and_kept(api: Api) -> None:
     # the balance ($5) is already below $10: turning it on fired a trigger in Redis
     threshold, open_seq, _ = await api.svc.balances.recharge_state("acc")
     assert threshold == 10_000_000 and open_seq is not None
+
+
+async def test_payments_routes_come_with_the_composed_api_only(api: Api) -> None:
+    """The enforcement app stands alone (it may not import recharge); ``meter.apiserver``
+    includes payments' router, and without a payment service its routes answer 503 after the
+    same checks as before (the role first)."""
+    admin = await _new_account(api, "acc")
+    user = await api.key("acc", "user")
+    alone = httpx.ASGITransport(app=enforcement_app(api.settings, api.svc))
+    async with httpx.AsyncClient(transport=alone, base_url="http://meter") as client:
+        r = await client.get("/v1/accounts/acc/payments", headers=admin)
+        assert r.status_code == 404 and _error(r)["code"] == "not_found"
+        assert (await client.get("/v1/accounts/acc/balance", headers=admin)).status_code == 200
+    assert (await api.client.get("/v1/accounts/acc/payments", headers=admin)).status_code == 200
+
+    unpaid = httpx.ASGITransport(app=asgi_app(api.settings, replace(api.svc, payments=None)))
+    async with httpx.AsyncClient(transport=unpaid, base_url="http://meter") as client:
+        r = await client.get("/v1/accounts/acc/payments", headers=user)
+        assert r.status_code == 403 and _error(r)["code"] == "forbidden"
+        r = await client.get("/v1/accounts/nobody/payments", headers=admin)
+        assert r.status_code == 403  # another account's
+        r = await client.get("/v1/accounts/acc/payments", headers=admin)
+        assert r.status_code == 503 and _error(r)["code"] == "payments_unavailable"

@@ -19,9 +19,8 @@ import httpx
 import orjson
 import pytest
 
-from enforcement.http.app import asgi_app
 from infra.settings import Settings
-from meter.apiserver import server_for
+from meter.apiserver import asgi_app, server_for
 from meter.bench_authorize import AuthorizationRequests
 from meter.loadgen import run_step
 from rating.rating import VoiceRate, voice_cost
