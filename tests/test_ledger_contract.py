@@ -16,6 +16,7 @@ import pytest
 
 from infra.db import create_pool
 from infra.ledger import (
+    Conn,
     Ledger,
     PostgresLedger,
     SignalRow,
@@ -127,11 +128,21 @@ async def test_an_opening_balance_is_written_once_per_account(
 async def test_a_bundle_is_a_debit_of_its_price_once_per_purchase(
     ledger: Ledger, pool: asyncpg.Pool
 ) -> None:
-    terms = {"bundle_id": "eu100", "price": 2_500_000, "seconds": 6000, "valid_from": T0}
+    async def buy(conn: Conn, account_id: str) -> bool:
+        return await ledger.record_bundle(
+            conn,
+            account_id=account_id,
+            purchase_id="p1",
+            bundle_id="eu100",
+            price=2_500_000,
+            seconds=6000,
+            valid_from=T0,
+        )
+
     async with pool.acquire() as conn, conn.transaction():
-        assert await ledger.record_bundle(conn, account_id="a", purchase_id="p1", **terms)
-        assert not await ledger.record_bundle(conn, account_id="a", purchase_id="p1", **terms)
-        assert await ledger.record_bundle(conn, account_id="b", purchase_id="p1", **terms)
+        assert await buy(conn, "a")
+        assert not await buy(conn, "a")
+        assert await buy(conn, "b")  # purchase ids are the caller's, unique per account
     got = await pool.fetchrow("SELECT * FROM ledger WHERE account_id = 'a'")
     assert got is not None
     assert (got["kind"], got["amount"], got["quantity"], got["rate_ref"]) == (
