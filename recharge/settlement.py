@@ -35,7 +35,7 @@ from recharge.notify import Notices
 from recharge.payments import Payment
 from recharge.store import PaymentStore
 
-log = logging.getLogger("recharge.service")
+log = logging.getLogger(__name__)
 
 #: In-process retries of an unknown outcome before the payment is left to ``recover``.
 UNKNOWN_RETRIES: Final = (0.2, 1.0)
