@@ -17,7 +17,7 @@ from balance.store import RedisBalances
 from contracts.events import ACCOUNT_ID_PATTERN
 from contracts.money import Micros
 from infra.clock import Clock, system_clock, utc_datetime
-from infra.ledger import COLUMNS, Ledger, LedgerRow, credit_key
+from infra.ledger import Ledger, PostgresLedger
 from rating.plans import parse_bucket, rebuild_buckets
 from rating.pricelists import RATE_COLUMNS, write_prices
 from rating.rating import MAX_RATE_PER_MIN, PriceVersion, VoiceRate
@@ -183,15 +183,17 @@ async def create_accounts(
     specs: Sequence[AccountSpec],
     *,
     clock: Clock = system_clock,
+    ledger: Ledger | None = None,
 ) -> int:
     """Create accounts with their opening balance (idempotent: existing ones are left alone).
 
     Order matters for a crash: PostgreSQL first (account row + opening ledger row in one
     transaction), then Redis, which is rebuilt from the ledger if it is missing.
     Returns the number of accounts newly created. ``clock``: the opening row's time, and the
-    ``now`` of the Redis state.
+    ``now`` of the Redis state. ``ledger``: the book of record (default: this pool's).
     """
     now = utc_datetime(clock)
+    ledger = ledger or PostgresLedger(pool)
     managers = {s.manager_id for s in specs if s.manager_id is not None}
     async with pool.acquire() as conn, conn.transaction():
         created = await conn.fetch(
@@ -219,30 +221,10 @@ async def create_accounts(
                     f"managers cannot themselves be managed: {sorted(r['id'] for r in nested)}"
                 )
         new_ids = {r["id"] for r in created}
-        rows = [
-            LedgerRow(
-                credit_key(s.id, "opening"),
-                s.id,
-                "opening",
-                s.balance,
-                0,
-                "opening",
-                "",
-                now,
-                "urn:meter:accounts",
-                "opening",
-                None,
-            )
-            for s in specs
-            if s.id in new_ids
-        ]
-        if rows:
-            await conn.executemany(
-                f"INSERT INTO ledger ({', '.join(COLUMNS[:11])})"
-                " VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11) ON CONFLICT DO NOTHING",
-                [r.values() for r in rows],
-            )
-    await load_into_redis(pool, balances, [s.id for s in specs], now=int(now.timestamp()))
+        await ledger.record_openings(conn, {s.id: s.balance for s in specs if s.id in new_ids}, now)
+    await load_into_redis(
+        pool, balances, [s.id for s in specs], now=int(now.timestamp()), ledger=ledger
+    )
     return len(new_ids)
 
 
@@ -253,6 +235,7 @@ async def load_into_redis(
     *,
     now: int | None = None,
     clock: Clock = system_clock,
+    ledger: Ledger | None = None,
 ) -> list[str]:
     """Create the Redis state of accounts that have none, from the ledger. Returns those loaded.
 
@@ -262,8 +245,9 @@ async def load_into_redis(
     and the seconds drawn (``rating.plans.rebuild_buckets``), and the auto-recharge state:
     threshold, open trigger, a hold the service pinned, payments the ledger has and Redis was
     not yet told of (remembered as applied, so finishing them credits nothing twice).
+    ``ledger``: the book of record the balance and seq are read from (default: this pool's).
     """
-    ledger = Ledger(pool)
+    ledger = ledger or PostgresLedger(pool)
     rows = await pool.fetch(
         "SELECT a.id, a.credit_limit, a.low_balance_threshold, a.suspended, a.hold_reason,"
         " coalesce(p.included_s, 0) AS included_s,"

@@ -7,15 +7,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Final
 
 import asyncpg
 
 from balance.store import RedisBalances
 from infra.clock import Clock, system_clock, utc_datetime
-from infra.ledger import credit_key
-
-BUNDLE_SOURCE: Final = "urn:meter:bundles"
+from infra.ledger import Ledger, PostgresLedger
 
 
 class BundleError(Exception):
@@ -49,6 +46,7 @@ async def buy_bundle(
     *,
     now: datetime | None = None,
     clock: Clock = system_clock,
+    ledger: Ledger | None = None,
 ) -> BundlePurchase:
     """Buy a bundle from the balance: its price is debited and its seconds land in the
     account's bucket in one Redis script, once per ``purchase_id`` (the caller's idempotency
@@ -60,8 +58,10 @@ async def buy_bundle(
     missing rows are written. Raises ``BundleError`` when nothing was bought.
 
     This is the function the HTTP endpoint should call (``POST /v1/accounts/{id}/bundles``).
-    ``now`` (aware) defaults to ``clock``: the purchase's validity starts then.
+    ``now`` (aware) defaults to ``clock``: the purchase's validity starts then. ``ledger``:
+    the book of record (default: this pool's).
     """
+    ledger = ledger or PostgresLedger(pool)
     now = now or utc_datetime(clock)
     row = await pool.fetchrow(
         "SELECT seconds, price, validity_days FROM bundles WHERE id = $1", bundle_id
@@ -104,18 +104,14 @@ async def buy_bundle(
             valid_from,
             expires_at,
         )
-        await conn.execute(
-            "INSERT INTO ledger (event_key, account_id, kind, amount, quantity, ref, rate_ref,"
-            " event_time, source, event_id) VALUES ($1, $2, 'bundle', $3, $4, $5, $6, $7, $8, $5)"
-            " ON CONFLICT DO NOTHING",
-            credit_key(account_id, "bundle:" + purchase_id),
-            account_id,
-            -price,
-            seconds,
-            purchase_id,
-            bundle_id,
-            valid_from,
-            BUNDLE_SOURCE,
+        await ledger.record_bundle(
+            conn,
+            account_id=account_id,
+            purchase_id=purchase_id,
+            bundle_id=bundle_id,
+            price=price,
+            seconds=seconds,
+            valid_from=valid_from,
         )
     return BundlePurchase(
         account_id,

@@ -1,16 +1,38 @@
-"""The append-only ledger in PostgreSQL: idempotent writes keyed by a 16-byte event key."""
+"""The append-only ledger in PostgreSQL, the book of record: idempotent writes keyed by a
+16-byte event key.
+
+``Ledger`` is the one seam every writer of the ``ledger`` table goes through (usage rows and
+number fees from the metering processor, bundle purchases, payments' credits, opening
+balances; refunds later), and ``PostgresLedger`` its one implementation: no other module issues
+an INSERT on ``ledger`` (a test greps the packages for one). Invariant 2 (the Redis balance
+equals the sum of an account's ledger rows, drained) rests on this table alone.
+
+Every write is idempotent on its event key: writing the same event twice leaves one row, and
+a retry after a crash or an unclear outcome is always safe. Writes that must land in the same
+transaction as a caller's own row (a bundle purchase, an account, a settled payment) take the
+caller's connection and never commit on their own.
+"""
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Final
+from typing import Final, Protocol, TypeAlias
 
 import asyncpg
 
+from contracts.payments import PAYMENTS_SOURCE
 from infra.instrument import postgres_timer
+
+#: A connection a caller holds, normally inside its own ``conn.transaction()``.
+Conn: TypeAlias = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
+
+#: The ``source`` of the ledger rows of bundle purchases.
+BUNDLE_SOURCE: Final = "urn:meter:bundles"
+#: The ``source`` of opening balances.
+ACCOUNTS_SOURCE: Final = "urn:meter:accounts"
 
 _INSERT: Final = """
 INSERT INTO ledger (event_key, account_id, kind, amount, quantity, ref, rate_ref, event_time,
@@ -18,6 +40,14 @@ INSERT INTO ledger (event_key, account_id, kind, amount, quantity, ref, rate_ref
 SELECT * FROM unnest($1::bytea[], $2::text[], $3::text[], $4::bigint[], $5::int[], $6::text[],
                      $7::text[], $8::timestamptz[], $9::text[], $10::text[], $11::bytea[],
                      $12::int[])
+ON CONFLICT (event_key) DO NOTHING
+"""
+
+# One row that is not usage: a bundle, a payment's credit, an opening balance.
+_INSERT_ONE: Final = """
+INSERT INTO ledger (event_key, account_id, kind, amount, quantity, ref, rate_ref, event_time,
+                    source, event_id)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
 ON CONFLICT (event_key) DO NOTHING
 """
 
@@ -52,44 +82,96 @@ def event_key(source: str, event_id: str) -> bytes:
 
 
 def credit_key(account_id: str, credit_id: str) -> bytes:
+    """The event key of a row that is not a CloudEvent (``credit_id``: ``opening``,
+    ``bundle:<purchase id>``, ``payment:<payment id>``), unique per account."""
     return hashlib.blake2b(
         b"credit\x00" + account_id.encode() + b"\x00" + credit_id.encode(), digest_size=16
     ).digest()
 
 
 @dataclass(frozen=True, slots=True)
-class LedgerRow:
-    event_key: bytes
+class SignalRow:
     account_id: str
-    kind: str
-    amount: int  # signed micro-units: debits < 0
-    quantity: int
-    ref: str
-    rate_ref: str
-    event_time: datetime
-    source: str
-    event_id: str
-    fingerprint: bytes | None
-
-    def values(self) -> tuple[object, ...]:
-        """The row in the order of the first eleven ``COLUMNS``."""
-        return (
-            self.event_key,
-            self.account_id,
-            self.kind,
-            self.amount,
-            self.quantity,
-            self.ref,
-            self.rate_ref,
-            self.event_time,
-            self.source,
-            self.event_id,
-            self.fingerprint,
-        )
+    seq: int
+    type: str
+    reason: str
 
 
-class Ledger:
-    """Writes and reads of the book of record. Every write is idempotent on ``event_key``."""
+class Ledger(Protocol):
+    """The book of record. Every write is idempotent on its event key; every amount is signed
+    micro-units (credits > 0, debits < 0)."""
+
+    async def write_usage(
+        self,
+        fresh: Sequence[UsageRow],
+        replayed: Sequence[UsageRow] = (),
+        signals: Sequence[SignalRow] = (),
+    ) -> set[bytes]:
+        """Write a batch's usage rows (calls, messages, number fees: tuples in ``COLUMNS``
+        order) and the control signals it raised, in one transaction.
+
+        ``fresh`` are rows of events Redis applied for the first time: normally the ledger
+        cannot have them. The keys of those it already had (Redis lost its memory) are
+        returned, and the caller must undo those debits. ``replayed`` rows (Redis saw the
+        event before) are written if missing: their row may or may not have been written
+        before a crash.
+        """
+        ...
+
+    async def record_openings(self, conn: Conn, openings: Mapping[str, int], at: datetime) -> int:
+        """The opening balance (micro-units, by account id) of new accounts, in the caller's
+        transaction (with the account rows). Idempotent per account: an account has one
+        opening row. Returns the number of rows written."""
+        ...
+
+    async def record_bundle(
+        self,
+        conn: Conn,
+        *,
+        account_id: str,
+        purchase_id: str,
+        bundle_id: str,
+        price: int,
+        seconds: int,
+        valid_from: datetime,
+    ) -> bool:
+        """A bundle purchase's debit of ``price`` (>= 0, recorded as ``-price``) for
+        ``seconds`` of minutes, in the caller's transaction (with the purchase row).
+        Idempotent per ``(account_id, purchase_id)``; False: the row was there already."""
+        ...
+
+    async def record_payment(
+        self,
+        conn: Conn,
+        *,
+        account_id: str,
+        payment_id: str,
+        captured: int,
+        gateway_ref: str,
+        at: datetime,
+    ) -> bool:
+        """A settled payment's credit of what the gateway ``captured`` (never the amount
+        asked), in the caller's transaction (with the payment's settlement). ``gateway_ref``:
+        ``<gateway>:<its charge id>``. Idempotent per ``(account_id, payment_id)``; False: the
+        row was there already."""
+        ...
+
+    async def existing(self, keys: Iterable[bytes]) -> dict[bytes, bytes | None]:
+        """The event keys the ledger already holds, with their fingerprints."""
+        ...
+
+    async def balances(self, account_ids: Sequence[str] | None = None) -> dict[str, int]:
+        """Sum of ledger amounts per account (all accounts if ``None``; an account without
+        rows is absent): what the Redis balance must equal, drained."""
+        ...
+
+    async def last_seq(self, account_ids: Sequence[str]) -> dict[str, int]:
+        """The last control-signal ``seq`` recorded per account (absent: none yet)."""
+        ...
+
+
+class PostgresLedger:
+    """The ``Ledger`` on PostgreSQL: the one implementation every caller uses."""
 
     def __init__(self, pool: asyncpg.Pool) -> None:
         self._pool = pool
@@ -100,15 +182,9 @@ class Ledger:
         replayed: Sequence[UsageRow] = (),
         signals: Sequence[SignalRow] = (),
     ) -> set[bytes]:
-        """Write a batch's usage rows (tuples in ``COLUMNS`` order) in one transaction.
-
-        ``fresh`` are rows of events Redis applied for the first time: normally the ledger
-        cannot have them, so they go in by COPY (several times cheaper than an upsert). If it
-        does have some (Redis lost its memory), the COPY fails whole on the primary key and
-        the rows are upserted instead; the keys the ledger already had are returned, and the
-        caller must undo those debits. ``replayed`` rows (Redis saw the event before) are
-        upserted: their row may or may not have been written before a crash.
-        """
+        """See ``Ledger.write_usage``. ``fresh`` rows go in by COPY (several times cheaper than
+        an upsert); if the ledger has some of them, the COPY fails whole on the primary key and
+        the rows are upserted instead. ``replayed`` rows are upserted."""
         already: set[bytes] = set()
         async with self._pool.acquire() as conn, conn.transaction():
             if fresh:
@@ -131,8 +207,76 @@ class Ledger:
                 )
         return already
 
+    async def record_openings(self, conn: Conn, openings: Mapping[str, int], at: datetime) -> int:
+        if not openings:
+            return 0
+        written = await conn.fetch(
+            _INSERT + " RETURNING event_key",
+            [credit_key(a, "opening") for a in openings],
+            list(openings),
+            ["opening"] * len(openings),
+            list(openings.values()),
+            [0] * len(openings),
+            ["opening"] * len(openings),
+            [""] * len(openings),
+            [at] * len(openings),
+            [ACCOUNTS_SOURCE] * len(openings),
+            ["opening"] * len(openings),
+            [None] * len(openings),
+            [0] * len(openings),
+        )
+        return len(written)
+
+    async def record_bundle(
+        self,
+        conn: Conn,
+        *,
+        account_id: str,
+        purchase_id: str,
+        bundle_id: str,
+        price: int,
+        seconds: int,
+        valid_from: datetime,
+    ) -> bool:
+        return await _insert_one(
+            conn,
+            credit_key(account_id, "bundle:" + purchase_id),
+            account_id,
+            "bundle",
+            -price,
+            seconds,
+            purchase_id,
+            bundle_id,
+            valid_from,
+            BUNDLE_SOURCE,
+            purchase_id,
+        )
+
+    async def record_payment(
+        self,
+        conn: Conn,
+        *,
+        account_id: str,
+        payment_id: str,
+        captured: int,
+        gateway_ref: str,
+        at: datetime,
+    ) -> bool:
+        return await _insert_one(
+            conn,
+            credit_key(account_id, "payment:" + payment_id),
+            account_id,
+            "credit",
+            captured,
+            0,
+            payment_id,
+            gateway_ref,
+            at,
+            PAYMENTS_SOURCE,
+            payment_id,
+        )
+
     async def existing(self, keys: Iterable[bytes]) -> dict[bytes, bytes | None]:
-        """The event keys the ledger already holds, with their fingerprints."""
         ks = list(keys)
         if not ks:
             return {}
@@ -142,7 +286,6 @@ class Ledger:
         return {r[0]: r[1] for r in rows}
 
     async def balances(self, account_ids: Sequence[str] | None = None) -> dict[str, int]:
-        """Sum of ledger amounts per account: what the Redis balance must equal, drained."""
         if account_ids is None:
             rows = await self._pool.fetch(
                 "SELECT account_id, sum(amount)::bigint AS total FROM ledger GROUP BY account_id"
@@ -164,9 +307,5 @@ class Ledger:
         return {r["account_id"]: r["seq"] for r in rows}
 
 
-@dataclass(frozen=True, slots=True)
-class SignalRow:
-    account_id: str
-    seq: int
-    type: str
-    reason: str
+async def _insert_one(conn: Conn, *values: object) -> bool:
+    return await conn.fetchval(_INSERT_ONE + " RETURNING true", *values) is not None

@@ -21,7 +21,7 @@ from contracts import topics
 from infra import metrics
 from infra.db import create_pool
 from infra.instrument import instrumented_redis
-from infra.ledger import Ledger
+from infra.ledger import PostgresLedger
 from infra.settings import Settings
 from metering.isolate import is_transient, isolate
 from metering.processor import BatchOutcome, MeteringProcessor
@@ -90,7 +90,7 @@ def build_processor(settings: Settings, conns: Connections, catalog: Catalog) ->
 
     return MeteringProcessor(
         balances=balances,
-        ledger=Ledger(pool),
+        ledger=PostgresLedger(pool),
         catalog=catalog,
         producer=conns.producer,
         rebuild=rebuild,  # type: ignore[arg-type]

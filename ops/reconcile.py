@@ -26,7 +26,7 @@ import asyncpg
 
 from balance.store import RedisBalances
 from infra import metrics
-from infra.ledger import Ledger
+from infra.ledger import Ledger, PostgresLedger
 
 
 @dataclass(slots=True)
@@ -83,7 +83,7 @@ async def reconcile(
 ) -> Reconciliation:
     """Compare every account; with ``recheck_after_s > 0``, confirm mismatches (see above)."""
     result = Reconciliation()
-    ledger = Ledger(pool)
+    ledger = PostgresLedger(pool)
     ids = [r["id"] for r in await pool.fetch("SELECT id FROM accounts ORDER BY id")]
     suspects: dict[str, Pair] = {}
     missing: set[str] = set()

@@ -35,7 +35,7 @@ from balance.accounts import (
 )
 from balance.bundles import buy_bundle
 from infra.clock import SettableClock
-from infra.ledger import Ledger
+from infra.ledger import PostgresLedger
 from meter.traffic import call_hangup, demo_price_list
 from metering.processor import MeteringProcessor
 from metering.worker import Connections
@@ -166,7 +166,7 @@ async def _processor(conns: Connections, clock: SettableClock) -> MeteringProces
 
     return MeteringProcessor(
         balances=conns.balances,
-        ledger=Ledger(conns.pool),
+        ledger=PostgresLedger(conns.pool),
         catalog=catalog,
         producer=conns.producer,
         rebuild=rebuild,

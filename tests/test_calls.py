@@ -17,7 +17,7 @@ from balance.store import RedisBalances
 from contracts import topics
 from enforcement.authorize import Authorizer, AuthorizeRequest, BalanceStoreUnavailable
 from infra.kafkatools import read_all
-from infra.ledger import Ledger
+from infra.ledger import PostgresLedger
 from infra.settings import Settings
 from meter.traffic import call_hangup
 from metering.processor import MeteringProcessor
@@ -96,7 +96,7 @@ async def make(conns: Connections, clock: Clock) -> tuple[MeteringProcessor, Aut
 
     p = MeteringProcessor(
         balances=conns.balances,
-        ledger=Ledger(conns.pool),
+        ledger=PostgresLedger(conns.pool),
         catalog=catalog,
         producer=conns.producer,
         rebuild=rebuild,

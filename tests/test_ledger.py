@@ -12,7 +12,7 @@ import pytest
 from balance import keys
 from contracts import topics
 from infra import metrics
-from infra.ledger import Ledger
+from infra.ledger import PostgresLedger
 from meter.traffic import call_hangup
 from metering.processor import MeteringProcessor
 from metering.worker import Connections
@@ -50,7 +50,7 @@ def processor(conns: Connections, catalog: Catalog, clock: Any) -> MeteringProce
 
     return MeteringProcessor(
         balances=conns.balances,
-        ledger=Ledger(conns.pool),
+        ledger=PostgresLedger(conns.pool),
         catalog=catalog,
         producer=conns.producer,
         rebuild=rebuild,
@@ -109,7 +109,7 @@ async def test_a_state_change_is_published_after_a_crash_before_its_publish(
 
     crashing = MeteringProcessor(
         balances=conns.balances,
-        ledger=Ledger(conns.pool),
+        ledger=PostgresLedger(conns.pool),
         catalog=catalog,
         producer=SignalsDown(conns.producer),
         rebuild=rebuild,

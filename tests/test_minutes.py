@@ -28,7 +28,7 @@ from balance.bundles import buy_bundle
 from contracts import topics
 from enforcement.authorize import Authorizer, AuthorizeRequest
 from infra.kafkatools import read_all
-from infra.ledger import Ledger, event_key
+from infra.ledger import PostgresLedger, event_key
 from infra.settings import Settings
 from meter.traffic import call_hangup, demo_price_list
 from metering.processor import MeteringProcessor
@@ -332,7 +332,7 @@ async def test_a_flushed_bucket_is_rebuilt_from_postgres_exactly(
 
     p = MeteringProcessor(
         balances=conns.balances,
-        ledger=Ledger(conns.pool),
+        ledger=PostgresLedger(conns.pool),
         catalog=catalog,
         producer=conns.producer,
         rebuild=rebuild,
@@ -410,7 +410,7 @@ async def _flat_with_bundle(conns: Connections, now: int) -> MeteringProcessor:
 
     return MeteringProcessor(
         balances=conns.balances,
-        ledger=Ledger(conns.pool),
+        ledger=PostgresLedger(conns.pool),
         catalog=catalog,
         producer=conns.producer,
         rebuild=rebuild,

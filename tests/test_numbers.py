@@ -12,7 +12,7 @@ import orjson
 from balance.accounts import AccountSpec, create_accounts, put_price_list
 from contracts import topics
 from infra.kafkatools import read_all
-from infra.ledger import Ledger
+from infra.ledger import PostgresLedger
 from infra.settings import Settings
 from meter.traffic import demo_price_list, number_event
 from metering.processor import BatchOutcome, MeteringProcessor
@@ -288,7 +288,7 @@ async def test_number_events_and_calls_in_one_batch_are_each_charged(
 
     processor = MeteringProcessor(
         balances=conns.balances,
-        ledger=Ledger(conns.pool),
+        ledger=PostgresLedger(conns.pool),
         catalog=catalog,
         producer=conns.producer,
         rebuild=rebuild,

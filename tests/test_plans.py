@@ -28,7 +28,7 @@ from balance.bundles import BundleError, buy_bundle
 from balance.store import Debit, RedisBalances
 from contracts import topics
 from enforcement.estimate import estimate
-from infra.ledger import Ledger
+from infra.ledger import PostgresLedger
 from infra.settings import Settings
 from meter.traffic import call_hangup, message_sent
 from metering.processor import MeteringProcessor
@@ -256,7 +256,7 @@ def _processor(conns: Connections, catalog: Catalog) -> MeteringProcessor:
 
     return MeteringProcessor(
         balances=conns.balances,
-        ledger=Ledger(conns.pool),
+        ledger=PostgresLedger(conns.pool),
         catalog=catalog,
         producer=conns.producer,
         rebuild=rebuild,  # type: ignore[arg-type]

@@ -24,7 +24,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from balance.store import Debit, OutcomeUnknown, RedisBalances, Tariff
 from contracts import topics
 from infra.kafkatools import read_all
-from infra.ledger import Ledger
+from infra.ledger import PostgresLedger
 from infra.settings import Settings
 from meter.traffic import call_hangup, message_sent
 from metering.isolate import is_transient, isolate
@@ -242,7 +242,7 @@ async def _processor(conns: Connections, poison: str, error: Exception) -> Poiso
 
     return PoisonedProcessor(
         balances=conns.balances,
-        ledger=Ledger(conns.pool),
+        ledger=PostgresLedger(conns.pool),
         catalog=catalog,
         producer=conns.producer,
         rebuild=rebuild,

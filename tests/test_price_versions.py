@@ -19,7 +19,7 @@ from contracts import topics
 from enforcement.estimate import estimate
 from infra import embedded
 from infra.db import migrate, migrations
-from infra.ledger import Ledger
+from infra.ledger import PostgresLedger
 from infra.settings import Settings
 from meter.traffic import call_hangup, demo_price_list, message_sent
 from metering.processor import MeteringProcessor
@@ -47,7 +47,7 @@ def _processor(conns: Connections, catalog: Catalog) -> MeteringProcessor:
 
     return MeteringProcessor(
         balances=conns.balances,
-        ledger=Ledger(conns.pool),
+        ledger=PostgresLedger(conns.pool),
         catalog=catalog,
         producer=conns.producer,
         rebuild=rebuild,

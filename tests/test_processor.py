@@ -14,7 +14,7 @@ import pytest
 
 from contracts import topics
 from infra.kafkatools import read_all
-from infra.ledger import Ledger
+from infra.ledger import Ledger, PostgresLedger
 from infra.settings import Settings
 from meter.traffic import call_hangup, message_sent
 from metering.processor import BatchOutcome, MeteringProcessor
@@ -86,7 +86,7 @@ async def _seen(outcomes: list[BatchOutcome], n: int) -> bool:
     return sum(o.records for o in outcomes) >= n
 
 
-class CrashingLedger(Ledger):
+class CrashingLedger(PostgresLedger):
     """The process 'dies' after Redis applied the batch and before the ledger write."""
 
     async def write_usage(self, fresh: Any, replayed: Any = (), signals: Any = ()) -> set[bytes]:
@@ -122,7 +122,7 @@ async def test_duplicate_applied_in_redis_but_missing_in_ledger_gets_its_row(
     assert (await conns.balances.get("acc_1")).balance == 10_000_000 - cost  # type: ignore[union-attr]
     assert await ledger_usage_rows(conns) == 0  # Redis has them, the ledger does not
 
-    out = await processor(Ledger(conns.pool)).process(records)  # the replay after restart
+    out = await processor(PostgresLedger(conns.pool)).process(records)  # the replay after restart
     assert (out.charged, out.duplicates) == (0, 5)
     assert await ledger_usage_rows(conns) == 5
     assert (await conns.balances.get("acc_1")).balance == 10_000_000 - cost  # type: ignore[union-attr]

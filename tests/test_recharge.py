@@ -17,7 +17,7 @@ from balance.accounts import AccountSpec, create_accounts, put_price_list
 from balance.store import RECHARGE_REQUESTED, Debit, RedisBalances
 from contracts.payments import Notification
 from infra.db import create_pool
-from infra.ledger import Ledger
+from infra.ledger import PostgresLedger
 from infra.settings import Settings
 from meter.traffic import demo_price_list
 from recharge import policy
@@ -287,7 +287,7 @@ async def _drift(
 ) -> int:
     """Redis balance against the ledger; ``debited``: what the test took straight from Redis
     (no ledger row), so the payments' side alone is checked."""
-    ledger = (await Ledger(pool).balances([account]))[account]
+    ledger = (await PostgresLedger(pool).balances([account]))[account]
     st = await balances.get(account)
     assert st is not None
     return st.balance - (ledger - debited)
@@ -463,7 +463,7 @@ async def test_only_what_was_captured_is_credited(
     assert (p.amount, p.captured) == (20 * USD, 19_990_000)
     st = await balances.get("a")
     assert st is not None and st.balance == 19_990_000
-    assert (await Ledger(pool).balances(["a"]))["a"] == 19_990_000
+    assert (await PostgresLedger(pool).balances(["a"]))["a"] == 19_990_000
 
 
 async def test_a_lost_redis_state_comes_back_with_its_recharge_state(world) -> None:  # type: ignore[no-untyped-def]

@@ -19,7 +19,7 @@ import pytest
 import stripe
 
 from contracts import topics
-from infra.ledger import Ledger
+from infra.ledger import PostgresLedger
 from infra.settings import Settings
 from metering.worker import Connections
 from recharge.service import PaymentService
@@ -178,7 +178,7 @@ async def test_killed_between_charge_and_credit_then_restarted_charges_and_credi
     assert p.status == "succeeded" and p.captured == p.amount
     st = await conns.balances.get("acc")
     assert st is not None and st.balance == balance_before + p.captured
-    ledger = (await Ledger(conns.pool).balances(["acc"]))["acc"]
+    ledger = (await PostgresLedger(conns.pool).balances(["acc"]))["acc"]
     assert ledger == st.balance  # invariant 2 holds through the crash
     assert st.balance >= 70 * USD  # up to threshold + recharge
 

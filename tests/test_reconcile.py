@@ -17,7 +17,7 @@ from prometheus_client import REGISTRY
 from balance import keys
 from balance.accounts import load_into_redis
 from contracts import topics
-from infra.ledger import Ledger
+from infra.ledger import PostgresLedger
 from infra.settings import Settings
 from meter.traffic import call_hangup
 from metering.worker import Connections, build_processor
@@ -103,7 +103,7 @@ async def test_a_rebuilt_account_that_drifts_is_drift_beside_the_missing_ones(
     await conns.redis.flushall()
     assert await load_into_redis(conns.pool, conns.balances, ["acc_0"]) == ["acc_0"]
     await conns.redis.hincrby(keys.account("acc_0"), "bal", 777)  # Redis lost a debit
-    ledger = (await Ledger(conns.pool).balances(["acc_0"]))["acc_0"]
+    ledger = (await PostgresLedger(conns.pool).balances(["acc_0"]))["acc_0"]
 
     rec = await reconcile(conns.pool, conns.balances)
     assert not rec.ok

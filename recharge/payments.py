@@ -1,0 +1,100 @@
+"""The records of payments: a payment, the trigger that asked for it, an account's
+auto-recharge settings. Read and written by ``recharge.store`` only; amounts in micro-units."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Literal
+
+import asyncpg
+
+from recharge.gateway import SavedMethod
+
+PaymentKind = Literal["auto", "manual"]
+TriggerStatus = Literal["open", "done", "cancelled"]
+
+
+@dataclass(frozen=True, slots=True)
+class RechargeSettings:
+    enabled: bool
+    threshold_amount: int
+    recharge_amount: int
+    disabled_reason: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Payment:
+    id: str
+    account_id: str
+    # str, not the Literals: the HTTP mapping narrows them itself (its type: ignores)
+    kind: str  # auto | manual
+    trigger_seq: int | None
+    amount: int  # micro-units asked
+    captured: int  # micro-units the gateway took: the only amount ever credited
+    currency: str
+    status: str  # pending | succeeded | declined | failed | refused
+    reason: str
+    message: str
+    gateway: str
+    gateway_ref: str
+    method: str
+    created_at: datetime
+    credited_at: datetime | None
+    updated_at: datetime
+
+    @classmethod
+    def of(cls, r: asyncpg.Record) -> Payment:
+        return cls(
+            r["id"],
+            r["account_id"],
+            r["kind"],
+            r["trigger_seq"],
+            r["amount"],
+            r["captured"],
+            r["currency"],
+            r["status"],
+            r["reason"],
+            r["message"],
+            r["gateway"],
+            r["gateway_ref"],
+            r["method"],
+            r["created_at"],
+            r["credited_at"],
+            r["updated_at"],
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class NewPayment:
+    """A payment to record before anything is charged. Its ``id`` is also the gateway's
+    idempotency key; ``status`` ``pending`` (to be charged) or ``refused`` (by the policy)."""
+
+    id: str
+    account_id: str
+    kind: PaymentKind
+    amount: int
+    gateway: str
+    method: str
+    created_at: datetime
+    trigger_seq: int | None = None
+    status: Literal["pending", "refused"] = "pending"
+    reason: str = ""
+    message: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Trigger:
+    """A ``recharge.requested`` of the balance scripts, and its attempts so far."""
+
+    account_id: str
+    seq: int
+    status: TriggerStatus
+    attempts: int
+    declines: int
+    next_attempt_at: datetime
+
+
+def method_label(m: SavedMethod) -> str:
+    """How a payment names the method it was charged to (``visa 4242``)."""
+    return f"{m.brand} {m.last4}".strip() or m.method_ref
