@@ -388,7 +388,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     k.add_argument("--key-id", help="revoke: the key's id (mk_<key id>_...)")
 
-    pl = sub.add_parser("pricelist", help="price list rates as CSV (docs/design/rating.md): import, export")
+    pl = sub.add_parser(
+        "pricelist", help="price list rates as CSV (docs/design/rating.md): import, export"
+    )
     pl.add_argument("action", choices=["import", "export"])
     pl.add_argument("price_list", help="the price list's id (created by meter seed)")
     pl.add_argument("file", type=Path, nargs="?", help="import: the CSV file")

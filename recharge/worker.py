@@ -72,6 +72,8 @@ def build_app(settings: Settings) -> Any:
     app = faust.App(
         settings.recharge_group,
         broker=brokers,
+        # faust's own files (its default is ./<app id>-data, wherever the process was started)
+        datadir=str(settings.data_dir / "faust"),
         web_enabled=False,
         store="memory://",
         topic_disable_leader=True,
