@@ -8,6 +8,7 @@ import asyncio
 import dataclasses
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
+from typing import NamedTuple
 
 import asyncpg
 import pytest
@@ -245,17 +246,24 @@ async def pool(db_settings: Settings) -> AsyncIterator[asyncpg.Pool]:
 MakeService = Callable[..., PaymentService]
 
 
+class World(NamedTuple):
+    """What a payment test stands on: real PostgreSQL and Redis, the sandbox gateway, the
+    notifications it saw, and the clock the service reads (tests move it)."""
+
+    pool: asyncpg.Pool
+    balances: RedisBalances
+    gateway: SandboxGateway
+    notes: Collected
+    clock: Clock
+
+
 @pytest.fixture
-async def world(
-    pool: asyncpg.Pool, balances: RedisBalances
-) -> tuple[asyncpg.Pool, RedisBalances, SandboxGateway, Collected, Clock]:
+async def world(pool: asyncpg.Pool, balances: RedisBalances) -> World:
     await put_price_list(pool, demo_price_list())
-    return pool, balances, SandboxGateway(), Collected(), Clock(datetime.now(UTC))
+    return World(pool, balances, SandboxGateway(), Collected(), Clock(datetime.now(UTC)))
 
 
-def _service(
-    world: tuple[asyncpg.Pool, RedisBalances, SandboxGateway, Collected, Clock], **kw: object
-) -> PaymentService:
+def _service(world: World, **kw: object) -> PaymentService:
     pool, balances, gw, notes, clock = world
     return PaymentService(pool, balances, gw, notes, clock=clock, sleep=_no_sleep, **kw)  # type: ignore[arg-type]
 
@@ -293,7 +301,7 @@ async def _drift(
     return st.balance - (ledger - debited)
 
 
-async def test_a_trigger_charges_up_to_threshold_plus_recharge_and_credits_it(world) -> None:  # type: ignore[no-untyped-def]
+async def test_a_trigger_charges_up_to_threshold_plus_recharge_and_credits_it(world: World) -> None:
     pool, balances, gw, notes, _ = world
     svc = _service(world)
     await _account(pool, balances, "a", "30.00")
@@ -315,7 +323,7 @@ async def test_a_trigger_charges_up_to_threshold_plus_recharge_and_credits_it(wo
 
 
 async def test_the_eleventh_recharge_is_refused_the_account_held_and_the_window_rolls(
-    world,  # type: ignore[no-untyped-def]
+    world: World,
 ) -> None:
     pool, balances, gw, notes, clock = world
     svc = _service(world)
@@ -352,7 +360,7 @@ async def test_the_eleventh_recharge_is_refused_the_account_held_and_the_window_
     assert await _drift(pool, balances, "a", 11 * 15 * USD) == 0
 
 
-async def test_declines_back_off_then_turn_auto_recharge_off(world) -> None:  # type: ignore[no-untyped-def]
+async def test_declines_back_off_then_turn_auto_recharge_off(world: World) -> None:
     pool, balances, gw, notes, clock = world
     svc = _service(world, backoff_s=(60.0, 600.0), max_declines=3)
     await _account(pool, balances, "a", "30.00")
@@ -378,7 +386,7 @@ async def test_declines_back_off_then_turn_auto_recharge_off(world) -> None:  # 
     assert gw.total_captured == 0 and await _drift(pool, balances, "a", 15 * USD) == 0
 
 
-async def test_manual_top_ups_obey_the_limits_and_are_idempotent(world) -> None:  # type: ignore[no-untyped-def]
+async def test_manual_top_ups_obey_the_limits_and_are_idempotent(world: World) -> None:
     pool, balances, gw, _, _ = world
     svc = _service(world)
     await _account(pool, balances, "new", "0.00", age=timedelta(hours=1))
@@ -411,7 +419,7 @@ async def test_manual_top_ups_obey_the_limits_and_are_idempotent(world) -> None:
     await svc.save_method("new", "pm_card_mastercard")
 
 
-async def test_concurrent_top_ups_cannot_pass_the_day_limit_together(world) -> None:  # type: ignore[no-untyped-def]
+async def test_concurrent_top_ups_cannot_pass_the_day_limit_together(world: World) -> None:
     pool, balances, gw, _, _ = world
     svc = _service(world)
     await _account(pool, balances, "new", "0.00", age=timedelta(hours=1))
@@ -425,7 +433,7 @@ async def test_concurrent_top_ups_cannot_pass_the_day_limit_together(world) -> N
     assert gw.total_captured == 90 * USD
 
 
-async def test_two_workers_on_one_trigger_charge_the_card_once(world) -> None:  # type: ignore[no-untyped-def]
+async def test_two_workers_on_one_trigger_charge_the_card_once(world: World) -> None:
     pool, balances, _, notes, clock = world
     # two worker processes, each with its own gateway client: a double charge would show
     gw1, gw2 = SandboxGateway(), SandboxGateway()
@@ -466,7 +474,7 @@ async def test_only_what_was_captured_is_credited(
     assert (await PostgresLedger(pool).balances(["a"]))["a"] == 19_990_000
 
 
-async def test_a_lost_redis_state_comes_back_with_its_recharge_state(world) -> None:  # type: ignore[no-untyped-def]
+async def test_a_lost_redis_state_comes_back_with_its_recharge_state(world: World) -> None:
     from balance.accounts import load_into_redis
 
     pool, balances, *_ = world
