@@ -270,7 +270,7 @@ def _processor(conns: Connections, catalog: Catalog) -> MeteringProcessor:
         balances=conns.balances,
         ledger=Ledger(conns.pool),
         catalog=catalog,
-        producer=conns.producer,
+        publisher=conns.publisher,
         rebuild=rebuild,  # type: ignore[arg-type]
     )
 
