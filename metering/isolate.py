@@ -25,7 +25,8 @@ from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from balance.store import OutcomeUnknown
-from metering.processor import BatchOutcome, MeteringProcessor, Record
+from metering.batch import BatchOutcome, Record
+from metering.processor import MeteringProcessor
 
 log = logging.getLogger(__name__)
 

@@ -23,8 +23,10 @@ from infra.db import create_pool
 from infra.instrument import instrumented_redis
 from infra.ledger import PostgresLedger
 from infra.settings import Settings
+from metering.batch import BatchOutcome
 from metering.isolate import is_transient, isolate
-from metering.processor import BatchOutcome, MeteringProcessor
+from metering.processor import MeteringProcessor
+from metering.publish import KafkaSignalPublisher
 from rating.catalog import Catalog
 
 log = logging.getLogger(__name__)
@@ -36,6 +38,11 @@ class Connections:
     redis: aioredis.Redis
     producer: AIOKafkaProducer
     balances: RedisBalances
+
+    @property
+    def publisher(self) -> KafkaSignalPublisher:
+        """The processor's ``SignalPublisher`` on ``producer`` (it holds nothing else)."""
+        return KafkaSignalPublisher(self.producer)
 
 
 def redis_client(settings: Settings) -> aioredis.Redis:
@@ -92,7 +99,7 @@ def build_processor(settings: Settings, conns: Connections, catalog: Catalog) ->
         balances=balances,
         ledger=PostgresLedger(pool),
         catalog=catalog,
-        producer=conns.producer,
+        publisher=conns.publisher,
         rebuild=rebuild,  # type: ignore[arg-type]
         max_message_bytes=settings.max_message_bytes,
         max_call_s=settings.max_call_s,

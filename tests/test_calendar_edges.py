@@ -168,7 +168,7 @@ async def _processor(conns: Connections, clock: SettableClock) -> MeteringProces
         balances=conns.balances,
         ledger=PostgresLedger(conns.pool),
         catalog=catalog,
-        producer=conns.producer,
+        publisher=conns.publisher,
         rebuild=rebuild,
         clock=clock,
     )

@@ -98,7 +98,7 @@ async def make(conns: Connections, clock: Clock) -> tuple[MeteringProcessor, Aut
         balances=conns.balances,
         ledger=PostgresLedger(conns.pool),
         catalog=catalog,
-        producer=conns.producer,
+        publisher=conns.publisher,
         rebuild=rebuild,
         clock=clock,
     )

@@ -15,6 +15,7 @@ from infra import metrics
 from infra.ledger import PostgresLedger
 from meter.traffic import call_hangup
 from metering.processor import MeteringProcessor
+from metering.publish import KafkaSignalPublisher
 from metering.worker import Connections
 from ops.reconcile import reconcile
 from rating.catalog import Catalog
@@ -52,7 +53,7 @@ def processor(conns: Connections, catalog: Catalog, clock: Any) -> MeteringProce
         balances=conns.balances,
         ledger=PostgresLedger(conns.pool),
         catalog=catalog,
-        producer=conns.producer,
+        publisher=conns.publisher,
         rebuild=rebuild,
         clock=clock,
     )
@@ -111,7 +112,7 @@ async def test_a_state_change_is_published_after_a_crash_before_its_publish(
         balances=conns.balances,
         ledger=PostgresLedger(conns.pool),
         catalog=catalog,
-        producer=SignalsDown(conns.producer),
+        publisher=KafkaSignalPublisher(SignalsDown(conns.producer)),
         rebuild=rebuild,
     )
     with pytest.raises(ConnectionResetError):

@@ -334,7 +334,7 @@ async def test_a_flushed_bucket_is_rebuilt_from_postgres_exactly(
         balances=conns.balances,
         ledger=PostgresLedger(conns.pool),
         catalog=catalog,
-        producer=conns.producer,
+        publisher=conns.publisher,
         rebuild=rebuild,
         clock=clock,
     )
@@ -412,7 +412,7 @@ async def _flat_with_bundle(conns: Connections, now: int) -> MeteringProcessor:
         balances=conns.balances,
         ledger=PostgresLedger(conns.pool),
         catalog=catalog,
-        producer=conns.producer,
+        publisher=conns.publisher,
         rebuild=rebuild,
         clock=lambda: now,
     )

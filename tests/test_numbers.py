@@ -290,7 +290,7 @@ async def test_number_events_and_calls_in_one_batch_are_each_charged(
         balances=conns.balances,
         ledger=PostgresLedger(conns.pool),
         catalog=catalog,
-        producer=conns.producer,
+        publisher=conns.publisher,
         rebuild=rebuild,
     )
     out = await processor.process(records)

@@ -49,7 +49,7 @@ def _processor(conns: Connections, catalog: Catalog) -> MeteringProcessor:
         balances=conns.balances,
         ledger=PostgresLedger(conns.pool),
         catalog=catalog,
-        producer=conns.producer,
+        publisher=conns.publisher,
         rebuild=rebuild,
     )
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import typing
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -13,10 +14,12 @@ import orjson
 import pytest
 
 from contracts import topics
+from infra import metrics
 from infra.kafkatools import read_all
 from infra.ledger import Ledger, PostgresLedger
 from infra.settings import Settings
 from meter.traffic import call_hangup, message_sent
+from metering.batch import Reason
 from metering.processor import BatchOutcome, MeteringProcessor
 from metering.worker import Connections, run_metering
 from ops.reconcile import reconcile
@@ -112,7 +115,7 @@ async def test_duplicate_applied_in_redis_but_missing_in_ledger_gets_its_row(
             balances=conns.balances,
             ledger=ledger,
             catalog=catalog,
-            producer=conns.producer,
+            publisher=conns.publisher,
             rebuild=rebuild,
         )
 
@@ -190,6 +193,11 @@ async def test_each_bad_input_is_dead_lettered_and_the_partition_goes_on(
     st = await conns.balances.get("acc_1")
     assert st is not None and st.balance == 10_000_000 - 4 * expected_cost(good[0])
     assert await ledger_usage_rows(conns) == 4
+
+
+def test_every_dead_letter_reason_is_one_the_metrics_and_the_readme_know() -> None:
+    # A reason added to the Literal alone would count under a label never created at zero.
+    assert sorted(typing.get_args(Reason)) == sorted(metrics.DEAD_LETTER_REASONS)
 
 
 async def test_hold_is_published_once_when_an_account_runs_dry(
