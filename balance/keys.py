@@ -13,7 +13,7 @@ DAY_S: Final = 86_400
 #: after that day ends (and at least a day after its last write).
 DEDUP_KEEP_S: Final = 2 * DAY_S
 #: Redis's memory of an event is trusted to be complete only for events younger than this.
-#: Older events are checked against the ledger first (see metering.processor).
+#: Older events are checked against the ledger first (see metering.apply).
 DEDUP_TRUST_S: Final = DEDUP_KEEP_S - 3_600
 
 

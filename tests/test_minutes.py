@@ -155,7 +155,7 @@ async def test_concurrent_authorizations_never_hold_more_seconds_than_the_bucket
     assert st is not None and st.reserved == 0 and st.balance == 0 and st.status == "low"
 
 
-#: A known defect, outside the clock (metering/processor.py ``_plan_periods``): the plan
+#: A known defect, outside the clock (metering/apply.py ``plan_periods``): the plan
 #: allowance passed to the scripts is the period of *processing* time only. A call answered in
 #: a month's last minutes holds that month's allowance (not yet a grant: no charge that month),
 #: but its progress and hangup, processed in the next month, are given the next month's

@@ -1,6 +1,6 @@
 -- Give back the seconds a call drew from the minute bucket, once: the compensation of a debit
 -- Redis applied again for an event the ledger already had (its memory of the event was lost),
--- which drew the call's included seconds a second time (metering/processor.py _compensate).
+-- which drew the call's included seconds a second time (metering/apply.py compensate).
 --
 -- KEYS[1] account hash   KEYS[2] applied-credits hash (balance/keys.py credits)
 -- KEYS[3] the applied-events hash of the event's day (keys.applied)

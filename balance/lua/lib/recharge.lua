@@ -5,7 +5,7 @@
 -- is on) and no trigger is open ("rq"); "rq" stays set until the available credit is seen above
 -- the threshold again or the recharge worker closes the trigger, so all the events of one
 -- crossing fire it once. The request travels in the account's outbox (key `outbox`) like a
--- signal (metering/processor.py routes it to its own topic). Returns its seq.
+-- signal (metering/publish.py routes it to its own topic). Returns its seq.
 local function recharge_trigger(acct, outbox, avail, rth, rq)
   if not rth then
     return nil
