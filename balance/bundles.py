@@ -11,7 +11,7 @@ from typing import Final
 
 import asyncpg
 
-from balance.store import RedisBalances
+from balance.protocol import BalanceStore
 from infra.clock import Clock, system_clock, utc_datetime
 from infra.ledger import credit_key
 
@@ -42,7 +42,7 @@ class BundlePurchase:
 
 async def buy_bundle(
     pool: asyncpg.Pool,
-    balances: RedisBalances,
+    balances: BalanceStore,
     account_id: str,
     bundle_id: str,
     purchase_id: str,

@@ -24,7 +24,8 @@ from typing import Final
 
 import redis.asyncio as aioredis
 
-from balance.store import PlanPeriod, RedisBalances, Reservation, Tariff
+from balance.store import RedisBalances
+from balance.values import PlanPeriod, Reservation, Tariff
 
 #: Calls per ``reserve_many``: bounds how long one batch holds Redis.
 MAX_BATCH: Final = 256

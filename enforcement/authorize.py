@@ -30,7 +30,9 @@ from typing import Final, Literal
 import asyncpg
 from redis.exceptions import RedisError
 
-from balance.store import OutcomeUnknown, PlanPeriod, RedisBalances, Reservation, Tariff
+from balance.errors import BalanceStoreError
+from balance.protocol import BalanceStore
+from balance.values import PlanPeriod, Reservation, Tariff
 from infra import metrics
 from infra.singleflight import SingleFlight
 from rating.catalog import Catalog
@@ -45,7 +47,7 @@ POSTGRES_DOWN: Final = (
     asyncpg.exceptions.OperatorInterventionError,  # includes a statement cancelled by a timeout
 )
 #: What Redis being away looks like to the balance store's callers.
-REDIS_DOWN: Final = (OutcomeUnknown, RedisError, OSError)
+REDIS_DOWN: Final = (BalanceStoreError, RedisError, OSError)
 #: How long a finished rebuild is remembered (see ``Authorizer.restore``): longer than any
 #: reservation's round trip, which the deadline bounds.
 _REBUILT_MEMORY_S: Final = 60.0
@@ -113,7 +115,7 @@ class Authorizer:
 
     def __init__(
         self,
-        balances: RedisBalances,
+        balances: BalanceStore,
         catalog: Catalog,
         *,
         grant_s: int = 300,
@@ -248,7 +250,7 @@ class Authorizer:
                 f"the account's state could not be rebuilt from the ledger in time: "
                 f"{type(exc).__name__}"
             ) from exc
-        except (RedisError, OutcomeUnknown) as exc:
+        except (RedisError, BalanceStoreError) as exc:
             raise BalanceStoreUnavailable(
                 f"the balance store failed while the account was rebuilt: {type(exc).__name__}"
             ) from exc

@@ -24,7 +24,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from balance.store import OutcomeUnknown
+from balance.errors import OutcomeUnknown, StoreBusy
 from metering.processor import BatchOutcome, MeteringProcessor, Record
 
 log = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ _PG_TRANSIENT: Final = (
 def is_transient(exc: BaseException) -> bool:
     """Whether retrying the same records may succeed: a service that did not answer, or
     answered "not now". Anything else is taken as a property of the records."""
-    if isinstance(exc, OutcomeUnknown | RedisConnectionError | RedisTimeoutError):
+    if isinstance(exc, OutcomeUnknown | StoreBusy | RedisConnectionError | RedisTimeoutError):
         return True
     if isinstance(exc, ResponseError):
         msg = str(exc)

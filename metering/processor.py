@@ -31,14 +31,15 @@ from pydantic import ValidationError
 
 from balance import keys
 from balance.keys import DAY_S
-from balance.store import (
+from balance.protocol import BalanceStore
+from balance.values import (
     RECHARGE_REQUESTED,
     AccountOutcome,
-    Balances,
     Draw,
     PendingSignal,
     PlanPeriod,
     Tariff,
+    Undraw,
 )
 from contracts import topics
 from contracts.events import CallHangup, MessageSent, NumberData, NumberRenewalDueData
@@ -287,7 +288,7 @@ class MeteringProcessor:
     def __init__(
         self,
         *,
-        balances: Balances,
+        balances: BalanceStore,
         ledger: Ledger,
         catalog: Catalog,
         producer: Producer,
@@ -801,7 +802,7 @@ class MeteringProcessor:
             back = await self._balances.undraw_many(
                 [
                     # the draw's last field is the call's answered_at
-                    (c.account_id, c.event_key, c.day, c.included_s, c.draw[3])  # type: ignore[index]
+                    Undraw(c.account_id, c.event_key, c.day, c.included_s, c.draw[3])  # type: ignore[index]
                     for c in drew
                 ]
             )

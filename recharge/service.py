@@ -29,7 +29,7 @@ from typing import Any, Final, Protocol
 
 import asyncpg
 
-from balance.store import RedisBalances
+from balance.protocol import BalanceStore
 from contracts.money import format_money
 from contracts.payments import PAYMENTS_SOURCE, Notification, NotificationData, NotificationType
 from infra import metrics
@@ -142,7 +142,7 @@ class PaymentService:
     def __init__(
         self,
         pool: asyncpg.Pool,
-        balances: RedisBalances,
+        balances: BalanceStore,
         gateway: PaymentGateway,
         notifier: Notifier,
         *,

@@ -18,7 +18,9 @@ import pytest
 import redis.asyncio as aioredis
 
 from balance import keys
-from balance.store import Debit, RedisBalances
+from balance.store import RedisBalances
+from balance.values import Debit
+from balance.values import StatusChange as Changed
 from infra.clock import SettableClock
 from tests.test_calendar_edges import CALENDAR_EDGES, at, ttl
 
@@ -230,10 +232,11 @@ async def test_resume_judges_the_bucket_by_the_clock_it_is_given(
 ) -> None:
     await _with_minutes_only_now(balances, now)
     await balances.credit("a", "fix-1", -100, now_s=now)
-    assert await balances.set_status("a", "suspend", "operator", now_s=now) == (1, "suspended")
-    assert await balances.set_status("a", "resume", "operator", now_s=now) == (1, "low")
-    assert await balances.set_status("a", "suspend", "operator") == (1, "suspended")
-    assert await balances.set_status("a", "resume", "operator", now_s=now + DAY_S) == (1, "hold")
+    set_status = balances.set_status
+    assert await set_status("a", "suspend", "operator", now_s=now) == Changed(True, "suspended")
+    assert await set_status("a", "resume", "operator", now_s=now) == Changed(True, "low")
+    assert await set_status("a", "suspend", "operator") == Changed(True, "suspended")
+    assert await set_status("a", "resume", "operator", now_s=now + DAY_S) == Changed(True, "hold")
 
 
 async def test_credit_limit_counts_as_available(balances: RedisBalances, now: int) -> None:
@@ -297,9 +300,9 @@ def test_billing_copies_are_identical() -> None:
 
 
 def test_outbox_entries_decode_call_ids_holding_separators() -> None:
-    from balance.store import _decode_outbox
+    from balance.replies import decode_outbox
 
-    (s,) = _decode_outbox([b"7|call.terminate|credit_exhausted|a|b|c|1795300000"])
+    (s,) = decode_outbox([b"7|call.terminate|credit_exhausted|a|b|c|1795300000"])
     assert (s.seq, s.type, s.reason, s.call_id, s.terminate_at) == (
         7,
         "call.terminate",
@@ -307,5 +310,5 @@ def test_outbox_entries_decode_call_ids_holding_separators() -> None:
         "a|b|c",
         1795300000,
     )
-    (h,) = _decode_outbox([b"3|account.hold|credit_exhausted"])
+    (h,) = decode_outbox([b"3|account.hold|credit_exhausted"])
     assert (h.seq, h.type, h.reason, h.call_id) == (3, "account.hold", "credit_exhausted", None)

@@ -14,6 +14,7 @@ import redis.asyncio as aioredis
 
 from balance.coalesce import CoalescingBalances
 from balance.store import RedisBalances
+from balance.values import StatusChange as Changed
 from contracts import topics
 from enforcement.authorize import Authorizer, AuthorizeRequest, BalanceStoreUnavailable
 from infra.kafkatools import read_all
@@ -263,11 +264,12 @@ async def test_operator_suspend_and_resume_are_relayed_in_order(
     await seed("acc_1", balance="10.00")
     clock = Clock(T0)
     p, auth = await make(conns, clock)
-    assert await conns.balances.set_status("acc_1", "suspend", "operator") == (1, "suspended")
-    assert await conns.balances.set_status("acc_1", "suspend", "operator") == (0, "suspended")
+    b = conns.balances
+    assert await b.set_status("acc_1", "suspend", "operator") == Changed(True, "suspended")
+    assert await b.set_status("acc_1", "suspend", "operator") == Changed(False, "suspended")
     d = await auth.authorize(AuthorizeRequest("acc_1", "c1", "inbound", "+1415", UK))
     assert (d.decision, d.reason) == ("deny", "account_suspended")
-    assert await conns.balances.set_status("acc_1", "resume", "operator") == (1, "active")
+    assert await b.set_status("acc_1", "resume", "operator") == Changed(True, "active")
     assert await p.relay_outboxes() == 2
     assert await p.relay_outboxes() == 0  # published once, then the marks are gone
     signals = [

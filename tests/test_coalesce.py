@@ -13,7 +13,8 @@ import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from balance.coalesce import CoalescingBalances
-from balance.store import OutcomeUnknown, Reservation, Tariff
+from balance.errors import OutcomeUnknown
+from balance.values import Reservation, Tariff
 from tests.conftest import eventually
 
 NOW = 1_795_300_000

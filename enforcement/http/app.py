@@ -66,7 +66,9 @@ from starlette.types import Message, Receive, Scope, Send
 from balance.accounts import load_into_redis
 from balance.bundles import BundleError, buy_bundle
 from balance.coalesce import CoalescingBalances
-from balance.store import AccountState, OutcomeUnknown, RedisBalances
+from balance.errors import BalanceStoreError
+from balance.protocol import BalanceStore
+from balance.values import AccountState
 from contracts.events import ACCOUNT_ID_PATTERN
 from contracts.money import format_money
 from enforcement.authorize import (
@@ -134,7 +136,7 @@ class ApiServices:
     """What the API runs on; ``connect_api`` makes them from settings."""
 
     pool: asyncpg.Pool
-    balances: RedisBalances
+    balances: BalanceStore
     catalog: Catalog
     authorizer: Authorizer
     keys: ApiKeys
@@ -563,7 +565,7 @@ def create_app(settings: Settings, services: ApiServices | None = None) -> FastA
             credit_limit=format_money(st.credit_limit),
             available_credit=format_money(st.available),
             currency=currency,
-            status=st.status,  # type: ignore[arg-type]  # one of ACCOUNT_STATES
+            status=st.status,
         )
 
     async def set_status(
@@ -586,12 +588,10 @@ def create_app(settings: Settings, services: ApiServices | None = None) -> FastA
                 action == "suspend",
             )
         )
-        changed, status = await _redis(
-            svc.balances.set_status(account_id, action, body.reason), deadline
-        )
-        if changed < 0:
+        change = await _redis(svc.balances.set_status(account_id, action, body.reason), deadline)
+        if change is None:
             raise api_errors.balance_store_unavailable("account state missing; retry")
-        return StatusOut(account_id=account_id, status=status, changed=changed == 1)  # type: ignore[arg-type]
+        return StatusOut(account_id=account_id, status=change.status, changed=change.changed)
 
     status_doc = _body_doc(StatusIn, required=False)
 
@@ -681,7 +681,7 @@ def create_app(settings: Settings, services: ApiServices | None = None) -> FastA
             raise ApiError(status, exc.code, exc.message, "amount", headers) from None
         except PaymentError as exc:
             raise ApiError(exc.status, exc.code, exc.message) from None
-        except (RedisError, OutcomeUnknown) as exc:
+        except (RedisError, BalanceStoreError) as exc:
             raise api_errors.balance_store_unavailable("the balance store failed; retry") from exc
         except _DB_DOWN as exc:
             raise api_errors.database_unavailable() from exc
