@@ -10,8 +10,10 @@ Errors (httpx-style tree)::
     └── NotApplied       Redis answered, and did not run the call: nothing of it changed.
         ├── StoreBusy    Redis said "not now" (BUSY, LOADING, OOM, READONLY, a failover) or lost
         │                the script again after it was reloaded: retry later, the same ids.
-        └── ScriptError  a script refused its arguments (or failed on them): the same call
-                         fails the same way every time. A poison value or a bug; not a retry.
+        └── Refused      an error reply: a script refused its arguments (or failed on them), a
+                         key held the wrong type. The same call fails the same way every time:
+                         a poison value or a bug, not a retry. Scripts check their arguments
+                         before their first write (Redis does not roll a script back).
 
 Every method of ``RedisBalances`` raises only these for what Redis did (a reply it could not
 decode is a bug, and stays an ordinary exception). In a batch (many scripts in one round trip)
@@ -70,8 +72,8 @@ class StoreBusy(NotApplied):
     """Redis refused to run the request now (busy, loading, out of memory, a failover)."""
 
 
-class ScriptError(NotApplied):
-    """A script refused the request's arguments: sending it again fails the same way."""
+class Refused(NotApplied):
+    """Redis or a script answered with an error: sending the same request fails the same way."""
 
 
 def _reply_code(exc: ResponseError) -> str:
@@ -92,7 +94,7 @@ def map_error(what: str, exc: Exception) -> Exception:
     if isinstance(exc, ResponseError):
         if _reply_code(exc) in _BUSY_REPLIES:
             return StoreBusy(f"{what}: not applied, Redis is not ready: {exc}")
-        return ScriptError(f"{what}: refused: {exc}")
+        return Refused(f"{what}: refused: {exc}")
     return exc
 
 

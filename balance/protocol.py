@@ -23,6 +23,7 @@ from balance.values import (
     PendingSignal,
     PlanPeriod,
     Progress,
+    Released,
     Reservation,
     StatusAction,
     StatusChange,
@@ -109,9 +110,7 @@ class BalanceStore(Protocol):
         plans: Mapping[str, PlanPeriod] | None = None,
     ) -> list[Progress]: ...
 
-    async def sweep_expired(
-        self, *, now_s: int, limit: int = 1000
-    ) -> list[tuple[str, str, int, int]]: ...
+    async def sweep_expired(self, *, now_s: int, limit: int = 1000) -> list[Released]: ...
 
     # Outboxes (the outbox relay).
     async def pending_outboxes(self, limit: int = 1000) -> dict[str, list[PendingSignal]]: ...

@@ -18,7 +18,7 @@ from redis.commands.core import AsyncScript
 from balance import keys, replies
 from balance.errors import call, mapped
 from balance.pipeline import round_trip
-from balance.values import PlanPeriod, Progress, Reservation, Tariff
+from balance.values import PlanPeriod, Progress, Released, Reservation, Tariff
 
 
 class ReservationStore:
@@ -189,14 +189,11 @@ class ReservationStore:
             await self._r.zrem(keys.RESERVATION_EXPIRY, f"{account_id}\x00{call_id}")
         return int(n)
 
-    async def sweep_expired(
-        self, *, now_s: int, limit: int = 1000
-    ) -> list[tuple[str, str, int, int]]:
+    async def sweep_expired(self, *, now_s: int, limit: int = 1000) -> list[Released]:
         """Release reservations whose call was never closed (hangup lost), at most ``limit``.
 
-        Returns ``(account_id, call_id, micro-units released, bucket seconds released)``.
-        Policy: nothing is charged for them; a hangup arriving later is still charged in full,
-        exactly once.
+        Returns those that held anything (money or bucket seconds). Policy: nothing is
+        charged for them; a hangup arriving later is still charged in full, exactly once.
         """
         with mapped("sweep"):
             due = cast(
@@ -227,7 +224,7 @@ class ReservationStore:
 
         for (account_id, call_id), (released, held) in zip(pairs, results, strict=True):
             if int(released) >= 0 and (int(released) > 0 or int(held) > 0):
-                done.append((account_id, call_id, int(released), int(held)))
+                done.append(Released(account_id, call_id, int(released), int(held)))
         await round_trip(self._r, "sweep expiry", relist)
         return done
 

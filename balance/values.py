@@ -192,6 +192,17 @@ class Reservation:
 
 
 @dataclass(frozen=True, slots=True)
+class Released:
+    """A reservation the sweep released: ``amount`` micro-units and ``held_s`` seconds of the
+    minute bucket, free again."""
+
+    account_id: str
+    call_id: str
+    amount: int
+    held_s: int
+
+
+@dataclass(frozen=True, slots=True)
 class Progress:
     """What a call.answered / call.progress did to the call's reservation."""
 

@@ -141,7 +141,7 @@ class Charge:
     event_id: str
     code: str = ""  # set from Redis: n(ew), d(uplicate), c(onflict), k (ledger already has it)
     applied_amount: int = 0
-    #: a call's draw on the minute bucket (``balance.store.Debit.draw``); None when
+    #: a call's draw on the minute bucket (``balance.values.Debit.draw``); None when
     #: ``amount`` is final
     draw: Draw | None = None
     included_s: int = 0  # set from Redis: seconds drawn from included minutes / bundles

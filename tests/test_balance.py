@@ -312,3 +312,51 @@ def test_outbox_entries_decode_call_ids_holding_separators() -> None:
     )
     (h,) = decode_outbox([b"3|account.hold|credit_exhausted"])
     assert (h.seq, h.type, h.reason, h.call_id) == (3, "account.hold", "credit_exhausted", None)
+
+
+class Sends:
+    """A round trip that fails with ``errors`` in turn, then answers "ok"; counts its sends."""
+
+    def __init__(self, *errors: Exception) -> None:
+        self.errors = list(errors)
+        self.sent = 0
+
+    async def __call__(self) -> str:
+        self.sent += 1
+        if self.errors:
+            raise self.errors.pop(0)
+        return "ok"
+
+
+async def test_a_lost_script_is_sent_again_once_and_nothing_else_ever_is() -> None:
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import NoScriptError, ResponseError
+    from redis.exceptions import TimeoutError as RedisTimeoutError
+
+    from balance.errors import OutcomeUnknown, Refused, StoreBusy, call
+
+    once = Sends(NoScriptError("NOSCRIPT No matching script"))
+    assert await call("debit", once) == "ok" and once.sent == 2
+    twice = Sends(NoScriptError("NOSCRIPT"), NoScriptError("NOSCRIPT"))
+    with pytest.raises(StoreBusy):
+        await call("debit", twice)
+    assert twice.sent == 2
+    cases: list[tuple[Exception, type[Exception]]] = [
+        (RedisTimeoutError("Timeout reading from socket"), OutcomeUnknown),
+        (RedisConnectionError("Connection closed by server."), OutcomeUnknown),
+        (RedisConnectionError("Error 111 connecting to 127.0.0.1:1. Connection refused."),
+         OutcomeUnknown),
+        (ResponseError("BUSY Redis is busy running a script"), StoreBusy),
+        (ResponseError("Command # 3 (EVALSHA ab 1 k) of pipeline caused error: LOADING x"),
+         StoreBusy),
+        (ResponseError("OOM command not allowed when used memory > 'maxmemory'"), StoreBusy),
+        (ResponseError("ERR debit: negative amount"), Refused),
+        (ResponseError("WRONGTYPE Operation against a key holding the wrong kind of value"),
+         Refused),
+    ]
+    for error, mapped in cases:
+        sends = Sends(error)
+        with pytest.raises(mapped) as raised:
+            await call("debit", sends)
+        assert sends.sent == 1, error  # never again: a timed-out debit may have been applied
+        assert raised.value.__cause__ is error

@@ -14,6 +14,7 @@ import redis.asyncio as aioredis
 
 from balance.coalesce import CoalescingBalances
 from balance.store import RedisBalances
+from balance.values import Released
 from balance.values import StatusChange as Changed
 from contracts import topics
 from enforcement.authorize import Authorizer, AuthorizeRequest, BalanceStoreUnavailable
@@ -220,7 +221,7 @@ async def test_unclosed_reservations_expire_and_a_late_hangup_is_still_charged_o
     assert d.reserved > 0
     assert await conns.balances.sweep_expired(now_s=int(T0.timestamp()) + 100) == []
     swept = await conns.balances.sweep_expired(now_s=int(T0.timestamp()) + 300 + 60)
-    assert swept == [("acc_1", "lost", d.reserved, 0)]
+    assert swept == [Released("acc_1", "lost", d.reserved, 0)]
     st = await conns.balances.get("acc_1")
     assert st is not None and st.reserved == 0 and st.balance == 10_000_000  # not charged
     clock.now += 3600

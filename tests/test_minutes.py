@@ -25,7 +25,7 @@ from balance.accounts import (
     put_price_list,
 )
 from balance.bundles import buy_bundle
-from balance.values import Undraw
+from balance.values import Released, Undraw
 from contracts import topics
 from enforcement.authorize import Authorizer, AuthorizeRequest
 from infra.kafkatools import read_all
@@ -221,7 +221,7 @@ async def test_the_sweep_frees_the_seconds_of_a_lost_call(
     await conns.balances.release("flat", "c2", now_s=now)
     assert await conns.balances.sweep_expired(now_s=now + 100) == []
     swept = await conns.balances.sweep_expired(now_s=now + 300 + 60)
-    assert swept == [("flat", "lost", 0, 300)]
+    assert swept == [Released("flat", "lost", 0, 300)]
     assert await conns.balances.held_seconds("flat") == {}
     assert (await auth.authorize(call("flat", "c3"))).max_duration_s == 600
 
