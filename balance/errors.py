@@ -8,12 +8,13 @@ Errors (httpx-style tree)::
     │                    debits are idempotent on their event key; a credit is idempotent on its
     │                    credit id. Resolve by re-sending the same ids, never new ones.
     └── NotApplied       Redis answered, and did not run the call: nothing of it changed.
-        ├── StoreBusy    Redis said "not now" (BUSY, LOADING, OOM, READONLY, a failover) or lost
-        │                the script again after it was reloaded: retry later, the same ids.
-        └── Refused      an error reply: a script refused its arguments (or failed on them), a
-                         key held the wrong type. The same call fails the same way every time:
-                         a poison value or a bug, not a retry. Scripts check their arguments
-                         before their first write (Redis does not roll a script back).
+        ├── StoreBusy    Redis said "not now" (BUSY, OOM, READONLY, a failover) or lost the
+        │                script again after it was reloaded: retry later, the same ids.
+        └── Refused      an error reply: a script refused its arguments, a key held the wrong
+                         type. The same call fails the same way every time: a poison value or a
+                         bug, not a retry. (Redis does not roll a script back: one failing after
+                         a write, a bug, leaves that write; debit.lua decodes all its arguments
+                         before writing anything.)
 
 Every method of ``RedisBalances`` raises only these for what Redis did (a reply it could not
 decode is a bug, and stays an ordinary exception). In a batch (many scripts in one round trip)
@@ -21,10 +22,10 @@ decode is a bug, and stays an ordinary exception). In a batch (many scripts in o
 batch is idempotent on its ids, so re-send the same batch. Reads raise the same errors; a read
 is always safe to repeat.
 
-Why a refused connection is ``OutcomeUnknown`` too: redis-py retries on its own (a
-``Retry`` on connection errors and timeouts, by default), and when the reconnect after a lost
-reply is refused it reports the refusal, not that the call had been sent. Only Redis's own
-answer proves a call did not run.
+Why a refused connection is ``OutcomeUnknown`` too (as is every redis-py ``ConnectionError``,
+``LOADING`` included): redis-py retries on its own (its default ``Retry`` covers connection
+errors and timeouts), and when the reconnect after a lost reply is refused it reports the
+refusal, not that the call had been sent. Only an error reply proves a call did not run.
 
 Scripts are loaded once (``register_script``). The one retry is on ``NOSCRIPT`` (Redis lost
 its scripts between redis-py's check and the call, e.g. a ``SCRIPT FLUSH`` or a failover): the
