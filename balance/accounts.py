@@ -13,7 +13,8 @@ from typing import Annotated, Self
 import asyncpg
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
 
-from balance.store import RedisBalances
+from balance.protocol import BalanceStore
+from balance.values import AccountStatus
 from contracts.events import ACCOUNT_ID_PATTERN
 from contracts.money import Micros
 from infra.clock import Clock, system_clock, utc_datetime
@@ -179,7 +180,7 @@ async def put_bundle(pool: asyncpg.Pool, spec: BundleSpec) -> None:
 
 async def create_accounts(
     pool: asyncpg.Pool,
-    balances: RedisBalances,
+    balances: BalanceStore,
     specs: Sequence[AccountSpec],
     *,
     clock: Clock = system_clock,
@@ -230,7 +231,7 @@ async def create_accounts(
 
 async def load_into_redis(
     pool: asyncpg.Pool,
-    balances: RedisBalances,
+    balances: BalanceStore,
     account_ids: Sequence[str],
     *,
     now: int | None = None,
@@ -277,6 +278,7 @@ async def load_into_redis(
             for g in parse_bucket(buckets.get(r["id"]))
             if g.valid_from <= at < g.expires_at
         )
+        status: AccountStatus
         if r["suspended"]:
             status = "suspended"
         elif (avail <= 0 and secs <= 0) or r["hold_reason"]:

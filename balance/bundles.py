@@ -10,7 +10,7 @@ from datetime import datetime, timedelta
 
 import asyncpg
 
-from balance.store import RedisBalances
+from balance.protocol import BalanceStore
 from infra.clock import Clock, system_clock, utc_datetime
 from infra.ledger import Ledger, PostgresLedger
 
@@ -39,7 +39,7 @@ class BundlePurchase:
 
 async def buy_bundle(
     pool: asyncpg.Pool,
-    balances: RedisBalances,
+    balances: BalanceStore,
     account_id: str,
     bundle_id: str,
     purchase_id: str,

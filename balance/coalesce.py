@@ -11,10 +11,10 @@ best (``meter bench authorize``, 2 cores): the API is bound by its own CPU, not 
 each round trip saved is worth more than the wait for the one in flight.
 
 Semantics are those of ``reserve``: each reservation is its own atomic script, run in order of
-arrival within a batch; a batch that fails (``OutcomeUnknown``, Redis errors, ``TimeoutError``
-past ``timeout_s``) fails each of its calls, and a retry with the same call_id is safe. A caller
-that stops waiting (its deadline) does not stop the batch: its reservation may still be made,
-as with any timed-out ``reserve``.
+arrival within a batch; a batch that fails (the errors of ``balance.errors``; no answer within
+``timeout_s`` is ``OutcomeUnknown``) fails each of its calls, and a retry with the same call_id
+is safe. A caller that stops waiting (its deadline) does not stop the batch: its reservation
+may still be made, as with any timed-out ``reserve``.
 """
 
 from __future__ import annotations
@@ -24,7 +24,9 @@ from typing import Final
 
 import redis.asyncio as aioredis
 
-from balance.store import PlanPeriod, RedisBalances, Reservation, Tariff
+from balance.errors import OutcomeUnknown
+from balance.store import RedisBalances
+from balance.values import PlanPeriod, Reservation, Tariff
 
 #: Calls per ``reserve_many``: bounds how long one batch holds Redis.
 MAX_BATCH: Final = 256
@@ -114,11 +116,21 @@ class CoalescingBalances(RedisBalances):
                     max_s=max_s,
                     plans=plans,
                 )
+        except TimeoutError as exc:
+            # Sent and not answered in time: like any timeout, the reservations may be made.
+            unknown = OutcomeUnknown(f"reservations: no answer within {self._timeout_s} s")
+            unknown.__cause__ = exc
+            self._fail(part, unknown)
+            return
         except Exception as exc:
-            for _, _, _, fut in part:
-                if not fut.done():
-                    fut.set_exception(exc)
+            self._fail(part, exc)
             return
         for (_, _, _, fut), r in zip(part, results, strict=True):
             if not fut.done():  # done: its caller gave up waiting
                 fut.set_result(r)
+
+    @staticmethod
+    def _fail(part: list[_Queued], exc: Exception) -> None:
+        for _, _, _, fut in part:
+            if not fut.done():  # done: its caller gave up waiting
+                fut.set_exception(exc)

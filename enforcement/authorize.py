@@ -29,7 +29,9 @@ from typing import Final, Literal
 
 from redis.exceptions import RedisError
 
-from balance.store import OutcomeUnknown, PlanPeriod, RedisBalances, Reservation, Tariff
+from balance.errors import BalanceStoreError
+from balance.protocol import BalanceStore
+from balance.values import PlanPeriod, Reservation, Tariff
 from infra import metrics
 from infra.db import POSTGRES_DOWN
 from infra.singleflight import SingleFlight
@@ -38,7 +40,7 @@ from rating.plans import month_period
 from rating.rating import NoRate
 
 #: What Redis being away looks like to the balance store's callers.
-REDIS_DOWN: Final = (OutcomeUnknown, RedisError, OSError)
+REDIS_DOWN: Final = (BalanceStoreError, RedisError, OSError)
 #: How long a finished rebuild is remembered (see ``Authorizer.restore``): longer than any
 #: reservation's round trip, which the deadline bounds.
 _REBUILT_MEMORY_S: Final = 60.0
@@ -106,7 +108,7 @@ class Authorizer:
 
     def __init__(
         self,
-        balances: RedisBalances,
+        balances: BalanceStore,
         catalog: Catalog,
         *,
         grant_s: int = 300,
@@ -241,7 +243,7 @@ class Authorizer:
                 f"the account's state could not be rebuilt from the ledger in time: "
                 f"{type(exc).__name__}"
             ) from exc
-        except (RedisError, OutcomeUnknown) as exc:
+        except (RedisError, BalanceStoreError) as exc:
             raise BalanceStoreUnavailable(
                 f"the balance store failed while the account was rebuilt: {type(exc).__name__}"
             ) from exc

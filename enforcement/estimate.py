@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from balance.store import RedisBalances
+from balance.protocol import BalanceStore
 from contracts.money import format_money
 from infra.clock import Clock, system_clock
 from rating.catalog import Catalog
@@ -53,7 +53,7 @@ class Estimate:
 
 async def estimate(
     catalog: Catalog,
-    balances: RedisBalances | None,
+    balances: BalanceStore | None,
     account_id: str,
     *,
     to: str = "",

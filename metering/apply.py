@@ -20,7 +20,8 @@ import logging
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 
 from balance import keys
-from balance.store import AccountOutcome, Balances, PlanPeriod
+from balance.protocol import BalanceStore
+from balance.values import AccountOutcome, PlanPeriod, Undraw
 from infra import metrics
 from infra.ledger import Ledger, SignalRow, UsageRow
 from metering.batch import BatchOutcome, Charge, Rejected
@@ -62,7 +63,7 @@ async def skip_known_old(ledger: Ledger, charges: list[Charge], now: float) -> N
 
 
 async def apply_debits(
-    balances: Balances,
+    balances: BalanceStore,
     charges: list[Charge],
     *,
     get: Callable[[str], AccountRating | None],
@@ -105,7 +106,7 @@ async def apply_debits(
 
 
 async def _apply_groups(
-    balances: Balances,
+    balances: BalanceStore,
     by_account: dict[str, list[Charge]],
     get: Callable[[str], AccountRating | None],
     now_s: int,
@@ -187,7 +188,7 @@ async def write_ledger(
 
 
 async def compensate(
-    balances: Balances, charges: list[Charge], already: set[bytes], out: BatchOutcome
+    balances: BalanceStore, charges: list[Charge], already: set[bytes], out: BatchOutcome
 ) -> None:
     """Undo debits Redis applied for events the ledger already had (Redis forgot them):
     the money, and the included seconds the call drew again (back to their grants)."""
@@ -200,7 +201,7 @@ async def compensate(
         back = await balances.undraw_many(
             [
                 # the draw's last field is the call's answered_at
-                (c.account_id, c.event_key, c.day, c.included_s, c.draw[3])  # type: ignore[index]
+                Undraw(c.account_id, c.event_key, c.day, c.included_s, c.draw[3])  # type: ignore[index]
                 for c in drew
             ]
         )

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Literal, Protocol
 
-from balance.store import AccountOutcome, Draw, PendingSignal
+from balance.values import AccountOutcome, Draw, PendingSignal
 
 
 class Record(Protocol):

@@ -15,7 +15,8 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
-from balance.store import Balances, Tariff
+from balance.protocol import BalanceStore
+from balance.values import Tariff
 from infra import metrics
 from infra.settings import CallControl
 from metering.apply import plan_periods
@@ -28,7 +29,7 @@ log = logging.getLogger(__name__)
 
 
 async def update_live_calls(
-    balances: Balances,
+    balances: BalanceStore,
     events: list[tuple[Record, Any]],
     *,
     get: Callable[[str], AccountRating | None],
@@ -75,7 +76,7 @@ async def update_live_calls(
     return [(u[0], s) for u, r in zip(updates, results, strict=True) for s in r.outbox]
 
 
-async def sweep_reservations(balances: Balances, now_s: int) -> int:
+async def sweep_reservations(balances: BalanceStore, now_s: int) -> int:
     """Release reservations whose call was never closed. Nothing is charged for them (the
     switch's hangup is the only charge, and a late one is still charged once). Returns how
     many were released."""

@@ -24,7 +24,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from balance.store import OutcomeUnknown
+from balance.errors import OutcomeUnknown, StoreBusy
 from metering.batch import BatchOutcome, Record
 from metering.processor import MeteringProcessor
 
@@ -56,7 +56,7 @@ _PG_TRANSIENT: Final = (
 def is_transient(exc: BaseException) -> bool:
     """Whether retrying the same records may succeed: a service that did not answer, or
     answered "not now". Anything else is taken as a property of the records."""
-    if isinstance(exc, OutcomeUnknown | RedisConnectionError | RedisTimeoutError):
+    if isinstance(exc, OutcomeUnknown | StoreBusy | RedisConnectionError | RedisTimeoutError):
         return True
     if isinstance(exc, ResponseError):
         msg = str(exc)

@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from balance.store import Balances
+from balance.protocol import BalanceStore
 from infra import metrics
 from infra.ledger import Ledger, SignalRow
 from infra.settings import CallControl
@@ -57,7 +57,7 @@ class MeteringProcessor:
     def __init__(
         self,
         *,
-        balances: Balances,
+        balances: BalanceStore,
         ledger: Ledger,
         catalog: Catalog,
         publisher: SignalPublisher,

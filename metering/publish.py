@@ -15,7 +15,8 @@ from collections.abc import Awaitable, Sequence
 from datetime import UTC, datetime
 from typing import Any, Final, Protocol
 
-from balance.store import RECHARGE_REQUESTED, AccountOutcome, Balances
+from balance.protocol import BalanceStore
+from balance.values import RECHARGE_REQUESTED, AccountOutcome
 from contracts import topics
 from contracts.payments import recharge_request
 from contracts.signals import make_signal
@@ -133,7 +134,7 @@ class Outbox:
 
     __slots__ = ("_balances", "_published", "_publisher")
 
-    def __init__(self, publisher: SignalPublisher, balances: Balances) -> None:
+    def __init__(self, publisher: SignalPublisher, balances: BalanceStore) -> None:
         self._publisher = publisher
         self._balances = balances
         # Highest signal seq published per account: with batches overlapping, the outbox

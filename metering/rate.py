@@ -13,7 +13,7 @@ import hashlib
 from collections.abc import Callable
 
 from balance.keys import DAY_S
-from balance.store import Draw
+from balance.values import Draw
 from contracts.events import CallHangupData, MessageSentData
 from infra.ledger import event_key
 from metering.batch import Charge, Record, Rejected

@@ -28,7 +28,8 @@ import asyncpg
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from balance import keys
-from balance.store import ACCOUNT_STATES, RedisBalances
+from balance.store import RedisBalances
+from balance.values import ACCOUNT_STATES
 from contracts import topics
 from infra import metrics
 from infra.db import create_pool
@@ -90,7 +91,7 @@ async def count_accounts(redis: InstrumentedRedis) -> dict[str, int]:
     pipelined ``HGET st`` for the accounts it found: O(keys) work spread thin, never one long
     command. On a single Redis node only (a cluster client would scan each primary).
     """
-    counts = dict.fromkeys(ACCOUNT_STATES, 0)
+    counts: dict[str, int] = dict.fromkeys(ACCOUNT_STATES, 0)
     cursor = 0
     while True:
         cursor, found = await redis.scan(

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import asyncpg
 
-from balance.store import RedisBalances
+from balance.protocol import BalanceStore
 from infra import metrics
 from infra.ledger import Ledger, PostgresLedger
 
@@ -57,7 +57,7 @@ class _Read:
     missing: set[str]
 
 
-async def _read(ledger: Ledger, balances: RedisBalances, ids: list[str]) -> _Read:
+async def _read(ledger: Ledger, balances: BalanceStore, ids: list[str]) -> _Read:
     """The accounts of ``ids`` whose two balances differ, and those Redis does not have."""
     # Ledger first: debits reach Redis before the ledger, so a batch in flight can then only make
     # Redis look lower than the ledger, never higher.
@@ -75,7 +75,7 @@ async def _read(ledger: Ledger, balances: RedisBalances, ids: list[str]) -> _Rea
 
 async def reconcile(
     pool: asyncpg.Pool,
-    balances: RedisBalances,
+    balances: BalanceStore,
     chunk: int = 5000,
     *,
     recheck_after_s: float = 0.0,

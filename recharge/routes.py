@@ -22,7 +22,7 @@ from fastapi.responses import Response
 from pydantic import BaseModel, Field
 from redis.exceptions import RedisError
 
-from balance.store import OutcomeUnknown
+from balance.errors import BalanceStoreError
 from contracts.money import Micros, format_money
 from infra.db import POSTGRES_DOWN
 from infra.http import errors
@@ -182,7 +182,7 @@ async def _pay(work: Awaitable[_T]) -> _T:
         raise ApiError(status, exc.code, exc.message, "amount", headers) from None
     except PaymentError as exc:
         raise ApiError(exc.status, exc.code, exc.message) from None
-    except (RedisError, OutcomeUnknown) as exc:
+    except (RedisError, BalanceStoreError) as exc:
         raise errors.balance_store_unavailable("the balance store failed; retry") from exc
     except POSTGRES_DOWN as exc:
         raise errors.database_unavailable() from exc

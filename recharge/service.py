@@ -31,7 +31,7 @@ from typing import Final
 
 import asyncpg
 
-from balance.store import RedisBalances
+from balance.protocol import BalanceStore
 from contracts.money import format_money
 from infra import metrics
 from infra.clock import datetime_clock, system_clock
@@ -85,7 +85,7 @@ class PaymentService:
     def __init__(
         self,
         pool: asyncpg.Pool,
-        balances: RedisBalances,
+        balances: BalanceStore,
         gateway: PaymentGateway,
         notifier: Notifier,
         *,

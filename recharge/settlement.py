@@ -21,7 +21,7 @@ from typing import Final
 import asyncpg
 
 from balance.accounts import load_into_redis
-from balance.store import RedisBalances
+from balance.protocol import BalanceStore
 from infra import metrics
 from infra.ledger import Ledger
 from recharge.gateway import (
@@ -49,7 +49,7 @@ class Settlement:
         pool: asyncpg.Pool,
         store: PaymentStore,
         ledger: Ledger,
-        balances: RedisBalances,
+        balances: BalanceStore,
         gateway: PaymentGateway,
         notify: Notices,
         *,

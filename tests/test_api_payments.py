@@ -159,7 +159,8 @@ async def test_auto_recharge_settings_are_validated_and_kept(api: Api) -> None:
     assert r.status_code == 200 and r.json()["threshold_amount"] == "10.00"
     assert (await api.client.get(path, headers=admin)).json()["enabled"] is True
     # the balance ($5) is already below $10: turning it on fired a trigger in Redis
-    threshold, open_seq, _ = await api.svc.balances.recharge_state("acc")
+    state = await api.svc.balances.recharge_state("acc")
+    threshold, open_seq = state.threshold, state.open_trigger
     assert threshold == 10_000_000 and open_seq is not None
 
 

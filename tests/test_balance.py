@@ -16,7 +16,9 @@ import pytest
 import redis.asyncio as aioredis
 
 from balance import keys
-from balance.store import Debit, RedisBalances
+from balance.store import RedisBalances
+from balance.values import Debit
+from balance.values import StatusChange as Changed
 from infra.clock import SettableClock
 from tests.test_calendar_edges import CALENDAR_EDGES, at, ttl
 
@@ -228,10 +230,11 @@ async def test_resume_judges_the_bucket_by_the_clock_it_is_given(
 ) -> None:
     await _with_minutes_only_now(balances, now)
     await balances.credit("a", "fix-1", -100, now_s=now)
-    assert await balances.set_status("a", "suspend", "operator", now_s=now) == (1, "suspended")
-    assert await balances.set_status("a", "resume", "operator", now_s=now) == (1, "low")
-    assert await balances.set_status("a", "suspend", "operator") == (1, "suspended")
-    assert await balances.set_status("a", "resume", "operator", now_s=now + DAY_S) == (1, "hold")
+    set_status = balances.set_status
+    assert await set_status("a", "suspend", "operator", now_s=now) == Changed(True, "suspended")
+    assert await set_status("a", "resume", "operator", now_s=now) == Changed(True, "low")
+    assert await set_status("a", "suspend", "operator") == Changed(True, "suspended")
+    assert await set_status("a", "resume", "operator", now_s=now + DAY_S) == Changed(True, "hold")
 
 
 async def test_credit_limit_counts_as_available(balances: RedisBalances, now: int) -> None:
@@ -254,9 +257,9 @@ async def test_suspended_accounts_are_charged_but_stay_suspended(
 
 
 def test_outbox_entries_decode_call_ids_holding_separators() -> None:
-    from balance.store import _decode_outbox
+    from balance.replies import decode_outbox
 
-    (s,) = _decode_outbox([b"7|call.terminate|credit_exhausted|a|b|c|1795300000"])
+    (s,) = decode_outbox([b"7|call.terminate|credit_exhausted|a|b|c|1795300000"])
     assert (s.seq, s.type, s.reason, s.call_id, s.terminate_at) == (
         7,
         "call.terminate",
@@ -264,5 +267,53 @@ def test_outbox_entries_decode_call_ids_holding_separators() -> None:
         "a|b|c",
         1795300000,
     )
-    (h,) = _decode_outbox([b"3|account.hold|credit_exhausted"])
+    (h,) = decode_outbox([b"3|account.hold|credit_exhausted"])
     assert (h.seq, h.type, h.reason, h.call_id) == (3, "account.hold", "credit_exhausted", None)
+
+
+class Sends:
+    """A round trip that fails with ``errors`` in turn, then answers "ok"; counts its sends."""
+
+    def __init__(self, *errors: Exception) -> None:
+        self.errors = list(errors)
+        self.sent = 0
+
+    async def __call__(self) -> str:
+        self.sent += 1
+        if self.errors:
+            raise self.errors.pop(0)
+        return "ok"
+
+
+async def test_a_lost_script_is_sent_again_once_and_nothing_else_ever_is() -> None:
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import NoScriptError, ResponseError
+    from redis.exceptions import TimeoutError as RedisTimeoutError
+
+    from balance.errors import OutcomeUnknown, Refused, StoreBusy, call
+
+    once = Sends(NoScriptError("NOSCRIPT No matching script"))
+    assert await call("debit", once) == "ok" and once.sent == 2
+    twice = Sends(NoScriptError("NOSCRIPT"), NoScriptError("NOSCRIPT"))
+    with pytest.raises(StoreBusy):
+        await call("debit", twice)
+    assert twice.sent == 2
+    cases: list[tuple[Exception, type[Exception]]] = [
+        (RedisTimeoutError("Timeout reading from socket"), OutcomeUnknown),
+        (RedisConnectionError("Connection closed by server."), OutcomeUnknown),
+        (RedisConnectionError("Error 111 connecting to 127.0.0.1:1. Connection refused."),
+         OutcomeUnknown),
+        (ResponseError("BUSY Redis is busy running a script"), StoreBusy),
+        (ResponseError("Command # 3 (EVALSHA ab 1 k) of pipeline caused error: LOADING x"),
+         StoreBusy),
+        (ResponseError("OOM command not allowed when used memory > 'maxmemory'"), StoreBusy),
+        (ResponseError("ERR debit: negative amount"), Refused),
+        (ResponseError("WRONGTYPE Operation against a key holding the wrong kind of value"),
+         Refused),
+    ]
+    for error, mapped in cases:
+        sends = Sends(error)
+        with pytest.raises(mapped) as raised:
+            await call("debit", sends)
+        assert sends.sent == 1, error  # never again: a timed-out debit may have been applied
+        assert raised.value.__cause__ is error

@@ -14,6 +14,8 @@ import redis.asyncio as aioredis
 
 from balance.coalesce import CoalescingBalances
 from balance.store import RedisBalances
+from balance.values import Released
+from balance.values import StatusChange as Changed
 from contracts import topics
 from enforcement.authorize import Authorizer, AuthorizeRequest, BalanceStoreUnavailable
 from infra.kafkatools import read_all
@@ -219,7 +221,7 @@ async def test_unclosed_reservations_expire_and_a_late_hangup_is_still_charged_o
     assert d.reserved > 0
     assert await conns.balances.sweep_expired(now_s=int(T0.timestamp()) + 100) == []
     swept = await conns.balances.sweep_expired(now_s=int(T0.timestamp()) + 300 + 60)
-    assert swept == [("acc_1", "lost", d.reserved, 0)]
+    assert swept == [Released("acc_1", "lost", d.reserved, 0)]
     st = await conns.balances.get("acc_1")
     assert st is not None and st.reserved == 0 and st.balance == 10_000_000  # not charged
     clock.now += 3600
@@ -263,11 +265,12 @@ async def test_operator_suspend_and_resume_are_relayed_in_order(
     await seed("acc_1", balance="10.00")
     clock = Clock(T0)
     p, auth = await make(conns, clock)
-    assert await conns.balances.set_status("acc_1", "suspend", "operator") == (1, "suspended")
-    assert await conns.balances.set_status("acc_1", "suspend", "operator") == (0, "suspended")
+    b = conns.balances
+    assert await b.set_status("acc_1", "suspend", "operator") == Changed(True, "suspended")
+    assert await b.set_status("acc_1", "suspend", "operator") == Changed(False, "suspended")
     d = await auth.authorize(AuthorizeRequest("acc_1", "c1", "inbound", "+1415", UK))
     assert (d.decision, d.reason) == ("deny", "account_suspended")
-    assert await conns.balances.set_status("acc_1", "resume", "operator") == (1, "active")
+    assert await b.set_status("acc_1", "resume", "operator") == Changed(True, "active")
     assert await p.relay_outboxes() == 2
     assert await p.relay_outboxes() == 0  # published once, then the marks are gone
     signals = [

@@ -10,10 +10,10 @@ from collections.abc import AsyncIterator, Sequence
 
 import pytest
 import redis.asyncio as aioredis
-from redis.exceptions import ConnectionError as RedisConnectionError
 
 from balance.coalesce import CoalescingBalances
-from balance.store import OutcomeUnknown, Reservation, Tariff
+from balance.errors import OutcomeUnknown
+from balance.values import Reservation, Tariff
 from tests.conftest import eventually
 
 NOW = 1_795_300_000
@@ -98,7 +98,7 @@ async def test_a_failed_round_trip_fails_every_call_in_it() -> None:
         out = await asyncio.gather(
             *(reserve(b, "a", f"c{i}") for i in range(20)), return_exceptions=True
         )
-        assert all(isinstance(e, OutcomeUnknown | RedisConnectionError) for e in out)
+        assert all(isinstance(e, OutcomeUnknown) for e in out)
         assert b._inflight == 0 and not b._queue  # nothing left behind
     finally:
         await r.aclose()
@@ -122,7 +122,7 @@ async def test_a_hung_redis_never_blocks_later_calls_for_good() -> None:
             )
             # The first call's own round trip, then the batch behind it: each bounded.
             assert time.monotonic() - t < 1.5
-            assert all(isinstance(e, TimeoutError) for e in out)
+            assert all(isinstance(e, OutcomeUnknown) for e in out)
             assert b._inflight == 0 and not b._queue
     finally:
         await r.aclose()

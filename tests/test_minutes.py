@@ -25,6 +25,7 @@ from balance.accounts import (
     put_price_list,
 )
 from balance.bundles import buy_bundle
+from balance.values import Released, Undraw
 from contracts import topics
 from enforcement.authorize import Authorizer, AuthorizeRequest
 from infra.kafkatools import read_all
@@ -220,7 +221,7 @@ async def test_the_sweep_frees_the_seconds_of_a_lost_call(
     await conns.balances.release("flat", "c2", now_s=now)
     assert await conns.balances.sweep_expired(now_s=now + 100) == []
     swept = await conns.balances.sweep_expired(now_s=now + 300 + 60)
-    assert swept == [("flat", "lost", 0, 300)]
+    assert swept == [Released("flat", "lost", 0, 300)]
     assert await conns.balances.held_seconds("flat") == {}
     assert (await auth.authorize(call("flat", "c3"))).max_duration_s == 600
 
@@ -450,7 +451,7 @@ async def test_compensation_gives_back_the_seconds_drawn_again(
     # given back once: the same compensation again gives nothing
     day = int(datetime.fromisoformat(c1["time"]).timestamp()) // 86_400
     key = event_key(c1["source"], c1["id"])
-    assert await conns.balances.undraw_many([("flat", key, day, 120, now - 180)]) == [0]
+    assert await conns.balances.undraw_many([Undraw("flat", key, day, 120, now - 180)]) == [0]
     assert _left(await conns.balances.bucket("flat")) == before
     assert await conns.pool.fetchval("SELECT count(*) FROM ledger WHERE ref = 'c1'") == 1
 
@@ -500,18 +501,18 @@ async def test_undraw_follows_the_grants_debit_recorded(conns: Connections, now:
     took = f"bgone,200,{now - 99},{now + 99};p{p_start},100,{p_start},{p_end}"
     await r.hset(keys.applied("flat", day), key, b"0|" + b"f" * 8 + f"300|{took}".encode())
     b = conns.balances
-    assert await b.undraw_many([("flat", key, day, 300, now)]) == [300]
+    assert await b.undraw_many([Undraw("flat", key, day, 300, now)]) == [300]
     assert _left(await b.bucket("flat")) == {f"p{p_start}": 100, "bgone": 200}
-    assert await b.undraw_many([("flat", key, day, 300, now)]) == [0]
+    assert await b.undraw_many([Undraw("flat", key, day, 300, now)]) == [0]
     # no list and no grant valid at the answer: nothing to give them to
-    assert await b.undraw_many([("flat", b"x" * 16, day, 60, now - 40 * 86_400)]) == [-60]
+    assert await b.undraw_many([Undraw("flat", b"x" * 16, day, 60, now - 40 * 86_400)]) == [-60]
     assert _left(await b.bucket("flat")) == {f"p{p_start}": 100, "bgone": 200}
 
 
 async def test_a_flat_rate_account_at_zero_is_low_not_held_until_its_minutes_run_out(
     conns: Connections, now: int
 ) -> None:
-    from balance.store import Debit
+    from balance.values import Debit
 
     await account(conns, "flat", balance="0.50")
     await conns.balances.grant_minutes(

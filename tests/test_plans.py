@@ -25,7 +25,8 @@ from balance.accounts import (
     put_plan,
 )
 from balance.bundles import BundleError, buy_bundle
-from balance.store import Debit, RedisBalances
+from balance.store import RedisBalances
+from balance.values import Debit
 from contracts import topics
 from enforcement.estimate import estimate
 from infra.ledger import PostgresLedger

@@ -21,7 +21,9 @@ import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from balance.store import Debit, OutcomeUnknown, RedisBalances, Tariff
+from balance.errors import OutcomeUnknown
+from balance.store import RedisBalances
+from balance.values import Debit, Tariff
 from contracts import topics
 from infra.kafkatools import read_all
 from infra.ledger import PostgresLedger

@@ -17,7 +17,7 @@ import orjson
 import pytest
 from aiokafka import AIOKafkaProducer
 
-from balance.store import RECHARGE_REQUESTED, PendingSignal
+from balance.values import RECHARGE_REQUESTED, PendingSignal
 from contracts import topics
 from contracts.payments import RechargeRequested
 from contracts.signals import Signal

@@ -15,7 +15,8 @@ import pytest
 import redis.asyncio as aioredis
 
 from balance.accounts import AccountSpec, create_accounts, put_price_list
-from balance.store import RECHARGE_REQUESTED, Debit, RedisBalances
+from balance.store import RedisBalances
+from balance.values import RECHARGE_REQUESTED, Debit, RechargeState, StatusChange
 from contracts.payments import Notification
 from infra.db import create_pool
 from infra.ledger import PostgresLedger
@@ -167,7 +168,8 @@ async def test_concurrent_events_crossing_the_threshold_fire_one_trigger(
     assert st is not None and st.balance == 0
     fired = await _triggers(balances, "a")
     assert len(fired) == 1
-    threshold, open_seq, _ = await balances.recharge_state("a")
+    state = await balances.recharge_state("a")
+    threshold, open_seq = state.threshold, state.open_trigger
     assert (threshold, open_seq) == (20 * USD, fired[0])
 
 
@@ -180,9 +182,9 @@ async def test_the_trigger_rearms_only_after_credit_lifts_the_account_above(
     await balances.apply_debits([("a", [_debit(2, 1 * USD)])], 1_700_000_000)
     assert len(await _triggers(balances, "a")) == 1  # still the same crossing
     await balances.credit("a", "p1", 2 * USD)  # $20: at the threshold, not above
-    assert (await balances.recharge_state("a"))[1] is not None
+    assert (await balances.recharge_state("a")).open_trigger is not None
     await balances.credit("a", "p2", 30 * USD)  # $50: above, the latch opens
-    assert (await balances.recharge_state("a"))[1] is None
+    assert (await balances.recharge_state("a")).open_trigger is None
     await balances.apply_debits([("a", [_debit(3, 31 * USD)])], 1_700_000_000)
     assert len(await _triggers(balances, "a")) == 2  # a new crossing, a new trigger
 
@@ -200,7 +202,7 @@ async def test_turning_auto_recharge_on_for_a_low_account_fires_at_once(
 
 async def test_a_pinned_hold_stays_until_a_payment_or_resume(balances: RedisBalances) -> None:
     await balances.create_account("a", balance=50 * USD, credit_limit=0, low_threshold=0)
-    assert await balances.set_status("a", "hold", "recharge_cap") == (1, "hold")
+    assert await balances.set_status("a", "hold", "recharge_cap") == StatusChange(True, "hold")
     await balances.credit("a", "adj", USD)  # not a payment: still held
     out = await balances.apply_debits([("a", [_debit(1, USD)])], 1_700_000_000)
     assert out[0].status == "hold"
@@ -318,7 +320,7 @@ async def test_a_trigger_charges_up_to_threshold_plus_recharge_and_credits_it(wo
     assert (p.kind, p.status, p.amount, p.captured) == ("auto", "succeeded", 52_350_000, 52_350_000)
     assert p.credited_at is not None and p.method == "visa 4242"
     assert await _drift(pool, balances, "a", 12_345_678) == 0
-    assert (await balances.recharge_state("a"))[1] is None  # the latch is open again
+    assert (await balances.recharge_state("a")).open_trigger is None  # the latch is open again
     assert notes.types() == ["payment.succeeded"]
 
 
@@ -381,7 +383,7 @@ async def test_declines_back_off_then_turn_auto_recharge_off(world: World) -> No
     settings = await svc.auto_recharge("a")
     assert settings is not None and not settings.enabled
     assert settings.disabled_reason == "repeated_declines"
-    assert (await balances.recharge_state("a"))[0] is None  # off in Redis too
+    assert (await balances.recharge_state("a")).threshold is None  # off in Redis too
     assert notes.types() == ["payment.declined"] * 3 + ["recharge.disabled"]
     assert gw.total_captured == 0 and await _drift(pool, balances, "a", 15 * USD) == 0
 
@@ -493,7 +495,7 @@ async def test_a_lost_redis_state_comes_back_with_its_recharge_state(world: Worl
     assert await load_into_redis(pool, balances, ["a"]) == ["a"]
     st = await balances.get("a")
     assert st is not None and (st.balance, st.status) == (40 * USD, "hold")
-    assert await balances.recharge_state("a") == (50 * USD, seq, "recharge_cap")
+    assert await balances.recharge_state("a") == RechargeState(50 * USD, seq, "recharge_cap")
     await svc.recover()  # finishes the uncredited payment: nothing is added twice
     st = await balances.get("a")
     assert st is not None and st.balance == 40 * USD

@@ -41,7 +41,7 @@ async def balance(account_id: AccountPath, key: Caller, svc: Services) -> Balanc
         credit_limit=format_money(st.credit_limit),
         available_credit=format_money(st.available),
         currency=currency,
-        status=st.status,  # type: ignore[arg-type]  # one of ACCOUNT_STATES
+        status=st.status,
     )
 
 
@@ -61,12 +61,12 @@ async def set_status(
     # PostgreSQL first: it is the book of record, and Redis is rebuilt from it. A failure
     # between the two is repaired by retrying the request (both steps are idempotent).
     await within_db(set_suspended(svc.pool, account_id, action == "suspend"))
-    changed, status = await within_redis(
+    change = await within_redis(
         svc.balances.set_status(account_id, action, body.reason), svc.authorizer.deadline_s
     )
-    if changed < 0:
+    if change is None:
         raise errors.balance_store_unavailable("account state missing; retry")
-    return StatusOut(account_id=account_id, status=status, changed=changed == 1)  # type: ignore[arg-type]
+    return StatusOut(account_id=account_id, status=change.status, changed=change.changed)
 
 
 _STATUS_DOC = body_doc(StatusIn, required=False)

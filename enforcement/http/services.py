@@ -12,7 +12,8 @@ from typing import Annotated, TypeVar
 import asyncpg
 from fastapi import Depends, Request
 
-from balance.store import AccountState, RedisBalances
+from balance.store import RedisBalances
+from balance.values import AccountState
 from enforcement.account_admin import account_currency
 from enforcement.authorize import (
     REDIS_DOWN,

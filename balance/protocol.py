@@ -1,0 +1,151 @@
+"""``BalanceStore``: the seam before Redis that every consumer of the balance store takes.
+
+``balance.store.RedisBalances`` is the one implementation (``balance.coalesce`` wraps it for
+the API); ``tests/test_balance_contract.py`` is the contract suite every implementation
+passes. The methods are those consumers call; what only tests and operators inspect
+(``reservations``, ``held_seconds``, ``recharge_state``, ``pending_outbox``, ``release``) stays
+on ``RedisBalances``. Errors: ``balance.errors`` (``OutcomeUnknown`` or ``NotApplied``), for
+every method. Money in integer micro-units, times in unix seconds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Protocol
+
+from balance.values import (
+    AccountOutcome,
+    AccountState,
+    AccountStatus,
+    CreditOutcome,
+    DebitLike,
+    GrantOutcome,
+    PendingSignal,
+    PlanPeriod,
+    Progress,
+    Released,
+    Reservation,
+    StatusAction,
+    StatusChange,
+    Tariff,
+    Undraw,
+)
+
+
+class BalanceStore(Protocol):
+    """Accounts' real-time balances, reservations and outboxes (see ``RedisBalances`` for
+    each method's contract: idempotency keys, what a retry after ``OutcomeUnknown`` does)."""
+
+    # Usage (the metering processor).
+    async def apply_debits(
+        self,
+        batch: Sequence[tuple[str, Sequence[DebitLike]]],
+        now_s: int,
+        plans: Mapping[str, PlanPeriod] | None = None,
+    ) -> list[AccountOutcome]: ...
+
+    async def credit(
+        self,
+        account_id: str,
+        credit_id: str,
+        amount: int,
+        *,
+        payment: bool = False,
+        now_s: int | None = None,
+    ) -> CreditOutcome: ...
+
+    async def credit_many(
+        self, credits: Sequence[tuple[str, str, int]], *, now_s: int | None = None
+    ) -> list[CreditOutcome]: ...
+
+    async def undraw_many(self, draws: Sequence[Undraw]) -> list[int]: ...
+
+    async def grant_minutes(
+        self,
+        account_id: str,
+        grant_id: str,
+        *,
+        price: int,
+        seconds: int,
+        valid_from: int,
+        expires_at: int,
+        now_s: int,
+    ) -> GrantOutcome: ...
+
+    # Calls' reservations (authorization, call progress, the sweep).
+    async def reserve(
+        self,
+        account_id: str,
+        call_id: str,
+        direction: str,
+        tariff: Tariff,
+        *,
+        now_s: int,
+        grant_s: int,
+        grace_s: int,
+        max_s: int,
+        plan: PlanPeriod | None = None,
+    ) -> Reservation: ...
+
+    async def reserve_many(
+        self,
+        calls: Sequence[tuple[str, str, str, Tariff]],
+        *,
+        now_s: int,
+        grant_s: int,
+        grace_s: int,
+        max_s: int,
+        force: bool = False,
+        plans: Mapping[str, PlanPeriod] | None = None,
+    ) -> list[Reservation]: ...
+
+    async def progress(
+        self,
+        updates: Sequence[tuple[str, str, int, int]],
+        *,
+        now_s: int,
+        grant_s: int,
+        grace_s: int,
+        max_s: int,
+        plans: Mapping[str, PlanPeriod] | None = None,
+    ) -> list[Progress]: ...
+
+    async def sweep_expired(self, *, now_s: int, limit: int = 1000) -> list[Released]: ...
+
+    # Outboxes (the outbox relay).
+    async def pending_outboxes(self, limit: int = 1000) -> dict[str, list[PendingSignal]]: ...
+
+    async def clear_outbox_pending(self, account_ids: Sequence[str]) -> None: ...
+
+    async def ack_outbox(self, acks: dict[str, int]) -> None: ...
+
+    # Accounts' state (provisioning, the API, payments, reconciliation).
+    async def create_account(
+        self,
+        account_id: str,
+        *,
+        balance: int,
+        credit_limit: int,
+        low_threshold: int,
+        status: AccountStatus = "active",
+        seq: int = 0,
+        bucket: str = "",
+        recharge_threshold: int | None = None,
+        recharge_trigger: int | None = None,
+        hold_reason: str | None = None,
+        credited: Sequence[str] = (),
+    ) -> bool: ...
+
+    async def get(self, account_id: str) -> AccountState | None: ...
+
+    async def balances(self, account_ids: Sequence[str]) -> dict[str, int | None]: ...
+
+    async def bucket(self, account_id: str) -> bytes | None: ...
+
+    async def set_status(
+        self, account_id: str, action: StatusAction, reason: str, *, now_s: int | None = None
+    ) -> StatusChange | None: ...
+
+    async def set_auto_recharge(self, account_id: str, threshold: int | None) -> int | None: ...
+
+    async def close_recharge_trigger(self, account_id: str, seq: int) -> bool: ...

@@ -1,0 +1,245 @@
+"""Calls' reservations in the balance store: reserve, extend on progress, release, sweep.
+
+``ReservationStore`` is the part of ``balance.store.RedisBalances`` that holds the credit (and
+minute-bucket seconds) a call in progress may spend; ``RedisBalances`` registers its scripts.
+Every call is listed in ``keys.RESERVATION_EXPIRY`` for the sweep, which releases what a lost
+hangup never closed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, cast
+
+import redis.asyncio as aioredis
+from redis.asyncio.client import Pipeline
+from redis.commands.core import AsyncScript
+
+from balance import keys, replies
+from balance.errors import call, mapped
+from balance.pipeline import round_trip
+from balance.values import PlanPeriod, Progress, Released, Reservation, Tariff
+
+
+class ReservationStore:
+    """Reservations of calls (see the module docstring). Errors: ``balance.errors``."""
+
+    _r: aioredis.Redis
+    _reserve: AsyncScript
+    _progress: AsyncScript
+    _release: AsyncScript
+
+    async def reserve(
+        self,
+        account_id: str,
+        call_id: str,
+        direction: str,
+        tariff: Tariff,
+        *,
+        now_s: int,
+        grant_s: int,
+        grace_s: int,
+        max_s: int,
+        plan: PlanPeriod | None = None,
+    ) -> Reservation:
+        """Authorize a call and reserve its first grant (idempotent per ``call_id``).
+
+        ``plan``: the account's allowance for the current period, counted while debit.lua has
+        not yet created its grant in the bucket."""
+        (r,) = await self.reserve_many(
+            [(account_id, call_id, direction, tariff)],
+            now_s=now_s,
+            grant_s=grant_s,
+            grace_s=grace_s,
+            max_s=max_s,
+            plans={account_id: plan} if plan else None,
+        )
+        return r
+
+    async def reserve_many(
+        self,
+        calls: Sequence[tuple[str, str, str, Tariff]],
+        *,
+        now_s: int,
+        grant_s: int,
+        grace_s: int,
+        max_s: int,
+        force: bool = False,
+        plans: Mapping[str, PlanPeriod] | None = None,
+    ) -> list[Reservation]:
+        """``reserve`` for many ``(account_id, call_id, direction, tariff)`` in one round trip.
+
+        Each call is listed for the sweep *before* its script runs (same pipeline, in order),
+        so a crash in between cannot leave a reservation nobody releases; a listing without a
+        reservation is dropped by the sweep. ``force``: the calls are already up (answered
+        without an authorization); a barred one gets an empty reservation, which the next
+        progress update terminates. A grant holds the seconds the account's minute bucket can
+        still give (its ``plans`` allowance included) before any money.
+        """
+        if not calls:
+            return []
+        plans = plans or {}
+        first_expiry = now_s + grant_s + grace_s
+
+        async def build(pipe: Pipeline) -> None:
+            for account_id, call_id, direction, t in calls:
+                pipe.zadd(
+                    keys.RESERVATION_EXPIRY, {f"{account_id}\x00{call_id}": first_expiry}, gt=True
+                )
+                await self._reserve(
+                    keys=[keys.account(account_id), keys.reservations(account_id)],
+                    args=[
+                        call_id,
+                        direction,
+                        now_s,
+                        grant_s,
+                        grace_s,
+                        max_s,
+                        t.rate_per_min,
+                        t.connect_fee,
+                        t.initial_s,
+                        t.subsequent_s,
+                        "1" if force else "0",
+                        replies.plan_line(plans.get(account_id)),
+                    ],
+                    client=pipe,
+                )
+
+        raw = await round_trip(self._r, "reservation", build)
+        out = [replies.decode_reservation(r) for r in raw[1::2]]
+        fix = [
+            (f"{account_id}\x00{call_id}", r.expires_at)
+            for (account_id, call_id, _, _), r in zip(calls, out, strict=True)
+            if r.decision == "allow" and r.expires_at < first_expiry
+        ]
+        if fix:
+
+            async def relist(pipe: Pipeline) -> None:
+                for member, at in fix:
+                    pipe.zadd(keys.RESERVATION_EXPIRY, {member: at})
+
+            await round_trip(self._r, "reservation expiry", relist)
+        return out
+
+    async def progress(
+        self,
+        updates: Sequence[tuple[str, str, int, int]],
+        *,
+        now_s: int,
+        grant_s: int,
+        grace_s: int,
+        max_s: int,
+        plans: Mapping[str, PlanPeriod] | None = None,
+    ) -> list[Progress]:
+        """Apply ``(account_id, call_id, started_at, elapsed_s)`` updates in one round trip.
+        Extensions draw on the minute bucket (``plans`` as in ``reserve_many``) before money.
+
+        Accounts whose update may queue a call.terminate are marked for the outbox relay
+        first, for the same reason as in ``reserve``.
+        """
+        if not updates:
+            return []
+        accounts = {a for a, _, _, _ in updates}
+        with mapped("outbox mark"):
+            await self._r.sadd(keys.OUTBOX_PENDING, *accounts)
+        plans = plans or {}
+
+        async def build(pipe: Pipeline) -> None:
+            for account_id, call_id, started_at, elapsed in updates:
+                await self._progress(
+                    keys=[
+                        keys.account(account_id),
+                        keys.reservations(account_id),
+                        keys.outbox(account_id),
+                    ],
+                    args=[
+                        call_id,
+                        now_s,
+                        started_at,
+                        elapsed,
+                        grant_s,
+                        grace_s,
+                        max_s,
+                        replies.plan_line(plans.get(account_id)),
+                    ],
+                    client=pipe,
+                )
+                pipe.zadd(
+                    keys.RESERVATION_EXPIRY,
+                    {f"{account_id}\x00{call_id}": now_s + grant_s + grace_s},
+                    gt=True,
+                )
+
+        raw = await round_trip(self._r, "progress batch", build)
+        with mapped("outbox mark"):
+            await self._r.sadd(keys.OUTBOX_PENDING, *accounts)
+        return [replies.decode_progress(r) for r in raw[0::2]]
+
+    async def release(self, account_id: str, call_id: str, *, now_s: int) -> int:
+        """Close a reservation without charging it (the charge comes with the hangup).
+        Returns the micro-units released (its bucket seconds are free again too)."""
+        n, _ = await call(
+            f"release {call_id}",
+            lambda: self._release(
+                keys=[keys.account(account_id), keys.reservations(account_id)],
+                args=[call_id, now_s, "0"],
+            ),
+        )
+        with mapped("reservation expiry"):
+            await self._r.zrem(keys.RESERVATION_EXPIRY, f"{account_id}\x00{call_id}")
+        return int(n)
+
+    async def sweep_expired(self, *, now_s: int, limit: int = 1000) -> list[Released]:
+        """Release reservations whose call was never closed (hangup lost), at most ``limit``.
+
+        Returns those that held anything (money or bucket seconds). Policy: nothing is
+        charged for them; a hangup arriving later is still charged in full, exactly once.
+        """
+        with mapped("sweep"):
+            due = cast(
+                list[bytes],
+                await self._r.zrangebyscore(keys.RESERVATION_EXPIRY, "-inf", now_s, 0, limit),
+            )
+        if not due:
+            return []
+        pairs = [tuple(member.decode().split("\x00", 1)) for member in due]
+
+        async def build(pipe: Pipeline) -> None:
+            for account_id, call_id in pairs:
+                await self._release(
+                    keys=[keys.account(account_id), keys.reservations(account_id)],
+                    args=[call_id, now_s, "1"],
+                    client=pipe,
+                )
+
+        results: list[Any] = await round_trip(self._r, "sweep", build)
+        done = []
+
+        async def relist(pipe: Pipeline) -> None:
+            for member, (released, _) in zip(due, results, strict=True):
+                if int(released) < 0:  # extended since it was listed: list it at its new expiry
+                    pipe.zadd(keys.RESERVATION_EXPIRY, {member: -int(released)})
+                else:
+                    pipe.zrem(keys.RESERVATION_EXPIRY, member)
+
+        for (account_id, call_id), (released, held) in zip(pairs, results, strict=True):
+            if int(released) >= 0 and (int(released) > 0 or int(held) > 0):
+                done.append(Released(account_id, call_id, int(released), int(held)))
+        await round_trip(self._r, "sweep expiry", relist)
+        return done
+
+    async def reservations(self, account_id: str) -> dict[str, int]:
+        """Live reservations of an account: call_id -> micro-units held."""
+        with mapped("reservations"):
+            raw = cast(dict[bytes, bytes], await self._r.hgetall(keys.reservations(account_id)))
+        return {k.decode(): int(v.split(b"|", 1)[0]) for k, v in raw.items()}
+
+    async def held_seconds(self, account_id: str) -> dict[str, int]:
+        """Live reservations of an account: call_id -> seconds of the minute bucket held."""
+        with mapped("reservations"):
+            raw = cast(dict[bytes, bytes], await self._r.hgetall(keys.reservations(account_id)))
+        out = {}
+        for k, v in raw.items():
+            f = v.split(b"|")
+            out[k.decode()] = int(f[9]) if len(f) > 9 else 0
+        return out

@@ -1,0 +1,211 @@
+"""What goes into the balance store and what comes out: its value objects.
+
+Money is in integer micro-units, times in unix seconds, durations in whole seconds. The
+``Literal`` types name every state, decision and result a script can answer; the decoders in
+``balance.replies`` turn the scripts' bytes into them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Final, Literal, Protocol
+
+#: An account's real-time state (see the state machine in ``balance/lua``).
+AccountStatus = Literal["active", "low", "hold", "suspended"]
+ACCOUNT_STATES: Final[tuple[AccountStatus, ...]] = ("active", "low", "hold", "suspended")
+#: What an outcome says of an account the store does not know: no status at all.
+NoStatus = Literal[""]
+#: An operator's (or the payment service's) change of an account's status.
+StatusAction = Literal["suspend", "hold", "resume"]
+#: An authorization's answer.
+ReservationDecision = Literal["allow", "deny"]
+#: What a call.answered / call.progress did to a call's reservation: ``none`` (no
+#: reservation), ``closed`` (the call has hung up), ``ok`` (the grant still covers it),
+#: ``extended``, ``terminate`` (a call.terminate was queued now), ``terminating`` (earlier).
+ProgressOutcome = Literal["none", "closed", "ok", "extended", "terminate", "terminating"]
+#: A minute-bundle grant: ``applied``, ``repeat`` (bought before: nothing changed),
+#: ``unknown_account``, ``insufficient_credit`` (refused whole).
+GrantResult = Literal["applied", "repeat", "unknown_account", "insufficient_credit"]
+
+#: The outbox entry type of an auto-recharge trigger (not a signal: it goes to the worker).
+RECHARGE_REQUESTED: Final = "recharge.requested"
+
+#: A call's draw on included minutes: (billed_s, rate_per_min, connect_fee, answered_at).
+Draw = tuple[int, int, int, int]
+
+#: An account's plan allowance for the current period: ``(included_s, period_start,
+#: period_end)``, unix seconds.
+PlanPeriod = tuple[int, int, int]
+
+
+@dataclass(frozen=True, slots=True)
+class Debit:
+    """One charge. ``event_key`` (16 bytes) and ``fingerprint`` (8 bytes) come from the event."""
+
+    def __post_init__(self) -> None:
+        if len(self.event_key) != 16 or len(self.fingerprint) != 8 or self.amount < 0:
+            raise ValueError("a debit needs a 16-byte key, an 8-byte fingerprint, amount >= 0")
+
+    event_key: bytes
+    fingerprint: bytes
+    amount: int  # micro-units >= 0
+    day: int  # UTC day number of the event's own time (unix seconds // 86400)
+    call_id: str = ""  # a hangup's call: its reservation is released with the charge
+    #: a call that may draw included seconds (then ``amount`` is what it costs with nothing
+    #: drawn); None for a final amount
+    draw: Draw | None = None
+
+
+class DebitLike(Protocol):
+    """What ``apply_debits`` reads of a debit (``Debit``, or the processor's own charges)."""
+
+    @property
+    def event_key(self) -> bytes: ...
+    @property
+    def fingerprint(self) -> bytes: ...
+    @property
+    def amount(self) -> int: ...
+    @property
+    def day(self) -> int: ...
+    @property
+    def call_id(self) -> str: ...
+    @property
+    def draw(self) -> Draw | None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Undraw:
+    """Seconds an event drew from the account's minute bucket, to give back (once per
+    ``event_key``): ``drawn_s`` of the grants valid at ``answered_at`` (unix s); ``day`` is the
+    event's UTC day number, as in its ``Debit``."""
+
+    account_id: str
+    event_key: bytes
+    day: int
+    drawn_s: int
+    answered_at: int
+
+
+@dataclass(frozen=True, slots=True)
+class PendingSignal:
+    seq: int
+    type: str
+    reason: str
+    call_id: str | None = None
+    terminate_at: int | None = None  # unix seconds, for call.terminate
+
+
+@dataclass(slots=True)
+class AccountOutcome:
+    """What one account's debits did. ``codes[i]`` is ``n`` new, ``d`` duplicate, ``c`` conflict.
+    ``status`` is ``""`` when the account was not found."""
+
+    account_id: str
+    found: bool
+    balance: int = 0
+    status: AccountStatus | NoStatus = ""
+    codes: str = ""
+    dup_amounts: list[int] = field(default_factory=list)
+    outbox: list[PendingSignal] = field(default_factory=list)
+    #: event index -> (amount debited, seconds drawn from the minute bucket), for the events
+    #: (new or duplicate) that drew any; the others were debited their own ``amount``
+    draws: dict[int, tuple[int, int]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class GrantOutcome:
+    """``result`` of a grant (see ``GrantResult``); ``balance`` in micro-units after it,
+    ``status`` ``""`` for an unknown account."""
+
+    result: GrantResult
+    balance: int
+    status: AccountStatus | NoStatus
+
+
+@dataclass(frozen=True, slots=True)
+class CreditOutcome:
+    """``applied`` False: credited before under this id (or ``found`` False: no such account,
+    then ``status`` is ``""``)."""
+
+    applied: bool
+    balance: int
+    status: AccountStatus | NoStatus
+    found: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class StatusChange:
+    """What ``set_status`` did: ``changed`` when a signal was queued (False: the account
+    already was so), and the status it has now."""
+
+    changed: bool
+    status: AccountStatus
+
+
+@dataclass(frozen=True, slots=True)
+class RechargeState:
+    """The auto-recharge part of an account's real-time state: the threshold (micro-units,
+    None: off), the seq of the open trigger (None: none open) and a pinned hold's reason."""
+
+    threshold: int | None
+    open_trigger: int | None
+    hold_reason: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class AccountState:
+    balance: int
+    reserved: int
+    credit_limit: int
+    low_threshold: int
+    status: AccountStatus
+    seq: int
+
+    @property
+    def available(self) -> int:
+        return self.balance + self.credit_limit - self.reserved
+
+
+@dataclass(frozen=True, slots=True)
+class Tariff:
+    """The price of a call's time, as a reservation needs it (from ``rating.rating``)."""
+
+    rate_per_min: int
+    connect_fee: int = 0
+    initial_s: int = 6
+    subsequent_s: int = 6
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """The answer to an authorization. ``max_duration_s``: what the available credit buys at
+    this rate; ``granted_s``: what is reserved now (``reserved`` micro-units)."""
+
+    decision: ReservationDecision
+    reason: str  # "ok" or a contract deny reason
+    max_duration_s: int
+    reserved: int
+    granted_s: int
+    expires_at: int  # unix seconds; the sweep releases it after this
+    #: of ``granted_s``, the seconds held in the minute bucket (``reserved`` covers the rest)
+    held_s: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Released:
+    """A reservation the sweep released: ``amount`` micro-units and ``held_s`` seconds of the
+    minute bucket, free again."""
+
+    account_id: str
+    call_id: str
+    amount: int
+    held_s: int
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    """What a call.answered / call.progress did to the call's reservation."""
+
+    outcome: ProgressOutcome
+    until: int  # seconds covered after the answer, or terminate_at (unix s) when terminating
+    outbox: list[PendingSignal]
