@@ -9,6 +9,17 @@
   takes the arguments of ``Redis.from_url``.
 - Anything else: ``redis_timer(name)`` / ``postgres_timer(name)`` around the call.
 
+Every Redis client of the service is built with ``redis_retry()`` (``instrumented_redis`` sets
+it; the API's and the recharge worker's plain clients pass it). redis-py 8's defaults differ by
+constructor: ``Redis(...)`` re-sends a command up to 10 times with backoff after a *timeout* (a
+blind retry of a write whose outcome is unknown, past any deadline its caller set), while
+``Redis.from_url(...)`` gives its connections no retry at all, so a connection Redis closed
+fails the next command. Neither may decide by accident. Ours re-sends once, at once,
+only when the connection broke (a pooled connection Redis closed, a failover); a timeout
+surfaces to the caller as it happened, and the balance store reports it as ``OutcomeUnknown``
+(``balance.errors``). A re-send after a broken connection is safe for this service: every
+script it runs is idempotent on the ids it carries.
+
 The cost is one clock read and one histogram observation per round trip (about a microsecond):
 noise next to a network round trip, and the hot path makes a handful per batch.
 """
@@ -22,6 +33,9 @@ from typing import Any, Final
 
 from asyncpg.connection import LoggedQuery
 from redis.asyncio.client import Pipeline, Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from infra import metrics
 
@@ -94,8 +108,15 @@ class InstrumentedRedis(Redis):
         )
 
 
+def redis_retry() -> Retry:
+    """The retry policy of every Redis client: once, at once, on a broken connection only."""
+    return Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,))
+
+
 def instrumented_redis(url: str, **kwargs: Any) -> InstrumentedRedis:
-    """``redis.asyncio.Redis.from_url(url, **kwargs)``, measured."""
+    """``redis.asyncio.Redis.from_url(url, **kwargs)``, measured, with ``redis_retry()`` unless
+    ``retry`` is given."""
+    kwargs.setdefault("retry", redis_retry())
     client = InstrumentedRedis.from_url(url, **kwargs)
     assert isinstance(client, InstrumentedRedis)  # from_url builds cls(...)
     return client

@@ -28,6 +28,7 @@ from balance.store import RedisBalances
 from contracts import topics
 from contracts.payments import Notification, RechargeRequested
 from infra.db import create_pool
+from infra.instrument import redis_retry
 from infra.settings import Settings
 from recharge.gateway import PaymentGateway
 from recharge.service import PaymentService
@@ -105,6 +106,7 @@ def build_app(settings: Settings) -> Any:
             settings.redis_url,
             socket_timeout=settings.redis_timeout_s,
             socket_connect_timeout=settings.redis_timeout_s,
+            retry=redis_retry(),  # never redis-py's re-send after a timeout (infra.instrument)
         )
         gateway = make_gateway(settings)
         running.service = PaymentService(

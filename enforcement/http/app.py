@@ -67,6 +67,7 @@ from infra.db import create_pool
 from infra.http import errors
 from infra.http.api_keys import ApiKeys
 from infra.http.bounds import DB_TIMEOUT_S
+from infra.instrument import redis_retry
 from infra.settings import Settings
 from rating.catalog import Catalog
 
@@ -88,6 +89,7 @@ def api_redis_client(settings: Settings) -> aioredis.Redis:
         settings.redis_url,
         socket_timeout=None,
         socket_connect_timeout=settings.redis_timeout_s,
+        retry=redis_retry(),  # never redis-py's re-send after a timeout (infra.instrument)
     )
 
 
