@@ -15,7 +15,6 @@ rebuilt from PostgreSQL, exactly, by calls and batches that straddle a month's a
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any, Final
 
@@ -35,7 +34,6 @@ from balance.accounts import (
 )
 from balance.bundles import buy_bundle
 from infra.clock import SettableClock
-from infra.ledger import PostgresLedger
 from meter.traffic import call_hangup, demo_price_list
 from metering.processor import MeteringProcessor
 from metering.worker import Connections
@@ -49,6 +47,7 @@ from rating.plans import (
     replay_since,
 )
 from rating.rating import time_cost
+from tests import harness
 
 
 def _utc(text: str) -> int:
@@ -161,17 +160,7 @@ async def _processor(conns: Connections, clock: SettableClock) -> MeteringProces
     catalog = Catalog(conns.pool)
     await catalog.refresh()
 
-    async def rebuild(ids: Sequence[str]) -> list[str]:
-        return await load_into_redis(conns.pool, conns.balances, ids, clock=clock)
-
-    return MeteringProcessor(
-        balances=conns.balances,
-        ledger=PostgresLedger(conns.pool),
-        catalog=catalog,
-        publisher=conns.publisher,
-        rebuild=rebuild,
-        clock=clock,
-    )
+    return harness.processor(conns, catalog, clock=clock, rebuild=True)
 
 
 @pytest.mark.parametrize("edge", BOUNDARY_EDGES)

@@ -19,13 +19,13 @@ from balance.values import StatusChange as Changed
 from contracts import topics
 from enforcement.authorize import Authorizer, AuthorizeRequest, BalanceStoreUnavailable
 from infra.kafkatools import read_all
-from infra.ledger import PostgresLedger
 from infra.settings import Settings
 from meter.traffic import call_hangup
 from metering.processor import MeteringProcessor
 from metering.worker import Connections
 from rating.catalog import Catalog
 from rating.rating import VoiceRate, voice_cost
+from tests import harness
 from tests.conftest import Seeder
 from tests.helpers import Rec
 
@@ -93,17 +93,7 @@ async def make(conns: Connections, clock: Clock) -> tuple[MeteringProcessor, Aut
     catalog = Catalog(conns.pool)
     await catalog.refresh()
 
-    async def rebuild(ids: Any) -> list[str]:
-        return []
-
-    p = MeteringProcessor(
-        balances=conns.balances,
-        ledger=PostgresLedger(conns.pool),
-        catalog=catalog,
-        publisher=conns.publisher,
-        rebuild=rebuild,
-        clock=clock,
-    )
+    p = harness.processor(conns, catalog, clock=clock)
     return p, Authorizer(conns.balances, catalog, grant_s=300, grace_s=60, clock=clock)
 
 

@@ -19,6 +19,7 @@ from metering.publish import KafkaSignalPublisher
 from metering.worker import Connections
 from ops.reconcile import reconcile
 from rating.catalog import Catalog
+from tests import harness
 from tests.conftest import Seeder
 from tests.helpers import Rec, expected_cost
 
@@ -46,17 +47,7 @@ async def test_reconciler_measures_and_exports_drift(conns: Connections, seed: S
 
 
 def processor(conns: Connections, catalog: Catalog, clock: Any) -> MeteringProcessor:
-    async def rebuild(ids: Any) -> list[str]:
-        return []
-
-    return MeteringProcessor(
-        balances=conns.balances,
-        ledger=PostgresLedger(conns.pool),
-        catalog=catalog,
-        publisher=conns.publisher,
-        rebuild=rebuild,
-        clock=clock,
-    )
+    return harness.processor(conns, catalog, clock=clock)
 
 
 async def test_events_older_than_redis_memory_are_checked_in_the_ledger(

@@ -6,7 +6,6 @@ same seconds, and give them back at the hangup and at the sweep."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -29,7 +28,7 @@ from balance.values import Released, Undraw
 from contracts import topics
 from enforcement.authorize import Authorizer, AuthorizeRequest
 from infra.kafkatools import read_all
-from infra.ledger import PostgresLedger, event_key
+from infra.ledger import event_key
 from infra.settings import Settings
 from meter.traffic import call_hangup, demo_price_list
 from metering.processor import MeteringProcessor
@@ -45,6 +44,7 @@ from rating.plans import (
     replay_since,
 )
 from rating.rating import time_cost
+from tests import harness
 from tests.test_calendar_edges import CALENDAR_EDGES, at, ledger_clock
 from tests.test_calls import UK, Clock, answered, feed, hangup, make, progress
 from tests.test_plans import _rec
@@ -328,17 +328,7 @@ async def test_a_flushed_bucket_is_rebuilt_from_postgres_exactly(
     catalog = Catalog(conns.pool)
     await catalog.refresh()
 
-    async def rebuild(ids: Sequence[str]) -> list[str]:
-        return await load_into_redis(conns.pool, conns.balances, ids, clock=clock)
-
-    p = MeteringProcessor(
-        balances=conns.balances,
-        ledger=PostgresLedger(conns.pool),
-        catalog=catalog,
-        publisher=conns.publisher,
-        rebuild=rebuild,
-        clock=clock,
-    )
+    p = harness.processor(conns, catalog, clock=clock, rebuild=True)
     us = "+14155550123"  # 0.007/min, 6/6
     calls = [
         call_hangup("flat", "c1", us, 60, at=datetime.fromtimestamp(now - 1_700, UTC)),
@@ -406,17 +396,7 @@ async def _flat_with_bundle(conns: Connections, now: int) -> MeteringProcessor:
     catalog = Catalog(conns.pool)
     await catalog.refresh()
 
-    async def rebuild(ids: Sequence[str]) -> list[str]:
-        return []
-
-    return MeteringProcessor(
-        balances=conns.balances,
-        ledger=PostgresLedger(conns.pool),
-        catalog=catalog,
-        publisher=conns.publisher,
-        rebuild=rebuild,
-        clock=lambda: now,
-    )
+    return harness.processor(conns, catalog, clock=lambda: now)
 
 
 def _left(raw: bytes | None) -> dict[str, int]:

@@ -12,16 +12,15 @@ import orjson
 from balance.accounts import AccountSpec, create_accounts, put_price_list
 from contracts import topics
 from infra.kafkatools import read_all
-from infra.ledger import PostgresLedger
 from infra.settings import Settings
 from meter.traffic import demo_price_list, number_event
-from metering.processor import BatchOutcome, MeteringProcessor
+from metering.processor import BatchOutcome
 from metering.worker import Connections
 from ops.reconcile import reconcile
 from rating.catalog import Catalog
+from tests import harness
 from tests.conftest import Seeder, eventually
 from tests.helpers import Rec, produce
-from tests.test_processor import running
 
 NUMBER = "+14155550199"
 MONTHLY = 1_000_000  # 1.00
@@ -85,7 +84,7 @@ async def test_activation_charges_setup_and_the_month_once_even_when_published_t
     at = datetime.now(UTC)
     ev = number_event("number.activated", "acc_1", NUMBER, at=at)
     await produce(conns.producer, topics.NUMBER_EVENTS, [ev, ev])
-    async with running(settings, conns) as outcomes:
+    async with harness.running_worker(settings, conns) as outcomes:
         await eventually(lambda: seen(outcomes, 2))
     rows = await fee_rows(conns.pool)
     assert [tuple(r) for r in rows] == [
@@ -113,7 +112,7 @@ async def test_activation_without_a_setup_fee_charges_the_month_only(
     at = datetime.now(UTC)
     ev = number_event("number.activated", "acc_1", NUMBER, at=at)
     await produce(conns.producer, topics.NUMBER_EVENTS, [ev])
-    async with running(settings, conns) as outcomes:
+    async with harness.running_worker(settings, conns) as outcomes:
         await eventually(lambda: seen(outcomes, 1))
     rows = await fee_rows(conns.pool)
     assert [(r["amount"], r["rate_ref"]) for r in rows] == [
@@ -135,7 +134,7 @@ async def test_each_renewal_charges_the_monthly_fee_once(
     ]
     # Every renewal re-published, the first one three times.
     await produce(conns.producer, topics.NUMBER_EVENTS, renewals + renewals + renewals[:1])
-    async with running(settings, conns) as outcomes:
+    async with harness.running_worker(settings, conns) as outcomes:
         await eventually(lambda: seen(outcomes, 7))
     rows = await fee_rows(conns.pool)
     assert sorted((r["amount"], r["quantity"], r["ref"], r["rate_ref"]) for r in rows) == sorted(
@@ -158,7 +157,7 @@ async def test_a_price_list_without_number_fees_charges_zero_and_deactivation_no
         number_event("number.deactivated", "acc_1", NUMBER, at=at),
     ]
     await produce(conns.producer, topics.NUMBER_EVENTS, events)
-    async with running(settings, conns) as outcomes:
+    async with harness.running_worker(settings, conns) as outcomes:
         await eventually(lambda: seen(outcomes, 3))
     rows = await fee_rows(conns.pool)
     # Charged events are accounted for with a row, even at 0; the deactivation has none.
@@ -205,7 +204,7 @@ async def test_bad_number_events_are_dead_lettered_and_change_no_balance(
     await produce(conns.producer, topics.CALL_EVENTS, [activation])
     bad.append(("wrong_topic", activation, b"acc_1"))
 
-    async with running(settings, conns) as outcomes:
+    async with harness.running_worker(settings, conns) as outcomes:
         await eventually(lambda: seen(outcomes, len(bad)))
     dead = await read_all(settings.kafka_bootstrap, topics.DEAD_LETTER, expect=len(bad))
     got = sorted(
@@ -247,7 +246,7 @@ async def test_a_managed_account_pays_its_managers_number_fees(
     at = datetime.now(UTC)
     events = [number_event("number.activated", a, NUMBER, at=at) for a in ("sub_1", "sub_2")]
     await produce(conns.producer, topics.NUMBER_EVENTS, events)
-    async with running(settings, conns) as outcomes:
+    async with harness.running_worker(settings, conns) as outcomes:
         await eventually(lambda: seen(outcomes, 2))
     rows = {r["account_id"]: (r["amount"], r["rate_ref"]) for r in await fee_rows(conns.pool)}
     assert rows == {
@@ -283,16 +282,7 @@ async def test_number_events_and_calls_in_one_batch_are_each_charged(
     catalog = Catalog(conns.pool)
     await catalog.refresh()
 
-    async def rebuild(ids: Any) -> list[str]:
-        return []
-
-    processor = MeteringProcessor(
-        balances=conns.balances,
-        ledger=PostgresLedger(conns.pool),
-        catalog=catalog,
-        publisher=conns.publisher,
-        rebuild=rebuild,
-    )
+    processor = harness.processor(conns, catalog)
     out = await processor.process(records)
     assert (out.charged, out.acknowledged, out.dead_letters) == (3, 1, {})
     kinds = dict(await conns.pool.fetch("SELECT kind, amount FROM ledger WHERE kind <> 'opening'"))

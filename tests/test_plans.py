@@ -29,7 +29,6 @@ from balance.store import RedisBalances
 from balance.values import Debit
 from contracts import topics
 from enforcement.estimate import estimate
-from infra.ledger import PostgresLedger
 from infra.settings import Settings
 from meter.traffic import call_hangup, message_sent
 from metering.processor import MeteringProcessor
@@ -39,10 +38,10 @@ from rating.catalog import Catalog
 from rating.plans import month_period, parse_bucket
 from rating.pricelists import import_rates, parse_csv
 from rating.rating import time_cost
+from tests import harness
 from tests.conftest import Seeder, Services, eventually
 from tests.helpers import Rec, produce
 from tests.test_calendar_edges import CALENDAR_EDGES, at
-from tests.test_processor import running
 
 
 def key(i: int | str) -> bytes:
@@ -252,16 +251,7 @@ async def test_buy_bundle_is_paid_from_the_balance_once(conns: Connections, seed
 
 
 def _processor(conns: Connections, catalog: Catalog) -> MeteringProcessor:
-    async def rebuild(ids: object) -> list[str]:
-        return []
-
-    return MeteringProcessor(
-        balances=conns.balances,
-        ledger=PostgresLedger(conns.pool),
-        catalog=catalog,
-        publisher=conns.publisher,
-        rebuild=rebuild,  # type: ignore[arg-type]
-    )
+    return harness.processor(conns, catalog)
 
 
 def _rec(ev: dict[str, object], offset: int) -> Rec:
@@ -341,7 +331,7 @@ async def test_a_running_processor_picks_up_a_new_price_list_version(
     settings: Settings, conns: Connections, seed: Seeder
 ) -> None:
     await seed("acc_1", balance="100.00")
-    async with running(settings, conns) as outcomes:
+    async with harness.running_worker(settings, conns) as outcomes:
         first = call_hangup("acc_1", "c1", "+33142685300", 60)  # France 0.016/min, 1/1
         await produce(conns.producer, topics.CALL_EVENTS, [first])
         await eventually(lambda: _charged(outcomes, 1))

@@ -11,9 +11,8 @@ Lua encoding on its own, and the isolation of a record that fails for a reason n
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -31,24 +30,14 @@ from infra.settings import Settings
 from meter.traffic import call_hangup, message_sent
 from metering.isolate import is_transient, isolate
 from metering.processor import BatchOutcome, MeteringProcessor, Record
-from metering.worker import Connections, run_metering
+from metering.worker import Connections
 from ops.reconcile import reconcile
 from rating.catalog import Catalog
+from tests import harness
 from tests.conftest import Seeder, eventually
 from tests.helpers import Rec, expected_cost
 
 DEST = "+442071234567"
-
-
-@contextlib.asynccontextmanager
-async def worker(settings: Settings, conns: Connections) -> AsyncIterator[None]:
-    stop = asyncio.Event()
-    task = asyncio.create_task(run_metering(settings, stop, conns=conns))
-    try:
-        yield
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 30)
 
 
 async def send_all(
@@ -101,7 +90,7 @@ async def through_worker(
     """Produce ``items``, run the worker until the group has committed every one of them,
     then read the ``dead`` dead letters expected: (end offsets, dead letters)."""
     ends = await send_all(settings, items)
-    async with worker(settings, conns):
+    async with harness.running_worker(settings, conns):
         await all_committed(settings, ends)
     return ends, await read_all(settings.kafka_bootstrap, topics.DEAD_LETTER, expect=dead)
 

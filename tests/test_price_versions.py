@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -19,7 +18,6 @@ from contracts import topics
 from enforcement.estimate import estimate
 from infra import embedded
 from infra.db import migrate, migrations
-from infra.ledger import PostgresLedger
 from infra.settings import Settings
 from meter.traffic import call_hangup, demo_price_list, message_sent
 from metering.processor import MeteringProcessor
@@ -27,9 +25,9 @@ from metering.worker import Connections
 from rating.catalog import Catalog
 from rating.pricelists import add_price_version, load_price_lists
 from rating.rating import NoRate, PriceList
+from tests import harness
 from tests.conftest import Seeder, Services, eventually
 from tests.helpers import Rec, produce
-from tests.test_processor import running
 
 MIDNIGHT = datetime(2026, 1, 1, tzinfo=UTC)
 M = int(MIDNIGHT.timestamp())
@@ -42,16 +40,7 @@ def _rec(ev: dict[str, Any], offset: int) -> Rec:
 
 
 def _processor(conns: Connections, catalog: Catalog) -> MeteringProcessor:
-    async def rebuild(ids: Sequence[str]) -> list[str]:
-        return []
-
-    return MeteringProcessor(
-        balances=conns.balances,
-        ledger=PostgresLedger(conns.pool),
-        catalog=catalog,
-        publisher=conns.publisher,
-        rebuild=rebuild,
-    )
+    return harness.processor(conns, catalog)
 
 
 async def _amounts(conns: Connections) -> dict[str, int]:
@@ -228,7 +217,7 @@ async def test_a_running_processor_picks_up_a_new_price_version(
     settings: Settings, conns: Connections, seed: Seeder
 ) -> None:
     await seed("acc_1", balance="100.00")
-    async with running(settings, conns) as outcomes:
+    async with harness.running_worker(settings, conns) as outcomes:
         first = message_sent("acc_1", "m1", "+447911123456", 1)
         await produce(conns.producer, topics.MESSAGE_EVENTS, [first])
         await eventually(lambda: _charged(outcomes, 1))

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import random
 import typing
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -21,25 +18,14 @@ from infra.settings import Settings
 from meter.traffic import call_hangup, message_sent
 from metering.batch import Reason
 from metering.processor import BatchOutcome, MeteringProcessor
-from metering.worker import Connections, run_metering
+from metering.worker import Connections
 from ops.reconcile import reconcile
 from rating.catalog import Catalog
+from tests import harness
 from tests.conftest import Seeder, eventually
 from tests.helpers import Rec, expected_cost, produce
 
 DESTS = ["+14155550123", "+442071234567", "+447911123456", "+33142685300", "+5255123456"]
-
-
-@contextlib.asynccontextmanager
-async def running(settings: Settings, conns: Connections) -> AsyncIterator[list[BatchOutcome]]:
-    outcomes: list[BatchOutcome] = []
-    stop = asyncio.Event()
-    task = asyncio.create_task(run_metering(settings, stop, on_batch=outcomes.append, conns=conns))
-    try:
-        yield outcomes
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 30)
 
 
 async def ledger_usage_rows(conns: Connections) -> int:
@@ -72,7 +58,7 @@ async def test_every_event_published_twice_is_charged_once(
     for _ in range(2):
         await produce(conns.producer, topics.CALL_EVENTS, calls)
         await produce(conns.producer, topics.MESSAGE_EVENTS, sms)
-    async with running(settings, conns) as outcomes:
+    async with harness.running_worker(settings, conns) as outcomes:
         await eventually(lambda: _seen(outcomes, 800))
     assert await ledger_usage_rows(conns) == 400
     assert sum(o.charged for o in outcomes) == 400
@@ -108,16 +94,7 @@ async def test_duplicate_applied_in_redis_but_missing_in_ledger_gets_its_row(
     await catalog.refresh()
 
     def processor(ledger: Ledger) -> MeteringProcessor:
-        async def rebuild(ids: Any) -> list[str]:
-            return []
-
-        return MeteringProcessor(
-            balances=conns.balances,
-            ledger=ledger,
-            catalog=catalog,
-            publisher=conns.publisher,
-            rebuild=rebuild,
-        )
+        return harness.processor(conns, catalog, ledger=ledger)
 
     with pytest.raises(ConnectionResetError):
         await processor(CrashingLedger(conns.pool)).process(records)
@@ -179,7 +156,7 @@ async def test_each_bad_input_is_dead_lettered_and_the_partition_goes_on(
     bad.append(("unknown_account", orjson.dumps(ghost)))
     stream.append(ghost)
 
-    async with running(settings, conns) as outcomes:
+    async with harness.running_worker(settings, conns) as outcomes:
         await eventually(lambda: _seen(outcomes, len(stream)))
     dead = await read_all(settings.kafka_bootstrap, topics.DEAD_LETTER, expect=len(bad))
     reasons = sorted(dict(m.headers)["error.reason"].decode() for m in dead)
@@ -212,7 +189,7 @@ async def test_hold_is_published_once_when_an_account_runs_dry(
     burst += [call_hangup("acc_rich", f"r{i}", "+442071234567", 60) for i in range(50)]
     await produce(conns.producer, topics.CALL_EVENTS, burst)
     small_batches = replace(settings, batch_max_records=17)  # the run-out spans many batches
-    async with running(small_batches, conns) as outcomes:
+    async with harness.running_worker(small_batches, conns) as outcomes:
         await eventually(lambda: _seen(outcomes, len(burst)))
     signals = [
         orjson.loads(m.value)
@@ -244,7 +221,7 @@ async def test_lost_redis_state_is_rebuilt_from_the_ledger(
     await produce(
         conns.producer, topics.MESSAGE_EVENTS, [e for e in first if e["type"] != "call.hangup"]
     )
-    async with running(settings, conns) as outcomes:
+    async with harness.running_worker(settings, conns) as outcomes:
         await eventually(lambda: _seen(outcomes, 60))
     await conns.redis.flushall()  # Redis lost everything, its memory of events included
 
@@ -258,7 +235,8 @@ async def test_lost_redis_state_is_rebuilt_from_the_ledger(
         conns.producer, topics.MESSAGE_EVENTS, [e for e in second if e["type"] != "call.hangup"]
     )
     # A new group replays the whole topic: the first 60 again, then the 40 new ones.
-    async with running(replace(settings, consumer_group="replay"), conns) as outcomes:
+    replay = replace(settings, consumer_group="replay")
+    async with harness.running_worker(replay, conns) as outcomes:
         await eventually(lambda: _seen(outcomes, 100))
     # Redis had forgotten the first 60: it applied them again, the ledger said so, and the
     # debits were undone at once.

@@ -25,28 +25,15 @@ from prometheus_client import REGISTRY, start_http_server
 from contracts import topics
 from infra.settings import Settings
 from meter.traffic import call_hangup
-from metering.processor import BatchOutcome
-from metering.worker import Connections, run_metering
+from metering.worker import Connections
 from ops.collector import running_collector
+from tests import harness
 from tests.conftest import Seeder, eventually
 from tests.helpers import produce, require_binary
 from tests.test_ops import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 UK = "+442071234567"  # 0.015 per started minute in the demo price list
-
-
-@contextlib.asynccontextmanager
-async def metering(settings: Settings, conns: Connections) -> AsyncIterator[list[BatchOutcome]]:
-    """The real metering worker in this process (its metrics in this process's registry)."""
-    outcomes: list[BatchOutcome] = []
-    stop = asyncio.Event()
-    task = asyncio.create_task(run_metering(settings, stop, on_batch=outcomes.append, conns=conns))
-    try:
-        yield outcomes
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 30)
 
 
 def http_get(url: str, timeout: float = 2.0) -> Any:
@@ -203,7 +190,7 @@ async def test_prometheus_scrapes_the_running_service(
     stop_ops = asyncio.Event()
     try:
         async with (
-            metering(settings, conns) as outcomes,
+            harness.running_worker(settings, conns) as outcomes,
             running_collector(fast, recheck_after_s=0.1) as ops,
         ):
             ops_task = asyncio.create_task(ops.run(stop_ops))

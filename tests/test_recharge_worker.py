@@ -24,10 +24,10 @@ from infra.settings import Settings
 from metering.worker import Connections
 from recharge.service import PaymentService
 from recharge.stripe_gateway import StripeGateway
+from tests import harness
 from tests.conftest import Seeder, eventually
 from tests.helpers import produce
 from tests.stripe_fake import API_KEY, StripeFake
-from tests.test_processor import running
 from tests.test_recharge import Collected
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -141,7 +141,7 @@ async def test_killed_between_charge_and_credit_then_restarted_charges_and_credi
     log = tmp_path / "recharge.log"
     proc = start_recharge_worker(settings, fake, log)
     try:
-        async with running(settings, conns):
+        async with harness.running_worker(settings, conns):
             # two long calls take the balance below $20 (the demo price list: $0.015/min to +44)
             await produce(
                 conns.producer, topics.CALL_EVENTS, [hangup("acc", i, 40_000) for i in range(2)]
