@@ -1,7 +1,7 @@
 """``BalanceStore``: the seam before Redis that every consumer of the balance store takes.
 
 ``balance.store.RedisBalances`` is the one implementation (``balance.coalesce`` wraps it for
-the API); ``tests/test_balance_contract.py`` is the contract suite every implementation
+the API); ``tests/balance/test_balance_contract.py`` is the contract suite every implementation
 passes. The methods are those consumers call; what only tests and operators inspect
 (``reservations``, ``held_seconds``, ``recharge_state``, ``pending_outbox``, ``release``) stays
 on ``RedisBalances``. Errors: ``balance.errors`` (``OutcomeUnknown`` or ``NotApplied``), for

@@ -5,7 +5,7 @@ rejection. Validating with it costs about 5 us an event here, a third of the who
 100k events/s worker, so ``call.hangup`` and ``message.sent`` are first decoded with msgspec
 structs that mirror those models' constraints (about 1.7 us). Anything msgspec does not accept
 (another type, a bad event, a form it is stricter about) goes through pydantic, whose answer
-stands. ``tests/test_decode.py`` checks the two agree: whatever msgspec accepts, pydantic
+stands. ``tests/metering/test_decode.py`` checks the two agree: whatever msgspec accepts, pydantic
 accepts with the same values.
 """
 

@@ -1,7 +1,7 @@
 """What the processor publishes: dead letters and the signals of the accounts' outboxes.
 
 ``SignalPublisher`` is the seam before the broker: what the processor needs of it, with
-``KafkaSignalPublisher`` behind it (``tests/test_publisher_contract.py`` holds it to the
+``KafkaSignalPublisher`` behind it (``tests/metering/test_publisher_contract.py`` holds it to the
 Protocol's promises on a real broker). ``Outbox`` is the processor's side: which signals a
 batch publishes, in ``seq`` order per account and at least once (a signal is dropped from its
 account's outbox only after the broker acknowledged it; consumers drop a repeat by ``seq``),

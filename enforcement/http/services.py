@@ -12,7 +12,7 @@ from typing import Annotated, TypeVar
 import asyncpg
 from fastapi import Depends, Request
 
-from balance.store import RedisBalances
+from balance.protocol import BalanceStore
 from balance.values import AccountState
 from enforcement.account_admin import account_currency
 from enforcement.authorize import (
@@ -35,7 +35,7 @@ class ApiServices:
     """What the API runs on; ``enforcement.http.app.connect_api`` makes them from settings."""
 
     pool: asyncpg.Pool
-    balances: RedisBalances
+    balances: BalanceStore
     catalog: Catalog
     authorizer: Authorizer
     keys: ApiKeys

@@ -37,7 +37,7 @@ from infra.embedded.postgres import dsn_for_database
 from infra.settings import Settings
 from infra.stack import EmbeddedStack, running_stack
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def _port_open(port: int) -> bool:

@@ -26,7 +26,7 @@ from rating.catalog import Catalog
 from tests.conftest import Seeder
 from tests.helpers import Rec
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 UK = "+442071234567"
 IDS = [f"acc_{i}" for i in range(6)]
 

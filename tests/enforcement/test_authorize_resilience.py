@@ -21,7 +21,7 @@ from prometheus_client import REGISTRY
 from balance import keys
 from infra.settings import Settings
 from rating.rating import VoiceRate, voice_cost
-from tests.test_api import Api, api_on, assert_error, grants_bought
+from tests.enforcement.test_api import Api, api_on, assert_error, grants_bought
 
 DEADLINE_S = 0.5
 #: What "within the deadline" tolerates on a loaded CI machine: an answer, not a hang.

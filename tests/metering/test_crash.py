@@ -17,9 +17,9 @@ from metering.worker import Connections
 from ops.reconcile import reconcile
 from tests.conftest import Seeder, eventually
 from tests.helpers import expected_cost, produce
-from tests.test_processor import traffic
+from tests.metering.test_processor import traffic
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def start_worker(settings: Settings, log: Path) -> subprocess.Popen[bytes]:

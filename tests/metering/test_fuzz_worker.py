@@ -14,7 +14,7 @@ exact redeliveries) to the real broker, and lets the one worker that runs for th
 
 ``FUZZ_EXAMPLES`` sets the number of examples (CI: the default, derandomized so a run
 is reproducible; a longer run on demand: ``FUZZ_EXAMPLES=500 ./run test
-tests/test_fuzz_worker.py``).
+tests/metering/test_fuzz_worker.py``).
 """
 
 from __future__ import annotations

@@ -32,7 +32,7 @@ from ops.reconcile import reconcile
 from tests.conftest import Seeder, eventually
 from tests.helpers import produce
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 UK = "+442071234567"
 
 

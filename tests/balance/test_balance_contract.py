@@ -6,7 +6,7 @@ id (event key, credit id, grant id, call id, undo id), outcomes come one per req
 order given, an unknown account is an answer (never an error), and a failure is one of
 ``balance.errors``: ``OutcomeUnknown`` when Redis may have run the call, ``NotApplied`` when
 its own answer says it did not. The scripts' finer rules (the state machine, minute buckets,
-concurrency) are tested in ``tests/test_balance.py`` and the rooms that use them.
+concurrency) are tested in ``tests/balance/test_balance.py`` and the rooms that use them.
 """
 
 from __future__ import annotations

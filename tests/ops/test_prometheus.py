@@ -30,9 +30,9 @@ from ops.collector import running_collector
 from tests import harness
 from tests.conftest import Seeder, eventually
 from tests.helpers import produce, require_binary
-from tests.test_ops import free_port
+from tests.ops.test_ops import free_port
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 UK = "+442071234567"  # 0.015 per started minute in the demo price list
 
 

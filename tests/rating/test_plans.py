@@ -39,9 +39,9 @@ from rating.plans import month_period, parse_bucket
 from rating.pricelists import import_rates, parse_csv
 from rating.rating import time_cost
 from tests import harness
+from tests.calendar import CALENDAR_EDGES, at
 from tests.conftest import Seeder, Services, eventually
 from tests.helpers import Rec, produce
-from tests.test_calendar_edges import CALENDAR_EDGES, at
 
 
 def key(i: int | str) -> bytes:

@@ -1,7 +1,7 @@
 """The balance store's Lua scripts against a real Redis: idempotency, conflicts, the state
 machine and its outbox, concurrency.
 
-Every test that depends on the date runs at each of ``tests.test_calendar_edges.CALENDAR_EDGES``
+Every test that depends on the date runs at each of ``tests.calendar.CALENDAR_EDGES``
 (the ends of months and years, 29 February, the past, the future, and the real clock): the
 scripts take ``now`` as an argument and set expiry relative to it, so whatever Redis's own
 clock says, a script given 2030-06-30 behaves as it will on that day."""
@@ -20,7 +20,7 @@ from balance.store import RedisBalances
 from balance.values import Debit
 from balance.values import StatusChange as Changed
 from infra.clock import SettableClock
-from tests.test_calendar_edges import CALENDAR_EDGES, at, ttl
+from tests.calendar import CALENDAR_EDGES, at, ttl
 
 DAY_S = 86_400
 

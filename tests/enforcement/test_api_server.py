@@ -24,7 +24,7 @@ from meter.apiserver import asgi_app, server_for
 from meter.bench_authorize import AuthorizationRequests
 from meter.loadgen import run_step
 from rating.rating import VoiceRate, voice_cost
-from tests.test_api import UK_MOBILE, Api, api_on, grants_bought
+from tests.enforcement.test_api import UK_MOBILE, Api, api_on, grants_bought
 
 
 @contextlib.asynccontextmanager

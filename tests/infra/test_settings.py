@@ -53,7 +53,7 @@ def test_bad_values_are_errors(name: str, value: str) -> None:
 
 # --- Every setting is documented, in one generated table ------------------------------------
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 REFERENCE = ROOT / DOCS_PATH
 
 

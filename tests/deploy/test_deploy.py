@@ -22,7 +22,7 @@ from infra.settings import Settings
 from meter.cli import build_parser
 from tests.helpers import require_binary
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PROM = ROOT / "deploy" / "prometheus"
 GRAFANA = ROOT / "deploy" / "grafana"
 RUNBOOK = "docs/runbook.md"  # what on-call reads: one section per alert, named after it

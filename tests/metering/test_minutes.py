@@ -45,9 +45,9 @@ from rating.plans import (
 )
 from rating.rating import time_cost
 from tests import harness
-from tests.test_calendar_edges import CALENDAR_EDGES, at, ledger_clock
-from tests.test_calls import UK, Clock, answered, feed, hangup, make, progress
-from tests.test_plans import _rec
+from tests.calendar import CALENDAR_EDGES, at, ledger_clock
+from tests.enforcement.test_calls import UK, Clock, answered, feed, hangup, make, progress
+from tests.rating.test_plans import _rec
 
 
 @pytest.fixture(params=CALENDAR_EDGES)
@@ -62,7 +62,7 @@ def t0(now: int) -> datetime:
 
 
 #: the middle of a month, for the pure replay cases: about the order of draws, not the
-#: calendar (a bucket rebuilt across the calendar's edges: tests/test_calendar_edges.py)
+#: calendar (a bucket rebuilt across the calendar's edges: tests/metering/test_calendar_edges.py)
 MID_MONTH = int(datetime(2026, 11, 22, 12, tzinfo=UTC).timestamp())
 
 
@@ -301,8 +301,8 @@ async def test_a_flushed_bucket_is_rebuilt_from_postgres_exactly(
     the ledger's ``recorded_at``). It used ``time.time()`` and failed in the first hours of
     every month: its expected numbers assumed every call of the last two hours fell in the
     current month and the month's grant ended before a 30-day bundle. The rebuild was right;
-    the expectations now follow the calendar (tests/test_calendar_edges.py rebuilds across the
-    month's and the year's end with batches on both sides)."""
+    the expectations now follow the calendar (tests/metering/test_calendar_edges.py rebuilds
+    across the month's and the year's end with batches on both sides)."""
     clock = Clock(datetime.fromtimestamp(now, UTC))
     await ledger_clock(conns.pool, now)
     await put_price_list(conns.pool, demo_price_list())

@@ -1,26 +1,17 @@
 """The calendar's edges, against real Redis and PostgreSQL, with the clock injected.
 
-``CALENDAR_EDGES`` is what every date-dependent test runs at (tests/test_balance.py,
-tests/test_plans.py, tests/test_minutes.py import it): the last seconds of a month, the first
-minutes of the next, 29 February, 31 December into 1 January, a date in the past and one in the
-future of the real clock, and the real clock itself. The servers' own clocks are never faked
-(Debian's libfaketime cannot start Debian's redis-server): the code takes ``now`` from
-``infra.clock`` and the Lua scripts take it as an argument and set expiry relative to it, so
-Redis behaves the same whatever its own clock says.
-
-Here: the billing month's arithmetic at each edge, and a minute bucket flushed from Redis and
-rebuilt from PostgreSQL, exactly, by calls and batches that straddle a month's and a year's end.
+The edges themselves (``tests.calendar.CALENDAR_EDGES``) are what every date-dependent test
+runs at. Here: the billing month's arithmetic at each edge, and a minute bucket flushed from
+Redis and rebuilt from PostgreSQL, exactly, by calls and batches that straddle a month's and a
+year's end.
 """
 
 from __future__ import annotations
 
-import time
 from datetime import UTC, datetime
 from typing import Any, Final
 
-import asyncpg
 import pytest
-import redis.asyncio as aioredis
 
 from balance.accounts import (
     AccountSpec,
@@ -48,45 +39,7 @@ from rating.plans import (
 )
 from rating.rating import time_cost
 from tests import harness
-
-
-def _utc(text: str) -> int:
-    return int(datetime.fromisoformat(text).timestamp())
-
-
-#: name -> unix seconds of each calendar edge
-EDGES: Final = {
-    "month_end": _utc("2027-01-31T23:59:58+00:00"),
-    "month_start": _utc("2027-02-01T00:01:00+00:00"),
-    "leap_day": _utc("2028-02-29T12:00:00+00:00"),
-    "year_end": _utc("2026-12-31T23:59:59+00:00"),
-    "year_start": _utc("2027-01-01T00:00:30+00:00"),
-    "past": _utc("2025-03-01T00:00:00+00:00"),
-    "future": _utc("2030-06-30T23:59:59+00:00"),
-}
-
-#: ``pytest.mark.parametrize`` / fixture params: each edge, and ``None`` for the real clock
-CALENDAR_EDGES: Final = [
-    *(pytest.param(t, id=name) for name, t in EDGES.items()),
-    pytest.param(None, id="real_clock"),
-]
-
-#: the edges a month's (or a year's) end falls between, for the costlier end-to-end tests
-BOUNDARY_EDGES: Final = [
-    pytest.param(EDGES[name], id=name)
-    for name in ("month_end", "month_start", "year_end", "year_start", "leap_day")
-]
-
-
-def at(param: int | None) -> int:
-    """A ``CALENDAR_EDGES`` value as unix seconds (``None``: the real clock, now)."""
-    return int(time.time()) if param is None else param
-
-
-async def ttl(r: aioredis.Redis, name: str) -> int:
-    """Redis's TTL of ``name`` in seconds (-1 none, -2 no such key)."""
-    return int(await r.ttl(name))
-
+from tests.calendar import BOUNDARY_EDGES, CALENDAR_EDGES, EDGES, _utc, ledger_clock
 
 # -- the billing month at each edge -------------------------------------------------------------
 
@@ -136,17 +89,6 @@ US: Final = "+14155550123"  # 0.007/min, 6/6 in the demo price list
 US_RATE: Final = 7_000
 
 
-async def ledger_clock(pool: asyncpg.Pool, t: float) -> None:
-    """Make the ledger's ``recorded_at`` (``DEFAULT now()``: PostgreSQL's own clock) read the
-    injected clock, as a PostgreSQL whose clock agrees with the workers' would write it.
-
-    PostgreSQL's clock cannot be faked; ``recorded_at`` is the one value it decides that the
-    rebuild reads (the period a plan's grant was created in). With a clock 2030 in the tests
-    and 2026 in PostgreSQL the rebuild would look for the wrong months."""
-    iso = _dt(int(t)).isoformat()
-    await pool.execute(f"ALTER TABLE ledger ALTER COLUMN recorded_at SET DEFAULT '{iso}'")
-
-
 def _grants(raw: bytes | None) -> dict[str, tuple[int, int, int]]:
     return {g.id: (g.remaining_s, g.valid_from, g.expires_at) for g in parse_bucket(raw)}
 
@@ -172,7 +114,7 @@ async def test_a_bucket_rebuilt_across_the_calendars_edge_is_exactly_redis(
     grant, the new one's, and two bundles; then Redis loses the account. The bucket rebuilt
     from PostgreSQL is what Redis had, grant for grant, and the hot path's own rebuild
     charges the next call as the lost bucket would have."""
-    from tests.test_plans import _rec
+    from tests.rating.test_plans import _rec
 
     clock = SettableClock(edge - 3 * 86_400)
     pool = conns.pool
@@ -250,7 +192,7 @@ async def test_a_rebuild_the_day_after_a_months_end_keeps_the_old_periods_grant(
     """The old period's grant lives a day into the new month (late calls of the old month
     still draw on it); a rebuild in that day restores it with what was left, a rebuild after
     that day has no such grant, and no rebuild gives a period's allowance twice."""
-    from tests.test_plans import _rec
+    from tests.rating.test_plans import _rec
 
     clock = SettableClock(edge - 86_400)
     pool = conns.pool

@@ -13,7 +13,7 @@ import pytest
 from enforcement.http.app import create_app as enforcement_app
 from infra.settings import Settings
 from meter.apiserver import asgi_app
-from tests.test_api import ERROR_KEYS, Api, api_on
+from tests.enforcement.test_api import ERROR_KEYS, Api, api_on
 
 
 @pytest.fixture
