@@ -210,13 +210,8 @@ async def _pricelist(settings: Settings, args: argparse.Namespace) -> int:
     from datetime import datetime
 
     from infra.db import create_pool
-    from rating.pricelists import (
-        PriceListCsvError,
-        export_csv,
-        import_rates,
-        load_price_lists,
-        parse_csv,
-    )
+    from rating.pricelist_csv import PriceListCsvError, export_csv, parse_csv
+    from rating.pricelists import import_rates, load_price_lists
     from rating.rating import VoiceRate
 
     pool = await create_pool(settings.database_url)
