@@ -13,7 +13,7 @@ import random
 import time
 from pathlib import Path
 
-from rating.pricelists import export_csv, parse_csv
+from rating.pricelist_csv import export_csv, parse_csv
 from rating.rating import NoRate, PriceList, VoiceRate
 
 _T0 = 1_767_225_600  # 2026-01-01T00:00:00Z

@@ -36,7 +36,8 @@ from metering.worker import Connections
 from ops.reconcile import reconcile
 from rating.catalog import Catalog
 from rating.plans import month_period, parse_bucket
-from rating.pricelists import import_rates, parse_csv
+from rating.pricelist_csv import parse_csv
+from rating.pricelists import import_rates
 from rating.rating import time_cost
 from tests import harness
 from tests.calendar import CALENDAR_EDGES, at

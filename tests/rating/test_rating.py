@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from rating.pricelists import CSV_COLUMNS, PriceListCsvError, export_csv, parse_csv
+from rating.pricelist_csv import CSV_COLUMNS, PriceListCsvError, export_csv, parse_csv
 from rating.rating import (
     MAX_RATE_PER_MIN,
     NoRate,

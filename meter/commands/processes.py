@@ -1,0 +1,110 @@
+"""``meter run``: the service's long-running processes, each until SIGINT or SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+
+from infra.settings import Settings
+
+
+def run_process(settings: Settings, process: str) -> int:
+    """Run ``process`` (one of ``meter run``'s choices) to its end; its exit code."""
+    if process == "ops":
+        return asyncio.run(_run_ops(settings))
+    if process == "recharge":
+        return _run_recharge(settings)
+    if process == "api":
+        return asyncio.run(_run_api(settings))
+    return asyncio.run(_run_metering(settings))
+
+
+def _stop_on_signals(stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+
+
+def _serve_metrics(settings: Settings) -> None:
+    if settings.metrics_port:
+        from prometheus_client import start_http_server
+
+        start_http_server(settings.metrics_port, addr=settings.metrics_addr)
+
+
+async def _run_metering(settings: Settings) -> int:
+    from infra.stack import running_stack
+    from metering.worker import run_metering
+
+    _serve_metrics(settings)
+    stop = asyncio.Event()
+    _stop_on_signals(stop)
+    async with running_stack(settings) as resolved:
+        logging.getLogger("meter").info(
+            "metering: kafka=%s redis=%s", resolved.kafka_bootstrap, resolved.redis_url
+        )
+        await run_metering(resolved, stop)
+    return 0
+
+
+def _missing_endpoints(settings: Settings) -> list[str]:
+    return [
+        name
+        for name, value in (
+            ("METER_KAFKA_BOOTSTRAP", settings.kafka_bootstrap),
+            ("METER_REDIS_URL", settings.redis_url),
+            ("METER_DATABASE_URL", settings.database_url),
+        )
+        if not value
+    ]
+
+
+async def _run_ops(settings: Settings) -> int:
+    from ops.collector import running_collector
+
+    missing = _missing_endpoints(settings)
+    if missing:
+        # Embedded services would be this process's own, empty ones: nothing to watch there.
+        print(f"meter: run ops watches running services; set {', '.join(missing)}", file=sys.stderr)
+        return 2
+    log = logging.getLogger("meter")
+    if not settings.metrics_port:
+        log.warning("ops: METER_METRICS_PORT is 0, so nobody can read what it collects")
+    _serve_metrics(settings)
+    stop = asyncio.Event()
+    _stop_on_signals(stop)
+    async with running_collector(settings) as collector:
+        log.info(
+            "ops: lag every %ss, accounts every %ss, reconcile every %ss (0 = off)",
+            settings.ops_lag_interval_s,
+            settings.ops_accounts_interval_s,
+            settings.ops_reconcile_interval_s,
+        )
+        await collector.run(stop)
+    return 0
+
+
+def _run_recharge(settings: Settings) -> int:
+    missing = _missing_endpoints(settings)
+    if missing:
+        # faust owns this process's event loop, so it cannot also host the embedded services:
+        # `meter demo` starts them and runs this worker beside them.
+        print(f"meter: run recharge needs {', '.join(missing)}", file=sys.stderr)
+        return 2
+    from recharge.worker import run_recharge_worker
+
+    _serve_metrics(settings)
+    return run_recharge_worker(settings)
+
+
+async def _run_api(settings: Settings) -> int:
+    from meter.apiserver import serve_api
+
+    _serve_metrics(settings)
+    stop = asyncio.Event()
+    _stop_on_signals(stop)
+    return await serve_api(settings, stop)

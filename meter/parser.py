@@ -1,0 +1,96 @@
+"""The ``meter`` command line: every subcommand, option and help text, and nothing it does.
+
+``meter.cli.main`` parses with ``build_parser`` and hands each subcommand to its module under
+``meter.commands``; tests read the parser itself (the processes ``meter run`` knows).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Final
+
+DESCRIPTION: Final = (
+    "The ``meter`` command: run the service's processes, the demo, the benchmark, admin tasks."
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="meter", description=DESCRIPTION)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser(
+        "demo",
+        help="run the whole service on embedded defaults with simulated "
+        "switch traffic, then reconcile",
+    )
+    d.add_argument("--accounts", type=int, default=300)
+    d.add_argument("--seconds", type=float, default=20.0)
+    d.add_argument("--rate", type=int, default=4000, help="events per second to publish")
+    d.add_argument("--keep", action="store_true", help="keep the embedded data folder")
+
+    r = sub.add_parser("run", help="run one of the service's processes")
+    r.add_argument(
+        "process",
+        choices=["metering", "ops", "api", "recharge"],
+        help="metering: the usage stream worker; ops: consumer lag, accounts by state and "
+        "reconciliation drift for Prometheus (one per deployment); api: the HTTP API "
+        "(METER_API_HOST, METER_API_PORT); recharge: the auto-recharge worker (faust; "
+        "METER_PAYMENT_GATEWAY)",
+    )
+
+    b = sub.add_parser("bench", help="measure a target of ARCHITECTURE.md")
+    b.add_argument("target", choices=["metering", "authorize", "rating"])
+    b.add_argument("--events", type=int, default=300_000, help="metering: events to process")
+    b.add_argument("--accounts", type=int, default=10_000)
+    b.add_argument(
+        "--rate", type=int, default=5_000, help="authorize: the rate to report p50/p99/p99.9 at"
+    )
+    b.add_argument(
+        "--seconds", type=float, default=60.0, help="authorize: load time in all, at most"
+    )
+    b.add_argument("--json", type=Path, help="also write the figures to this file")
+    b.add_argument("--prefixes", type=int, default=100_000, help="rating: prefixes loaded")
+    b.add_argument("--lookups", type=int, default=1_000_000, help="rating: lookups timed")
+
+    s = sub.add_parser("seed", help="create price lists and accounts from a JSON file")
+    s.add_argument("file", type=Path)
+
+    k = sub.add_parser("keys", help="API keys: create one (printed once) or revoke one")
+    k.add_argument("action", choices=["create", "revoke"])
+    k.add_argument("--account", help="create: the account the key belongs to")
+    k.add_argument(
+        "--role",
+        choices=["admin", "user", "service"],
+        help="create: admin (billing, operator), user, service (call-control, any account)",
+    )
+    k.add_argument("--key-id", help="revoke: the key's id (mk_<key id>_...)")
+
+    pl = sub.add_parser(
+        "pricelist", help="price list rates as CSV (docs/design/rating.md): import, export"
+    )
+    pl.add_argument("action", choices=["import", "export"])
+    pl.add_argument("price_list", help="the price list's id (created by meter seed)")
+    pl.add_argument("file", type=Path, nargs="?", help="import: the CSV file")
+    pl.add_argument("--at", help="export: only the versions in force at this RFC 3339 time")
+
+    e = sub.add_parser("estimate", help="what a call or a message would cost an account now")
+    e.add_argument("--account", required=True)
+    e.add_argument("--to", help="the destination, E.164 (+44...)")
+    e.add_argument("--seconds", type=int, help="the call's duration in seconds")
+    e.add_argument("--direction", choices=["outbound", "inbound"], default="outbound")
+    e.add_argument("--sms-parts", type=int, help="a message of this many parts instead")
+
+    bu = sub.add_parser("bundle", help="buy a minute bundle from an account's balance")
+    bu.add_argument("action", choices=["buy"])
+    bu.add_argument("--account", required=True)
+    bu.add_argument("--bundle", required=True, help="the bundle's id (see the seed file)")
+    bu.add_argument("--purchase-id", required=True, help="idempotency key: retry with the same one")
+
+    sub.add_parser("migrate", help="apply pending database migrations")
+    sub.add_parser("reconcile", help="compare every Redis balance with the ledger")
+
+    c = sub.add_parser("contracts", help="the public contract")
+    c.add_argument("action", choices=["export-schema"])
+    c.add_argument("out", type=Path)
+    return p
