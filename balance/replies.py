@@ -14,6 +14,7 @@ from urllib.parse import unquote
 from balance.values import (
     AccountOutcome,
     AccountStatus,
+    Drawn,
     GrantResult,
     NoStatus,
     PendingSignal,
@@ -73,12 +74,12 @@ def plan_line(plan: PlanPeriod | None) -> str:
     return f"{plan.included_s},{plan.period_start},{plan.period_end}" if plan else ""
 
 
-def decode_draws(raw: bytes) -> dict[int, tuple[int, int]]:
+def decode_draws(raw: bytes) -> dict[int, Drawn]:
     """``index:amount:drawn`` entries, ``,`` separated."""
     out = {}
     for part in raw.split(b","):
         i, amount, drawn = part.split(b":")
-        out[int(i)] = (int(amount), int(drawn))
+        out[int(i)] = Drawn(int(amount), int(drawn))
     return out
 
 

@@ -134,6 +134,14 @@ class PendingSignal:
     terminate_at: int | None = None  # unix seconds, for call.terminate
 
 
+class Drawn(NamedTuple):
+    """What a debit with a ``draw`` cost: ``amount`` micro-units debited, after ``drawn_s``
+    seconds drawn from the minute bucket. A NamedTuple: one per such event of a batch."""
+
+    amount: int
+    drawn_s: int
+
+
 @dataclass(slots=True)
 class AccountOutcome:
     """What one account's debits did. ``codes[i]`` is ``n`` new, ``d`` duplicate, ``c`` conflict.
@@ -146,9 +154,9 @@ class AccountOutcome:
     codes: str = ""
     dup_amounts: list[int] = field(default_factory=list)
     outbox: list[PendingSignal] = field(default_factory=list)
-    #: event index -> (amount debited, seconds drawn from the minute bucket), for the events
-    #: (new or duplicate) that drew any; the others were debited their own ``amount``
-    draws: dict[int, tuple[int, int]] = field(default_factory=dict)
+    #: event index -> what it cost, for the events (new or duplicate) that drew any seconds;
+    #: the others were debited their own ``amount``
+    draws: dict[int, Drawn] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)

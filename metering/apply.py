@@ -124,9 +124,9 @@ async def _apply_groups(
                 c.applied_amount = c.amount
             elif code == "d":
                 c.applied_amount = next(dups)
-        for i, (amount, drawn) in o.draws.items():
-            cs[i].applied_amount = amount
-            cs[i].included_s = drawn
+        for i, drawn in o.draws.items():
+            cs[i].applied_amount = drawn.amount
+            cs[i].included_s = drawn.drawn_s
     return outcomes
 
 
