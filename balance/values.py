@@ -44,7 +44,6 @@ GrantResult = Literal["applied", "repeat", "unknown_account", "insufficient_cred
 RECHARGE_REQUESTED: Final = "recharge.requested"
 
 
-
 class Draw(NamedTuple):
     """A call's draw on included minutes (``Debit.draw``): its ``billed_s`` seconds, priced at
     ``rate_per_min`` and ``connect_fee`` (micro-units), answered at ``answered_at`` (unix s;
