@@ -20,20 +20,39 @@ may still be made, as with any timed-out ``reserve``.
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 from typing import Final
 
 import redis.asyncio as aioredis
 
 from balance.errors import OutcomeUnknown
 from balance.store import RedisBalances
-from balance.values import PlanPeriod, Reservation, Tariff
+from balance.values import PlanPeriod, Reservation, ReservationRequest, Tariff
+from contracts.events import Direction
 
 #: Calls per ``reserve_many``: bounds how long one batch holds Redis.
 MAX_BATCH: Final = 256
 
-_Params = tuple[int, int, int, int]  # now_s, grant_s, grace_s, max_s
-_Call = tuple[str, str, str, Tariff]  # account_id, call_id, direction, tariff
-_Queued = tuple[_Call, _Params, PlanPeriod | None, asyncio.Future[Reservation]]
+
+
+@dataclass(frozen=True, slots=True)
+class _Grant:
+    """The parameters every call of one ``reserve_many`` shares."""
+
+    now_s: int
+    grant_s: int
+    grace_s: int
+    max_s: int
+
+
+@dataclass(frozen=True, slots=True)
+class _Queued:
+    """A ``reserve`` waiting for its batch, and where its answer goes."""
+
+    call: ReservationRequest
+    grant: _Grant
+    plan: PlanPeriod | None
+    answer: asyncio.Future[Reservation]
 
 
 class CoalescingBalances(RedisBalances):
@@ -60,7 +79,7 @@ class CoalescingBalances(RedisBalances):
         self,
         account_id: str,
         call_id: str,
-        direction: str,
+        direction: Direction,
         tariff: Tariff,
         *,
         now_s: int,
@@ -70,8 +89,8 @@ class CoalescingBalances(RedisBalances):
         plan: PlanPeriod | None = None,
     ) -> Reservation:
         fut: asyncio.Future[Reservation] = asyncio.get_running_loop().create_future()
-        call = (account_id, call_id, direction, tariff)
-        self._queue.append((call, (now_s, grant_s, grace_s, max_s), plan, fut))
+        call = ReservationRequest(account_id, call_id, direction, tariff)
+        self._queue.append(_Queued(call, _Grant(now_s, grant_s, grace_s, max_s), plan, fut))
         self._drain()
         return await fut
 
@@ -93,7 +112,7 @@ class CoalescingBalances(RedisBalances):
             # (a second boundary), keeping the order.
             start = 0
             for i in range(1, len(batch) + 1):
-                if i == len(batch) or batch[i][1] != batch[start][1]:
+                if i == len(batch) or batch[i].grant != batch[start].grant:
                     await self._send_part(batch[start:i])
                     start = i
         finally:
@@ -101,19 +120,19 @@ class CoalescingBalances(RedisBalances):
             self._drain()
 
     async def _send_part(self, part: list[_Queued]) -> None:
-        now_s, grant_s, grace_s, max_s = part[0][1]
+        g = part[0].grant
         # One allowance per account: now_s is shared, so is the period.
-        plans = {call[0]: plan for call, _, plan, _ in part if plan}
+        plans = {q.call.account_id: q.plan for q in part if q.plan}
         try:
             # Bounded: a round trip that never ends (a hung Redis, no socket timeout) would
             # otherwise hold the only slot, and every later call would queue behind it forever.
             async with asyncio.timeout(self._timeout_s):
                 results = await self.reserve_many(
-                    [call for call, _, _, _ in part],
-                    now_s=now_s,
-                    grant_s=grant_s,
-                    grace_s=grace_s,
-                    max_s=max_s,
+                    [q.call for q in part],
+                    now_s=g.now_s,
+                    grant_s=g.grant_s,
+                    grace_s=g.grace_s,
+                    max_s=g.max_s,
                     plans=plans,
                 )
         except TimeoutError as exc:
@@ -125,12 +144,12 @@ class CoalescingBalances(RedisBalances):
         except Exception as exc:
             self._fail(part, exc)
             return
-        for (_, _, _, fut), r in zip(part, results, strict=True):
-            if not fut.done():  # done: its caller gave up waiting
-                fut.set_result(r)
+        for q, r in zip(part, results, strict=True):
+            if not q.answer.done():  # done: its caller gave up waiting
+                q.answer.set_result(r)
 
     @staticmethod
     def _fail(part: list[_Queued], exc: Exception) -> None:
-        for _, _, _, fut in part:
-            if not fut.done():  # done: its caller gave up waiting
-                fut.set_exception(exc)
+        for q in part:
+            if not q.answer.done():  # done: its caller gave up waiting
+                q.answer.set_exception(exc)

@@ -17,6 +17,8 @@ from balance.values import (
     AccountOutcome,
     AccountState,
     AccountStatus,
+    CallProgress,
+    Credit,
     CreditOutcome,
     DebitLike,
     GrantOutcome,
@@ -25,11 +27,13 @@ from balance.values import (
     Progress,
     Released,
     Reservation,
+    ReservationRequest,
     StatusAction,
     StatusChange,
     Tariff,
     Undraw,
 )
+from contracts.events import Direction
 
 
 class BalanceStore(Protocol):
@@ -39,7 +43,7 @@ class BalanceStore(Protocol):
     # Usage (the metering processor).
     async def apply_debits(
         self,
-        batch: Sequence[tuple[str, Sequence[DebitLike]]],
+        batch: Mapping[str, Sequence[DebitLike]],
         now_s: int,
         plans: Mapping[str, PlanPeriod] | None = None,
     ) -> list[AccountOutcome]: ...
@@ -55,7 +59,7 @@ class BalanceStore(Protocol):
     ) -> CreditOutcome: ...
 
     async def credit_many(
-        self, credits: Sequence[tuple[str, str, int]], *, now_s: int | None = None
+        self, credits: Sequence[Credit], *, now_s: int | None = None
     ) -> list[CreditOutcome]: ...
 
     async def undraw_many(self, draws: Sequence[Undraw]) -> list[int]: ...
@@ -77,7 +81,7 @@ class BalanceStore(Protocol):
         self,
         account_id: str,
         call_id: str,
-        direction: str,
+        direction: Direction,
         tariff: Tariff,
         *,
         now_s: int,
@@ -89,7 +93,7 @@ class BalanceStore(Protocol):
 
     async def reserve_many(
         self,
-        calls: Sequence[tuple[str, str, str, Tariff]],
+        calls: Sequence[ReservationRequest],
         *,
         now_s: int,
         grant_s: int,
@@ -101,7 +105,7 @@ class BalanceStore(Protocol):
 
     async def progress(
         self,
-        updates: Sequence[tuple[str, str, int, int]],
+        updates: Sequence[CallProgress],
         *,
         now_s: int,
         grant_s: int,

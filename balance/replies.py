@@ -14,6 +14,7 @@ from urllib.parse import unquote
 from balance.values import (
     AccountOutcome,
     AccountStatus,
+    Drawn,
     GrantResult,
     NoStatus,
     PendingSignal,
@@ -22,6 +23,7 @@ from balance.values import (
     ProgressOutcome,
     Reservation,
     ReservationDecision,
+    ReservationReason,
 )
 
 _STATUS: Final[dict[bytes, AccountStatus]] = {
@@ -32,6 +34,14 @@ _STATUS: Final[dict[bytes, AccountStatus]] = {
 }
 _STATUS_OR_NONE: Final[dict[bytes, AccountStatus | NoStatus]] = {**_STATUS, b"": ""}
 _DECISION: Final[dict[bytes, ReservationDecision]] = {b"allow": "allow", b"deny": "deny"}
+_REASON: Final[dict[bytes, ReservationReason]] = {
+    b"ok": "ok",
+    b"insufficient_credit": "insufficient_credit",
+    b"account_on_hold": "account_on_hold",
+    b"account_suspended": "account_suspended",
+    b"unknown_account": "unknown_account",
+    b"call_closed": "call_closed",
+}
 _PROGRESS: Final[dict[bytes, ProgressOutcome]] = {
     b"none": "none",
     b"closed": "closed",
@@ -61,15 +71,15 @@ def status_or_none(raw: bytes) -> AccountStatus | NoStatus:
 
 def plan_line(plan: PlanPeriod | None) -> str:
     """A plan allowance as the scripts read it: ``included_s,period_start,period_end``."""
-    return "{},{},{}".format(*plan) if plan else ""
+    return f"{plan.included_s},{plan.period_start},{plan.period_end}" if plan else ""
 
 
-def decode_draws(raw: bytes) -> dict[int, tuple[int, int]]:
+def decode_draws(raw: bytes) -> dict[int, Drawn]:
     """``index:amount:drawn`` entries, ``,`` separated."""
     out = {}
     for part in raw.split(b","):
         i, amount, drawn = part.split(b":")
-        out[int(i)] = (int(amount), int(drawn))
+        out[int(i)] = Drawn(int(amount), int(drawn))
     return out
 
 
@@ -123,7 +133,7 @@ def decode_reservation(reply: Sequence[Any]) -> Reservation:
     decision, reason, max_d, reserved, granted, expires, held = reply
     return Reservation(
         _DECISION[decision],
-        reason.decode(),
+        _REASON[reason],
         int(max_d),
         int(reserved),
         int(granted),

@@ -18,7 +18,16 @@ from redis.commands.core import AsyncScript
 from balance import keys, replies
 from balance.errors import call, mapped
 from balance.pipeline import round_trip
-from balance.values import PlanPeriod, Progress, Released, Reservation, Tariff
+from balance.values import (
+    CallProgress,
+    PlanPeriod,
+    Progress,
+    Released,
+    Reservation,
+    ReservationRequest,
+    Tariff,
+)
+from contracts.events import Direction
 
 
 class ReservationStore:
@@ -33,7 +42,7 @@ class ReservationStore:
         self,
         account_id: str,
         call_id: str,
-        direction: str,
+        direction: Direction,
         tariff: Tariff,
         *,
         now_s: int,
@@ -47,7 +56,7 @@ class ReservationStore:
         ``plan``: the account's allowance for the current period, counted while debit.lua has
         not yet created its grant in the bucket."""
         (r,) = await self.reserve_many(
-            [(account_id, call_id, direction, tariff)],
+            [ReservationRequest(account_id, call_id, direction, tariff)],
             now_s=now_s,
             grant_s=grant_s,
             grace_s=grace_s,
@@ -58,7 +67,7 @@ class ReservationStore:
 
     async def reserve_many(
         self,
-        calls: Sequence[tuple[str, str, str, Tariff]],
+        calls: Sequence[ReservationRequest],
         *,
         now_s: int,
         grant_s: int,
@@ -67,7 +76,7 @@ class ReservationStore:
         force: bool = False,
         plans: Mapping[str, PlanPeriod] | None = None,
     ) -> list[Reservation]:
-        """``reserve`` for many ``(account_id, call_id, direction, tariff)`` in one round trip.
+        """``reserve`` for many calls in one round trip, one answer each in their order.
 
         Each call is listed for the sweep *before* its script runs (same pipeline, in order),
         so a crash in between cannot leave a reservation nobody releases; a listing without a
@@ -82,15 +91,18 @@ class ReservationStore:
         first_expiry = now_s + grant_s + grace_s
 
         async def build(pipe: Pipeline) -> None:
-            for account_id, call_id, direction, t in calls:
+            for c in calls:
+                t = c.tariff
                 pipe.zadd(
-                    keys.RESERVATION_EXPIRY, {f"{account_id}\x00{call_id}": first_expiry}, gt=True
+                    keys.RESERVATION_EXPIRY,
+                    {f"{c.account_id}\x00{c.call_id}": first_expiry},
+                    gt=True,
                 )
                 await self._reserve(
-                    keys=[keys.account(account_id), keys.reservations(account_id)],
+                    keys=[keys.account(c.account_id), keys.reservations(c.account_id)],
                     args=[
-                        call_id,
-                        direction,
+                        c.call_id,
+                        c.direction,
                         now_s,
                         grant_s,
                         grace_s,
@@ -100,7 +112,7 @@ class ReservationStore:
                         t.initial_s,
                         t.subsequent_s,
                         "1" if force else "0",
-                        replies.plan_line(plans.get(account_id)),
+                        replies.plan_line(plans.get(c.account_id)),
                     ],
                     client=pipe,
                 )
@@ -108,8 +120,8 @@ class ReservationStore:
         raw = await round_trip(self._r, "reservation", build)
         out = [replies.decode_reservation(r) for r in raw[1::2]]
         fix = [
-            (f"{account_id}\x00{call_id}", r.expires_at)
-            for (account_id, call_id, _, _), r in zip(calls, out, strict=True)
+            (f"{c.account_id}\x00{c.call_id}", r.expires_at)
+            for c, r in zip(calls, out, strict=True)
             if r.decision == "allow" and r.expires_at < first_expiry
         ]
         if fix:
@@ -123,7 +135,7 @@ class ReservationStore:
 
     async def progress(
         self,
-        updates: Sequence[tuple[str, str, int, int]],
+        updates: Sequence[CallProgress],
         *,
         now_s: int,
         grant_s: int,
@@ -131,7 +143,8 @@ class ReservationStore:
         max_s: int,
         plans: Mapping[str, PlanPeriod] | None = None,
     ) -> list[Progress]:
-        """Apply ``(account_id, call_id, started_at, elapsed_s)`` updates in one round trip.
+        """Apply call.answered / call.progress updates in one round trip, one ``Progress`` each
+        in their order (an unknown call's is ``none``).
         Extensions draw on the minute bucket (``plans`` as in ``reserve_many``) before money.
 
         Accounts whose update may queue a call.terminate are marked for the outbox relay
@@ -139,34 +152,34 @@ class ReservationStore:
         """
         if not updates:
             return []
-        accounts = {a for a, _, _, _ in updates}
+        accounts = {u.account_id for u in updates}
         with mapped("outbox mark"):
             await self._r.sadd(keys.OUTBOX_PENDING, *accounts)
         plans = plans or {}
 
         async def build(pipe: Pipeline) -> None:
-            for account_id, call_id, started_at, elapsed in updates:
+            for u in updates:
                 await self._progress(
                     keys=[
-                        keys.account(account_id),
-                        keys.reservations(account_id),
-                        keys.outbox(account_id),
+                        keys.account(u.account_id),
+                        keys.reservations(u.account_id),
+                        keys.outbox(u.account_id),
                     ],
                     args=[
-                        call_id,
+                        u.call_id,
                         now_s,
-                        started_at,
-                        elapsed,
+                        u.started_at,
+                        u.elapsed_s,
                         grant_s,
                         grace_s,
                         max_s,
-                        replies.plan_line(plans.get(account_id)),
+                        replies.plan_line(plans.get(u.account_id)),
                     ],
                     client=pipe,
                 )
                 pipe.zadd(
                     keys.RESERVATION_EXPIRY,
-                    {f"{account_id}\x00{call_id}": now_s + grant_s + grace_s},
+                    {f"{u.account_id}\x00{u.call_id}": now_s + grant_s + grace_s},
                     gt=True,
                 )
 

@@ -27,8 +27,10 @@ from balance.values import (
     AccountOutcome,
     AccountState,
     AccountStatus,
+    Credit,
     CreditOutcome,
     DebitLike,
+    Draw,
     GrantOutcome,
     PlanPeriod,
     RechargeState,
@@ -49,7 +51,7 @@ def _lua(name: str) -> str:
 #: events, included_s (0: no plan), period_start, period_end.
 _DEBIT_EVENT: Final = struct.Struct(">16s8sqiiqqqH")
 _DEBIT_ACCOUNT: Final = struct.Struct(">Iqqq")
-_NO_DRAW: Final = (-1, 0, 0, 0)
+_NO_DRAW: Final = Draw(-1, 0, 0, 0)
 
 
 class RedisBalances(ReservationStore, OutboxStore):
@@ -89,32 +91,39 @@ class RedisBalances(ReservationStore, OutboxStore):
 
     async def apply_debits(
         self,
-        batch: Sequence[tuple[str, Sequence[DebitLike]]],
+        batch: Mapping[str, Sequence[DebitLike]],
         now_s: int,
         plans: Mapping[str, PlanPeriod] | None = None,
     ) -> list[AccountOutcome]:
-        """Apply every debit of the batch in one pipelined round trip.
+        """Apply every debit of the batch (account id -> its debits, applied in that order) in
+        one pipelined round trip.
 
         Idempotent per event key; safe to call again with the same batch after
-        ``OutcomeUnknown``. Returns one outcome per account, in the order given. Debits with
+        ``OutcomeUnknown``. Returns one outcome per account, in the batch's order. Debits with
         a ``draw`` first take their billed seconds from the account's minute bucket (its
         ``plans`` allowance for the period included); see ``AccountOutcome.draws``.
         """
         plans = plans or {}
         event = _DEBIT_EVENT.pack
         account = _DEBIT_ACCOUNT.pack
+        accounts = list(batch)
         calls: list[tuple[list[str], list[int | bytes]]] = []
-        for start in range(0, len(batch), self._max):
-            chunk = batch[start : start + self._max]
+        for start in range(0, len(accounts), self._max):
+            chunk = accounts[start : start + self._max]
             # Two binary arguments, whatever the number of events (encoding thousands of small
             # arguments is what a pipeline spends its client time on), every value in a
             # fixed-width field or behind its length (see debit.lua): struct.error on a value
             # out of its field's range, before anything is sent.
             parts: list[bytes] = []
             heads: list[bytes] = []
-            for a, ds in chunk:
+            for a in chunk:
+                ds = batch[a]
                 p = plans.get(a)
-                heads.append(account(len(ds), *p) if p else account(len(ds), 0, 0, 0))
+                heads.append(
+                    account(len(ds), p.included_s, p.period_start, p.period_end)
+                    if p
+                    else account(len(ds), 0, 0, 0)
+                )
                 for d in ds:
                     billed, rate, fee, at = d.draw or _NO_DRAW
                     call_id = d.call_id.encode() if d.call_id else b""
@@ -128,7 +137,7 @@ class RedisBalances(ReservationStore, OutboxStore):
                         parts.append(call_id)
             calls.append(
                 (
-                    [keys.account(a) for a, _ in chunk],
+                    [keys.account(a) for a in chunk],
                     [now_s, keys.DEDUP_KEEP_S, b"".join(parts), b"".join(heads)],
                 )
             )
@@ -138,7 +147,7 @@ class RedisBalances(ReservationStore, OutboxStore):
                 await self._debit(keys=ks, args=args, client=pipe)
 
         raw = await round_trip(self._r, "debit batch", build)
-        return replies.decode_debits([a for a, _ in batch], raw)
+        return replies.decode_debits(accounts, raw)
 
     async def grant_minutes(
         self,
@@ -264,21 +273,21 @@ class RedisBalances(ReservationStore, OutboxStore):
         return CreditOutcome(applied == 1, int(bal), replies.status(st))
 
     async def credit_many(
-        self, credits: Sequence[tuple[str, str, int]], *, now_s: int | None = None
+        self, credits: Sequence[Credit], *, now_s: int | None = None
     ) -> list[CreditOutcome]:
-        """``credit`` for many ``(account_id, credit_id, amount)`` in one pipelined round trip
-        (``now_s`` as in ``credit``, one for the whole batch)."""
+        """``credit`` (not a ``payment``) for many credits in one pipelined round trip, one
+        outcome each in their order (``now_s`` as in ``credit``, one for the whole batch)."""
         now = self._now(now_s)
 
         async def build(pipe: Pipeline) -> None:
-            for account_id, credit_id, amount in credits:
+            for c in credits:
                 await self._credit(
                     keys=[
-                        keys.account(account_id),
-                        keys.credits(account_id),
-                        keys.outbox(account_id),
+                        keys.account(c.account_id),
+                        keys.credits(c.account_id),
+                        keys.outbox(c.account_id),
                     ],
-                    args=[credit_id, amount, "0", now],
+                    args=[c.credit_id, c.amount, "0", now],
                     client=pipe,
                 )
 

@@ -8,7 +8,9 @@ Money is in integer micro-units, times in unix seconds, durations in whole secon
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Final, Literal, Protocol
+from typing import Final, Literal, NamedTuple, Protocol
+
+from contracts.events import Direction
 
 #: An account's real-time state (see the state machine in ``balance/lua``).
 AccountStatus = Literal["active", "low", "hold", "suspended"]
@@ -19,6 +21,17 @@ NoStatus = Literal[""]
 StatusAction = Literal["suspend", "hold", "resume"]
 #: An authorization's answer.
 ReservationDecision = Literal["allow", "deny"]
+#: Why reserve.lua answered as it did: ``ok`` (allowed), one of the contract's deny reasons
+#: it can decide, or ``call_closed``: the call_id has already hung up. ``call_closed`` is no
+#: deny reason of the contract; ``enforcement.authorize`` answers it as an error (a 409).
+ReservationReason = Literal[
+    "ok",
+    "insufficient_credit",
+    "account_on_hold",
+    "account_suspended",
+    "unknown_account",
+    "call_closed",
+]
 #: What a call.answered / call.progress did to a call's reservation: ``none`` (no
 #: reservation), ``closed`` (the call has hung up), ``ok`` (the grant still covers it),
 #: ``extended``, ``terminate`` (a call.terminate was queued now), ``terminating`` (earlier).
@@ -30,12 +43,27 @@ GrantResult = Literal["applied", "repeat", "unknown_account", "insufficient_cred
 #: The outbox entry type of an auto-recharge trigger (not a signal: it goes to the worker).
 RECHARGE_REQUESTED: Final = "recharge.requested"
 
-#: A call's draw on included minutes: (billed_s, rate_per_min, connect_fee, answered_at).
-Draw = tuple[int, int, int, int]
 
-#: An account's plan allowance for the current period: ``(included_s, period_start,
-#: period_end)``, unix seconds.
-PlanPeriod = tuple[int, int, int]
+class Draw(NamedTuple):
+    """A call's draw on included minutes (``Debit.draw``): its ``billed_s`` seconds, priced at
+    ``rate_per_min`` and ``connect_fee`` (micro-units), answered at ``answered_at`` (unix s;
+    which grants of the minute bucket it may draw on). A NamedTuple, not a dataclass: one is
+    built per charged call on the metering hot path, and ``apply_debits`` packs it whole."""
+
+    billed_s: int
+    rate_per_min: int
+    connect_fee: int
+    answered_at: int
+
+
+@dataclass(frozen=True, slots=True)
+class PlanPeriod:
+    """An account's plan allowance for the current period: ``included_s`` seconds from
+    ``period_start`` until ``period_end`` (unix seconds)."""
+
+    included_s: int
+    period_start: int
+    period_end: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +102,16 @@ class DebitLike(Protocol):
 
 
 @dataclass(frozen=True, slots=True)
+class Credit:
+    """One credit of ``credit_many``: ``amount`` micro-units to ``account_id``, once per
+    ``credit_id``."""
+
+    account_id: str
+    credit_id: str
+    amount: int
+
+
+@dataclass(frozen=True, slots=True)
 class Undraw:
     """Seconds an event drew from the account's minute bucket, to give back (once per
     ``event_key``): ``drawn_s`` of the grants valid at ``answered_at`` (unix s); ``day`` is the
@@ -95,6 +133,14 @@ class PendingSignal:
     terminate_at: int | None = None  # unix seconds, for call.terminate
 
 
+class Drawn(NamedTuple):
+    """What a debit with a ``draw`` cost: ``amount`` micro-units debited, after ``drawn_s``
+    seconds drawn from the minute bucket. A NamedTuple: one per such event of a batch."""
+
+    amount: int
+    drawn_s: int
+
+
 @dataclass(slots=True)
 class AccountOutcome:
     """What one account's debits did. ``codes[i]`` is ``n`` new, ``d`` duplicate, ``c`` conflict.
@@ -107,9 +153,9 @@ class AccountOutcome:
     codes: str = ""
     dup_amounts: list[int] = field(default_factory=list)
     outbox: list[PendingSignal] = field(default_factory=list)
-    #: event index -> (amount debited, seconds drawn from the minute bucket), for the events
-    #: (new or duplicate) that drew any; the others were debited their own ``amount``
-    draws: dict[int, tuple[int, int]] = field(default_factory=dict)
+    #: event index -> what it cost, for the events (new or duplicate) that drew any seconds;
+    #: the others were debited their own ``amount``
+    draws: dict[int, Drawn] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,13 +228,35 @@ class Reservation:
     this rate; ``granted_s``: what is reserved now (``reserved`` micro-units)."""
 
     decision: ReservationDecision
-    reason: str  # "ok" or a contract deny reason
+    reason: ReservationReason
     max_duration_s: int
     reserved: int
     granted_s: int
     expires_at: int  # unix seconds; the sweep releases it after this
     #: of ``granted_s``, the seconds held in the minute bucket (``reserved`` covers the rest)
     held_s: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class ReservationRequest:
+    """One call of ``reserve_many``: reserve for ``call_id`` of ``account_id`` at ``tariff``.
+    ``direction`` decides whether a hold or no credit bars it (an inbound call still rings)."""
+
+    account_id: str
+    call_id: str
+    direction: Direction
+    tariff: Tariff
+
+
+@dataclass(frozen=True, slots=True)
+class CallProgress:
+    """One update of ``progress``: the call ``call_id`` of ``account_id``, answered at
+    ``started_at`` (unix s), has lasted ``elapsed_s`` seconds (0 at call.answered)."""
+
+    account_id: str
+    call_id: str
+    started_at: int
+    elapsed_s: int
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,9 +7,12 @@ requests and errors. Errors::
     ├── BalanceStoreUnavailable   Redis did not answer in time (or failed). The reservation may
     │                             or may not exist; a retry with the same call_id is safe
     │                             (reserve is idempotent per call_id).
-    └── DatabaseUnavailable       PostgreSQL did not answer in time: the account's price list
-                                  and plan could not be read, or the Redis state Redis lost
-                                  could not be rebuilt. Nothing was reserved; retry.
+    ├── DatabaseUnavailable       PostgreSQL did not answer in time: the account's price list
+    │                             and plan could not be read, or the Redis state Redis lost
+    │                             could not be rebuilt. Nothing was reserved; retry.
+    └── CallClosed                The call_id has already hung up (reserve.lua's
+                                  ``call_closed``). Not a deny reason of the contract: the API
+                                  answers a 409; a new call needs a new call_id. Never retry.
 
 Every answer, error or not, comes by the deadline. PostgreSQL is read only for an account the
 process has not cached, or one Redis lost; that work runs in tasks of their own, one per account
@@ -25,7 +28,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Final, Literal
+from typing import Final, Literal, get_args
 
 from redis.exceptions import RedisError
 
@@ -45,6 +48,8 @@ REDIS_DOWN: Final = (BalanceStoreError, RedisError, OSError)
 #: reservation's round trip, which the deadline bounds.
 _REBUILT_MEMORY_S: Final = 60.0
 
+#: The contract's deny reasons that this service answers (the contract's
+#: ``concurrent_call_limit`` is not decided yet: no limit on concurrent calls is enforced).
 DenyReason = Literal[
     "insufficient_credit",
     "account_on_hold",
@@ -52,13 +57,9 @@ DenyReason = Literal[
     "unknown_account",
     "no_rate_for_destination",
 ]
-DENY_REASONS: Final[tuple[str, ...]] = (
-    "insufficient_credit",
-    "account_on_hold",
-    "account_suspended",
-    "unknown_account",
-    "no_rate_for_destination",
-)
+DENY_REASONS: Final[tuple[DenyReason, ...]] = get_args(DenyReason)
+#: A decision's reason: ``ok`` when allowed, else why not.
+DecisionReason = Literal["ok"] | DenyReason
 
 
 class AuthorizeError(Exception):
@@ -71,6 +72,10 @@ class BalanceStoreUnavailable(AuthorizeError):
 
 class DatabaseUnavailable(AuthorizeError):
     """PostgreSQL did not answer within the deadline; nothing was reserved, retry."""
+
+
+class CallClosed(AuthorizeError):
+    """The call_id has already hung up: nothing was reserved, and a retry gets this again."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,7 +91,7 @@ class AuthorizeRequest:
 @dataclass(frozen=True, slots=True)
 class Decision:
     decision: Literal["allow", "deny"]
-    reason: str  # "ok" when allowed, else one of DENY_REASONS
+    reason: DecisionReason
     max_duration_s: int
     reservation_id: str | None
     expires_at: datetime | None
@@ -170,7 +175,7 @@ class Authorizer:
         if acct.plan is not None and acct.plan.included_s:
             # The period's grant may not be in the bucket yet: debit.lua creates it at the
             # period's first charge, so the reservation counts the allowance itself.
-            plan = (acct.plan.included_s, *month_period(now_s))
+            plan = PlanPeriod(acct.plan.included_s, *month_period(now_s))
         tariff = Tariff(rate.rate_per_min, rate.connect_fee, rate.initial_s, rate.subsequent_s)
         sent = loop.time()
         r = await self._reserve(req, tariff, now_s, plan, deadline)
@@ -181,6 +186,8 @@ class Authorizer:
             await self.restore(req.account_id, since=sent, deadline=deadline)
             r = await self._reserve(req, tariff, now_s, plan, deadline)
         if r.decision != "allow":
+            if r.reason == "call_closed":
+                raise CallClosed(f"call {req.call_id!r} has already hung up")
             return Decision("deny", r.reason, 0, None, None)
         return Decision(
             "allow",

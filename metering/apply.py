@@ -21,7 +21,7 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 
 from balance import keys
 from balance.protocol import BalanceStore
-from balance.values import AccountOutcome, PlanPeriod, Undraw
+from balance.values import AccountOutcome, Credit, PlanPeriod, Undraw
 from infra import metrics
 from infra.ledger import Ledger, SignalRow, UsageRow
 from metering.batch import BatchOutcome, Charge, Rejected
@@ -45,7 +45,7 @@ def plan_periods(
         acct = get(a)
         if acct is not None and acct.plan is not None and acct.plan.included_s:
             period = period or month_period(now_s)
-            plans[a] = (acct.plan.included_s, *period)
+            plans[a] = PlanPeriod(acct.plan.included_s, *period)
     return plans
 
 
@@ -112,8 +112,7 @@ async def _apply_groups(
     now_s: int,
 ) -> list[AccountOutcome]:
     # a Charge has what a debit needs: event_key, fingerprint, amount, day, draw
-    batch = list(by_account.items())
-    outcomes = await balances.apply_debits(batch, now_s, plan_periods(get, by_account, now_s))
+    outcomes = await balances.apply_debits(by_account, now_s, plan_periods(get, by_account, now_s))
     for o in outcomes:
         if not o.found:
             continue
@@ -125,9 +124,9 @@ async def _apply_groups(
                 c.applied_amount = c.amount
             elif code == "d":
                 c.applied_amount = next(dups)
-        for i, (amount, drawn) in o.draws.items():
-            cs[i].applied_amount = amount
-            cs[i].included_s = drawn
+        for i, drawn in o.draws.items():
+            cs[i].applied_amount = drawn.amount
+            cs[i].included_s = drawn.drawn_s
     return outcomes
 
 
@@ -194,15 +193,15 @@ async def compensate(
     the money, and the included seconds the call drew again (back to their grants)."""
     undo = [c for c in charges if c.code == "n" and c.event_key in already]
     await balances.credit_many(
-        [(c.account_id, "undo:" + c.event_key.hex(), c.applied_amount) for c in undo]
+        [Credit(c.account_id, "undo:" + c.event_key.hex(), c.applied_amount) for c in undo]
     )
     drew = [c for c in undo if c.included_s and c.draw is not None]
     if drew:
         back = await balances.undraw_many(
             [
-                # the draw's last field is the call's answered_at
-                Undraw(c.account_id, c.event_key, c.day, c.included_s, c.draw[3])  # type: ignore[index]
+                Undraw(c.account_id, c.event_key, c.day, c.included_s, c.draw.answered_at)
                 for c in drew
+                if c.draw is not None  # all of them (see drew): this narrows the type
             ]
         )
         for c, n in zip(drew, back, strict=True):

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from balance.protocol import BalanceStore
-from balance.values import Tariff
+from balance.values import CallProgress, ReservationRequest, Tariff
 from infra import metrics
 from infra.settings import CallControl
 from metering.apply import plan_periods
@@ -45,8 +45,8 @@ async def update_live_calls(
     now_s = int(now)
     for type_, n in Counter(ev.type for _, ev in events).items():
         metrics.CALL_UPDATES.labels(type_).inc(n)
-    opens: list[tuple[str, str, str, Tariff]] = []
-    updates: list[tuple[str, str, int, int]] = []
+    opens: list[ReservationRequest] = []
+    updates: list[CallProgress] = []
     for rec, ev in events:
         acct = get(ev.subject)
         if acct is None:
@@ -64,16 +64,16 @@ async def update_live_calls(
                 )
                 continue
             tariff = Tariff(rate.rate_per_min, rate.connect_fee, rate.initial_s, rate.subsequent_s)
-            opens.append((ev.subject, d.call_id, d.direction, tariff))
-            updates.append((ev.subject, d.call_id, int(d.answered_at.timestamp()), 0))
+            opens.append(ReservationRequest(ev.subject, d.call_id, d.direction, tariff))
+            updates.append(CallProgress(ev.subject, d.call_id, int(d.answered_at.timestamp()), 0))
         else:
             started = int(ev.time.timestamp()) - d.elapsed_s
-            updates.append((ev.subject, d.call_id, started, d.elapsed_s))
+            updates.append(CallProgress(ev.subject, d.call_id, started, d.elapsed_s))
     kw = {"now_s": now_s, "grant_s": cc.grant_s, "grace_s": cc.grace_s, "max_s": cc.max_s}
-    plans = plan_periods(get, {u[0] for u in updates}, now_s)
+    plans = plan_periods(get, {u.account_id for u in updates}, now_s)
     await balances.reserve_many(opens, force=True, plans=plans, **kw)
     results = await balances.progress(updates, plans=plans, **kw)
-    return [(u[0], s) for u, r in zip(updates, results, strict=True) for s in r.outbox]
+    return [(u.account_id, s) for u, r in zip(updates, results, strict=True) for s in r.outbox]
 
 
 async def sweep_reservations(balances: BalanceStore, now_s: int) -> int:

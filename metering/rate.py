@@ -79,7 +79,7 @@ def rate(
                 continue
             amount, billed = voice_cost(d.billable_s, voice)
             if billed:  # any account may hold bundle seconds: debit.lua decides the draw
-                draw = (billed, voice.rate_per_min, voice.connect_fee, at)
+                draw = Draw(billed, voice.rate_per_min, voice.connect_fee, at)
             kind, qty, ref, call = "call", billed, d.call_id, d.call_id
         else:
             m: MessageData | MessageSentData = ev.data  # type: ignore[assignment]

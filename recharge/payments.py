@@ -11,7 +11,12 @@ import asyncpg
 
 from recharge.gateway import SavedMethod
 
+#: ``auto``: an auto-recharge; ``manual``: a top-up (the payments table's CHECK allows these).
 PaymentKind = Literal["auto", "manual"]
+#: Where a payment is: ``pending`` (to be charged, or its outcome unknown), ``succeeded``
+#: (captured), ``declined`` (by the card's bank), ``failed`` (the gateway's error) or
+#: ``refused`` (by the policy, never charged); the payments table's CHECK allows these.
+PaymentStatus = Literal["pending", "succeeded", "declined", "failed", "refused"]
 TriggerStatus = Literal["open", "done", "cancelled"]
 
 
@@ -27,13 +32,12 @@ class RechargeSettings:
 class Payment:
     id: str
     account_id: str
-    # str, not the Literals: the HTTP mapping narrows them itself (its type: ignores)
-    kind: str  # auto | manual
+    kind: PaymentKind
     trigger_seq: int | None
     amount: int  # micro-units asked
     captured: int  # micro-units the gateway took: the only amount ever credited
     currency: str
-    status: str  # pending | succeeded | declined | failed | refused
+    status: PaymentStatus
     reason: str
     message: str
     gateway: str
@@ -45,6 +49,8 @@ class Payment:
 
     @classmethod
     def of(cls, r: asyncpg.Record) -> Payment:
+        # kind and status are not checked here: the table's CHECK constraints hold them to
+        # the Literals.
         return cls(
             r["id"],
             r["account_id"],

@@ -15,7 +15,7 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable
 from datetime import datetime
-from typing import Annotated, Literal, Protocol, TypeVar
+from typing import Annotated, Protocol, TypeVar
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
@@ -32,6 +32,7 @@ from infra.http.callers import Caller, may_act
 from infra.http.errors import RETRY_AFTER, ApiError
 from infra.http.models import Money, RequestBody
 from recharge.gateway import SavedMethod
+from recharge.payments import PaymentKind, PaymentStatus
 from recharge.policy import PolicyRefusal
 from recharge.service import Payment, PaymentError, PaymentService, RechargeSettings
 
@@ -136,12 +137,12 @@ class PaymentIn(RequestBody):
 class PaymentOut(BaseModel):
     id: str
     account_id: str
-    kind: Literal["auto", "manual"] = Field(description="auto: an auto-recharge; manual: a top-up")
+    kind: PaymentKind = Field(description="auto: an auto-recharge; manual: a top-up")
     paid_for: str = Field(description='What it paid: "auto_recharge" or "top_up"')
     amount: Money = Field(description="What was asked of the card")
     captured: Money = Field(description="What the card paid, and what was credited")
     currency: str
-    status: Literal["pending", "succeeded", "declined", "failed", "refused"]
+    status: PaymentStatus
     reason: str = Field(description="Decline code, refusal rule or failure; empty on success")
     message: str
     method: str = Field(description='e.g. "visa 4242"')
@@ -212,12 +213,12 @@ def payment_out(p: Payment) -> PaymentOut:
     return PaymentOut(
         id=p.id,
         account_id=p.account_id,
-        kind=p.kind,  # type: ignore[arg-type]  # the table's CHECK allows only these
+        kind=p.kind,
         paid_for="auto_recharge" if p.kind == "auto" else "top_up",
         amount=format_money(p.amount),
         captured=format_money(p.captured),
         currency=p.currency,
-        status=p.status,  # type: ignore[arg-type]
+        status=p.status,
         reason=p.reason,
         message=p.message,
         method=p.method,

@@ -14,7 +14,12 @@ from typing import Annotated, Final
 from fastapi import APIRouter, Request, Security
 from fastapi.responses import Response
 
-from enforcement.authorize import AuthorizeRequest, BalanceStoreUnavailable, DatabaseUnavailable
+from enforcement.authorize import (
+    AuthorizeRequest,
+    BalanceStoreUnavailable,
+    CallClosed,
+    DatabaseUnavailable,
+)
 from enforcement.http.models import AuthorizationIn, AuthorizationOut
 from enforcement.http.services import ApiServices, Services
 from infra import metrics
@@ -68,15 +73,16 @@ async def authorize_json(
         # An account not cached yet could not be looked up, or not rebuilt: nothing reserved.
         metrics.AUTHORIZE_DECISIONS.labels("error", "database_unavailable").inc()
         raise errors.database_unavailable(f"{exc}; retry") from exc
-    metrics.AUTHORIZE_SECONDS.observe(time.perf_counter() - t0)
-    if d.reason == "call_closed":
+    except CallClosed as exc:
         # Not a deny reason of the contract: a client re-using a call_id that hung up.
+        metrics.AUTHORIZE_SECONDS.observe(time.perf_counter() - t0)
         metrics.AUTHORIZE_DECISIONS.labels("error", "call_closed").inc()
-        raise ApiError(409, "call_closed", "this call_id has already hung up", "call_id")
+        raise ApiError(409, "call_closed", "this call_id has already hung up", "call_id") from exc
+    metrics.AUTHORIZE_SECONDS.observe(time.perf_counter() - t0)
     metrics.AUTHORIZE_DECISIONS.labels(d.decision, d.reason).inc()
     out = AuthorizationOut(
         decision=d.decision,
-        reason=d.reason,  # type: ignore[arg-type]  # one of Reason; pydantic checks it
+        reason=d.reason,
         max_duration_s=d.max_duration_s,
         reservation_id=d.reservation_id,
         expires_at=d.expires_at,

@@ -17,7 +17,7 @@ import redis.asyncio as aioredis
 
 from balance import keys
 from balance.store import RedisBalances
-from balance.values import Debit
+from balance.values import Credit, Debit
 from balance.values import StatusChange as Changed
 from infra.clock import SettableClock
 from tests.calendar import CALENDAR_EDGES, at, ttl
@@ -56,11 +56,11 @@ async def test_debit_is_idempotent_per_event_key(balances: RedisBalances, now: i
     day = now // DAY_S
     await balances.create_account("a", balance=1_000_000, credit_limit=0, low_threshold=0)
     both = [Debit(key(1), fp(), 300, day), Debit(key(2), fp(), 200, day)]
-    first = await balances.apply_debits([("a", both)], now)
+    first = await balances.apply_debits({"a": both}, now)
     assert first[0].codes == "nn" and first[0].balance == 1_000_000 - 500
     st = await balances.get("a")
     assert st is not None and st.balance == 1_000_000 - 500
-    again = await balances.apply_debits([("a", both)], now)
+    again = await balances.apply_debits({"a": both}, now)
     assert again[0].codes == "dd"
     assert again[0].dup_amounts == [300, 200]
     st = await balances.get("a")
@@ -71,16 +71,13 @@ async def test_duplicate_within_one_batch_and_conflict(balances: RedisBalances, 
     day = now // DAY_S
     await balances.create_account("a", balance=1_000_000, credit_limit=0, low_threshold=0)
     out = await balances.apply_debits(
-        [
-            (
-                "a",
-                [
-                    Debit(key(1), fp("x"), 300, day),
-                    Debit(key(1), fp("x"), 300, day),
-                    Debit(key(1), fp("y"), 900, day),
-                ],
-            )
-        ],
+        {
+            "a": [
+                Debit(key(1), fp("x"), 300, day),
+                Debit(key(1), fp("x"), 300, day),
+                Debit(key(1), fp("y"), 900, day),
+            ]
+        },
         now,
     )
     assert out[0].codes == "ndc"
@@ -92,18 +89,18 @@ async def test_memory_lives_in_the_bucket_of_the_event_day(
 ) -> None:
     day = now // DAY_S
     await balances.create_account("a", balance=1_000_000, credit_limit=0, low_threshold=0)
-    await balances.apply_debits([("a", [Debit(key(1), fp(), 300, day)])], now)
+    await balances.apply_debits({"a": [Debit(key(1), fp(), 300, day)]}, now)
     # kept until the end of the event's day plus the window, counted from the ``now`` the
     # script was given (Redis's TTL, whatever Redis's own clock says)
     kept = (day + 1) * DAY_S + keys.DEDUP_KEEP_S - now
     assert await ttl(redis, keys.applied("a", day)) == pytest.approx(kept, abs=1)
     two_days_later = now + 2 * DAY_S
-    out = await balances.apply_debits([("a", [Debit(key(1), fp(), 300, day)])], two_days_later)
+    out = await balances.apply_debits({"a": [Debit(key(1), fp(), 300, day)]}, two_days_later)
     assert out[0].codes == "d"
     assert await ttl(redis, keys.applied("a", day)) == pytest.approx(kept, abs=1)  # not shortened
     # a late event (a week old) is remembered for at least a day from now
     late = day - 7
-    await balances.apply_debits([("a", [Debit(key(2), fp(), 1, late)])], now)
+    await balances.apply_debits({"a": [Debit(key(2), fp(), 1, late)]}, now)
     assert await ttl(redis, keys.applied("a", late)) == pytest.approx(DAY_S, abs=1)
 
 
@@ -117,17 +114,17 @@ async def test_a_replay_a_day_later_is_a_duplicate_and_after_the_window_is_new(
     day = now // DAY_S
     ev = Debit(key(1), fp(), 300, day)
     await balances.create_account("a", balance=1_000_000, credit_limit=0, low_threshold=0)
-    assert (await balances.apply_debits([("a", [ev])], now))[0].codes == "n"
+    assert (await balances.apply_debits({"a": [ev]}, now))[0].codes == "n"
     memory = keys.applied("a", day)
     life = await ttl(redis, memory)
     assert DAY_S < life <= DAY_S + keys.DEDUP_KEEP_S  # between a day and the window past today
     assert await age(redis, memory, DAY_S)
-    later = await balances.apply_debits([("a", [ev])], now + DAY_S)
+    later = await balances.apply_debits({"a": [ev]}, now + DAY_S)
     assert (later[0].codes, later[0].dup_amounts) == ("d", [300])
     # keep window + 1 day after ``now``: past the end of the event's day plus the window
     assert not await age(redis, memory, keys.DEDUP_KEEP_S)
     assert await redis.exists(memory) == 0
-    gone = await balances.apply_debits([("a", [ev])], now + DAY_S + keys.DEDUP_KEEP_S)
+    gone = await balances.apply_debits({"a": [ev]}, now + DAY_S + keys.DEDUP_KEEP_S)
     assert gone[0].codes == "n"  # forgotten, as designed: the processor asks the ledger first
 
 
@@ -140,7 +137,7 @@ async def age(r: aioredis.Redis, name: str, seconds: int) -> bool:
 
 
 async def test_unknown_account_is_reported_and_untouched(balances: RedisBalances, now: int) -> None:
-    out = await balances.apply_debits([("ghost", [Debit(key(1), fp(), 300, now // DAY_S)])], now)
+    out = await balances.apply_debits({"ghost": [Debit(key(1), fp(), 300, now // DAY_S)]}, now)
     assert not out[0].found
     assert await balances.get("ghost") is None
 
@@ -150,7 +147,7 @@ async def test_many_accounts_across_script_chunks(balances: RedisBalances, now: 
     for a in ids:
         await balances.create_account(a, balance=1_000, credit_limit=0, low_threshold=0)
     out = await balances.apply_debits(
-        [(a, [Debit(key(a), fp(), i, now // DAY_S)]) for i, a in enumerate(ids)], now
+        {a: [Debit(key(a), fp(), i, now // DAY_S)] for i, a in enumerate(ids)}, now
     )
     assert [o.account_id for o in out] == ids
     assert [o.balance for o in out] == [1_000 - i for i in range(10)]
@@ -163,7 +160,7 @@ async def test_hold_is_queued_once_under_concurrent_debits(
     # 100 concurrent batches of one 1,000 debit each: credit runs out after 10.
     outs = await asyncio.gather(
         *(
-            balances.apply_debits([("a", [Debit(key(i), fp(), 1_000, now // DAY_S)])], now)
+            balances.apply_debits({"a": [Debit(key(i), fp(), 1_000, now // DAY_S)]}, now)
             for i in range(100)
         )
     )
@@ -179,15 +176,15 @@ async def test_hold_is_queued_once_under_concurrent_debits(
 async def test_outbox_ack_keeps_newer_entries(balances: RedisBalances, now: int) -> None:
     day = now // DAY_S
     await balances.create_account("a", balance=1_000, credit_limit=0, low_threshold=500)
-    await balances.apply_debits([("a", [Debit(key(1), fp(), 600, day)])], now)  # -> low, seq 1
-    await balances.apply_debits([("a", [Debit(key(2), fp(), 600, day)])], now)  # -> hold, seq 2
+    await balances.apply_debits({"a": [Debit(key(1), fp(), 600, day)]}, now)  # -> low, seq 1
+    await balances.apply_debits({"a": [Debit(key(2), fp(), 600, day)]}, now)  # -> hold, seq 2
     await balances.ack_outbox({"a": 1})
     assert [s.seq for s in await balances.pending_outbox("a")] == [2]
 
 
 async def test_credit_resumes_a_held_account_once(balances: RedisBalances, now: int) -> None:
     await balances.create_account("a", balance=100, credit_limit=0, low_threshold=0)
-    await balances.apply_debits([("a", [Debit(key(1), fp(), 500, now // DAY_S)])], now)
+    await balances.apply_debits({"a": [Debit(key(1), fp(), 500, now // DAY_S)]}, now)
     assert (await balances.get("a")).status == "hold"  # type: ignore[union-attr]
     c1 = await balances.credit("a", "pay-1", 1_000, now_s=now)
     c2 = await balances.credit("a", "pay-1", 1_000, now_s=now)
@@ -221,7 +218,7 @@ async def test_credit_judges_the_bucket_by_the_clock_it_is_given(
     out = await later.credit("a", "fix-2", -1)
     assert (out.balance, out.status) == (-1, "hold")
     # without ``now_s`` the store's clock decides: at ``now`` the minutes count again
-    out = await balances.credit_many([("a", "fix-3", 1)])
+    out = await balances.credit_many([Credit("a", "fix-3", 1)])
     assert [(o.balance, o.status) for o in out] == [(0, "low")]
 
 
@@ -240,9 +237,9 @@ async def test_resume_judges_the_bucket_by_the_clock_it_is_given(
 async def test_credit_limit_counts_as_available(balances: RedisBalances, now: int) -> None:
     day = now // DAY_S
     await balances.create_account("a", balance=0, credit_limit=5_000, low_threshold=0)
-    out = await balances.apply_debits([("a", [Debit(key(1), fp(), 4_000, day)])], now)
+    out = await balances.apply_debits({"a": [Debit(key(1), fp(), 4_000, day)]}, now)
     assert out[0].status == "active" and out[0].balance == -4_000
-    out = await balances.apply_debits([("a", [Debit(key(2), fp(), 1_000, day)])], now)
+    out = await balances.apply_debits({"a": [Debit(key(2), fp(), 1_000, day)]}, now)
     assert out[0].status == "hold"  # available = -5,000 + 5,000 = 0
 
 
@@ -252,7 +249,7 @@ async def test_suspended_accounts_are_charged_but_stay_suspended(
     await balances.create_account(
         "a", balance=100, credit_limit=0, low_threshold=0, status="suspended"
     )
-    out = await balances.apply_debits([("a", [Debit(key(1), fp(), 500, now // DAY_S)])], now)
+    out = await balances.apply_debits({"a": [Debit(key(1), fp(), 500, now // DAY_S)]}, now)
     assert out[0].status == "suspended" and out[0].balance == -400 and out[0].outbox == []
 
 

@@ -26,7 +26,18 @@ from balance.coalesce import CoalescingBalances
 from balance.errors import OutcomeUnknown, Refused
 from balance.protocol import BalanceStore
 from balance.store import RedisBalances
-from balance.values import Debit, PendingSignal, Released, StatusChange, Tariff, Undraw
+from balance.values import (
+    CallProgress,
+    Credit,
+    Debit,
+    Draw,
+    PendingSignal,
+    Released,
+    ReservationRequest,
+    StatusChange,
+    Tariff,
+    Undraw,
+)
 
 DAY_S = 86_400
 TARIFF = Tariff(rate_per_min=60_000, connect_fee=0, initial_s=1, subsequent_s=1)
@@ -89,11 +100,11 @@ async def test_debits_apply_once_per_event_key_one_outcome_per_account_in_order(
     day = now // DAY_S
     await store.create_account("a", balance=10_000, credit_limit=0, low_threshold=0)
     await store.create_account("b", balance=10_000, credit_limit=0, low_threshold=0)
-    batch = [
-        ("b", [Debit(key(1), FP, 300, day)]),
-        ("nobody", [Debit(key(2), FP, 100, day)]),
-        ("a", [Debit(key(3), FP, 200, day), Debit(key(4), FP, 50, day)]),
-    ]
+    batch = {
+        "b": [Debit(key(1), FP, 300, day)],
+        "nobody": [Debit(key(2), FP, 100, day)],
+        "a": [Debit(key(3), FP, 200, day), Debit(key(4), FP, 50, day)],
+    }
     first = await store.apply_debits(batch, now)
     assert [(o.account_id, o.found, o.codes, o.balance) for o in first] == [
         ("b", True, "n", 9_700),
@@ -113,7 +124,9 @@ async def test_a_credit_applies_once_per_credit_id(store: BalanceStore) -> None:
     assert (again.applied, again.balance) == (False, 2_000)
     missing = await store.credit("nobody", "pay-1", 2_000)
     assert (missing.found, missing.applied, missing.status) == (False, False, "")
-    many = await store.credit_many([("a", "pay-2", 500), ("a", "pay-1", 2_000), ("x", "p", 1)])
+    many = await store.credit_many(
+        [Credit("a", "pay-2", 500), Credit("a", "pay-1", 2_000), Credit("x", "p", 1)]
+    )
     assert [(c.applied, c.found) for c in many] == [(True, True), (False, True), (False, False)]
     assert await store.balances(["a"]) == {"a": 2_500}
 
@@ -140,7 +153,7 @@ async def test_seconds_drawn_are_given_back_once_per_event(store: BalanceStore, 
         "a", "g1", price=0, seconds=600, valid_from=now - 100, expires_at=now + DAY_S, now_s=now
     )
     (out,) = await store.apply_debits(
-        [("a", [Debit(key(1), FP, 1_000, day, draw=(60, 1_000, 0, now - 60))])], now
+        {"a": [Debit(key(1), FP, 1_000, day, draw=Draw(60, 1_000, 0, now - 60))]}, now
     )
     assert out.draws == {0: (0, 60)}  # all of it from the bucket: no money
     undo = Undraw("a", key(1), day, 60, now - 60)
@@ -159,7 +172,12 @@ async def test_a_reservation_is_idempotent_per_call_and_the_sweep_releases_it(
     denied = await store.reserve("nobody", "c1", "inbound", TARIFF, now_s=now, **GRANT)
     assert (denied.decision, denied.reason) == ("deny", "unknown_account")
     many = await store.reserve_many(
-        [("a", "c2", "outbound", TARIFF), ("nobody", "c3", "outbound", TARIFF)], now_s=now, **GRANT
+        [
+            ReservationRequest("a", "c2", "outbound", TARIFF),
+            ReservationRequest("nobody", "c3", "outbound", TARIFF),
+        ],
+        now_s=now,
+        **GRANT,
     )
     assert [(m.decision, m.reason) for m in many] == [
         ("deny", "insufficient_credit"),
@@ -178,7 +196,9 @@ async def test_progress_extends_a_reservation_and_ignores_an_unknown_call(
 ) -> None:
     await store.create_account("a", balance=600_000, credit_limit=0, low_threshold=0)
     await store.reserve("a", "c1", "inbound", TARIFF, now_s=now, **GRANT)
-    done = await store.progress([("a", "c1", now, 290), ("a", "nope", now, 10)], now_s=now, **GRANT)
+    done = await store.progress(
+        [CallProgress("a", "c1", now, 290), CallProgress("a", "nope", now, 10)], now_s=now, **GRANT
+    )
     assert [(p.outcome, p.until) for p in done] == [("extended", 590), ("none", 0)]
 
 
@@ -212,14 +232,14 @@ async def test_auto_recharge_fires_once_at_or_below_its_threshold(store: Balance
 
 #: One write of each kind; every one must fail with the store's errors only.
 WRITES: dict[str, Callable[[BalanceStore, int], Awaitable[object]]] = {
-    "debit": lambda s, now: s.apply_debits([("a", [Debit(key(1), FP, 1, now // DAY_S)])], now),
+    "debit": lambda s, now: s.apply_debits({"a": [Debit(key(1), FP, 1, now // DAY_S)]}, now),
     "credit": lambda s, now: s.credit("a", "c", 1),
-    "credit_many": lambda s, now: s.credit_many([("a", "c", 1)]),
+    "credit_many": lambda s, now: s.credit_many([Credit("a", "c", 1)]),
     "grant": lambda s, now: s.grant_minutes(
         "a", "g", price=1, seconds=60, valid_from=now, expires_at=now + 60, now_s=now
     ),
     "reserve": lambda s, now: s.reserve("a", "c1", "inbound", TARIFF, now_s=now, **GRANT),
-    "progress": lambda s, now: s.progress([("a", "c1", now, 10)], now_s=now, **GRANT),
+    "progress": lambda s, now: s.progress([CallProgress("a", "c1", now, 10)], now_s=now, **GRANT),
     "set_status": lambda s, now: s.set_status("a", "hold", "operator"),
     "create": lambda s, now: s.create_account("a", balance=1, credit_limit=0, low_threshold=0),
 }
@@ -273,7 +293,7 @@ async def test_scripts_redis_lost_are_loaded_again(
 ) -> None:
     await store.create_account("a", balance=1_000, credit_limit=0, low_threshold=0)
     await redis.script_flush()
-    (out,) = await store.apply_debits([("a", [Debit(key(1), FP, 100, now // DAY_S)])], now)
+    (out,) = await store.apply_debits({"a": [Debit(key(1), FP, 100, now // DAY_S)]}, now)
     assert out.balance == 900
     await redis.script_flush()
     assert (await store.credit("a", "c1", 50)).balance == 950

@@ -6,14 +6,14 @@ import asyncio
 import contextlib
 import socket
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 
 import pytest
 import redis.asyncio as aioredis
 
 from balance.coalesce import CoalescingBalances
 from balance.errors import OutcomeUnknown
-from balance.values import Reservation, Tariff
+from balance.values import PlanPeriod, Reservation, ReservationRequest, Tariff
 from tests.conftest import eventually
 
 NOW = 1_795_300_000
@@ -24,10 +24,26 @@ class Counting(CoalescingBalances):
     round_trips = 0
 
     async def reserve_many(
-        self, calls: Sequence[tuple[str, str, str, Tariff]], **kw: int | bool
+        self,
+        calls: Sequence[ReservationRequest],
+        *,
+        now_s: int,
+        grant_s: int,
+        grace_s: int,
+        max_s: int,
+        force: bool = False,
+        plans: Mapping[str, PlanPeriod] | None = None,
     ) -> list[Reservation]:
         self.round_trips += 1
-        return await super().reserve_many(calls, **kw)  # type: ignore[arg-type]
+        return await super().reserve_many(
+            calls,
+            now_s=now_s,
+            grant_s=grant_s,
+            grace_s=grace_s,
+            max_s=max_s,
+            force=force,
+            plans=plans,
+        )
 
 
 @pytest.fixture

@@ -24,7 +24,7 @@ from balance.accounts import (
     put_price_list,
 )
 from balance.bundles import buy_bundle
-from balance.values import Released, Undraw
+from balance.values import CallProgress, PlanPeriod, Released, Undraw
 from contracts import topics
 from enforcement.authorize import Authorizer, AuthorizeRequest
 from infra.kafkatools import read_all
@@ -237,12 +237,12 @@ async def test_a_reservation_written_before_held_seconds_existed_still_works(
     )
     await conns.redis.hset(keys.account("flat"), "res", 75_000)
     r = await conns.balances.progress(
-        [("flat", "old", now, 240)],
+        [CallProgress("flat", "old", now, 240)],
         now_s=now + 240,
         grant_s=300,
         grace_s=60,
         max_s=14_400,
-        plans={"flat": (600, p_start, p_end)},
+        plans={"flat": PlanPeriod(600, p_start, p_end)},
     )
     # re-covered from the bucket: 540 s of minutes, the money given back
     assert (r[0].outcome, r[0].until) == ("extended", 540)
@@ -493,22 +493,23 @@ async def test_a_flat_rate_account_at_zero_is_low_not_held_until_its_minutes_run
     conns: Connections, now: int
 ) -> None:
     from balance.values import Debit
+    from balance.values import Draw as CallDraw  # rating.plans.Draw is a replayed draw
 
     await account(conns, "flat", balance="0.50")
     await conns.balances.grant_minutes(
         "flat", "b1", price=0, seconds=120, valid_from=now - 10, expires_at=now + 86_400, now_s=now
     )
 
-    def debit(i: int, amount: int, draw: tuple[int, int, int, int] | None = None) -> Debit:
+    def debit(i: int, amount: int, draw: CallDraw | None = None) -> Debit:
         return Debit(i.to_bytes(16, "big"), b"\x00" * 8, amount, now // 86_400, draw=draw)
 
     # an SMS takes the money to 0: minutes are left, so low (no hold for telephony)
-    (o,) = await conns.balances.apply_debits([("flat", [debit(1, 500_000)])], now)
+    (o,) = await conns.balances.apply_debits({"flat": [debit(1, 500_000)]}, now)
     assert (o.balance, o.status) == (0, "low")
     assert [s.type for s in o.outbox] == ["account.low_balance"]
     # a 120 s call drawn from the bucket spends the minutes: now the account is held
     (o,) = await conns.balances.apply_debits(
-        [("flat", [debit(2, 30_000, draw=(120, 15000, 0, now - 5))])], now
+        {"flat": [debit(2, 30_000, draw=CallDraw(120, 15000, 0, now - 5))]}, now
     )
     assert (o.balance, o.status) == (0, "hold")
     assert [s.type for s in o.outbox][-1] == "account.hold"

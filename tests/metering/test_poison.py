@@ -22,7 +22,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from balance.errors import OutcomeUnknown
 from balance.store import RedisBalances
-from balance.values import Debit, Tariff
+from balance.values import Debit, Draw, Tariff
 from contracts import topics
 from infra.kafkatools import read_all
 from infra.ledger import PostgresLedger
@@ -189,12 +189,12 @@ async def test_no_value_shifts_another_in_the_debit_arguments(conns: Connections
     )
     fp = b"\x00" * 8
     out = await b.apply_debits(
-        [
+        {
             # a negative day and a negative answered_at: once they shifted what followed
-            ("a", [Debit(_key(1), fp, 300, -1, draw=(60, 1000, 0, -86_400))]),
-            ("b", [Debit(_key(2), fp, 500, day, call_id="x\n|;\t,y")]),
-            ("c", [Debit(_key(3), fp, 700, day, call_id="\n"), Debit(_key(4), fp, 11, day)]),
-        ],
+            "a": [Debit(_key(1), fp, 300, -1, draw=Draw(60, 1000, 0, -86_400))],
+            "b": [Debit(_key(2), fp, 500, day, call_id="x\n|;\t,y")],
+            "c": [Debit(_key(3), fp, 700, day, call_id="\n"), Debit(_key(4), fp, 11, day)],
+        },
         now,
     )
     assert [(o.account_id, o.codes) for o in out] == [("a", "n"), ("b", "n"), ("c", "nn")]

@@ -26,7 +26,7 @@ from balance.accounts import (
 )
 from balance.bundles import BundleError, buy_bundle
 from balance.store import RedisBalances
-from balance.values import Debit
+from balance.values import Debit, Draw, PlanPeriod
 from contracts import topics
 from enforcement.estimate import estimate
 from infra.settings import Settings
@@ -60,7 +60,7 @@ def call(
     second), answered at ``answered`` (default: ``now``)."""
     amount = fee + time_cost(billed, rate)
     return Debit(
-        key(i), fp(), amount, now // 86_400, draw=(billed, rate, fee, answered or now)
+        key(i), fp(), amount, now // 86_400, draw=Draw(billed, rate, fee, answered or now)
     )
 
 
@@ -70,9 +70,9 @@ def now(request: pytest.FixtureRequest) -> int:
     return at(request.param)
 
 
-def plan_of(account_id: str, included_s: int, now: int) -> dict[str, tuple[int, int, int]]:
+def plan_of(account_id: str, included_s: int, now: int) -> dict[str, PlanPeriod]:
     """The plan allowance the processor passes for the period holding ``now``."""
-    return {account_id: (included_s, *month_period(now))}
+    return {account_id: PlanPeriod(included_s, *month_period(now))}
 
 
 @pytest.fixture
@@ -86,7 +86,7 @@ async def test_plan_minutes_are_drawn_first_then_money(balances: RedisBalances, 
     await balances.create_account("a", balance=1_000_000, credit_limit=0, low_threshold=0)
     plan = plan_of("a", 120, now)  # 2 minutes this month
     out = await balances.apply_debits(
-        [("a", [call(1, 60, now), call(2, 90, now, fee=500)])], now, plan
+        {"a": [call(1, 60, now), call(2, 90, now, fee=500)]}, now, plan
     )
     # call 1: 60 s included; call 2: 60 s included, 30 s at 1_000/s, plus the connect fee
     assert out[0].codes == "nn"
@@ -95,7 +95,7 @@ async def test_plan_minutes_are_drawn_first_then_money(balances: RedisBalances, 
     grants = parse_bucket(await balances.bucket("a"))
     assert [(g.id, g.remaining_s) for g in grants] == [(f"p{month_period(now)[0]}", 0)]
     # the period's allowance is not granted again when spent
-    again = await balances.apply_debits([("a", [call(3, 6, now)])], now, plan)
+    again = await balances.apply_debits({"a": [call(3, 6, now)]}, now, plan)
     assert again[0].draws == {} and again[0].balance == 1_000_000 - 30_500 - 6_000
 
 
@@ -104,10 +104,10 @@ async def test_a_duplicate_draws_nothing_and_reports_the_first_draw(
 ) -> None:
     await balances.create_account("a", balance=1_000_000, credit_limit=0, low_threshold=0)
     plan = plan_of("a", 60, now)
-    first = await balances.apply_debits([("a", [call(1, 90, now), call(1, 90, now)])], now, plan)
+    first = await balances.apply_debits({"a": [call(1, 90, now), call(1, 90, now)]}, now, plan)
     assert first[0].codes == "nd"
     assert first[0].draws == {0: (30_000, 60), 1: (30_000, 60)}
-    later = await balances.apply_debits([("a", [call(1, 90, now)])], now, plan)
+    later = await balances.apply_debits({"a": [call(1, 90, now)]}, now, plan)
     assert later[0].codes == "d" and later[0].dup_amounts == [30_000]
     assert later[0].draws == {0: (30_000, 60)}
     assert later[0].balance == 1_000_000 - 30_000
@@ -126,9 +126,9 @@ async def test_grants_are_valid_in_their_window_soonest_to_expire_first(
         )
         assert r.result == "applied"
     # answered before either grant existed: money only
-    out = await balances.apply_debits([("a", [call(1, 60, now, answered=now - 200)])], now)
+    out = await balances.apply_debits({"a": [call(1, 60, now, answered=now - 200)]}, now)
     assert out[0].draws == {}
-    out = await balances.apply_debits([("a", [call(2, 90, now)])], now)
+    out = await balances.apply_debits({"a": [call(2, 90, now)]}, now)
     assert out[0].draws == {0: (0, 90)}
     left = {g.id: g.remaining_s for g in parse_bucket(await balances.bucket("a"))}
     assert left == {"blong": 570}  # the short one was spent first, then dropped
@@ -141,7 +141,7 @@ async def test_concurrent_events_never_overdraw_or_double_spend_a_bucket(
     plan = plan_of("a", 300, now)  # 5 minutes
     # 20 calls of 60 s, each sent by 3 concurrent callers (duplicates racing each other;
     # 60 at once, within the client's pool of 100 connections)
-    batches = [[("a", [call(i, 60, now)])] for i in range(20) for _ in range(3)]
+    batches = [{"a": [call(i, 60, now)]} for i in range(20) for _ in range(3)]
     outs = await asyncio.gather(*(balances.apply_debits(b, now, plan) for b in batches))
     new = [o[0] for o in outs if o[0].codes == "n"]
     assert len(new) == 20
@@ -190,7 +190,7 @@ def test_bucket_property_never_negative_never_twice(
                     now_s=now,
                 )
             plan = plan_of(acct, included, now)
-            batches = [[(acct, [call(i, s * 6, now)])] for i, s in calls]
+            batches = [{acct: [call(i, s * 6, now)]} for i, s in calls]
             outs = await asyncio.gather(*(b.apply_debits(x, now, plan) for x in batches))
             first: dict[int, tuple[int, int]] = {}
             for (i, s), o in zip(calls, outs, strict=True):

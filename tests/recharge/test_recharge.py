@@ -162,7 +162,7 @@ async def test_concurrent_events_crossing_the_threshold_fire_one_trigger(
     # 60 debits of $0.50 from 60 concurrent callers (separate round trips): the balance goes
     # from $30 to $0, crossing $20 once
     await asyncio.gather(
-        *(balances.apply_debits([("a", [_debit(i, USD // 2)])], 1_700_000_000) for i in range(60))
+        *(balances.apply_debits({"a": [_debit(i, USD // 2)]}, 1_700_000_000) for i in range(60))
     )
     st = await balances.get("a")
     assert st is not None and st.balance == 0
@@ -178,14 +178,14 @@ async def test_the_trigger_rearms_only_after_credit_lifts_the_account_above(
 ) -> None:
     await balances.create_account("a", balance=25 * USD, credit_limit=0, low_threshold=0)
     await balances.set_auto_recharge("a", 20 * USD)
-    await balances.apply_debits([("a", [_debit(1, 6 * USD)])], 1_700_000_000)
-    await balances.apply_debits([("a", [_debit(2, 1 * USD)])], 1_700_000_000)
+    await balances.apply_debits({"a": [_debit(1, 6 * USD)]}, 1_700_000_000)
+    await balances.apply_debits({"a": [_debit(2, 1 * USD)]}, 1_700_000_000)
     assert len(await _triggers(balances, "a")) == 1  # still the same crossing
     await balances.credit("a", "p1", 2 * USD)  # $20: at the threshold, not above
     assert (await balances.recharge_state("a")).open_trigger is not None
     await balances.credit("a", "p2", 30 * USD)  # $50: above, the latch opens
     assert (await balances.recharge_state("a")).open_trigger is None
-    await balances.apply_debits([("a", [_debit(3, 31 * USD)])], 1_700_000_000)
+    await balances.apply_debits({"a": [_debit(3, 31 * USD)]}, 1_700_000_000)
     assert len(await _triggers(balances, "a")) == 2  # a new crossing, a new trigger
 
 
@@ -196,7 +196,7 @@ async def test_turning_auto_recharge_on_for_a_low_account_fires_at_once(
     seq = await balances.set_auto_recharge("a", 20 * USD)
     assert seq and await _triggers(balances, "a") == [seq]
     assert await balances.set_auto_recharge("a", None) == 0
-    await balances.apply_debits([("a", [_debit(1, USD)])], 1_700_000_000)
+    await balances.apply_debits({"a": [_debit(1, USD)]}, 1_700_000_000)
     assert await _triggers(balances, "a") == [seq]  # off: no more triggers
 
 
@@ -204,7 +204,7 @@ async def test_a_pinned_hold_stays_until_a_payment_or_resume(balances: RedisBala
     await balances.create_account("a", balance=50 * USD, credit_limit=0, low_threshold=0)
     assert await balances.set_status("a", "hold", "recharge_cap") == StatusChange(True, "hold")
     await balances.credit("a", "adj", USD)  # not a payment: still held
-    out = await balances.apply_debits([("a", [_debit(1, USD)])], 1_700_000_000)
+    out = await balances.apply_debits({"a": [_debit(1, USD)]}, 1_700_000_000)
     assert out[0].status == "hold"
     paid = await balances.credit("a", "pay", 10 * USD, payment=True)
     assert paid.status == "active"
@@ -309,7 +309,7 @@ async def test_a_trigger_charges_up_to_threshold_plus_recharge_and_credits_it(wo
     await _account(pool, balances, "a", "30.00")
     await svc.save_method("a", "pm_card_visa")
     await svc.set_auto_recharge("a", True, 20 * USD, 50 * USD)
-    await balances.apply_debits([("a", [_debit(1, 12_345_678)])], 1_700_000_000)
+    await balances.apply_debits({"a": [_debit(1, 12_345_678)]}, 1_700_000_000)
     (seq,) = await _triggers(balances, "a")
     assert await svc.on_trigger("a", seq) == "succeeded"
     assert await svc.on_trigger("a", seq) == "not_open"  # a redelivery changes nothing
@@ -335,7 +335,7 @@ async def test_the_eleventh_recharge_is_refused_the_account_held_and_the_window_
     start = clock.now
     for i in range(11):
         clock.now = start + timedelta(minutes=30 * i)
-        await balances.apply_debits([("a", [_debit(i, 15 * USD)])], 1_700_000_000)
+        await balances.apply_debits({"a": [_debit(i, 15 * USD)]}, 1_700_000_000)
         fired = await _triggers(balances, "a")
         assert await svc.on_trigger("a", fired[-1]) == (
             "succeeded" if i < 10 else "recharge_cap_reached"
@@ -368,7 +368,7 @@ async def test_declines_back_off_then_turn_auto_recharge_off(world: World) -> No
     await _account(pool, balances, "a", "30.00")
     await svc.save_method("a", "pm_card_chargeDeclinedInsufficientFunds")
     await svc.set_auto_recharge("a", True, 20 * USD, 50 * USD)
-    await balances.apply_debits([("a", [_debit(1, 15 * USD)])], 1_700_000_000)
+    await balances.apply_debits({"a": [_debit(1, 15 * USD)]}, 1_700_000_000)
     (seq,) = await _triggers(balances, "a")
     assert await svc.on_trigger("a", seq) == "declined"
     assert await svc.attempt("a", seq) == "waiting"  # backing off
@@ -444,7 +444,7 @@ async def test_two_workers_on_one_trigger_charge_the_card_once(world: World) -> 
     await _account(pool, balances, "a", "30.00")
     await w1.save_method("a", "pm_card_visa")
     await w1.set_auto_recharge("a", True, 20 * USD, 50 * USD)
-    await balances.apply_debits([("a", [_debit(1, 15 * USD)])], 1_700_000_000)
+    await balances.apply_debits({"a": [_debit(1, 15 * USD)]}, 1_700_000_000)
     (seq,) = await _triggers(balances, "a")
     outcomes = await asyncio.gather(w1.on_trigger("a", seq), w2.on_trigger("a", seq))
     assert outcomes.count("succeeded") == 1  # the other: in_flight or not_open (timing)
