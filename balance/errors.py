@@ -23,9 +23,10 @@ batch is idempotent on its ids, so re-send the same batch. Reads raise the same 
 is always safe to repeat.
 
 Why a refused connection is ``OutcomeUnknown`` too (as is every redis-py ``ConnectionError``,
-``LOADING`` included): redis-py retries on its own (its default ``Retry`` covers connection
-errors and timeouts), and when the reconnect after a lost reply is refused it reports the
-refusal, not that the call had been sent. Only an error reply proves a call did not run.
+``LOADING`` included): the clients re-send once after a broken connection
+(``infra.instrument.redis_retry``), and when the reconnect after a lost reply is refused redis-py
+reports the refusal, not that the call had been sent. Only an error reply proves a call did not
+run.
 
 Scripts are loaded once (``register_script``). The one retry is on ``NOSCRIPT`` (Redis lost
 its scripts between redis-py's check and the call, e.g. a ``SCRIPT FLUSH`` or a failover): the
