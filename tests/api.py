@@ -15,6 +15,7 @@ import pytest
 
 from balance import keys
 from balance.accounts import AccountSpec, create_accounts, put_price_list
+from balance.store import RedisBalances
 from infra.http.api_keys import Role
 from infra.settings import Settings
 from meter.apiserver import ServedServices, asgi_app, connect_api
@@ -96,7 +97,7 @@ def grants_bought(available: int, rate: VoiceRate, grant_s: int) -> list[int]:
     """The grants, in seconds, that successive calls get from ``available`` micro-units: the
     longest duration up to ``grant_s`` whose price fits, until not even one increment does.
     Found by search over ``rating.rating``, independently of the Lua script."""
-    grants = []
+    grants: list[int] = []
     while True:
         fits = [d for d in range(1, grant_s + 1) if voice_cost(d, rate)[0] <= available]
         if not fits:
@@ -108,10 +109,8 @@ def grants_bought(available: int, rate: VoiceRate, grant_s: int) -> list[int]:
 async def granted_seconds(svc: ServedServices, account_id: str) -> list[int]:
     """The seconds granted to each open reservation of the account, longest first, as Redis
     holds them."""
-    raw = cast(
-        dict[bytes, bytes],
-        await svc.balances._r.hgetall(keys.reservations(account_id)),
-    )
+    redis = cast(RedisBalances, svc.balances)._r  # the API runs on the Redis store
+    raw = cast(dict[bytes, bytes], await redis.hgetall(keys.reservations(account_id)))
     return sorted((int(v.split(b"|")[1]) for v in raw.values()), reverse=True)
 
 
