@@ -1,6 +1,7 @@
-"""The HTTP API against the real Redis and PostgreSQL, through the ASGI app that ``meter run api``
-serves (``asgi_app``): authorizations under concurrency, every deny reason, auth and error
-shapes, balances, suspend / resume, and what happens when Redis is gone."""
+"""The rest of the HTTP API through the ASGI app that ``meter run api`` serves, against the real
+Redis and PostgreSQL: auth and roles, bad bodies and the error shape, balances, suspend /
+resume, the OpenAPI document, what happens when Redis is gone, the catch-all, and bundles
+(the authorizations themselves: test_authorizations.py)."""
 
 from __future__ import annotations
 
@@ -9,207 +10,16 @@ import contextlib
 import socket
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, replace
-from datetime import datetime
-from typing import Any, cast
+from dataclasses import replace
+from typing import Any
 
 import httpx
 import orjson
 import pytest
 
 from balance import keys
-from balance.accounts import AccountSpec, create_accounts, put_price_list
-from infra.http.api_keys import Role
-from infra.settings import Settings
-from meter.apiserver import ServedServices, asgi_app, connect_api, create_app
-from meter.traffic import demo_price_list
-from rating.rating import VoiceRate, voice_cost
-
-UK = "+442071234567"  # prefix 44: 0.015/min, 6/6
-UK_MOBILE = "+447911123456"  # prefix 447: 0.035/min, connect 0.005, 60/6
-SATELLITE = "+881612345678"  # prefix 8816: 4.50/min, connect 0.50, 60/60
-NOWHERE = "+99912345678"  # no rate
-ERROR_KEYS = {"code", "message", "field"}
-
-
-@dataclass
-class Api:
-    settings: Settings
-    svc: ServedServices
-    client: httpx.AsyncClient
-
-    async def seed(
-        self, *ids: str, balance: str = "100.00", credit_limit: str = "0", low: str = "0"
-    ) -> None:
-        specs = [
-            AccountSpec.model_validate(
-                {
-                    "id": i,
-                    "price_list_id": "standard",
-                    "balance": balance,
-                    "credit_limit": credit_limit,
-                    "low_balance_threshold": low,
-                }
-            )
-            for i in ids
-        ]
-        await create_accounts(self.svc.pool, self.svc.balances, specs)
-
-    async def key(self, account_id: str, role: Role) -> dict[str, str]:
-        _, key = await self.svc.keys.create(account_id, role)
-        return {"Authorization": f"Bearer {key}"}
-
-    async def authorize(self, headers: dict[str, str], **body: Any) -> httpx.Response:
-        return await self.client.post("/v1/authorizations", json=call(**body), headers=headers)
-
-
-def call(
-    account_id: str = "acc_1",
-    call_id: str = "c1",
-    direction: str = "outbound",
-    to: str = UK,
-    **extra: Any,
-) -> dict[str, Any]:
-    return {
-        "account_id": account_id,
-        "call_id": call_id,
-        "direction": direction,
-        "from": "+14155550100",
-        "to": to,
-        **extra,
-    }
-
-
-@contextlib.asynccontextmanager
-async def api_on(settings: Settings) -> AsyncIterator[Api]:
-    async with connect_api(settings) as svc:
-        await put_price_list(svc.pool, demo_price_list())
-        transport = httpx.ASGITransport(app=asgi_app(settings, svc))
-        async with httpx.AsyncClient(transport=transport, base_url="http://meter") as client:
-            yield Api(settings, svc, client)
-
-
-@pytest.fixture
-async def api(db_settings: Settings) -> AsyncIterator[Api]:
-    # A generous deadline: these tests are about answers, not about a loaded CI machine.
-    async with api_on(replace(db_settings, authorize_deadline_s=5.0)) as a:
-        yield a
-
-
-def grants_bought(available: int, rate: VoiceRate, grant_s: int) -> list[int]:
-    """The grants, in seconds, that successive calls get from ``available`` micro-units: the
-    longest duration up to ``grant_s`` whose price fits, until not even one increment does.
-    Found by search over ``rating.rating``, independently of the Lua script."""
-    grants = []
-    while True:
-        fits = [d for d in range(1, grant_s + 1) if voice_cost(d, rate)[0] <= available]
-        if not fits:
-            return grants
-        grants.append(max(fits))
-        available -= voice_cost(max(fits), rate)[0]
-
-
-async def granted_seconds(svc: ServedServices, account_id: str) -> list[int]:
-    raw = cast(
-        dict[bytes, bytes],
-        await svc.balances._r.hgetall(keys.reservations(account_id)),
-    )
-    return sorted((int(v.split(b"|")[1]) for v in raw.values()), reverse=True)
-
-
-async def test_a_thousand_concurrent_authorizations_never_reserve_more_than_the_credit(
-    api: Api,
-) -> None:
-    await api.seed("acc_1", balance="1.00")
-    service = await api.key("acc_1", "service")
-    answers = await asyncio.gather(*(api.authorize(service, call_id=f"c{i}") for i in range(1000)))
-    assert {r.status_code for r in answers} == {200}
-    bodies = [r.json() for r in answers]
-    allowed = [b for b in bodies if b["decision"] == "allow"]
-    assert {b["reason"] for b in bodies if b["decision"] == "deny"} == {"insufficient_credit"}
-
-    rate = VoiceRate("44", 15_000)
-    expected = grants_bought(1_000_000, rate, api.settings.authorize_grant_s)
-    assert expected == [300] * 13 + [96]  # 13 x 0.075 + 0.024 = 0.999 of 1.00
-    held = await api.svc.balances.reservations("acc_1")
-    assert len(held) == len(allowed) == len(expected)
-    assert sum(held.values()) == sum(voice_cost(d, rate)[0] for d in expected) <= 1_000_000
-    assert await granted_seconds(api.svc, "acc_1") == expected
-    state = await api.svc.balances.get("acc_1")
-    assert state is not None and state.reserved == sum(held.values())
-    assert {b["reservation_id"] for b in allowed} == {f"acc_1:{c}" for c in held}
-
-
-async def test_every_deny_reason(api: Api) -> None:
-    await api.seed("rich", "poor")
-    await api.seed("thin", balance="0.001")
-    await api.seed("dry", balance="0")  # no credit at all: on hold from the start
-    service = await api.key("rich", "service")
-
-    async def reason(**body: Any) -> str:
-        r = await api.authorize(service, **body)
-        assert r.status_code == 200, r.text
-        out = r.json()
-        if out["decision"] == "deny":
-            assert out["max_duration_s"] == 0
-            assert out["reservation_id"] is None and out["expires_at"] is None
-        return str(out["reason"])
-
-    assert await reason(account_id="ghost") == "unknown_account"
-    assert await reason(account_id="rich", to=NOWHERE) == "no_rate_for_destination"
-    assert await reason(account_id="thin", to=SATELLITE) == "insufficient_credit"
-    assert await reason(account_id="dry") == "account_on_hold"
-    assert await reason(account_id="dry", direction="inbound", call_id="in1") == "ok"
-    admin = await api.key("poor", "admin")
-    r = await api.client.post("/v1/accounts/poor/suspend", headers=admin)
-    assert r.status_code == 200, r.text
-    assert await reason(account_id="poor") == "account_suspended"
-    assert await reason(account_id="poor", direction="inbound", call_id="in2") == (
-        "account_suspended"
-    )
-    assert await reason(account_id="rich") == "ok"
-
-
-async def test_an_allowed_call_gets_its_reservation_and_times(api: Api) -> None:
-    await api.seed("acc_1", balance="1.00")
-    service = await api.key("acc_1", "service")
-    before = time.time()
-    r = await api.authorize(service, to=UK_MOBILE)
-    out = r.json()
-    assert r.status_code == 200
-    assert out["decision"] == "allow" and out["reason"] == "ok"
-    assert out["reservation_id"] == "acc_1:c1"
-    # max_duration_s: all that 1.00 buys at 0.035/min after the 0.005 connect fee (60/6).
-    mobile = VoiceRate("447", 35_000, 5_000, 60, 6)
-    assert out["max_duration_s"] == grants_bought(1_000_000, mobile, 14_400)[0] == 1_704
-    expires = out["expires_at"]
-    assert expires.endswith("Z") or expires[-6] in "+-"  # RFC 3339 with an offset
-    at = datetime.fromisoformat(expires.replace("Z", "+00:00")).timestamp()
-    grant = api.settings.authorize_grant_s + api.settings.authorize_grace_s
-    assert before + grant - 1 <= at <= time.time() + grant + 1
-
-
-async def test_a_retry_with_the_same_call_id_gets_the_first_answer(api: Api) -> None:
-    await api.seed("acc_1", balance="10.00")
-    service = await api.key("acc_1", "service")
-    first = await api.authorize(service, call_id="retry-me")
-    again = await api.authorize(service, call_id="retry-me")
-    assert first.status_code == again.status_code == 200
-    assert first.json() == again.json()
-    held = await api.svc.balances.reservations("acc_1")
-    assert list(held) == ["retry-me"]
-    state = await api.svc.balances.get("acc_1")
-    assert state is not None and state.reserved == held["retry-me"] == 75_000
-
-
-def assert_error(r: httpx.Response, status: int, code: str, field: str | None = None) -> None:
-    assert r.status_code == status, r.text
-    assert r.headers["content-type"].startswith("application/json")
-    body = r.json()
-    assert set(body) == {"error"} and set(body["error"]) == ERROR_KEYS
-    assert body["error"]["code"] == code
-    assert body["error"]["field"] == field
-    assert "Traceback" not in r.text
+from meter.apiserver import create_app
+from tests.api import Api, api_on, assert_error, call
 
 
 async def test_authentication_and_roles(api: Api) -> None:
@@ -300,19 +110,6 @@ async def test_missing_field_and_other_routes(api: Api) -> None:
     assert_error(r, 405, "method_not_allowed")
     r = await api.client.post("/v1/accounts/acc_1/suspend", content=b"{", headers=service)
     assert_error(r, 403, "forbidden")  # the role is checked before the body is read
-
-
-async def test_the_fastapi_route_answers_as_the_fast_path_does(api: Api) -> None:
-    await api.seed("acc_1")
-    service = await api.key("acc_1", "service")
-    plain = httpx.ASGITransport(app=create_app(api.settings, api.svc))
-    async with httpx.AsyncClient(transport=plain, base_url="http://meter") as slow:
-        for body in (call(call_id="same"), call(to=NOWHERE), {"account_id": "acc_1"}):
-            fast_r = await api.client.post("/v1/authorizations", json=body, headers=service)
-            slow_r = await slow.post("/v1/authorizations", json=body, headers=service)
-            assert (fast_r.status_code, fast_r.json()) == (slow_r.status_code, slow_r.json())
-        r = await slow.post("/v1/authorizations", json=call())
-        assert_error(r, 401, "unauthorized")
 
 
 async def test_balance(api: Api) -> None:
@@ -520,28 +317,3 @@ async def test_buy_a_bundle_once_per_purchase_id(api: Api) -> None:
         headers=admin,
     )
     assert_error(unknown, 404, "unknown_bundle", "bundle_id")
-
-
-async def test_authorizing_a_call_that_already_hung_up_is_a_conflict(api: Api) -> None:
-    await api.seed("acc_1", balance="10.00")
-    service = await api.key("acc_1", "service")
-    assert (await api.authorize(service, call_id="done")).json()["decision"] == "allow"
-    # the hangup's debit leaves a closed marker where the reservation was
-    await api.svc.balances._r.hset(
-        keys.reservations("acc_1"), "done", "0|0|9999999999|0|0|1|1|0|-1"
-    )
-    assert_error(await api.authorize(service, call_id="done"), 409, "call_closed", "call_id")
-
-
-async def test_an_account_redis_lost_is_rebuilt_by_its_first_authorization(api: Api) -> None:
-    await api.seed("acc_1", balance="1.00")
-    service = await api.key("acc_1", "service")
-    await api.svc.balances._r.flushall()  # a Redis that lost everything (the test's own)
-    r = await api.authorize(service, call_id="after-loss")
-    assert r.status_code == 200 and r.json()["decision"] == "allow", r.text
-    state = await api.svc.balances.get("acc_1")
-    assert state is not None and state.balance == 1_000_000 and state.reserved > 0
-    # an account PostgreSQL does not know is still denied, and nothing is created for it
-    r = await api.authorize(service, account_id="nobody", call_id="x")
-    assert r.json()["reason"] == "unknown_account"
-    assert await api.svc.balances.get("nobody") is None

@@ -13,7 +13,6 @@ import sys
 import time
 from asyncio.subprocess import DEVNULL, PIPE
 from collections.abc import AsyncIterator
-from dataclasses import replace
 
 import httpx
 import orjson
@@ -24,7 +23,7 @@ from meter.apiserver import asgi_app, server_for
 from meter.bench_authorize import AuthorizationRequests
 from meter.loadgen import run_step
 from rating.rating import VoiceRate, voice_cost
-from tests.enforcement.test_api import UK_MOBILE, Api, api_on, grants_bought
+from tests.api import UK_MOBILE, Api, grants_bought
 
 
 @contextlib.asynccontextmanager
@@ -40,12 +39,6 @@ async def serving(api: Api) -> AsyncIterator[int]:
     finally:
         server.should_exit = True
         await asyncio.wait_for(task, 10)
-
-
-@pytest.fixture
-async def api(db_settings: Settings) -> AsyncIterator[Api]:
-    async with api_on(replace(db_settings, authorize_deadline_s=5.0)) as a:
-        yield a
 
 
 def raw_authorization(port: int, key: str, call_id: str, to: str) -> bytes:

@@ -15,24 +15,16 @@ from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
 
 import asyncpg
 import httpx
-import pytest
 from prometheus_client import REGISTRY
 
 from balance import keys
 from infra.settings import Settings
 from rating.rating import VoiceRate, voice_cost
-from tests.enforcement.test_api import Api, api_on, assert_error, grants_bought
+from tests.api import Api, api_on, assert_error, grants_bought
 
 DEADLINE_S = 0.5
 #: What "within the deadline" tolerates on a loaded CI machine: an answer, not a hang.
 SLACK_S = 1.0
-
-
-@pytest.fixture
-async def api(db_settings: Settings) -> AsyncIterator[Api]:
-    # A generous deadline: these tests are about who waits for what, not about latency.
-    async with api_on(replace(db_settings, authorize_deadline_s=5.0)) as a:
-        yield a
 
 
 def rebuilt_total() -> float:

@@ -4,22 +4,13 @@ the payment history, and every refusal as a clear 4xx."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from dataclasses import replace
 
 import httpx
-import pytest
 
 from enforcement.http.app import create_app as enforcement_app
-from infra.settings import Settings
 from meter.apiserver import asgi_app
-from tests.enforcement.test_api import ERROR_KEYS, Api, api_on
-
-
-@pytest.fixture
-async def api(db_settings: Settings) -> AsyncIterator[Api]:
-    async with api_on(replace(db_settings, authorize_deadline_s=5.0)) as a:
-        yield a
+from tests.api import ERROR_KEYS, Api
 
 
 async def _new_account(api: Api, account: str, hours_old: int = 1) -> dict[str, str]:

@@ -27,7 +27,7 @@ from recharge.stripe_gateway import StripeGateway
 from tests import harness
 from tests.conftest import Seeder, eventually
 from tests.helpers import produce
-from tests.recharge.test_recharge import Collected
+from tests.recharge.world import Collected
 from tests.stripe_fake import API_KEY, StripeFake
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -202,7 +202,7 @@ async def test_a_timeout_after_a_successful_charge_is_retried_with_the_same_key(
 async def test_an_outcome_stripe_never_tells_is_retried_then_left_for_an_operator(
     conns: Connections, seed: Seeder, fake: StripeFake
 ) -> None:
-    from tests.recharge.test_recharge import Clock
+    from tests.recharge.world import Clock
 
     clock = Clock(datetime.now(UTC))
     gw = StripeGateway(API_KEY, api_base=fake.url, timeout_s=0.5)
