@@ -9,6 +9,7 @@ from typing import Any
 import orjson
 from aiokafka import AIOKafkaProducer
 
+from contracts import topics
 from meter.traffic import demo_price_list
 from rating.rating import voice_cost
 
@@ -22,6 +23,12 @@ class Rec:
     offset: int
     key: bytes | None
     value: bytes | None
+
+
+def call_record(ev: dict[str, object], offset: int) -> Rec:
+    """``ev`` as the metering consumer reads it from the call-events topic at ``offset``
+    (partition 0, keyed by its subject)."""
+    return Rec(topics.CALL_EVENTS, 0, offset, str(ev["subject"]).encode(), orjson.dumps(ev))
 
 
 async def produce(

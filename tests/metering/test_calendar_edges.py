@@ -40,6 +40,7 @@ from rating.plans import (
 from rating.rating import time_cost
 from tests import harness
 from tests.calendar import BOUNDARY_EDGES, CALENDAR_EDGES, EDGES, _utc, ledger_clock
+from tests.helpers import call_record
 
 # -- the billing month at each edge -------------------------------------------------------------
 
@@ -114,8 +115,6 @@ async def test_a_bucket_rebuilt_across_the_calendars_edge_is_exactly_redis(
     grant, the new one's, and two bundles; then Redis loses the account. The bucket rebuilt
     from PostgreSQL is what Redis had, grant for grant, and the hot path's own rebuild
     charges the next call as the lost bucket would have."""
-    from tests.rating.test_plans import _rec
-
     clock = SettableClock(edge - 3 * 86_400)
     pool = conns.pool
     await ledger_clock(pool, clock())
@@ -145,7 +144,7 @@ async def test_a_bucket_rebuilt_across_the_calendars_edge_is_exactly_redis(
         await ledger_clock(pool, clock())
         recs = []
         for call_id, answered, seconds in calls:
-            recs.append(_rec(_hangup(call_id, edge + answered, seconds), offset))
+            recs.append(call_record(_hangup(call_id, edge + answered, seconds), offset))
             offset += 1
         out = await p.process(recs)
         assert out.charged == len(calls)
@@ -172,7 +171,7 @@ async def test_a_bucket_rebuilt_across_the_calendars_edge_is_exactly_redis(
     if f"p{start}" not in before:
         grants.append(Grant(f"p{start}", 300, start, end))
     expect = preview_draw(grants, seconds, answered)
-    out = await p.process([_rec(_hangup("c7", answered, seconds), offset)])
+    out = await p.process([call_record(_hangup("c7", answered, seconds), offset)])
     assert out.charged == 1
     row = await pool.fetchrow("SELECT amount, included_s FROM ledger WHERE ref = 'c7'")
     assert (row["included_s"], row["amount"]) == (
@@ -192,8 +191,6 @@ async def test_a_rebuild_the_day_after_a_months_end_keeps_the_old_periods_grant(
     """The old period's grant lives a day into the new month (late calls of the old month
     still draw on it); a rebuild in that day restores it with what was left, a rebuild after
     that day has no such grant, and no rebuild gives a period's allowance twice."""
-    from tests.rating.test_plans import _rec
-
     clock = SettableClock(edge - 86_400)
     pool = conns.pool
     await ledger_clock(pool, clock())
@@ -207,10 +204,10 @@ async def test_a_rebuild_the_day_after_a_months_end_keeps_the_old_periods_grant(
     assert old < new  # the edge is in the first hour of a month
     clock.set(edge - 3_600)
     await ledger_clock(pool, clock())
-    await p.process([_rec(_hangup("c1", edge - 3_700, 60), 0)])
+    await p.process([call_record(_hangup("c1", edge - 3_700, 60), 0)])
     clock.set(edge)
     await ledger_clock(pool, clock())
-    await p.process([_rec(_hangup("c2", edge - 200, 30), 1)])  # late: the old period's
+    await p.process([call_record(_hangup("c2", edge - 200, 30), 1)])  # late: the old period's
     before = _grants(await conns.balances.bucket("flat"))
     assert before[f"p{old}"][0] == 300 - 60 - 30 and f"p{new}" in before
 

@@ -7,47 +7,21 @@ from __future__ import annotations
 
 import asyncio
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
 import orjson
 import pytest
 
 from balance import keys
-from balance.accounts import (
-    AccountSpec,
-    BundleSpec,
-    PlanSpec,
-    create_accounts,
-    load_into_redis,
-    put_bundle,
-    put_plan,
-    put_price_list,
-)
-from balance.bundles import buy_bundle
-from balance.values import CallProgress, PlanPeriod, Released, Undraw
+from balance.values import CallProgress, PlanPeriod, Released
 from contracts import topics
 from enforcement.authorize import Authorizer, AuthorizeRequest
 from infra.kafkatools import read_all
-from infra.ledger import event_key
 from infra.settings import Settings
-from meter.traffic import call_hangup, demo_price_list
-from metering.processor import MeteringProcessor
 from metering.worker import Connections
-from rating.catalog import Catalog
-from rating.plans import (
-    Draw,
-    Grant,
-    month_period,
-    parse_bucket,
-    preview_draw,
-    replay_bucket,
-    replay_since,
-)
-from rating.rating import time_cost
-from tests import harness
-from tests.calendar import CALENDAR_EDGES, at, ledger_clock
-from tests.enforcement.test_calls import UK, Clock, answered, feed, hangup, make, progress
-from tests.rating.test_plans import _rec
+from rating.plans import month_period, parse_bucket
+from tests.calendar import CALENDAR_EDGES, at
+from tests.calls import UK, Clock, answered, feed, hangup, make, progress
+from tests.metering.accounts import account
 
 
 @pytest.fixture(params=CALENDAR_EDGES)
@@ -59,31 +33,6 @@ def now(request: pytest.FixtureRequest) -> int:
 @pytest.fixture
 def t0(now: int) -> datetime:
     return datetime.fromtimestamp(now, UTC)
-
-
-#: the middle of a month, for the pure replay cases: about the order of draws, not the
-#: calendar (a bucket rebuilt across the calendar's edges: tests/metering/test_calendar_edges.py)
-MID_MONTH = int(datetime(2026, 11, 22, 12, tzinfo=UTC).timestamp())
-
-
-async def account(
-    conns: Connections, account_id: str, *, minutes: int = 0, balance: str = "0"
-) -> None:
-    """An account on the demo price list with ``minutes`` included per month (0: no plan)."""
-    await put_price_list(conns.pool, demo_price_list())
-    plan = None
-    if minutes:
-        plan = f"flat{minutes}"
-        await put_plan(conns.pool, PlanSpec(id=plan, included_minutes=minutes))
-    await create_accounts(
-        conns.pool,
-        conns.balances,
-        [
-            AccountSpec.model_validate(
-                {"id": account_id, "price_list_id": "standard", "plan_id": plan, "balance": balance}
-            )
-        ],
-    )
 
 
 def call(account_id: str, call_id: str) -> AuthorizeRequest:
@@ -249,244 +198,6 @@ async def test_a_reservation_written_before_held_seconds_existed_still_works(
     assert await conns.balances.held_seconds("flat") == {"old": 540}
     st = await conns.balances.get("flat")
     assert st is not None and st.reserved == 0
-
-
-# -- rebuilding the bucket from PostgreSQL -----------------------------------------------------
-
-
-def test_replay_draws_in_ledger_order_from_grants_valid_at_the_answer() -> None:
-    day = 86_400
-    start, end = month_period(MID_MONTH)
-    short = Grant("bshort", 120, MID_MONTH - 3_600, MID_MONTH - 3_600 + 3 * day)
-    long_ = Grant("blong", 600, MID_MONTH - 3_600, MID_MONTH - 3_600 + 30 * day)
-    draws = [
-        Draw(10, MID_MONTH - 1_700, 60, 60),  # short: 60 left
-        Draw(11, MID_MONTH - 7_100, 60, 60),  # answered before the bundles: the plan's grant only
-        Draw(12, MID_MONTH - 600, 180, 180),  # short spent, 120 from the plan
-        Draw(13, MID_MONTH - 60, 240, 240),  # the plan's 120, then 120 of the long one
-        # before the period's first charge (entry 10), and before the bundles: no grant the
-        # replay knows can have given it, so it takes from none
-        Draw(9, MID_MONTH - 9_000, 6, 6),
-    ]
-    grants = replay_bucket([short, long_], 300, {start: 10}, draws, MID_MONTH)
-    assert {g.id: (g.remaining_s, g.valid_from, g.expires_at) for g in grants} == {
-        f"p{start}": (0, start, end),  # a spent plan grant stays: the period is not refilled
-        "blong": (480, long_.valid_from, long_.expires_at),
-    }
-    # the answer is guessed from the hangup less the billed seconds; one increment early
-    # still finds the bundle through the hangup's time
-    late = [
-        Draw(20, MID_MONTH - 3_600 + 5, 12, 12)
-    ]  # answered MID_MONTH - 3_595: guessed MID_MONTH - 3_607
-    (g,) = replay_bucket([long_], 0, {}, late, MID_MONTH)
-    assert g.remaining_s == 588
-
-
-def test_replay_reaches_back_through_overlapping_bundles() -> None:
-    day = 86_400
-    a = Grant("ba", 60, MID_MONTH - 50 * day, MID_MONTH - 20 * day)
-    b = Grant("bb", 60, MID_MONTH - 25 * day, MID_MONTH + 5 * day)  # live, overlaps a
-    c = Grant("bc", 60, MID_MONTH - 90 * day, MID_MONTH - 60 * day)  # overlaps neither
-    assert replay_since([a, b, c], 0, MID_MONTH) == MID_MONTH - 50 * day
-    assert replay_since([c], 0, MID_MONTH) is None
-    # a draw while a and b both ran came from a (sooner to expire): b is untouched
-    (g,) = replay_bucket([a, b], 0, {}, [Draw(1, MID_MONTH - 21 * day, 60, 60)], MID_MONTH)
-    assert (g.id, g.remaining_s) == ("bb", 60)
-
-
-async def test_a_flushed_bucket_is_rebuilt_from_postgres_exactly(
-    conns: Connections, now: int
-) -> None:
-    """Run at each calendar edge with the clock injected (the processor's, the rebuild's and
-    the ledger's ``recorded_at``). It used ``time.time()`` and failed in the first hours of
-    every month: its expected numbers assumed every call of the last two hours fell in the
-    current month and the month's grant ended before a 30-day bundle. The rebuild was right;
-    the expectations now follow the calendar (tests/metering/test_calendar_edges.py rebuilds
-    across the month's and the year's end with batches on both sides)."""
-    clock = Clock(datetime.fromtimestamp(now, UTC))
-    await ledger_clock(conns.pool, now)
-    await put_price_list(conns.pool, demo_price_list())
-    await put_plan(conns.pool, PlanSpec(id="flat5", included_minutes=5))
-    for spec in (
-        {"id": "short", "minutes": 2, "price": "0.10", "validity_days": 3},
-        {"id": "long", "minutes": 10, "price": "0.20", "validity_days": 30},
-    ):
-        await put_bundle(conns.pool, BundleSpec.model_validate(spec))
-    await create_accounts(
-        conns.pool,
-        conns.balances,
-        [
-            AccountSpec.model_validate(
-                {"id": "flat", "price_list_id": "standard", "plan_id": "flat5", "balance": "1.00"}
-            )
-        ],
-        clock=clock,
-    )
-    bought = datetime.fromtimestamp(now - 3_600, UTC)
-    await buy_bundle(conns.pool, conns.balances, "flat", "short", "s1", now=bought)
-    await buy_bundle(conns.pool, conns.balances, "flat", "long", "l1", now=bought)
-    catalog = Catalog(conns.pool)
-    await catalog.refresh()
-
-    p = harness.processor(conns, catalog, clock=clock, rebuild=True)
-    us = "+14155550123"  # 0.007/min, 6/6
-    calls = [
-        call_hangup("flat", "c1", us, 60, at=datetime.fromtimestamp(now - 1_700, UTC)),
-        call_hangup("flat", "c0", us, 60, at=datetime.fromtimestamp(now - 7_100, UTC)),
-        call_hangup("flat", "c2", us, 180, at=datetime.fromtimestamp(now - 600, UTC)),
-    ]
-    await p.process([_rec(e, i) for i, e in enumerate(calls)])
-    later = call_hangup("flat", "c3", us, 240, at=datetime.fromtimestamp(now - 60, UTC))
-    await p.process([_rec(later, 3)])
-
-    def state(raw: bytes | None) -> dict[str, tuple[int, int, int]]:
-        return {g.id: (g.remaining_s, g.valid_from, g.expires_at) for g in parse_bucket(raw)}
-
-    before = state(await conns.balances.bucket("flat"))
-    drawn = await conns.pool.fetchval("SELECT sum(included_s) FROM ledger WHERE ref LIKE 'c%'")
-    # c0, answered before the bundles, draws on the month's grant only if it was answered in
-    # this month: in its first two hours it was the last month's, which had no grant (no
-    # charge then), so it draws nothing
-    c0_in_month = now - 7_160 >= month_period(now)[0]
-    assert drawn == (540 if c0_in_month else 480) and "bs1" not in before  # short: spent
-    assert sum(r for r, _, _ in before.values()) == 300 + 120 + 600 - drawn
-    balance = (await conns.balances.get("flat")).balance  # type: ignore[union-attr]
-
-    await conns.redis.flushall()
-    assert await load_into_redis(conns.pool, conns.balances, ["flat"], now=now) == ["flat"]
-    assert state(await conns.balances.bucket("flat")) == before
-    st = await conns.balances.get("flat")
-    assert st is not None and st.balance == balance
-
-    # and the hot path's own rebuild (the account unknown to Redis) gives the same bucket
-    await conns.redis.flushall()
-    last = call_hangup("flat", "c4", us, 600, at=datetime.fromtimestamp(now, UTC))
-    out = await p.process([_rec(last, 4)])
-    assert out.charged == 1
-    row = await conns.pool.fetchrow("SELECT amount, included_s FROM ledger WHERE ref = 'c4'")
-    # what the lost bucket held at c4's answer (the month's grant ends before the 30-day
-    # bundle, or after it in a month's first day: either way both are left to draw on)
-    left = preview_draw([Grant(g, *v) for g, v in before.items()], 600, now - 600)
-    assert (row["included_s"], row["amount"]) == (left, -time_cost(600 - left, 7_000))
-
-
-# -- compensation: seconds drawn again for an event the ledger had ----------------------------
-
-
-async def _flat_with_bundle(conns: Connections, now: int) -> MeteringProcessor:
-    """Account "flat": 10 included minutes a month and a 10-minute bundle bought an hour before
-    ``now`` (the processor's clock), valid 60 days: the plan's grant ends first."""
-    await put_price_list(conns.pool, demo_price_list())
-    await put_plan(conns.pool, PlanSpec(id="flat10", included_minutes=10))
-    await put_bundle(
-        conns.pool,
-        BundleSpec.model_validate({"id": "b10", "minutes": 10, "price": "0", "validity_days": 60}),
-    )
-    await create_accounts(
-        conns.pool,
-        conns.balances,
-        [
-            AccountSpec.model_validate(
-                {"id": "flat", "price_list_id": "standard", "plan_id": "flat10", "balance": "1.00"}
-            )
-        ],
-    )
-    bought = datetime.fromtimestamp(now - 3_600, UTC)
-    await buy_bundle(conns.pool, conns.balances, "flat", "b10", "l1", now=bought)
-    catalog = Catalog(conns.pool)
-    await catalog.refresh()
-
-    return harness.processor(conns, catalog, clock=lambda: now)
-
-
-def _left(raw: bytes | None) -> dict[str, int]:
-    return {g.id: g.remaining_s for g in parse_bucket(raw)}
-
-
-async def _redraw(conns: Connections, p: MeteringProcessor, ev: dict[str, Any], off: int) -> Any:
-    """Make Redis forget ``ev`` (the ledger has it) and deliver it again."""
-    key = event_key(ev["source"], ev["id"])
-    day = int(datetime.fromisoformat(ev["time"]).timestamp()) // 86_400
-    assert await conns.redis.hdel(keys.applied("flat", day), key) == 1
-    return await p.process([_rec(ev, off)])
-
-
-async def test_compensation_gives_back_the_seconds_drawn_again(
-    conns: Connections, now: int
-) -> None:
-    now = _settled(now)
-    p = await _flat_with_bundle(conns, now)
-    pid = f"p{month_period(now)[0]}"
-    us = "+14155550123"  # 0.007/min, 6/6
-    c1 = call_hangup("flat", "c1", us, 120, at=datetime.fromtimestamp(now - 60, UTC))
-    await p.process([_rec(c1, 0)])
-    before = _left(await conns.balances.bucket("flat"))
-    assert before == {pid: 480, "bl1": 600}
-    balance = (await conns.balances.get("flat")).balance  # type: ignore[union-attr]
-    out = await _redraw(conns, p, c1, 1)
-    assert out.compensated == 1
-    assert _left(await conns.balances.bucket("flat")) == before
-    st = await conns.balances.get("flat")
-    assert st is not None and st.balance == balance
-    # given back once: the same compensation again gives nothing
-    day = int(datetime.fromisoformat(c1["time"]).timestamp()) // 86_400
-    key = event_key(c1["source"], c1["id"])
-    assert await conns.balances.undraw_many([Undraw("flat", key, day, 120, now - 180)]) == [0]
-    assert _left(await conns.balances.bucket("flat")) == before
-    assert await conns.pool.fetchval("SELECT count(*) FROM ledger WHERE ref = 'c1'") == 1
-
-
-def _settled(now: int) -> int:
-    """``now``, or two hours into its month when it is earlier: the compensation cases need
-    their calls (of the last hour) in one month, under one plan grant."""
-    return max(now, month_period(now)[0] + 7_200)
-
-
-async def _spanning(conns: Connections, now: int) -> tuple[dict[str, int], dict[str, int]]:
-    """A draw made again across two grants: the plan's last 96 s, then 204 s of the bundle."""
-    now = _settled(now)
-    p = await _flat_with_bundle(conns, now)
-    us = "+14155550123"
-    c0 = call_hangup("flat", "c0", us, 204, at=datetime.fromtimestamp(now - 900, UTC))
-    c1 = call_hangup("flat", "c1", us, 300, at=datetime.fromtimestamp(now - 60, UTC))
-    await p.process([_rec(c0, 0), _rec(c1, 1)])
-    before = _left(await conns.balances.bucket("flat"))
-    assert before == {f"p{month_period(now)[0]}": 96, "bl1": 600}
-    await _redraw(conns, p, c1, 2)
-    return before, _left(await conns.balances.bucket("flat"))
-
-
-async def test_compensation_of_a_draw_across_grants_gives_back_every_second(
-    conns: Connections, now: int
-) -> None:
-    before, after = await _spanning(conns, now)
-    assert sum(after.values()) == sum(before.values()) == 696
-
-
-async def test_compensation_gives_each_second_back_to_the_grant_it_came_from(
-    conns: Connections, now: int
-) -> None:
-    before, after = await _spanning(conns, now)
-    assert after == before
-
-
-async def test_undraw_follows_the_grants_debit_recorded(conns: Connections, now: int) -> None:
-    p_start, p_end = month_period(now)
-    await account(conns, "flat", minutes=10)
-    r = conns.redis
-    await r.hset(keys.account("flat"), "min", f"p{p_start},0,{p_start},{p_end}")
-    key, day = b"k" * 16, now // 86_400
-    # a memory as debit.lua would write it with the list: 300 s drawn, 200 of them from a
-    # bundle it then dropped as spent
-    took = f"bgone,200,{now - 99},{now + 99};p{p_start},100,{p_start},{p_end}"
-    await r.hset(keys.applied("flat", day), key, b"0|" + b"f" * 8 + f"300|{took}".encode())
-    b = conns.balances
-    assert await b.undraw_many([Undraw("flat", key, day, 300, now)]) == [300]
-    assert _left(await b.bucket("flat")) == {f"p{p_start}": 100, "bgone": 200}
-    assert await b.undraw_many([Undraw("flat", key, day, 300, now)]) == [0]
-    # no list and no grant valid at the answer: nothing to give them to
-    assert await b.undraw_many([Undraw("flat", b"x" * 16, day, 60, now - 40 * 86_400)]) == [-60]
-    assert _left(await b.bucket("flat")) == {f"p{p_start}": 100, "bgone": 200}
 
 
 async def test_a_flat_rate_account_at_zero_is_low_not_held_until_its_minutes_run_out(

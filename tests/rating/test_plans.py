@@ -10,7 +10,6 @@ import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
-import orjson
 import pytest
 import redis.asyncio as aioredis
 from hypothesis import HealthCheck, given, settings
@@ -42,7 +41,7 @@ from rating.rating import time_cost
 from tests import harness
 from tests.calendar import CALENDAR_EDGES, at
 from tests.conftest import Seeder, Services, eventually
-from tests.helpers import Rec, produce
+from tests.helpers import call_record, produce
 
 
 def key(i: int | str) -> bytes:
@@ -255,10 +254,6 @@ def _processor(conns: Connections, catalog: Catalog) -> MeteringProcessor:
     return harness.processor(conns, catalog)
 
 
-def _rec(ev: dict[str, object], offset: int) -> Rec:
-    return Rec(topics.CALL_EVENTS, 0, offset, str(ev["subject"]).encode(), orjson.dumps(ev))
-
-
 async def test_processor_draws_plan_minutes_and_records_them(
     conns: Connections, seed: Seeder
 ) -> None:
@@ -281,7 +276,7 @@ async def test_processor_draws_plan_minutes_and_records_them(
         call_hangup("flat", "c1", "+14155550123", 240),
         call_hangup("flat", "c2", "+14155550123", 120),
     ]
-    out = await p.process([_rec(e, i) for i, e in enumerate(calls)])
+    out = await p.process([call_record(e, i) for i, e in enumerate(calls)])
     assert out.charged == 2
     rows = await conns.pool.fetch(
         "SELECT ref, amount, quantity, included_s FROM ledger WHERE kind = 'call' ORDER BY ref"
@@ -290,7 +285,7 @@ async def test_processor_draws_plan_minutes_and_records_them(
     st_ = await conns.balances.get("flat")
     assert st_ is not None and st_.balance == 1_000_000 - 7_000
     # the same events again (a redelivery): nothing drawn, nothing charged
-    again = await p.process([_rec(e, i) for i, e in enumerate(calls)])
+    again = await p.process([call_record(e, i) for i, e in enumerate(calls)])
     assert again.duplicates == 2 and again.charged == 0
     assert parse_bucket(await conns.balances.bucket("flat"))[0].remaining_s == 0
     assert (await reconcile(conns.pool, conns.balances)).ok
