@@ -23,7 +23,10 @@
 --
 -- Reply: {decision, reason, max_duration_s, reserved, granted_s, expires_at, held_s}
 --   decision "allow" | "deny"; reason "ok" or the contract's deny reason.
---   A second call for the same call_id returns the first answer (authorize is retried).
+--   max_duration_s == granted_s: the answer grants exactly what it reserved (at most grant_s,
+--   less when that is all the credit buys), never what the whole credit would buy.
+--   A second call for the same call_id returns the first answer (authorize is retried): the
+--   stored grant, reservation and expiry, whatever the credit is now.
 
 --#include lib/billing.lua
 --#include lib/free_seconds.lua
@@ -49,10 +52,9 @@ if prior then
   if p[9] == -1 then
     return {'deny', 'call_closed', 0, 0, 0, 0, 0}
   end
-  local held = p[10] or 0
-  local free = bucket_free(KEYS[2], f[5], plan, now, held)
-  local done = affordable(avail + p[1], free, p[4], p[5], p[6], p[7], max_s)
-  return {'allow', 'ok', done, p[1], p[2], p[3], held}
+  -- The first answer again, from what the first call stored: the grant is the reservation, so
+  -- the answer does not depend on the credit now (other calls may have spent it since).
+  return {'allow', 'ok', p[2], p[1], p[2], p[3], p[10] or 0}
 end
 local st = f[4] or 'active'
 local free = bucket_free(KEYS[2], f[5], plan, now, 0)
@@ -60,9 +62,11 @@ local d = affordable(avail, free, rate, fee, initial, subsequent, max_s)
 local barred = nil
 if st == 'suspended' then
   barred = 'account_suspended'
-elseif st == 'hold' and direction ~= 'inbound' and (free == 0 or f[6]) then
-  -- The state machine holds on money alone: seconds left in the bucket still buy calls, unless
-  -- the hold was pinned for another reason ("hr").
+elseif st == 'hold' and direction ~= 'inbound' and f[6] then
+  -- A hold pinned for a reason other than money ("hr": the recharge cap, a declined card):
+  -- credit will not lift it, the reason it was pinned must. A hold on money alone answers
+  -- insufficient_credit below, as any account whose credit buys nothing (seconds left in the
+  -- bucket still buy calls).
   barred = 'account_on_hold'
 elseif d == 0 and direction ~= 'inbound' then
   barred = 'insufficient_credit'
@@ -80,6 +84,9 @@ else
   reserved, held = hold(granted, free, rate, fee, initial, subsequent)
 end
 local expires_at = now + granted + grace_s
+-- What is granted is what is reserved: a switch that only sets a timer from max_duration_s can
+-- never talk past what the credit covers; longer calls extend through call.progress.
+d = granted
 if reserved > 0 then
   redis.call('HINCRBY', KEYS[1], 'res', string.format('%d', reserved))
 end

@@ -68,8 +68,14 @@ async def test_every_deny_reason(api: Api) -> None:
     assert await reason(account_id="ghost") == "unknown_account"
     assert await reason(account_id="rich", to=NOWHERE) == "no_rate_for_destination"
     assert await reason(account_id="thin", to=SATELLITE) == "insufficient_credit"
-    assert await reason(account_id="dry") == "account_on_hold"
+    # held for money alone: the credit buys nothing, and credit is what lifts it
+    assert await reason(account_id="dry") == "insufficient_credit"
     assert await reason(account_id="dry", direction="inbound", call_id="in1") == "ok"
+    # held for another reason (the recharge cap, a declined card): money does not lift it
+    await api.seed("capped")
+    await api.svc.balances.set_status("capped", "hold", "recharge_cap")
+    assert await reason(account_id="capped") == "account_on_hold"
+    assert await reason(account_id="capped", direction="inbound", call_id="in3") == "ok"
     admin = await api.key("poor", "admin")
     r = await api.client.post("/v1/accounts/poor/suspend", headers=admin)
     assert r.status_code == 200, r.text
@@ -89,9 +95,11 @@ async def test_an_allowed_call_gets_its_reservation_and_times(api: Api) -> None:
     assert r.status_code == 200
     assert out["decision"] == "allow" and out["reason"] == "ok"
     assert out["reservation_id"] == "acc_1:c1"
-    # max_duration_s: all that 1.00 buys at 0.035/min after the 0.005 connect fee (60/6).
+    # max_duration_s: the first grant (300 s) it reserved, not all that 1.00 buys at 0.035/min
+    # after the 0.005 connect fee (60/6): 1,704 s.
     mobile = VoiceRate("447", 35_000, 5_000, 60, 6)
-    assert out["max_duration_s"] == grants_bought(1_000_000, mobile, 14_400)[0] == 1_704
+    assert grants_bought(1_000_000, mobile, 14_400)[0] == 1_704
+    assert out["max_duration_s"] == 300
     expires = out["expires_at"]
     assert expires.endswith("Z") or expires[-6] in "+-"  # RFC 3339 with an offset
     at = datetime.fromisoformat(expires.replace("Z", "+00:00")).timestamp()
