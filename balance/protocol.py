@@ -10,7 +10,7 @@ every method. Money in integer micro-units, times in unix seconds.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Protocol
 
 from balance.values import (
@@ -25,6 +25,7 @@ from balance.values import (
     PendingSignal,
     PlanPeriod,
     Progress,
+    Provisional,
     Released,
     Reservation,
     ReservationRequest,
@@ -114,7 +115,14 @@ class BalanceStore(Protocol):
         plans: Mapping[str, PlanPeriod] | None = None,
     ) -> list[Progress]: ...
 
-    async def sweep_expired(self, *, now_s: int, limit: int = 1000) -> list[Released]: ...
+    async def sweep_expired(
+        self,
+        *,
+        now_s: int,
+        limit: int = 1000,
+        keep_s: int = 86_400,
+        record: Callable[[list[Provisional]], Awaitable[None]] | None = None,
+    ) -> list[Released | Provisional]: ...
 
     # Outboxes (the outbox relay).
     async def pending_outboxes(self, limit: int = 1000) -> dict[str, list[PendingSignal]]: ...

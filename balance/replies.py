@@ -24,6 +24,7 @@ from balance.values import (
     Reservation,
     ReservationDecision,
     ReservationReason,
+    Settled,
 )
 
 _STATUS: Final[dict[bytes, AccountStatus]] = {
@@ -83,6 +84,15 @@ def decode_draws(raw: bytes) -> dict[int, Drawn]:
     return out
 
 
+def decode_settled(raw: bytes) -> dict[int, Settled]:
+    """``index:charged:charged_at`` entries, ``,`` separated."""
+    out = {}
+    for part in raw.split(b","):
+        i, charged, at = part.split(b":")
+        out[int(i)] = Settled(int(charged), int(at))
+    return out
+
+
 def decode_outbox(entries: list[bytes]) -> list[PendingSignal]:
     """``seq|type|reason`` or, for call.terminate, ``seq|type|reason|call_id|terminate_at``."""
     out = []
@@ -100,13 +110,13 @@ def decode_outbox(entries: list[bytes]) -> list[PendingSignal]:
 
 def decode_debits(account_ids: Sequence[str], replies: Sequence[bytes]) -> list[AccountOutcome]:
     """debit.lua's replies (one line per account, ``\\n`` separated, tab-separated fields:
-    found, balance, status, codes, duplicate amounts, outbox, draws) for ``account_ids``, in
-    their order."""
+    found, balance, status, codes, duplicate amounts, outbox, draws, settled) for
+    ``account_ids``, in their order."""
     outcomes: list[AccountOutcome] = []
     i = 0
     for reply in replies:
         for line in reply.split(b"\n"):
-            found, bal, st, codes, dups, out, draws = line.split(b"\t")
+            found, bal, st, codes, dups, out, draws, settled = line.split(b"\t")
             account_id = account_ids[i]
             i += 1
             if found == b"0":
@@ -122,6 +132,7 @@ def decode_debits(account_ids: Sequence[str], replies: Sequence[bytes]) -> list[
                     [int(x) for x in dups.split(b",")] if dups else [],
                     decode_outbox(out.split(b";")) if out else [],
                     decode_draws(draws) if draws else {},
+                    decode_settled(settled) if settled else {},
                 )
             )
     return outcomes

@@ -2,13 +2,13 @@
 
 ``ReservationStore`` is the part of ``balance.store.RedisBalances`` that holds the credit (and
 minute-bucket seconds) a call in progress may spend; ``RedisBalances`` registers its scripts.
-Every call is listed in ``keys.RESERVATION_EXPIRY`` for the sweep, which releases what a lost
-hangup never closed.
+Every call is listed in ``keys.RESERVATION_EXPIRY`` for the sweep, which charges what a lost
+hangup never closed, provisionally (or releases it when it held nothing).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, cast
 
 import redis.asyncio as aioredis
@@ -22,6 +22,7 @@ from balance.values import (
     CallProgress,
     PlanPeriod,
     Progress,
+    Provisional,
     Released,
     Reservation,
     ReservationRequest,
@@ -190,23 +191,39 @@ class ReservationStore:
 
     async def release(self, account_id: str, call_id: str, *, now_s: int) -> int:
         """Close a reservation without charging it (the charge comes with the hangup).
-        Returns the micro-units released (its bucket seconds are free again too)."""
-        n, _ = await call(
+        Returns the micro-units released (its bucket seconds are free again too). A call the
+        sweep charged provisionally is left to its hangup and the sweep: 0."""
+        n, *_ = await call(
             f"release {call_id}",
             lambda: self._release(
                 keys=[keys.account(account_id), keys.reservations(account_id)],
-                args=[call_id, now_s, "0"],
+                args=[call_id, now_s, "0", 0],
             ),
         )
-        with mapped("reservation expiry"):
-            await self._r.zrem(keys.RESERVATION_EXPIRY, f"{account_id}\x00{call_id}")
-        return int(n)
+        if int(n) >= 0:
+            with mapped("reservation expiry"):
+                await self._r.zrem(keys.RESERVATION_EXPIRY, f"{account_id}\x00{call_id}")
+        return max(int(n), 0)
 
-    async def sweep_expired(self, *, now_s: int, limit: int = 1000) -> list[Released]:
-        """Release reservations whose call was never closed (hangup lost), at most ``limit``.
+    async def sweep_expired(
+        self,
+        *,
+        now_s: int,
+        limit: int = 1000,
+        keep_s: int = keys.DAY_S,
+        record: Callable[[list[Provisional]], Awaitable[None]] | None = None,
+    ) -> list[Released | Provisional]:
+        """Close reservations whose call was never closed (hangup lost), at most ``limit``.
 
-        Returns those that held anything (money or bucket seconds). Policy: nothing is
-        charged for them; a hangup arriving later is still charged in full, exactly once.
+        Policy (docs/design/call-credit.md): one that held money or bucket seconds is charged
+        what it held, provisionally, in the script that closes it (``Provisional``; a late
+        hangup settles it, ``debit.lua``); one that held nothing is released. A provisional
+        marker waits ``keep_s`` for its hangup. ``record`` writes the ledger rows of the
+        provisional charges (idempotently): it is awaited before the sweep stops listing them,
+        so a crash or a failure of ``record`` leaves them due, and the next sweep finds the
+        same charges (``new`` False, nothing charged again) and records them again. Without
+        ``record`` they stay due. Returns those released that held anything, and the
+        provisional charges.
         """
         with mapped("sweep"):
             due = cast(
@@ -221,23 +238,33 @@ class ReservationStore:
             for account_id, call_id in pairs:
                 await self._release(
                     keys=[keys.account(account_id), keys.reservations(account_id)],
-                    args=[call_id, now_s, "1"],
+                    args=[call_id, now_s, "1", keep_s],
                     client=pipe,
                 )
 
         results: list[Any] = await round_trip(self._r, "sweep", build)
-        done = []
+        done: list[Released | Provisional] = []
+        charged: list[Provisional] = []
+        for (account_id, call_id), (n, held, amount, at, new) in zip(pairs, results, strict=True):
+            if int(at) > 0:
+                p = Provisional(account_id, call_id, int(amount), int(held), int(at), new == 1)
+                charged.append(p)
+                done.append(p)
+            elif int(n) >= 0 and (int(n) > 0 or int(held) > 0):
+                done.append(Released(account_id, call_id, int(n), int(held)))
+        if charged and record is not None:
+            await record(charged)
+        recorded = record is not None
 
         async def relist(pipe: Pipeline) -> None:
-            for member, (released, _) in zip(due, results, strict=True):
-                if int(released) < 0:  # extended since it was listed: list it at its new expiry
-                    pipe.zadd(keys.RESERVATION_EXPIRY, {member: -int(released)})
+            for member, (n, _, _, at, _) in zip(due, results, strict=True):
+                if int(at) > 0 and not recorded:
+                    continue  # its ledger row is not written: stays due
+                if int(n) < 0:  # not over yet (extended, or a provisional marker waiting)
+                    pipe.zadd(keys.RESERVATION_EXPIRY, {member: -int(n)})
                 else:
                     pipe.zrem(keys.RESERVATION_EXPIRY, member)
 
-        for (account_id, call_id), (released, held) in zip(pairs, results, strict=True):
-            if int(released) >= 0 and (int(released) > 0 or int(held) > 0):
-                done.append(Released(account_id, call_id, int(released), int(held)))
         await round_trip(self._r, "sweep expiry", relist)
         return done
 

@@ -141,6 +141,15 @@ class Drawn(NamedTuple):
     drawn_s: int
 
 
+class Settled(NamedTuple):
+    """A hangup's settlement of its call's provisional charge (``Provisional``): the sweep had
+    charged ``charged`` micro-units at ``charged_at`` (unix s); the hangup was debited its own
+    amount less that. A NamedTuple: one per such hangup of a batch."""
+
+    charged: int
+    charged_at: int
+
+
 @dataclass(slots=True)
 class AccountOutcome:
     """What one account's debits did. ``codes[i]`` is ``n`` new, ``d`` duplicate, ``c`` conflict.
@@ -156,6 +165,8 @@ class AccountOutcome:
     #: event index -> what it cost, for the events (new or duplicate) that drew any seconds;
     #: the others were debited their own ``amount``
     draws: dict[int, Drawn] = field(default_factory=dict)
+    #: event index -> the provisional charge its hangup settled (new or duplicate events)
+    settled: dict[int, Settled] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -268,6 +279,22 @@ class Released:
     call_id: str
     amount: int
     held_s: int
+
+
+@dataclass(frozen=True, slots=True)
+class Provisional:
+    """A reservation the sweep charged provisionally (its hangup never came): ``charged``
+    micro-units debited from the balance at ``charged_at`` (unix s); its ``held_s`` bucket
+    seconds stay held until a late hangup settles the call (or the marker's day ends).
+    ``new``: charged by this sweep (False: a retried sweep found the charge already made, and
+    its ledger row must be written again, idempotently)."""
+
+    account_id: str
+    call_id: str
+    charged: int
+    held_s: int
+    charged_at: int
+    new: bool
 
 
 @dataclass(frozen=True, slots=True)

@@ -33,6 +33,9 @@ Conn: TypeAlias = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
 BUNDLE_SOURCE: Final = "urn:meter:bundles"
 #: The ``source`` of opening balances.
 ACCOUNTS_SOURCE: Final = "urn:meter:accounts"
+#: The ``source`` of provisional charges (a call swept without its hangup) and of their
+#: settlement by a late hangup.
+PROVISIONAL_SOURCE: Final = "urn:meter:provisional"
 
 _INSERT: Final = """
 INSERT INTO ledger (event_key, account_id, kind, amount, quantity, ref, rate_ref, event_time,
@@ -68,8 +71,9 @@ COLUMNS: Final = (
 )
 
 
-#: A usage row in ``COLUMNS`` order (the last: seconds drawn from included minutes).
-UsageRow = tuple[bytes, str, str, int, int, str, str, datetime, str, str, bytes, int]
+#: A usage row in ``COLUMNS`` order (the last: seconds drawn from included minutes; the
+#: fingerprint is None for a row that is not a CloudEvent's, e.g. a provisional charge).
+UsageRow = tuple[bytes, str, str, int, int, str, str, datetime, str, str, bytes | None, int]
 
 
 def _columns(rows: Sequence[UsageRow]) -> list[list[object]]:
@@ -87,6 +91,31 @@ def credit_key(account_id: str, credit_id: str) -> bytes:
     return hashlib.blake2b(
         b"credit\x00" + account_id.encode() + b"\x00" + credit_id.encode(), digest_size=16
     ).digest()
+
+
+def provisional_row(
+    account_id: str, call_id: str, *, charged: int, held_s: int, at: datetime, settle: bool
+) -> UsageRow:
+    """A usage row of kind ``provisional`` for a call: the sweep's charge of ``charged``
+    micro-units (amount ``-charged``, quantity the bucket seconds it held), or with ``settle``
+    its give-back by the late hangup (amount ``+charged``; the hangup's own ``call`` row has
+    the rated amount). Keyed by ``(account_id, call_id)`` and which of the two it is, so each
+    is written once, whoever writes it first (the sweep, its retry, or the hangup's batch)."""
+    step = "settle:" if settle else "charge:"
+    return (
+        credit_key(account_id, "provisional:" + step + call_id),
+        account_id,
+        "provisional",
+        charged if settle else -charged,
+        0 if settle else held_s,
+        call_id,
+        "",
+        at,
+        PROVISIONAL_SOURCE,
+        step + call_id,
+        None,  # not a CloudEvent: no fingerprint
+        0,
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -212,7 +212,13 @@ _at_zero(AUTHORIZE_DECISIONS, [("allow", "ok"), *(("deny", r) for r in AUTHORIZE
 _at_zero(RECHARGES, ((o,) for o in RECHARGE_OUTCOMES))
 _at_zero(RECHARGE_CAP_HITS, ((c,) for c in RECHARGE_CAPS))
 
+#: What the sweep did with a reservation whose call was never closed (hangup lost).
+SWEEP_OUTCOMES: Final = ("provisional", "released")
 RESERVATIONS_SWEPT: Final = Counter(
     "meter_reservations_swept_total",
-    "Reservations released by the sweep because their call was never closed (hangup lost)",
+    "Reservations closed by the sweep because their call was never closed (hangup lost), by"
+    " outcome: provisional (charged what they held, until a late hangup settles them) or"
+    " released (they held nothing)",
+    ["outcome"],
 )
+_at_zero(RESERVATIONS_SWEPT, ((o,) for o in SWEEP_OUTCOMES))

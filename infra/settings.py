@@ -95,8 +95,8 @@ class Settings:
     #: extension (``call.answered``, ``call.progress``). The API and the metering workers both
     #: read it, and the two below (``Settings.call_control``).
     authorize_grant_s: int = 300
-    #: How long past its granted time an unclosed reservation lives before the sweep releases
-    #: it (without charging anything).
+    #: How long past its granted time an unclosed reservation lives before the sweep charges
+    #: what it held, provisionally (docs/design/call-credit.md).
     authorize_grace_s: int = 60
     #: The longest call authorize ever allows, and live-call extension reserves for (caps free
     #: destinations).

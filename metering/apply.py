@@ -7,7 +7,9 @@ is never proof that the ledger has it), written with the amount Redis applied th
 The other way round, Redis may have forgotten an event the ledger has (flushed, or older than
 its memory): events older than that memory are looked up in the ledger before Redis sees them
 (``skip_known_old``), and a debit Redis applied again for an event the ledger already had is
-undone (``compensate``).
+undone (``compensate``). A hangup that settled its call's provisional charge (the sweep's,
+``metering.calls``) gets two more rows, idempotent on (account, call_id): the charge (in case
+the sweep crashed before writing it) and its give-back; its own row has the rated amount.
 
 Charge codes, set here: ``n`` new, ``d`` duplicate (Redis had it), ``c`` conflict (the same
 event key with another fingerprint), ``k`` the ledger already has it, ``x`` the account has no
@@ -18,12 +20,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Sequence
+from datetime import UTC, datetime
 
 from balance import keys
 from balance.protocol import BalanceStore
 from balance.values import AccountOutcome, Credit, PlanPeriod, Undraw
 from infra import metrics
-from infra.ledger import Ledger, SignalRow, UsageRow
+from infra.ledger import Ledger, SignalRow, UsageRow, provisional_row
 from metering.batch import BatchOutcome, Charge, Rejected
 from rating.catalog import AccountRating
 from rating.plans import month_period
@@ -127,6 +130,8 @@ async def _apply_groups(
         for i, drawn in o.draws.items():
             cs[i].applied_amount = drawn.amount
             cs[i].included_s = drawn.drawn_s
+        for i, settled in o.settled.items():
+            cs[i].settled = settled
     return outcomes
 
 
@@ -159,6 +164,20 @@ def ledger_rows(
                 fresh.append(row)
             else:
                 replayed[c.event_key] = row
+            if c.settled is not None:
+                # The hangup settled the sweep's provisional charge: its give-back, and the
+                # charge itself in case the sweep crashed before writing it (both idempotent).
+                charged_at = datetime.fromtimestamp(c.settled.charged_at, UTC)
+                for at, settle in ((charged_at, False), (c.time, True)):
+                    p = provisional_row(
+                        c.account_id,
+                        c.call_id,
+                        charged=c.settled.charged,
+                        held_s=0,
+                        at=at,
+                        settle=settle,
+                    )
+                    replayed[p[0]] = p
         elif code == "c":
             detail = f"event ({c.source}, {c.event_id}) was charged before with another payload"
             rejected.append(
@@ -192,8 +211,16 @@ async def compensate(
     """Undo debits Redis applied for events the ledger already had (Redis forgot them):
     the money, and the included seconds the call drew again (back to their grants)."""
     undo = [c for c in charges if c.code == "n" and c.event_key in already]
+    # A settled hangup was debited its amount less the provisional charge it settled.
     await balances.credit_many(
-        [Credit(c.account_id, "undo:" + c.event_key.hex(), c.applied_amount) for c in undo]
+        [
+            Credit(
+                c.account_id,
+                "undo:" + c.event_key.hex(),
+                c.applied_amount - (c.settled.charged if c.settled else 0),
+            )
+            for c in undo
+        ]
     )
     drew = [c for c in undo if c.included_s and c.draw is not None]
     if drew:

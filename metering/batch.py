@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Literal, Protocol
 
-from balance.values import AccountOutcome, Draw, PendingSignal
+from balance.values import AccountOutcome, Draw, PendingSignal, Settled
 
 
 class Record(Protocol):
@@ -96,6 +96,7 @@ class Charge:
     code: str = ""  # set from Redis: n(ew), d(uplicate), c(onflict), k (ledger already has it)
     applied_amount: int = 0
     included_s: int = 0  # set from Redis: seconds drawn from included minutes / bundles
+    settled: Settled | None = None  # set from Redis: the provisional charge a hangup settled
 
 
 #: An account and one signal of its outbox, in the order the processor publishes them.

@@ -5,7 +5,9 @@ A hangup is a charge like any other (``metering.rate``) and releases its call's 
 with the debit. The updates before it are not charges: they act on the reservation the
 authorization made (``balance.store.reserve_many`` / ``progress``), with the same rules as the
 API's authorizations (``infra.settings.CallControl``), and may queue signals in the account's
-outbox (``call.terminate`` where the credit runs out), which the batch publishes.
+outbox (``call.terminate`` where the credit runs out), which the batch publishes. The sweep
+charges a call whose hangup never came, provisionally; a late hangup settles it
+(``metering.apply``).
 """
 
 from __future__ import annotations
@@ -13,11 +15,13 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
 from balance.protocol import BalanceStore
-from balance.values import CallProgress, ReservationRequest, Tariff
+from balance.values import CallProgress, Provisional, Released, ReservationRequest, Tariff
 from infra import metrics
+from infra.ledger import Ledger, provisional_row
 from infra.settings import CallControl
 from metering.apply import plan_periods
 from metering.batch import AccountSignal, Record, Rejected
@@ -76,12 +80,38 @@ async def update_live_calls(
     return [(u.account_id, s) for u, r in zip(updates, results, strict=True) for s in r.outbox]
 
 
-async def sweep_reservations(balances: BalanceStore, now_s: int) -> int:
-    """Release reservations whose call was never closed. Nothing is charged for them (the
-    switch's hangup is the only charge, and a late one is still charged once). Returns how
-    many were released."""
-    swept = await balances.sweep_expired(now_s=now_s)
-    if swept:
-        log.warning("released %d reservations whose hangup never came", len(swept))
-        metrics.RESERVATIONS_SWEPT.inc(len(swept))
-    return len(swept)
+async def sweep_reservations(balances: BalanceStore, ledger: Ledger, now_s: int) -> int:
+    """Close reservations whose call was never closed: charge what each held, provisionally,
+    or release one that held nothing (docs/design/call-credit.md "The life of a
+    reservation"). Redis first (the script that closes a reservation debits its charge and
+    leaves a marker a late hangup settles against), then the ledger row, idempotent on
+    (account, call_id); the expiry index keeps the call due until that row is written, so a
+    crash in between is repaired by the next sweep, which finds the same charge and writes the
+    row again. Returns how many were closed."""
+
+    async def record(charged: list[Provisional]) -> None:
+        await ledger.write_usage(
+            [],
+            [
+                provisional_row(
+                    p.account_id,
+                    p.call_id,
+                    charged=p.charged,
+                    held_s=p.held_s,
+                    at=datetime.fromtimestamp(p.charged_at, UTC),
+                    settle=False,
+                )
+                for p in charged
+            ],
+        )
+
+    swept = await balances.sweep_expired(now_s=now_s, record=record)
+    provisional = sum(1 for s in swept if isinstance(s, Provisional) and s.new)
+    released = sum(1 for s in swept if isinstance(s, Released))
+    if provisional:
+        log.warning("charged %d reservations whose hangup never came, provisionally", provisional)
+        metrics.RESERVATIONS_SWEPT.labels("provisional").inc(provisional)
+    if released:
+        log.warning("released %d reservations whose hangup never came", released)
+        metrics.RESERVATIONS_SWEPT.labels("released").inc(released)
+    return provisional + released

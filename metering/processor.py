@@ -202,6 +202,6 @@ class MeteringProcessor:
         return len(pending)
 
     async def sweep_reservations(self) -> int:
-        """Release reservations whose call was never closed (``metering.calls``). Returns how
-        many were released."""
-        return await sweep_reservations(self._balances, int(self._clock()))
+        """Close reservations whose call was never closed (``metering.calls``). Returns how
+        many were closed."""
+        return await sweep_reservations(self._balances, self._ledger, int(self._clock()))

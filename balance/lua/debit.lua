@@ -40,8 +40,8 @@
 -- from now, so a crash between this script and the ledger write is always repaired.
 --
 -- Reply: one string, a line per account in KEYS order ("\n" between lines), each line
---   "found\tbalance\tstatus\tcodes\tdup_amounts\toutbox\tdraws" (a flat string: building and
---   parsing a nested reply per account cost more than the debits themselves)
+--   "found\tbalance\tstatus\tcodes\tdup_amounts\toutbox\tdraws\tsettled" (a flat string:
+--   building and parsing a nested reply per account cost more than the debits themselves)
 --   found        0 when the account hash does not exist (nothing was applied for it)
 --   codes        one character per event: "n" newly applied, "d" duplicate (already applied
 --                with the same fingerprint), "c" conflict (already applied with another one)
@@ -50,6 +50,14 @@
 --                ";" separated; read only when the account's seq is ahead of its acked seq
 --   draws        for each event (new or duplicate) that drew included seconds,
 --                "index:amount:drawn_s" (index within the account's events, from 0), "," separated
+--   settled      for each hangup (new or duplicate) that settled a provisional charge (the
+--                sweep's, release.lua), "index:charged:charged_at", "," separated
+--
+-- Provisional charges: a hangup whose reservation the sweep charged provisionally finds the
+-- marker ("...|p<charged>|<charged_at>") with the HGET every call's hangup already costs; it is
+-- debited its amount less what the sweep charged (a negative difference gives the excess
+-- back), and its memory keeps "#charged:charged_at" at its end, so a duplicate reports the
+-- same settlement and the ledger can always write both rows.
 
 --#include lib/keys.lua
 --#include lib/state.lua
@@ -111,11 +119,12 @@ for a = 1, n_accounts do
     'rth', 'rq', 'hr')
   if not f[1] then
     ei = ei + n_events
-    reply[a] = '0\t0\t\t\t\t\t'
+    reply[a] = '0\t0\t\t\t\t\t\t'
   else
     local codes = {}
     local dups = {}
     local draws = {}
+    local settled = {}
     -- The bucket is parsed only for accounts that have one or a plan: the rest pay nothing.
     local grants = nil
     local dirty = false
@@ -166,6 +175,12 @@ for a = 1, n_accounts do
           if was_drawn ~= '' then
             draws[#draws + 1] = (e - 1) .. ':' .. first .. ':' .. was_drawn
           end
+          if calls[ei + e] ~= '' then
+            local charged, charged_at = string.match(string.sub(prior, sep + 9), '#(%d+):(%d+)$')
+            if charged then
+              settled[#settled + 1] = (e - 1) .. ':' .. charged .. ':' .. charged_at
+            end
+          end
         else
           codes[e] = 'c'
         end
@@ -197,15 +212,7 @@ for a = 1, n_accounts do
             draws[#draws + 1] = (e - 1) .. ':' .. amount .. ':' .. drawn
           end
         end
-        -- written at once, so a second copy of the event later in this batch is a duplicate
-        if drawn > 0 then
-          redis.call('HSET', bucket, key,
-            amount .. '|' .. fp .. string.format('%d', drawn) .. '|' .. table.concat(took, ';'))
-        else
-          redis.call('HSET', bucket, key, amount .. '|' .. fp)
-        end
-        total = total + tonumber(amount)
-        touched[bucket] = day
+        local settle = ''
         local call = calls[ei + e]
         if call ~= '' then
           local held = redis.call('HGET', rsv, call)
@@ -214,8 +221,23 @@ for a = 1, n_accounts do
             -- call.answered / call.progress must not open the call again. The sweep drops it.
             redis.call('HSET', rsv, call, string.format('0|0|%d|0|0|1|1|0|-1', now + 86400))
             released = released + tonumber(string.match(held, '^(%d+)|'))
+            local charged, charged_at = string.match(held, '|p(%d+)|(%d+)$')
+            if charged then
+              settle = '#' .. charged .. ':' .. charged_at
+              total = total - tonumber(charged)
+              settled[#settled + 1] = (e - 1) .. ':' .. charged .. ':' .. charged_at
+            end
           end
         end
+        -- written at once, so a second copy of the event later in this batch is a duplicate
+        if drawn > 0 then
+          redis.call('HSET', bucket, key, amount .. '|' .. fp .. string.format('%d', drawn)
+            .. '|' .. table.concat(took, ';') .. settle)
+        else
+          redis.call('HSET', bucket, key, amount .. '|' .. fp .. settle)
+        end
+        total = total + tonumber(amount)
+        touched[bucket] = day
       end
     end
     ei = ei + n_events
@@ -256,9 +278,10 @@ for a = 1, n_accounts do
       end
     end
     local bal = tonumber(f[1])
-    if total > 0 then
+    if total ~= 0 then
       -- %d, not tostring: Lua prints numbers past 14 digits in exponent form; and never
-      -- HINCRBY by 0: Lua formats -0 as "-0", which Redis refuses as an integer.
+      -- HINCRBY by 0: Lua formats -0 as "-0", which Redis refuses as an integer. (total < 0:
+      -- a late hangup gives back the excess of a provisional charge.)
       bal = tonumber(redis.call('HINCRBY', acct, 'bal', string.format('%d', -total)))
     end
     local res = tonumber(f[2] or '0')
@@ -289,6 +312,7 @@ for a = 1, n_accounts do
     end
     reply[a] = '1\t' .. string.format('%d', bal) .. '\t' .. st .. '\t' .. table.concat(codes)
       .. '\t' .. table.concat(dups, ',') .. '\t' .. outbox .. '\t' .. table.concat(draws, ',')
+      .. '\t' .. table.concat(settled, ',')
   end
 end
 return table.concat(reply, '\n')

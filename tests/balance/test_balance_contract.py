@@ -32,7 +32,7 @@ from balance.values import (
     Debit,
     Draw,
     PendingSignal,
-    Released,
+    Provisional,
     ReservationRequest,
     StatusChange,
     Tariff,
@@ -184,11 +184,12 @@ async def test_a_reservation_is_idempotent_per_call_and_the_sweep_releases_it(
         ("deny", "unknown_account"),
     ]
     assert await store.sweep_expired(now_s=now + 10) == []
+    # the hangup never came: what it held is charged, provisionally (a late hangup settles it)
     assert await store.sweep_expired(now_s=r.expires_at + 1) == [
-        Released("a", "c1", 60_000, 0)
+        Provisional("a", "c1", 60_000, 0, r.expires_at + 1, True)
     ]
     st = await store.get("a")
-    assert st is not None and st.reserved == 0 and st.balance == 60_000  # nothing charged
+    assert st is not None and st.reserved == 0 and st.balance == 0
 
 
 async def test_progress_extends_a_reservation_and_ignores_an_unknown_call(

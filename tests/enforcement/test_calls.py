@@ -13,7 +13,7 @@ import redis.asyncio as aioredis
 
 from balance.coalesce import CoalescingBalances
 from balance.store import RedisBalances
-from balance.values import Released
+from balance.values import Provisional
 from balance.values import StatusChange as Changed
 from contracts import topics
 from enforcement.authorize import Authorizer, AuthorizeRequest, BalanceStoreUnavailable
@@ -131,10 +131,12 @@ async def test_unclosed_reservations_expire_and_a_late_hangup_is_still_charged_o
     d = await auth.authorize(AuthorizeRequest("acc_1", "lost", "outbound", "+1415", UK))
     assert d.reserved > 0
     assert await conns.balances.sweep_expired(now_s=int(T0.timestamp()) + 100) == []
-    swept = await conns.balances.sweep_expired(now_s=int(T0.timestamp()) + 300 + 60)
-    assert swept == [Released("acc_1", "lost", d.reserved, 0)]
+    at = int(T0.timestamp()) + 300 + 60
+    swept = await conns.balances.sweep_expired(now_s=at)
+    assert swept == [Provisional("acc_1", "lost", d.reserved, 0, at, True)]
     st = await conns.balances.get("acc_1")
-    assert st is not None and st.reserved == 0 and st.balance == 10_000_000  # not charged
+    # charged what it held, provisionally
+    assert st is not None and st.reserved == 0 and st.balance == 10_000_000 - d.reserved
     clock.now += 3600
     out = await feed(p, hangup("acc_1", "lost", T0, 61), hangup("acc_1", "lost", T0, 61))
     assert (out.charged, out.duplicates) == (1, 1)

@@ -12,7 +12,8 @@ import orjson
 import pytest
 
 from balance import keys
-from balance.values import CallProgress, PlanPeriod, Released
+from balance.keys import DAY_S
+from balance.values import CallProgress, PlanPeriod, Provisional
 from contracts import topics
 from enforcement.authorize import Authorizer, AuthorizeRequest
 from infra.kafkatools import read_all
@@ -161,7 +162,7 @@ async def test_progress_extends_on_minutes_and_the_hangup_frees_them(
     assert (d3.decision, d3.reason) == ("deny", "insufficient_credit")
 
 
-async def test_the_sweep_frees_the_seconds_of_a_lost_call(
+async def test_the_sweep_keeps_the_seconds_of_a_lost_call_held_for_its_late_hangup(
     conns: Connections, now: int, t0: datetime
 ) -> None:
     await account(conns, "flat", minutes=10)
@@ -172,7 +173,11 @@ async def test_the_sweep_frees_the_seconds_of_a_lost_call(
     await conns.balances.release("flat", "c2", now_s=now)
     assert await conns.balances.sweep_expired(now_s=now + 100) == []
     swept = await conns.balances.sweep_expired(now_s=now + 300 + 60)
-    assert swept == [Released("flat", "lost", 0, 300)]
+    assert swept == [Provisional("flat", "lost", 0, 300, now + 360, True)]
+    # charged provisionally: its seconds stay held for a late hangup (which draws them)
+    assert await conns.balances.held_seconds("flat") == {"lost": 300}
+    # a day later no hangup came: the marker goes, its seconds are free again
+    assert await conns.balances.sweep_expired(now_s=now + 360 + DAY_S) == []
     assert await conns.balances.held_seconds("flat") == {}
     assert (await auth.authorize(call("flat", "c3"))).max_duration_s == 300
 
