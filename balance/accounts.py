@@ -13,6 +13,7 @@ from typing import Annotated, Self
 import asyncpg
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
 
+from balance import keys
 from balance.protocol import BalanceStore
 from balance.values import AccountStatus
 from contracts.events import ACCOUNT_ID_PATTERN
@@ -245,7 +246,10 @@ async def load_into_redis(
     minute bucket as it stands at ``now`` (unix s, default: ``clock``) from the bundles bought
     and the seconds drawn (``rating.plans.rebuild_buckets``), and the auto-recharge state:
     threshold, open trigger, a hold the service pinned, payments the ledger has and Redis was
-    not yet told of (remembered as applied, so finishing them credits nothing twice).
+    not yet told of (remembered as applied, so finishing them credits nothing twice), and the
+    markers of provisional charges no hangup has settled yet, so a late hangup settles its
+    charge rather than paying for the call twice (those older than a marker's life are put back
+    by the hangup itself, ``metering.calls.restore_late_markers``).
     ``ledger``: the book of record the balance and seq are read from (default: this pool's).
     """
     ledger = ledger or PostgresLedger(pool)
@@ -301,4 +305,8 @@ async def load_into_redis(
             credited=r["credited"],
         ):
             loaded.append(r["id"])
+    if loaded:
+        since = datetime.fromtimestamp(at - keys.PROVISIONAL_KEEP_S, UTC)
+        unsettled = await ledger.unsettled_since(loaded, since)
+        await balances.restore_provisional(unsettled, now_s=at)
     return loaded

@@ -15,6 +15,13 @@ DEDUP_KEEP_S: Final = 2 * DAY_S
 #: Redis's memory of an event is trusted to be complete only for events younger than this.
 #: Older events are checked against the ledger first (see metering.apply).
 DEDUP_TRUST_S: Final = DEDUP_KEEP_S - 3_600
+#: How long the sweep's provisional marker (a call charged without its hangup, see
+#: ``balance/lua/release.lua``) waits in the reservations hash for a late hangup to settle it.
+PROVISIONAL_KEEP_S: Final = DAY_S
+#: A hangup of a call answered longer ago than this may find its provisional marker dropped
+#: (allowing an hour between a call's answer and the sweep's charge): the processor looks the
+#: charge up in the ledger and puts the marker back before the debit (``metering.calls``).
+PROVISIONAL_LOOKUP_S: Final = PROVISIONAL_KEEP_S - 3_600
 
 
 def tag(account_id: str) -> str:

@@ -35,6 +35,7 @@ from balance.values import (
     Undraw,
 )
 from contracts.events import Direction
+from infra.ledger import Unsettled
 
 
 class BalanceStore(Protocol):
@@ -123,6 +124,10 @@ class BalanceStore(Protocol):
         keep_s: int = 86_400,
         record: Callable[[list[Provisional]], Awaitable[None]] | None = None,
     ) -> list[Released | Provisional]: ...
+
+    async def restore_provisional(
+        self, charges: Sequence[Unsettled], *, now_s: int, keep_s: int = 86_400
+    ) -> int: ...
 
     # Outboxes (the outbox relay).
     async def pending_outboxes(self, limit: int = 1000) -> dict[str, list[PendingSignal]]: ...

@@ -29,6 +29,7 @@ from balance.values import (
     Tariff,
 )
 from contracts.events import Direction
+from infra.ledger import Unsettled
 
 
 class ReservationStore:
@@ -210,7 +211,7 @@ class ReservationStore:
         *,
         now_s: int,
         limit: int = 1000,
-        keep_s: int = keys.DAY_S,
+        keep_s: int = keys.PROVISIONAL_KEEP_S,
         record: Callable[[list[Provisional]], Awaitable[None]] | None = None,
     ) -> list[Released | Provisional]:
         """Close reservations whose call was never closed (hangup lost), at most ``limit``.
@@ -267,6 +268,32 @@ class ReservationStore:
 
         await round_trip(self._r, "sweep expiry", relist)
         return done
+
+    async def restore_provisional(
+        self, charges: Sequence[Unsettled], *, now_s: int, keep_s: int = keys.PROVISIONAL_KEEP_S
+    ) -> int:
+        """Put back the sweep's provisional marker of each charge (the ledger has it and no
+        settlement) where the call has no entry in the reservations hash: Redis dropped the
+        marker (its time was up) or lost it (flushed). A late hangup then settles against it
+        in ``debit.lua`` exactly as against the sweep's own. HSETNX: a live reservation, a
+        marker still there or a hangup's closed marker is never touched. The marker holds no
+        bucket seconds (those were free once the first one went) and lasts until the charge's
+        ``keep_s`` is over, or an hour from now if that is sooner, listed for the sweep to
+        drop. Its format is ``release.lua``'s. Returns how many were put back."""
+        if not charges:
+            return 0
+        ends = [max(c.charged_at + keep_s, now_s + 3_600) for c in charges]
+
+        async def build(pipe: Pipeline) -> None:
+            for c, end in zip(charges, ends, strict=True):
+                # Listed first (NX: a live reservation keeps its own expiry), so a crash cannot
+                # leave a marker the sweep never drops; a stray listing is dropped harmlessly.
+                pipe.zadd(keys.RESERVATION_EXPIRY, {f"{c.account_id}\x00{c.call_id}": end}, nx=True)
+                marker = f"0|0|{end}|0|0|1|1|0|-1|0|p{c.charged}|{c.charged_at}"
+                pipe.hsetnx(keys.reservations(c.account_id), c.call_id, marker)
+
+        got = await round_trip(self._r, "provisional restore", build)
+        return sum(1 for n in got[1::2] if n)
 
     async def reservations(self, account_id: str) -> dict[str, int]:
         """Live reservations of an account: call_id -> micro-units held."""

@@ -19,7 +19,7 @@ import hashlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Final, Protocol, TypeAlias
+from typing import Final, NamedTuple, Protocol, TypeAlias
 
 import asyncpg
 
@@ -93,6 +93,11 @@ def credit_key(account_id: str, credit_id: str) -> bytes:
     ).digest()
 
 
+def _provisional_key(account_id: str, call_id: str, *, settle: bool) -> bytes:
+    step = "settle:" if settle else "charge:"
+    return credit_key(account_id, "provisional:" + step + call_id)
+
+
 def provisional_row(
     account_id: str, call_id: str, *, charged: int, held_s: int, at: datetime, settle: bool
 ) -> UsageRow:
@@ -103,7 +108,7 @@ def provisional_row(
     is written once, whoever writes it first (the sweep, its retry, or the hangup's batch)."""
     step = "settle:" if settle else "charge:"
     return (
-        credit_key(account_id, "provisional:" + step + call_id),
+        _provisional_key(account_id, call_id, settle=settle),
         account_id,
         "provisional",
         charged if settle else -charged,
@@ -116,6 +121,18 @@ def provisional_row(
         None,  # not a CloudEvent: no fingerprint
         0,
     )
+
+
+class Unsettled(NamedTuple):
+    """A provisional charge the ledger has and no settlement of: the sweep charged
+    ``charged`` micro-units for ``call_id`` at ``charged_at`` (unix s) and no hangup has given
+    it back yet. Redis gets its marker back from this when it has lost it
+    (``balance.reservations.ReservationStore.restore_provisional``)."""
+
+    account_id: str
+    call_id: str
+    charged: int
+    charged_at: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,6 +204,16 @@ class Ledger(Protocol):
 
     async def existing(self, keys: Iterable[bytes]) -> dict[bytes, bytes | None]:
         """The event keys the ledger already holds, with their fingerprints."""
+        ...
+
+    async def unsettled(self, calls: Sequence[tuple[str, str]]) -> list[Unsettled]:
+        """The provisional charges of these ``(account_id, call_id)`` that have no settlement
+        row (by event key: two primary-key lookups per call)."""
+        ...
+
+    async def unsettled_since(self, account_ids: Sequence[str], since: datetime) -> list[Unsettled]:
+        """The provisional charges of these accounts made at or after ``since`` that have no
+        settlement row (a rebuild puts their markers back)."""
         ...
 
     async def balances(self, account_ids: Sequence[str] | None = None) -> dict[str, int]:
@@ -313,6 +340,37 @@ class PostgresLedger:
             "SELECT event_key, fingerprint FROM ledger WHERE event_key = ANY($1::bytea[])", ks
         )
         return {r[0]: r[1] for r in rows}
+
+    async def unsettled(self, calls: Sequence[tuple[str, str]]) -> list[Unsettled]:
+        pairs = list(dict.fromkeys(calls))
+        if not pairs:
+            return []
+        charge = [_provisional_key(a, c, settle=False) for a, c in pairs]
+        settle = [_provisional_key(a, c, settle=True) for a, c in pairs]
+        rows = await self._pool.fetch(
+            "SELECT event_key, amount, event_time FROM ledger WHERE event_key = ANY($1::bytea[])",
+            charge + settle,
+        )
+        found = {r["event_key"]: r for r in rows}
+        return [
+            Unsettled(a, c, -found[k]["amount"], int(found[k]["event_time"].timestamp()))
+            for (a, c), k, s in zip(pairs, charge, settle, strict=True)
+            if k in found and s not in found
+        ]
+
+    async def unsettled_since(self, account_ids: Sequence[str], since: datetime) -> list[Unsettled]:
+        if not account_ids:
+            return []
+        rows = await self._pool.fetch(
+            "SELECT account_id, ref, amount, event_time FROM ledger WHERE account_id = ANY($1)"
+            " AND event_time >= $2 AND kind = 'provisional' AND source = $3 AND amount < 0",
+            list(account_ids),
+            since,
+            PROVISIONAL_SOURCE,
+        )
+        if not rows:
+            return []
+        return await self.unsettled([(r["account_id"], r["ref"]) for r in rows])
 
     async def balances(self, account_ids: Sequence[str] | None = None) -> dict[str, int]:
         if account_ids is None:

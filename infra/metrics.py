@@ -89,6 +89,11 @@ RECONCILE_MISSING: Final = Gauge(
     "Accounts the ledger has and Redis does not at the last reconciliation (not rebuilt yet:"
     " rebuilt on their next event or authorization; not drift)",
 )
+RECONCILE_DOUBLE_CHARGED: Final = Gauge(
+    "meter_reconcile_provisional_double_charged_calls",
+    "Calls charged provisionally by the sweep and in full by their hangup, at the last"
+    " reconciliation (Redis lost the marker that settles them; see the runbook)",
+)
 
 # --- Kafka, Redis, PostgreSQL ------------------------------------------------------------------
 

@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "seed":
         return asyncio.run(accounts.seed(settings, args.file.read_bytes()))
     if args.command == "reconcile":
-        return asyncio.run(admin.reconcile(settings))
+        return asyncio.run(admin.reconcile(settings, settle=args.settle_provisional))
     if args.command == "keys":
         return asyncio.run(accounts.keys(settings, args))
     if args.command == "pricelist":

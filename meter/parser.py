@@ -88,7 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
     bu.add_argument("--purchase-id", required=True, help="idempotency key: retry with the same one")
 
     sub.add_parser("migrate", help="apply pending database migrations")
-    sub.add_parser("reconcile", help="compare every Redis balance with the ledger")
+    rc = sub.add_parser("reconcile", help="compare every Redis balance with the ledger")
+    rc.add_argument(
+        "--settle-provisional",
+        action="store_true",
+        help="give back the provisional charge of every call charged twice (listed first)",
+    )
 
     c = sub.add_parser("contracts", help="the public contract")
     c.add_argument("action", choices=["export-schema"])

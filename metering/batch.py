@@ -88,6 +88,7 @@ class Charge:
     epoch: int  # the event's time in unix seconds
     day: int  # its UTC day number: the Redis bucket that remembers it
     call_id: str  # a hangup's call (its reservation is released with the charge), else ""
+    answered_at: int  # a hangup's answer in unix seconds, else 0
     source: str
     event_id: str
     #: a call's draw on the minute bucket (``balance.store.Debit.draw``); None when

@@ -7,7 +7,8 @@ authorization made (``balance.store.reserve_many`` / ``progress``), with the sam
 API's authorizations (``infra.settings.CallControl``), and may queue signals in the account's
 outbox (``call.terminate`` where the credit runs out), which the batch publishes. The sweep
 charges a call whose hangup never came, provisionally; a late hangup settles it
-(``metering.apply``).
+(``metering.apply``), even when Redis no longer has the sweep's marker
+(``restore_late_markers``).
 """
 
 from __future__ import annotations
@@ -18,13 +19,14 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
+from balance import keys
 from balance.protocol import BalanceStore
 from balance.values import CallProgress, Provisional, Released, ReservationRequest, Tariff
 from infra import metrics
 from infra.ledger import Ledger, provisional_row
 from infra.settings import CallControl
 from metering.apply import plan_periods
-from metering.batch import AccountSignal, Record, Rejected
+from metering.batch import AccountSignal, Charge, Record, Rejected
 from metering.validate import unknown_account
 from rating.catalog import AccountRating
 from rating.rating import NoRate
@@ -80,6 +82,32 @@ async def update_live_calls(
     return [(u.account_id, s) for u, r in zip(updates, results, strict=True) for s in r.outbox]
 
 
+async def restore_late_markers(
+    balances: BalanceStore, ledger: Ledger, charges: list[Charge], now: float
+) -> int:
+    """Before the debit: hangups of calls answered so long ago that the sweep's provisional
+    marker may have been dropped (``keys.PROVISIONAL_LOOKUP_S``) are looked up in the ledger,
+    and the marker of each provisional charge not settled yet is put back, so ``debit.lua``
+    settles the charge instead of charging the call a second time in full. Markers Redis lost
+    with an account are put back by its rebuild (``balance.accounts.load_into_redis``).
+    Returns how many were put back."""
+    horizon = now - keys.PROVISIONAL_LOOKUP_S
+    late = [
+        (c.account_id, c.call_id)
+        for c in charges
+        if c.call_id and not c.code and c.answered_at < horizon
+    ]
+    if not late:
+        return 0
+    open_charges = await ledger.unsettled(late)
+    if not open_charges:
+        return 0
+    restored = await balances.restore_provisional(open_charges, now_s=int(now))
+    if restored:
+        log.warning("put back %d provisional markers for late hangups", restored)
+    return restored
+
+
 async def sweep_reservations(balances: BalanceStore, ledger: Ledger, now_s: int) -> int:
     """Close reservations whose call was never closed: charge what each held, provisionally,
     or release one that held nothing (docs/design/call-credit.md "The life of a
@@ -105,7 +133,7 @@ async def sweep_reservations(balances: BalanceStore, ledger: Ledger, now_s: int)
             ],
         )
 
-    swept = await balances.sweep_expired(now_s=now_s, record=record)
+    swept = await balances.sweep_expired(now_s=now_s, keep_s=keys.PROVISIONAL_KEEP_S, record=record)
     provisional = sum(1 for s in swept if isinstance(s, Provisional) and s.new)
     released = sum(1 for s in swept if isinstance(s, Released))
     if provisional:

@@ -114,6 +114,7 @@ def rate_numbers(
                 epoch=epoch,
                 day=epoch // DAY_S,
                 call_id="",
+                answered_at=0,
                 source=ev.source,
                 event_id=ev.id,
             )

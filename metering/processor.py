@@ -35,7 +35,7 @@ from metering.apply import (
     write_ledger,
 )
 from metering.batch import AccountSignal, Applied, BatchOutcome, Record, Rejected
-from metering.calls import sweep_reservations, update_live_calls
+from metering.calls import restore_late_markers, sweep_reservations, update_live_calls
 from metering.numbers import rate_numbers
 from metering.publish import Outbox, SignalPublisher
 from metering.rate import rate
@@ -135,6 +135,7 @@ class MeteringProcessor:
             )
         out.call_updates = len(control)
         await skip_known_old(self._ledger, charges, now)
+        await restore_late_markers(self._balances, self._ledger, charges, now)
         outcomes = await apply_debits(
             self._balances,
             charges,

@@ -82,6 +82,7 @@ def rate(
                 draw = Draw(billed, voice.rate_per_min, voice.connect_fee, at)
             kind, qty, ref, call = "call", billed, d.call_id, d.call_id
         else:
+            at = 0
             m: MessageData | MessageSentData = ev.data  # type: ignore[assignment]
             amount = plist.rate_message(m.parts, epoch)
             kind, qty, ref, call = "sms", m.parts, m.message_id, ""
@@ -102,6 +103,7 @@ def rate(
                 epoch=epoch,
                 day=epoch // DAY_S,
                 call_id=call,
+                answered_at=at,
                 source=ev.source,
                 event_id=ev.id,
                 draw=draw,

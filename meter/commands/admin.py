@@ -19,17 +19,27 @@ async def migrate(settings: Settings) -> int:
     return 0
 
 
-async def reconcile(settings: Settings) -> int:
-    """Every Redis balance against the ledger, as JSON; 1 if any drifts."""
+async def reconcile(settings: Settings, *, settle: bool = False) -> int:
+    """Every Redis balance against the ledger, as JSON; 1 if any drifts or a call was charged
+    twice. ``settle``: first give back the provisional charge of each call charged twice
+    (``ops.reconcile.settle_double_charged``), then reconcile."""
     import ops.reconcile
     from balance.store import RedisBalances
+    from infra.clock import system_clock
     from infra.db import create_pool
     from metering.worker import redis_client
 
     pool = await create_pool(settings.database_url)
     r = redis_client(settings)
+    settled = 0
     try:
-        result = await ops.reconcile.reconcile(pool, RedisBalances(r))
+        balances = RedisBalances(r)
+        if settle:
+            twice = await ops.reconcile.double_charged(pool)
+            settled = await ops.reconcile.settle_double_charged(
+                pool, balances, twice, now_s=int(system_clock())
+            )
+        result = await ops.reconcile.reconcile(pool, balances)
     finally:
         await r.aclose()
         await pool.close()
@@ -42,6 +52,12 @@ async def reconcile(settings: Settings) -> int:
                 # Not drift: Redis lost them and rebuilds each on its next event or
                 # authorization, so they never make the exit code nonzero.
                 "missing_accounts": result.missing,
+                # Calls charged provisionally and in full (Redis lost the settling marker).
+                "provisional_double_charged": [
+                    {"account_id": c.account_id, "call_id": c.call_id, "charged_micros": c.charged}
+                    for c in result.double_charged[:50]
+                ],
+                "provisional_settled": settled,
                 "mismatched": {
                     a: {"redis": g, "ledger": w}
                     for a, (g, w) in list(result.mismatched.items())[:50]

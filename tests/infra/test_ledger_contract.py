@@ -9,7 +9,7 @@ the Redis balance must equal.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import asyncpg
 import pytest
@@ -20,9 +20,11 @@ from infra.ledger import (
     Ledger,
     PostgresLedger,
     SignalRow,
+    Unsettled,
     UsageRow,
     credit_key,
     event_key,
+    provisional_row,
 )
 
 T0 = datetime(2026, 11, 3, 12, 0, tzinfo=UTC)
@@ -108,6 +110,33 @@ async def test_existing_answers_the_keys_held_with_their_fingerprints(ledger: Le
     known = await ledger.existing([event_key("urn:test", "c1"), event_key("urn:test", "c9")])
     assert known == {event_key("urn:test", "c1"): b"\x01\x02"}
     assert await ledger.existing([]) == {}
+
+
+async def test_unsettled_lists_provisional_charges_without_their_settlement(
+    ledger: Ledger,
+) -> None:
+    charged_at = T0 + timedelta(minutes=6)
+
+    def prov(account: str, call: str, *, settle: bool, at: datetime = charged_at) -> UsageRow:
+        return provisional_row(account, call, charged=900, held_s=0, at=at, settle=settle)
+
+    await ledger.write_usage(
+        [],
+        [
+            prov("a", "open", settle=False),
+            prov("a", "done", settle=False),
+            prov("a", "done", settle=True, at=T0),  # settled by a hangup stamped earlier
+            prov("a", "old", settle=False, at=T0 - timedelta(days=3)),
+            prov("b", "open", settle=False),
+        ],
+    )
+    at = int(charged_at.timestamp())
+    got = await ledger.unsettled([("a", "open"), ("a", "done"), ("a", "none"), ("a", "open")])
+    assert got == [Unsettled("a", "open", 900, at)]
+    assert await ledger.unsettled([]) == []
+    since = await ledger.unsettled_since(["a", "c"], T0 - timedelta(days=1))
+    assert since == [Unsettled("a", "open", 900, at)]
+    assert await ledger.unsettled_since([], T0) == []
 
 
 # -- rows that are not usage ---------------------------------------------------------------------
