@@ -26,9 +26,10 @@ from balance.errors import BalanceStoreError
 from contracts.money import Micros, format_money
 from infra.db import POSTGRES_DOWN
 from infra.http import errors
+from infra.http.access import Directory
 from infra.http.api_keys import ApiKeys
 from infra.http.bodies import AccountPath, body_doc, json_body
-from infra.http.callers import Caller, may_act
+from infra.http.callers import Caller
 from infra.http.errors import RETRY_AFTER, ApiError
 from infra.http.models import Money, RequestBody
 from recharge.gateway import SavedMethod
@@ -47,6 +48,11 @@ class PaymentsHost(Protocol):
     @property
     def keys(self) -> ApiKeys:
         """The API keys every caller is checked against."""
+        ...
+
+    @property
+    def directory(self) -> Directory:
+        """Who manages each account (a manager's admin acts on its managed accounts)."""
         ...
 
     @property
@@ -235,11 +241,11 @@ def payment_out(p: Payment) -> PaymentOut:
     summary="Auto-recharge settings (admin): recharge when credit falls to the threshold",
 )
 async def put_auto_recharge(
-    request: Request, account_id: AccountPath, key: Caller, host: Host
+    request: Request, account_id: AccountPath, who: Caller, host: Host
 ) -> AutoRechargeOut:
     """Turned on while the account is already at or below the threshold, a recharge is
     triggered at once. Repeatable: the same body twice changes nothing more."""
-    may_act(key, account_id, ("admin",))
+    await who.on(account_id, "billing.write")
     body = await json_body(request, AutoRechargeIn)
     await host.known(account_id)
     await host.loaded(account_id)  # rebuilds a lost Redis state first
@@ -257,8 +263,8 @@ async def put_auto_recharge(
     responses=errors.responses(401, 403, 404, 503),
     summary="Auto-recharge settings (admin); disabled_reason says if the service turned it off",
 )
-async def get_auto_recharge(account_id: AccountPath, key: Caller, host: Host) -> AutoRechargeOut:
-    may_act(key, account_id, ("admin",))
+async def get_auto_recharge(account_id: AccountPath, who: Caller, host: Host) -> AutoRechargeOut:
+    await who.on(account_id, "billing.read")
     await host.known(account_id)
     s = await _pay(payments_of(host).auto_recharge(account_id))
     if s is None:
@@ -275,10 +281,10 @@ async def get_auto_recharge(account_id: AccountPath, key: Caller, host: Host) ->
     summary="Save the account's one payment method (admin); 409 while one is saved",
 )
 async def put_method(
-    request: Request, account_id: AccountPath, key: Caller, host: Host
+    request: Request, account_id: AccountPath, who: Caller, host: Host
 ) -> PaymentMethodOut:
     """Replacing a method means deleting the saved one first."""
-    may_act(key, account_id, ("admin",))
+    await who.on(account_id, "billing.write")
     body = await json_body(request, PaymentMethodIn)
     await host.known(account_id)
     svc = payments_of(host)
@@ -292,8 +298,8 @@ async def put_method(
     responses=errors.responses(401, 403, 404, 503),
     summary="The saved payment method (admin)",
 )
-async def get_method(account_id: AccountPath, key: Caller, host: Host) -> PaymentMethodOut:
-    may_act(key, account_id, ("admin",))
+async def get_method(account_id: AccountPath, who: Caller, host: Host) -> PaymentMethodOut:
+    await who.on(account_id, "billing.read")
     await host.known(account_id)
     svc = payments_of(host)
     m = await _pay(svc.saved_method(account_id))
@@ -309,8 +315,8 @@ async def get_method(account_id: AccountPath, key: Caller, host: Host) -> Paymen
     summary="Delete the saved payment method (admin); auto-recharge cannot charge until "
     "another is saved",
 )
-async def delete_method(account_id: AccountPath, key: Caller, host: Host) -> Response:
-    may_act(key, account_id, ("admin",))
+async def delete_method(account_id: AccountPath, who: Caller, host: Host) -> Response:
+    await who.on(account_id, "billing.write")
     await host.known(account_id)
     if not await _pay(payments_of(host).delete_method(account_id)):
         raise ApiError(404, "not_found", "the account has no saved payment method")
@@ -325,14 +331,14 @@ async def delete_method(account_id: AccountPath, key: Caller, host: Host) -> Res
     openapi_extra=body_doc(PaymentIn),
     summary="A manual top-up (admin): charge the saved method and credit what it captured",
 )
-async def pay(request: Request, account_id: AccountPath, key: Caller, host: Host) -> Response:
+async def pay(request: Request, account_id: AccountPath, who: Caller, host: Host) -> Response:
     """Idempotent per ``payment_id``. Limits: at least 10.00, whole cents; a new account
     may pay 100.00 on its first day, 50.00 more each day after (level-2 verification lifts
     it): 409 ``payment_limit_exceeded`` with ``Retry-After``. A declined card is 402
     ``card_declined`` (the payment is in the history with its decline code). When the
     gateway's answer is lost the payment is ``pending`` (202): it is settled in the
     background with the same idempotency key, never charged twice."""
-    may_act(key, account_id, ("admin",))
+    await who.on(account_id, "billing.write")
     body = await json_body(request, PaymentIn)
     await host.known(account_id)
     await host.loaded(account_id)
@@ -371,8 +377,8 @@ async def pay(request: Request, account_id: AccountPath, key: Caller, host: Host
     responses=errors.responses(401, 403, 404, 503),
     summary="Payment history (admin): top-ups and auto-recharges, newest first",
 )
-async def history(account_id: AccountPath, key: Caller, host: Host) -> PaymentsOut:
-    may_act(key, account_id, ("admin",))
+async def history(account_id: AccountPath, who: Caller, host: Host) -> PaymentsOut:
+    await who.on(account_id, "billing.read")
     await host.known(account_id)
     ps = await _pay(payments_of(host).payments(account_id))
     return PaymentsOut(account_id=account_id, payments=[payment_out(p) for p in ps])

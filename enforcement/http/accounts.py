@@ -17,10 +17,9 @@ from enforcement.http.services import (
     within_redis,
 )
 from infra.http import errors
-from infra.http.api_keys import ApiKey
 from infra.http.bodies import AccountPath, body_doc, json_body
 from infra.http.bounds import within_db
-from infra.http.callers import Caller, may_act
+from infra.http.callers import Caller, Principal
 
 router = APIRouter()
 
@@ -31,8 +30,8 @@ router = APIRouter()
     responses=errors.responses(401, 403, 404, 422, 503),
     summary="The account's balance, pending reservations and available credit",
 )
-async def balance(account_id: AccountPath, key: Caller, svc: Services) -> BalanceOut:
-    may_act(key, account_id, ("service", "admin", "user"))
+async def balance(account_id: AccountPath, who: Caller, svc: Services) -> BalanceOut:
+    await who.on(account_id, "balance.read")
     currency = await known(svc, account_id)
     st = await account_state(svc, account_id)
     return BalanceOut(
@@ -49,10 +48,10 @@ async def set_status(
     request: Request,
     svc: ApiServices,
     account_id: str,
-    key: ApiKey,
+    who: Principal,
     action: Literal["suspend", "resume"],
 ) -> StatusOut:
-    may_act(key, account_id, ("admin",))
+    await who.on(account_id, "account.status")
     body = await json_body(request, StatusIn, optional=True)
     await known(svc, account_id)
     # Load a lost Redis state *before* the flag changes: loaded afterwards it would already
@@ -80,10 +79,10 @@ _STATUS_DOC = body_doc(StatusIn, required=False)
     summary="Block inbound and outbound calls (operator); queues account.suspend",
 )
 async def suspend(
-    request: Request, account_id: AccountPath, key: Caller, svc: Services
+    request: Request, account_id: AccountPath, who: Caller, svc: Services
 ) -> StatusOut:
     """Idempotent: suspending a suspended account changes nothing (``changed`` false)."""
-    return await set_status(request, svc, account_id, key, "suspend")
+    return await set_status(request, svc, account_id, who, "suspend")
 
 
 @router.post(
@@ -94,7 +93,7 @@ async def suspend(
     summary="Lift a suspension; queues account.resume (and account.hold without credit)",
 )
 async def resume(
-    request: Request, account_id: AccountPath, key: Caller, svc: Services
+    request: Request, account_id: AccountPath, who: Caller, svc: Services
 ) -> StatusOut:
     """Idempotent. The account returns to the state its credit gives (active, low, hold)."""
-    return await set_status(request, svc, account_id, key, "resume")
+    return await set_status(request, svc, account_id, who, "resume")

@@ -65,6 +65,7 @@ from enforcement.http import accounts, authorizations, bundles
 from enforcement.http.services import ApiServices
 from infra.db import create_pool
 from infra.http import errors
+from infra.http.access import Directory
 from infra.http.api_keys import ApiKeys
 from infra.http.bounds import DB_TIMEOUT_S
 from infra.instrument import redis_retry
@@ -119,7 +120,8 @@ async def connect_api(settings: Settings) -> AsyncIterator[ApiServices]:
             rebuild=lambda ids: load_into_redis(pool, balances, ids),
         )
         keys = ApiKeys(pool, ttl_s=settings.api_key_cache_s)
-        yield ApiServices(pool, balances, catalog, authorizer, keys)
+        directory = Directory(pool, timeout_s=DB_TIMEOUT_S)
+        yield ApiServices(pool, balances, catalog, authorizer, keys, directory)
     finally:
         await r.aclose()
         await pool.close()

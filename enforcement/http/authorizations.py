@@ -24,9 +24,10 @@ from enforcement.http.models import AuthorizationIn, AuthorizationOut
 from enforcement.http.services import ApiServices, Services
 from infra import metrics
 from infra.http import errors
+from infra.http.access import allow
 from infra.http.api_keys import ApiKey
 from infra.http.bodies import body_doc, parse_body
-from infra.http.callers import authenticate, bearer, bearer_token, may_act
+from infra.http.callers import authenticate, bearer, bearer_token
 from infra.http.errors import ApiError
 
 AUTHORIZATIONS: Final = "/v1/authorizations"
@@ -52,7 +53,7 @@ async def authorize_json(
     ``deadline`` (loop time): when to have answered; default: ``authorize_deadline_s`` from
     now."""
     body = parse_body(raw, AuthorizationIn)
-    may_act(key, body.account_id, ("service", "admin", "user"))
+    await allow(key, body.account_id, "calls.authorize", services.directory)
     t0 = time.perf_counter()
     try:
         d = await services.authorizer.authorize(

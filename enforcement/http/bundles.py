@@ -10,7 +10,7 @@ from enforcement.http.models import BundlePurchaseIn, BundlePurchaseOut
 from enforcement.http.services import Services, account_state, known, within_redis
 from infra.http import errors
 from infra.http.bodies import AccountPath, json_body
-from infra.http.callers import Caller, may_act
+from infra.http.callers import Caller
 from infra.http.errors import ApiError
 
 router = APIRouter()
@@ -30,11 +30,11 @@ _REFUSALS = {
     summary="Buy an add-on minute bundle from the balance (admin); idempotent per purchase_id",
 )
 async def buy(
-    request: Request, account_id: AccountPath, key: Caller, svc: Services
+    request: Request, account_id: AccountPath, who: Caller, svc: Services
 ) -> BundlePurchaseOut:
     """The price is debited and the minutes land in the account's bucket together, once
     per ``purchase_id``; 409 ``insufficient_credit`` when the credit does not cover it."""
-    may_act(key, account_id, ("admin",))
+    await who.on(account_id, "billing.write")
     body = await json_body(request, BundlePurchaseIn)
     await known(svc, account_id)
     await account_state(svc, account_id)  # rebuilds a lost Redis state first

@@ -22,6 +22,7 @@ from enforcement.authorize import (
     DatabaseUnavailable,
 )
 from infra.http import errors
+from infra.http.access import Directory
 from infra.http.api_keys import ApiKeys
 from infra.http.bounds import DB_TIMEOUT_S, within_db
 from infra.http.errors import ApiError
@@ -39,6 +40,7 @@ class ApiServices:
     catalog: Catalog
     authorizer: Authorizer
     keys: ApiKeys
+    directory: Directory
 
 
 async def services_of(request: Request) -> ApiServices:

@@ -24,6 +24,7 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Final, Literal, get_args
 
 import asyncpg
@@ -32,12 +33,30 @@ from infra.singleflight import SingleFlight
 
 log = logging.getLogger(__name__)
 
-Role = Literal["admin", "user", "service"]
+#: ``operator``: the platform's staff, every account; ``admin`` and ``user``: people of one
+#: account; ``service``: switches and call-control (docs/design/access.md).
+Role = Literal["operator", "admin", "user", "service"]
 ROLES: Final[tuple[str, ...]] = get_args(Role)
+#: What an access group adds to its users' role (the seeds' privileges).
+Privilege = Literal["edit_billing", "view_billing_unit", "edit_billing_unit"]
+PRIVILEGES: Final[tuple[str, ...]] = get_args(Privilege)
 
 _KEY_RE: Final = re.compile(r"^mk_([a-z0-9]{16})_[A-Za-z0-9_-]{43}$")
 #: Bound on cached lookups, so a flood of made-up keys cannot grow the process without limit.
 _MAX_CACHED: Final = 50_000
+
+
+@dataclass(frozen=True, slots=True)
+class KeyInfo:
+    """A key as its account's admins see it: never the secret."""
+
+    key_id: str
+    account_id: str | None
+    role: str
+    user_id: str | None
+    label: str
+    created_at: datetime
+    revoked_at: datetime | None
 
 
 class KeyStoreUnavailable(Exception):
@@ -46,11 +65,18 @@ class KeyStoreUnavailable(Exception):
 
 @dataclass(frozen=True, slots=True)
 class ApiKey:
-    """An authenticated caller: the key's id, its account and its role."""
+    """An authenticated caller: the key's id, its account (None for an operator) and role,
+    the user it acts as (None for a service key or an account key made before users), the
+    privileges of that user's access groups, and whether its account is a managed one (its
+    manager, when so: it never sees prices) or a manager."""
 
     key_id: str
-    account_id: str
+    account_id: str | None
     role: Role
+    user_id: str | None = None
+    privileges: frozenset[str] = frozenset()
+    manager_id: str | None = None
+    is_manager: bool = False
 
 
 def key_hash(key: str) -> bytes:
@@ -61,6 +87,20 @@ def new_key() -> tuple[str, str]:
     """``(key_id, key)``: a fresh key with 256 random bits of secret."""
     key_id = secrets.token_hex(8)
     return key_id, f"mk_{key_id}_{secrets.token_urlsafe(32)}"
+
+
+# A user's key acts with the user's role and privileges as they are now; a disabled user's
+# keys are no keys.
+_LOOKUP: Final = (
+    "SELECT k.key_id, k.account_id, coalesce(u.role, k.role) AS role, k.user_id,"
+    " ARRAY(SELECT DISTINCT p FROM access_group_members m"
+    "  JOIN access_groups g ON g.id = m.group_id, unnest(g.privileges) p"
+    "  WHERE m.user_id = k.user_id) AS privileges,"
+    " a.manager_id, coalesce(a.is_manager, false) AS is_manager"
+    " FROM api_keys k LEFT JOIN users u ON u.id = k.user_id"
+    " LEFT JOIN accounts a ON a.id = k.account_id"
+    " WHERE k.key_hash = $1 AND k.revoked_at IS NULL AND u.disabled_at IS NULL"
+)
 
 
 class ApiKeys:
@@ -131,14 +171,18 @@ class ApiKeys:
 
     async def _lookup(self, h: bytes) -> ApiKey | None:
         async with asyncio.timeout(self._lookup_timeout_s):
-            row = await self._pool.fetchrow(
-                "SELECT key_id, account_id, role FROM api_keys"
-                " WHERE key_hash = $1 AND revoked_at IS NULL",
-                h,
-            )
+            row = await self._pool.fetchrow(_LOOKUP, h)
         if row is None:
             return None
-        return ApiKey(row["key_id"], row["account_id"], row["role"])
+        return ApiKey(
+            row["key_id"],
+            row["account_id"],
+            row["role"],
+            row["user_id"],
+            frozenset(row["privileges"]),
+            row["manager_id"],
+            row["is_manager"],
+        )
 
     def _remember(self, h: bytes, found: ApiKey | None, now: float) -> None:
         if len(self._cache) >= _MAX_CACHED:
@@ -154,31 +198,55 @@ class ApiKeys:
         """Empty the cache (tests; after revoking keys in this process)."""
         self._cache.clear()
 
-    async def create(self, account_id: str, role: Role) -> tuple[ApiKey, str]:
-        """Create a key for an existing account. Returns the record and the key, which is
-        not stored anywhere: show it once. Raises ``LookupError`` for an unknown account."""
+    async def create(
+        self,
+        account_id: str | None,
+        role: Role,
+        *,
+        user_id: str | None = None,
+        label: str = "",
+    ) -> tuple[ApiKey, str]:
+        """Create a key: for ``user_id`` (it acts as that user: pass the user's account and
+        role), for a service, or an account key with a role of its own; an operator's key has
+        no account. Returns the record and the key, which is not stored anywhere: show it
+        once. Raises ``LookupError`` for an unknown account or user."""
         if role not in ROLES:
             raise ValueError(f"unknown role {role!r}; expected one of {', '.join(ROLES)}")
+        if (role == "operator") != (account_id is None):
+            raise ValueError("an operator's key has no account; every other key has one")
         key_id, key = new_key()
         try:
             await self._pool.execute(
-                "INSERT INTO api_keys (key_id, key_hash, account_id, role) VALUES ($1, $2, $3, $4)",
+                "INSERT INTO api_keys (key_id, key_hash, account_id, role, user_id, label)"
+                " VALUES ($1, $2, $3, $4, $5, $6)",
                 key_id,
                 key_hash(key),
                 account_id,
                 role,
+                user_id,
+                label,
             )
         except asyncpg.ForeignKeyViolationError:
-            raise LookupError(f"no account {account_id!r}") from None
-        return ApiKey(key_id, account_id, role), key
+            raise LookupError(f"no account {account_id!r} or user {user_id!r}") from None
+        return ApiKey(key_id, account_id, role, user_id), key
 
-    async def revoke(self, key_id: str) -> bool:
-        """Revoke a key (other processes notice within their cache ``ttl_s``). Returns whether a
-        live key was revoked."""
+    async def list(self, account_id: str) -> list[KeyInfo]:
+        """The keys of an account (live and revoked, newest first), never their secret."""
+        rows = await self._pool.fetch(
+            "SELECT key_id, account_id, role, user_id, label, created_at, revoked_at"
+            " FROM api_keys WHERE account_id = $1 ORDER BY created_at DESC, key_id",
+            account_id,
+        )
+        return [KeyInfo(**dict(r)) for r in rows]
+
+    async def revoke(self, key_id: str, *, account_id: str | None = None) -> bool:
+        """Revoke a key (other processes notice within their cache ``ttl_s``), only if it is
+        ``account_id``'s when given. Returns whether a live key was revoked."""
         done = await self._pool.fetchval(
             "UPDATE api_keys SET revoked_at = now() WHERE key_id = $1 AND revoked_at IS NULL"
-            " RETURNING key_id",
+            " AND ($2::text IS NULL OR account_id = $2) RETURNING key_id",
             key_id,
+            account_id,
         )
         self._cache = {
             k: v for k, v in self._cache.items() if v[0] is None or v[0].key_id != key_id

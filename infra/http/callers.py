@@ -1,6 +1,6 @@
 """Who is calling: the ``Authorization: Bearer <api key>`` check every ``/v1`` route makes, and
-the rule of what a key may act on (``may_act``: its role, and its own account but for
-``service`` keys); each route says which roles it takes.
+the caller as a ``Principal`` that answers what it may do (``infra.http.access``); each route
+names the permission it needs.
 
 Routes take the caller as a ``Caller`` parameter (a FastAPI dependency): the key is looked up in
 the ``ApiKeys`` of the app's services, ``request.app.state.services.keys`` (the app serving the
@@ -10,12 +10,14 @@ without a valid key, 503 ``key_store_unavailable`` when it cannot be checked.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Annotated, Protocol
 
 from fastapi import Depends, Request, Security
 from fastapi.security import HTTPBearer
 
-from infra.http.api_keys import ApiKey, ApiKeys, KeyStoreUnavailable, Role
+from infra.http.access import Directory, Permission, Relation, allow, allow_anywhere, sees_prices
+from infra.http.api_keys import ApiKey, ApiKeys, KeyStoreUnavailable
 from infra.http.errors import RETRY_AFTER, ApiError
 
 
@@ -24,6 +26,9 @@ class KeyedServices(Protocol):
 
     @property
     def keys(self) -> ApiKeys: ...
+
+    @property
+    def directory(self) -> Directory: ...
 
 
 def bearer_token(header: str | None) -> str | None:
@@ -67,13 +72,24 @@ async def authenticate(
     return key
 
 
-def may_act(key: ApiKey, account_id: str, roles: tuple[Role, ...]) -> None:
-    """403 unless the key's role is one of ``roles`` and, but for ``service``, the account is
-    the key's own."""
-    if key.role not in roles:
-        raise ApiError(403, "forbidden", f"a {key.role} key may not do this")
-    if key.role != "service" and key.account_id != account_id:
-        raise ApiError(403, "forbidden", "this key may only act on its own account")
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """The caller of a route: its key, and what it may do (``infra.http.access``)."""
+
+    key: ApiKey
+    directory: Directory
+
+    async def on(self, account_id: str, permission: Permission) -> Relation:
+        """How the caller may act on ``account_id`` for ``permission``; else 403."""
+        return await allow(self.key, account_id, permission, self.directory)
+
+    def anywhere(self, permission: Permission) -> Relation:
+        """For routes with no account in the path (``access.allow_anywhere``)."""
+        return allow_anywhere(self.key, permission)
+
+    @property
+    def sees_prices(self) -> bool:
+        return sees_prices(self.key)
 
 
 #: The security scheme of the OpenAPI document (``HTTPBearer``); the header itself is read by
@@ -81,11 +97,12 @@ def may_act(key: ApiKey, account_id: str, roles: tuple[Role, ...]) -> None:
 bearer = HTTPBearer(auto_error=False, description="An API key: `mk_<key id>_<secret>`")
 
 
-async def _caller(request: Request, _: Annotated[object, Security(bearer)]) -> ApiKey:
+async def _caller(request: Request, _: Annotated[object, Security(bearer)]) -> Principal:
     services: KeyedServices = request.app.state.services
-    return await authenticate(services.keys, bearer_token(request.headers.get("authorization")))
+    key = await authenticate(services.keys, bearer_token(request.headers.get("authorization")))
+    return Principal(key, services.directory)
 
 
 # Module level: FastAPI resolves (string) annotations in the namespace of the route's module,
 # which imports this name.
-Caller = Annotated[ApiKey, Depends(_caller)]
+Caller = Annotated[Principal, Depends(_caller)]
