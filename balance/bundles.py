@@ -11,6 +11,7 @@ from datetime import datetime, timedelta
 import asyncpg
 
 from balance.protocol import BalanceStore
+from contracts.money import format_money
 from infra.clock import Clock, system_clock, utc_datetime
 from infra.ledger import Ledger, PostgresLedger
 
@@ -91,7 +92,9 @@ async def buy_bundle(
     if out.result == "unknown_account":
         raise BundleError("unknown_account", f"account {account_id!r} has no balance state")
     if out.result == "insufficient_credit":
-        raise BundleError("insufficient_credit", f"the available credit does not cover {price}")
+        raise BundleError(
+            "insufficient_credit", f"the available credit does not cover {format_money(price)}"
+        )
     async with pool.acquire() as conn, conn.transaction():
         await conn.execute(
             "INSERT INTO bundle_purchases (account_id, purchase_id, bundle_id, seconds, price,"

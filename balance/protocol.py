@@ -129,6 +129,10 @@ class BalanceStore(Protocol):
         self, charges: Sequence[Unsettled], *, now_s: int, keep_s: int = 86_400
     ) -> int: ...
 
+    async def set_limits(
+        self, account_id: str, *, credit_limit: int, low_threshold: int, now_s: int | None = None
+    ) -> AccountStatus | None: ...
+
     # Outboxes (the outbox relay).
     async def pending_outboxes(self, limit: int = 1000) -> dict[str, list[PendingSignal]]: ...
 

@@ -84,6 +84,7 @@ class RedisBalances(ReservationStore, OutboxStore):
         self._grant: AsyncScript = client.register_script(_lua("grant.lua"))
         self._undraw: AsyncScript = client.register_script(_lua("undraw.lua"))
         self._recharge: AsyncScript = client.register_script(_lua("recharge_settings.lua"))
+        self._limits: AsyncScript = client.register_script(_lua("set_limits.lua"))
 
     def _now(self, now_s: int | None) -> int:
         """``now_s``, or the injected clock's whole seconds."""
@@ -207,6 +208,27 @@ class RedisBalances(ReservationStore, OutboxStore):
         if int(changed) < 0:
             return None
         return StatusChange(int(changed) == 1, replies.status(status))
+
+    async def set_limits(
+        self, account_id: str, *, credit_limit: int, low_threshold: int, now_s: int | None = None
+    ) -> AccountStatus | None:
+        """Set the credit limit and low-balance threshold (micro-units, >= 0), moving the
+        account where its credit now puts it (``set_limits.lua``: a signal may be queued).
+        Returns its status, None for an unknown account."""
+        if credit_limit < 0 or low_threshold < 0:
+            raise ValueError("limits are micro-units >= 0")
+        now = self._now(now_s)
+        await self.mark_outbox_pending([account_id])
+        found, status = await call(
+            "set limits",
+            lambda: self._limits(
+                keys=[keys.account(account_id), keys.outbox(account_id)],
+                args=[credit_limit, low_threshold, now],
+            ),
+        )
+        if int(found) < 0:
+            return None
+        return replies.status(status)
 
     async def set_auto_recharge(self, account_id: str, threshold: int | None) -> int | None:
         """Turn auto-recharge on at ``threshold`` micro-units (None: off) in the account's

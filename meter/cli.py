@@ -10,7 +10,7 @@ import logging
 import sys
 
 from infra.settings import Settings, SettingsError
-from meter.commands import accounts, admin, benches, pricing, processes
+from meter.commands import accounts, admin, benches, pricing, processes, tenancy
 from meter.parser import build_parser
 
 __all__ = ["build_parser", "main"]
@@ -60,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
         return asyncio.run(accounts.seed(settings, args.file.read_bytes()))
     if args.command == "reconcile":
         return asyncio.run(admin.reconcile(settings, settle=args.settle_provisional))
+    if args.command == "accounts":
+        return asyncio.run(tenancy.accounts(settings, args))
     if args.command == "keys":
         return asyncio.run(accounts.keys(settings, args))
     if args.command == "pricelist":

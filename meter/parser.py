@@ -87,6 +87,17 @@ def build_parser() -> argparse.ArgumentParser:
     bu.add_argument("--bundle", required=True, help="the bundle's id (see the seed file)")
     bu.add_argument("--purchase-id", required=True, help="idempotency key: retry with the same one")
 
+    ac = sub.add_parser("accounts", help="accounts, for operators: create, list, verify")
+    ac.add_argument("action", choices=["create", "list", "verify"])
+    ac.add_argument("--account", help="the account's id (create: default a fresh one)")
+    ac.add_argument("--name", help="create: a display name")
+    ac.add_argument("--price-list", help="create: a top-level account's price list")
+    ac.add_argument("--manager", help="create: the manager of a managed account; list: filter")
+    ac.add_argument("--credit-limit", help="create: a decimal amount, e.g. 50.00")
+    ac.add_argument(
+        "--level", type=int, choices=[1, 2], default=2, help="verify: 2 lifts new-account limits"
+    )
+
     sub.add_parser("migrate", help="apply pending database migrations")
     rc = sub.add_parser("reconcile", help="compare every Redis balance with the ledger")
     rc.add_argument(

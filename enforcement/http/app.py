@@ -3,31 +3,16 @@ and the operator's suspend / resume; ``create_app`` builds it, ``connect_api`` w
 Payments' routes are ``recharge.routes``'; ``meter.apiserver`` serves both as one API.
 
 Modules: ``authorizations`` (the route and the answer), ``fastpath`` (the same, in plain ASGI),
-``accounts`` (balance, suspend, resume), ``bundles``, ``services`` (what routes run on and the
+``accounts`` (balance, suspend, resume), ``tenants`` (accounts as operators and managers see
+them), ``bundles``, ``services`` (what routes run on and the
 account checks they share), ``models`` (the bodies).
 
-Every ``/v1`` endpoint needs ``Authorization: Bearer <api key>`` (``infra.http.callers``):
-
-=====================================  ===============================================
-``POST /v1/authorizations``            ``service`` keys for any account (call-control
-                                       serves every customer); ``admin``/``user`` keys
-                                       for their own account only
-``GET /v1/accounts/{id}/balance``      ``service`` for any account; ``admin``/``user``
-                                       for their own
-``POST /v1/accounts/{id}/suspend``     ``admin`` of that account
-``POST /v1/accounts/{id}/resume``      ``admin`` of that account (also lifts a hold the
-                                       service pinned, e.g. after the recharge cap)
-``PUT|GET /v1/accounts/{id}/           ``admin`` of that account (billing is admin only)
-auto_recharge``, ``PUT|GET|DELETE
-.../payment_method``, ``POST|GET
-.../payments``
-=====================================  ===============================================
-
-Why a ``service`` key may authorize for any account: call-control sits in front of every
-customer's calls and asks before each one; a key per customer would have to be looked up by the
-switch per call. It belongs to the platform's own account, it cannot suspend, resume or (later)
-pay, and it is the one kind of key that must never leave the platform. ``admin``/``user`` keys
-are customers' keys; acting for managed accounts comes with the issue that brings them.
+Every ``/v1`` endpoint needs ``Authorization: Bearer <api key>`` (``infra.http.callers``), and
+what each caller may do on which account is one table, ``infra.http.access.RULES``
+(docs/design/access.md): operators on every account, service keys (call-control) for
+authorizations and balance reads of every account, an account's admins and users on their own
+(billing is admin only, or a user's Edit Billing privilege), a manager's admin on the accounts
+it manages.
 
 Failure policy: every answer comes within a bounded time, never a hang. An authorization, the
 API key check included, answers within ``authorize_deadline_s`` (0.5 s by default). Past it,
@@ -61,7 +46,7 @@ from fastapi import APIRouter, FastAPI
 from balance.accounts import load_into_redis
 from balance.coalesce import CoalescingBalances
 from enforcement.authorize import Authorizer
-from enforcement.http import accounts, authorizations, bundles
+from enforcement.http import accounts, authorizations, bundles, tenants
 from enforcement.http.services import ApiServices
 from infra.db import create_pool
 from infra.http import errors
@@ -163,6 +148,7 @@ def create_app(
     )
     errors.install(app)
     app.state.services = services  # set by the lifespan when None
-    for router in (authorizations.router, accounts.router, bundles.router, *routers):
+    own = (authorizations.router, accounts.router, tenants.router, bundles.router)
+    for router in (*own, *routers):
         app.include_router(router)
     return app

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
 
 from balance.bundles import BundleError, buy_bundle
 from contracts.money import format_money
@@ -31,7 +32,7 @@ _REFUSALS = {
 )
 async def buy(
     request: Request, account_id: AccountPath, who: Caller, svc: Services
-) -> BundlePurchaseOut:
+) -> JSONResponse:
     """The price is debited and the minutes land in the account's bucket together, once
     per ``purchase_id``; 409 ``insufficient_credit`` when the credit does not cover it."""
     await who.on(account_id, "billing.write")
@@ -45,15 +46,21 @@ async def buy(
         )
     except BundleError as exc:
         status, field = _REFUSALS.get(exc.reason, (409, None))
-        raise ApiError(status, exc.reason, str(exc), field) from None
-    return BundlePurchaseOut(
+        message = str(exc)
+        if exc.reason == "insufficient_credit" and not who.sees_prices:
+            message = "the available credit does not cover this bundle"  # the price is hidden
+        raise ApiError(status, exc.reason, message, field) from None
+    out = BundlePurchaseOut(
         account_id=account_id,
         purchase_id=p.purchase_id,
         bundle_id=p.bundle_id,
         minutes=p.seconds // 60,
-        price=format_money(p.price),
+        price=format_money(p.price) if who.sees_prices else None,
         valid_from=p.valid_from,
         expires_at=p.expires_at,
         balance=format_money(p.balance),
         created=p.applied,
     )
+    # A managed account never sees a price: not even the field (its balance shows the total).
+    exclude = None if who.sees_prices else {"price"}
+    return JSONResponse(out.model_dump(mode="json", exclude=exclude))

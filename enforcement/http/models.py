@@ -81,7 +81,11 @@ class BundlePurchaseOut(BaseModel):
     purchase_id: str
     bundle_id: str
     minutes: int
-    price: str = Field(description="money taken from the balance, decimal string")
+    price: str | None = Field(
+        default=None,
+        description="money taken from the balance, decimal string; absent for a managed"
+        " account, which never sees a price (its balance shows what was taken)",
+    )
     valid_from: datetime
     expires_at: datetime
     balance: str
