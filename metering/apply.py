@@ -159,6 +159,8 @@ def ledger_rows(
                 c.event_id,
                 c.fingerprint,
                 c.included_s,
+                c.billing_group,
+                c.direction,
             )
             if code == "n":  # Redis marks a second copy in the batch "d": keys are unique
                 fresh.append(row)

@@ -89,6 +89,8 @@ class Charge:
     day: int  # its UTC day number: the Redis bucket that remembers it
     call_id: str  # a hangup's call (its reservation is released with the charge), else ""
     answered_at: int  # a hangup's answer in unix seconds, else 0
+    billing_group: str  # decided at rating (``rating.groups``); "" for none
+    direction: str  # a call's, else ""
     source: str
     event_id: str
     #: a call's draw on the minute bucket (``balance.store.Debit.draw``); None when

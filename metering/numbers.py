@@ -115,6 +115,12 @@ def rate_numbers(
                 day=epoch // DAY_S,
                 call_id="",
                 answered_at=0,
+                billing_group=(
+                    ""
+                    if acct.groups is None
+                    else acct.groups.of_number(ev.data.number, ev.data.billing_group_id)
+                ),
+                direction="",
                 source=ev.source,
                 event_id=ev.id,
             )

@@ -81,11 +81,20 @@ def rate(
             if billed:  # any account may hold bundle seconds: debit.lua decides the draw
                 draw = Draw(billed, voice.rate_per_min, voice.connect_fee, at)
             kind, qty, ref, call = "call", billed, d.call_id, d.call_id
+            direction: str = d.direction
+            groups = acct.groups
+            group = (
+                ""
+                if groups is None
+                else groups.of_call(direction, d.from_, d.to, d.outbound_profile_id)
+            )
         else:
             at = 0
+            direction = ""
             m: MessageData | MessageSentData = ev.data  # type: ignore[assignment]
             amount = plist.rate_message(m.parts, epoch)
             kind, qty, ref, call = "sms", m.parts, m.message_id, ""
+            group = "" if acct.groups is None else acct.groups.of_message(m.from_)
         append(
             Charge(
                 record=rec,
@@ -104,6 +113,8 @@ def rate(
                 day=epoch // DAY_S,
                 call_id=call,
                 answered_at=at,
+                billing_group=group,
+                direction=direction,
                 source=ev.source,
                 event_id=ev.id,
                 draw=draw,

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import asyncpg
 
 from infra.singleflight import SingleFlight
+from rating.groups import Groups
 from rating.plans import Plan
 from rating.pricelists import load_price_lists, price_list_versions
 from rating.rating import PriceList
@@ -41,12 +42,42 @@ class AccountRating:
     price_list: PriceList
     plan: Plan | None = None  # None: pay as you go
     inherited: bool = False  # the price list is the manager's: never show it to this account
+    groups: Groups | None = None  # None: the account has no billing groups
 
 
 async def load_plans(pool: asyncpg.Pool) -> dict[str, Plan]:
     return {
         r["id"]: Plan(r["id"], r["included_s"]) for r in await pool.fetch("SELECT * FROM plans")
     }
+
+
+async def _load_groups(pool: asyncpg.Pool, account_ids: list[str]) -> dict[str, Groups]:
+    """The billing-group assignments of the accounts that have groups (three indexed reads)."""
+    if not account_ids:
+        return {}
+    known: dict[str, set[str]] = {}
+    for r in await pool.fetch(
+        "SELECT account_id, id FROM billing_groups WHERE account_id = ANY($1::text[])",
+        account_ids,
+    ):
+        known.setdefault(r["account_id"], set()).add(r["id"])
+    if not known:
+        return {}
+    numbers: dict[str, dict[str, str]] = {a: {} for a in known}
+    profiles: dict[str, dict[str, str]] = {a: {} for a in known}
+    for r in await pool.fetch(
+        "SELECT account_id, number, billing_group_id FROM number_groups"
+        " WHERE account_id = ANY($1::text[])",
+        list(known),
+    ):
+        numbers[r["account_id"]][r["number"]] = r["billing_group_id"]
+    for r in await pool.fetch(
+        "SELECT account_id, id, billing_group_id FROM outbound_profiles"
+        " WHERE account_id = ANY($1::text[]) AND billing_group_id IS NOT NULL",
+        list(known),
+    ):
+        profiles[r["account_id"]][r["id"]] = r["billing_group_id"]
+    return {a: Groups(numbers[a], profiles[a], frozenset(g)) for a, g in known.items()}
 
 
 class Catalog:
@@ -170,6 +201,7 @@ class Catalog:
             " WHERE a.id = ANY($1::text[])",
             missing,
         )
+        groups = await _load_groups(self._pool, [r["id"] for r in rows])
         found = set()
         for r in rows:
             plist = self._lists.get(r["price_list_id"])
@@ -182,7 +214,9 @@ class Catalog:
             if r["plan_id"] and plan is None:
                 self._plans = await load_plans(self._pool)
                 plan = self._plans.get(r["plan_id"])
-            self._accounts[r["id"]] = AccountRating(r["id"], plist, plan, r["inherited"])
+            self._accounts[r["id"]] = AccountRating(
+                r["id"], plist, plan, r["inherited"], groups.get(r["id"])
+            )
             found.add(r["id"])
         for a in missing:
             if a not in found:

@@ -58,6 +58,8 @@ def usage(account: str, call_id: str, amount: int, *, fingerprint: bytes = b"f")
         call_id,
         fingerprint,
         0,
+        "",
+        "outbound",
     )
 
 
