@@ -9,7 +9,7 @@ from typing import Literal
 
 import asyncpg
 
-from recharge.gateway import SavedMethod
+from recharge.gateway import SavedMethod, idempotency_key
 
 #: ``auto``: an auto-recharge; ``manual``: a top-up (the payments table's CHECK allows these).
 PaymentKind = Literal["auto", "manual"]
@@ -30,6 +30,8 @@ class RechargeSettings:
 
 @dataclass(frozen=True, slots=True)
 class Payment:
+    """A payment, known by ``(account_id, id)``: its id is unique in its account only."""
+
     id: str
     account_id: str
     kind: PaymentKind
@@ -46,6 +48,7 @@ class Payment:
     created_at: datetime
     credited_at: datetime | None
     updated_at: datetime
+    gateway_key: str  # the idempotency key it is charged with, on every retry
 
     @classmethod
     def of(cls, r: asyncpg.Record) -> Payment:
@@ -68,13 +71,14 @@ class Payment:
             r["created_at"],
             r["credited_at"],
             r["updated_at"],
+            r["gateway_key"],
         )
 
 
 @dataclass(frozen=True, slots=True)
 class NewPayment:
-    """A payment to record before anything is charged. Its ``id`` is also the gateway's
-    idempotency key; ``status`` ``pending`` (to be charged) or ``refused`` (by the policy)."""
+    """A payment to record before anything is charged, its ``id`` unique in its account;
+    ``status`` ``pending`` (to be charged) or ``refused`` (by the policy)."""
 
     id: str
     account_id: str
@@ -87,6 +91,10 @@ class NewPayment:
     status: Literal["pending", "refused"] = "pending"
     reason: str = ""
     message: str = ""
+
+    @property
+    def gateway_key(self) -> str:
+        return idempotency_key(self.account_id, self.id)
 
 
 @dataclass(frozen=True, slots=True)
