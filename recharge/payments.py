@@ -109,6 +109,20 @@ class Trigger:
     next_attempt_at: datetime
 
 
+def auto_payment_id(account_id: str, seq: int, attempt: int) -> str:
+    """The id of an auto-recharge: attempt ``attempt`` of the account's trigger ``seq``. Unique
+    in the account (attempts are counted under its payment lock) and never made anew for a
+    retry: a cut-off attempt is found again by its trigger and charged with its own key. It
+    starts with the account id, as it always has, so the ids in a history stay what they were.
+    At most 64 + 4 + 10 + 1 + 10 characters, under the table's 128."""
+    return f"{account_id}:ar:{seq}:{attempt}"
+
+
+def is_auto_payment_id(account_id: str, payment_id: str) -> bool:
+    """``payment_id`` is one ``auto_payment_id`` makes for the account (or could, later)."""
+    return payment_id.startswith(f"{account_id}:ar:")
+
+
 def method_label(m: SavedMethod) -> str:
     """How a payment names the method it was charged to (``visa 4242``)."""
     return f"{m.brand} {m.last4}".strip() or m.method_ref

@@ -41,7 +41,14 @@ from infra.ledger import Conn, Ledger, PostgresLedger
 from recharge import policy
 from recharge.gateway import GatewayUnavailable, PaymentGateway, SavedMethod
 from recharge.notify import LogNotifier, Notices, Notifier
-from recharge.payments import NewPayment, Payment, RechargeSettings, method_label
+from recharge.payments import (
+    NewPayment,
+    Payment,
+    RechargeSettings,
+    auto_payment_id,
+    is_auto_payment_id,
+    method_label,
+)
 from recharge.policy import AccountTerms
 from recharge.settlement import UNKNOWN_RETRIES, Settlement
 from recharge.store import PaymentStore
@@ -194,6 +201,15 @@ class PaymentService:
         ``payment_id`` in the account: a retry answers the first payment (and finishes it if it
         was cut off); another account's payment of the same id is never seen.
         Raises ``PolicyRefusal`` (nothing charged) or ``PaymentError``."""
+        if is_auto_payment_id(account_id, payment_id):
+            # The account's auto-recharges are named in its own id space: a top-up that took
+            # one of those ids would answer as that recharge, or leave a trigger's attempt
+            # unable to record its payment, which the worker would retry for ever, holding
+            # its partition.
+            raise PaymentError(
+                "payment_id_reused",
+                f"payment ids {account_id}:ar:... are the account's auto-recharges",
+            )
         now = self._clock()
         async with self._store.locked(account_id) as conn:  # 1. decide and record, locked
             prior = await self._store.payment(account_id, payment_id, conn)
@@ -295,7 +311,7 @@ class PaymentService:
                         await self._store.add_payment(
                             conn,
                             NewPayment(
-                                f"{account_id}:ar:{seq}:{attempt_no}",
+                                auto_payment_id(account_id, seq, attempt_no),
                                 account_id,
                                 "auto",
                                 d.amount,
