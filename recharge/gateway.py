@@ -23,6 +23,8 @@ from typing import Literal, Protocol
 from contracts.money import Micros
 
 MICROS_PER_CENT = 10_000
+#: Stripe's longest idempotency key; ``idempotency_key`` stays under it.
+MAX_KEY_LENGTH = 255
 
 
 class GatewayError(Exception):
@@ -46,6 +48,20 @@ def to_cents(amount: Micros) -> int:
     return amount // MICROS_PER_CENT
 
 
+def idempotency_key(account_id: str, payment_id: str) -> str:
+    """The key an account's payment is charged with: ``<account_id>/<payment_id>``.
+
+    A payment id is the account's own (a client's idempotency key), so two accounts' payments
+    of one id must be two charges. ``/`` is in neither id's alphabet (``[A-Za-z0-9_.:-]``), so
+    no two pairs make one key, and none is a bare payment id (the key of payments made before
+    ids were scoped, migration 0009). At most 64 + 1 + 128 = 193 characters."""
+    key = f"{account_id}/{payment_id}"
+    if len(key) > MAX_KEY_LENGTH or "/" in account_id or "/" in payment_id:
+        # the tables' CHECKs forbid both: a key that could collide is never sent
+        raise ValueError(f"no idempotency key for payment {payment_id!r} of {account_id!r}")
+    return key
+
+
 @dataclass(frozen=True, slots=True)
 class SavedMethod:
     """A payment method saved for off-session charges."""
@@ -63,7 +79,7 @@ class ChargeRequest:
     currency: str  # ISO 4217, e.g. "USD"
     customer_ref: str
     method_ref: str
-    idempotency_key: str  # one per recharge or top-up; the same on every retry of it
+    idempotency_key: str  # one per payment (``idempotency_key``); the same on every retry of it
     description: str
 
 

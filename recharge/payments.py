@@ -9,7 +9,7 @@ from typing import Literal
 
 import asyncpg
 
-from recharge.gateway import SavedMethod
+from recharge.gateway import SavedMethod, idempotency_key
 
 #: ``auto``: an auto-recharge; ``manual``: a top-up (the payments table's CHECK allows these).
 PaymentKind = Literal["auto", "manual"]
@@ -30,6 +30,8 @@ class RechargeSettings:
 
 @dataclass(frozen=True, slots=True)
 class Payment:
+    """A payment, known by ``(account_id, id)``: its id is unique in its account only."""
+
     id: str
     account_id: str
     kind: PaymentKind
@@ -46,6 +48,7 @@ class Payment:
     created_at: datetime
     credited_at: datetime | None
     updated_at: datetime
+    gateway_key: str  # the idempotency key it is charged with, on every retry
 
     @classmethod
     def of(cls, r: asyncpg.Record) -> Payment:
@@ -68,13 +71,14 @@ class Payment:
             r["created_at"],
             r["credited_at"],
             r["updated_at"],
+            r["gateway_key"],
         )
 
 
 @dataclass(frozen=True, slots=True)
 class NewPayment:
-    """A payment to record before anything is charged. Its ``id`` is also the gateway's
-    idempotency key; ``status`` ``pending`` (to be charged) or ``refused`` (by the policy)."""
+    """A payment to record before anything is charged, its ``id`` unique in its account;
+    ``status`` ``pending`` (to be charged) or ``refused`` (by the policy)."""
 
     id: str
     account_id: str
@@ -88,6 +92,10 @@ class NewPayment:
     reason: str = ""
     message: str = ""
 
+    @property
+    def gateway_key(self) -> str:
+        return idempotency_key(self.account_id, self.id)
+
 
 @dataclass(frozen=True, slots=True)
 class Trigger:
@@ -99,6 +107,20 @@ class Trigger:
     attempts: int
     declines: int
     next_attempt_at: datetime
+
+
+def auto_payment_id(account_id: str, seq: int, attempt: int) -> str:
+    """The id of an auto-recharge: attempt ``attempt`` of the account's trigger ``seq``. Unique
+    in the account (attempts are counted under its payment lock) and never made anew for a
+    retry: a cut-off attempt is found again by its trigger and charged with its own key. It
+    starts with the account id, as it always has, so the ids in a history stay what they were.
+    At most 64 + 4 + 10 + 1 + 10 characters, under the table's 128."""
+    return f"{account_id}:ar:{seq}:{attempt}"
+
+
+def is_auto_payment_id(account_id: str, payment_id: str) -> bool:
+    """``payment_id`` is one ``auto_payment_id`` makes for the account (or could, later)."""
+    return payment_id.startswith(f"{account_id}:ar:")
 
 
 def method_label(m: SavedMethod) -> str:

@@ -132,7 +132,8 @@ class PaymentIn(RequestBody):
         str,
         Field(
             pattern=r"^[A-Za-z0-9_.:-]{1,64}$",
-            description="Idempotency key: a retry with it never charges twice",
+            description="Idempotency key, scoped to the account: a retry with it never charges"
+            " twice; another account's payment of the same id is a payment of its own",
         ),
     ]
     payment_method: Annotated[str, Field(pattern=r"^[A-Za-z0-9_]{1,255}$")] | None = Field(
@@ -332,11 +333,11 @@ async def delete_method(account_id: AccountPath, who: Caller, host: Host) -> Res
     summary="A manual top-up (admin): charge the saved method and credit what it captured",
 )
 async def pay(request: Request, account_id: AccountPath, who: Caller, host: Host) -> Response:
-    """Idempotent per ``payment_id``. Limits: at least 10.00, whole cents; a new account
-    may pay 100.00 on its first day, 50.00 more each day after (level-2 verification lifts
-    it): 409 ``payment_limit_exceeded`` with ``Retry-After``. A declined card is 402
-    ``card_declined`` (the payment is in the history with its decline code). When the
-    gateway's answer is lost the payment is ``pending`` (202): it is settled in the
+    """Idempotent per ``payment_id`` within the account. Limits: at least 10.00, whole
+    cents; a new account may pay 100.00 on its first day, 50.00 more each day after (level-2
+    verification lifts it): 409 ``payment_limit_exceeded`` with ``Retry-After``. A declined
+    card is 402 ``card_declined`` (the payment is in the history with its decline code). When
+    the gateway's answer is lost the payment is ``pending`` (202): it is settled in the
     background with the same idempotency key, never charged twice."""
     await who.on(account_id, "billing.write")
     body = await json_body(request, PaymentIn)

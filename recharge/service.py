@@ -6,13 +6,15 @@ The state machine of a payment lives here; its rows are written through ``rechar
 Order of writes, so that a crash anywhere leaves exactly one charge and exactly one credit:
 
 1. Decide under a per-account advisory lock (the rules of ``recharge.policy`` read the
-   account's payments), and record the payment as ``pending`` with its id, which is also the
-   gateway's idempotency key. Nothing has been charged yet.
+   account's payments), and record the payment as ``pending`` with its id (unique in its
+   account) and the gateway's idempotency key made of both (``gateway.idempotency_key``).
+   Nothing has been charged yet.
 2. Charge the gateway with that key. A timeout or 5xx is ``OutcomeUnknown``: the same key is
    retried (here, then by ``recover``), so the card is charged at most once per payment.
 3. Settle in one PostgreSQL transaction: the payment ``succeeded`` with what was captured, and
-   the ledger's credit row (idempotent on the payment id).
-4. Credit the Redis balance (idempotent on the payment id), then mark the payment credited.
+   the ledger's credit row (idempotent on the account and payment id).
+4. Credit the Redis balance (idempotent on the payment id in the account's own credits), then
+   mark the payment credited.
 
 ``recover`` (run every few seconds by the recharge worker) finishes whatever a crash or an
 unknown outcome left: pending payments are charged again with their own key, settled ones not
@@ -39,7 +41,14 @@ from infra.ledger import Conn, Ledger, PostgresLedger
 from recharge import policy
 from recharge.gateway import GatewayUnavailable, PaymentGateway, SavedMethod
 from recharge.notify import LogNotifier, Notices, Notifier
-from recharge.payments import NewPayment, Payment, RechargeSettings, method_label
+from recharge.payments import (
+    NewPayment,
+    Payment,
+    RechargeSettings,
+    auto_payment_id,
+    is_auto_payment_id,
+    method_label,
+)
 from recharge.policy import AccountTerms
 from recharge.settlement import UNKNOWN_RETRIES, Settlement
 from recharge.store import PaymentStore
@@ -189,16 +198,26 @@ class PaymentService:
 
     async def top_up(self, account_id: str, amount: int, payment_id: str) -> Payment:
         """Charge the saved method ``amount`` now and credit what it captured. Idempotent on
-        ``payment_id``: a retry answers the first payment (and finishes it if it was cut off).
+        ``payment_id`` in the account: a retry answers the first payment (and finishes it if it
+        was cut off); another account's payment of the same id is never seen.
         Raises ``PolicyRefusal`` (nothing charged) or ``PaymentError``."""
+        if is_auto_payment_id(account_id, payment_id):
+            # The account's auto-recharges are named in its own id space: a top-up that took
+            # one of those ids would answer as that recharge, or leave a trigger's attempt
+            # unable to record its payment, which the worker would retry for ever, holding
+            # its partition.
+            raise PaymentError(
+                "payment_id_reused",
+                f"payment ids {account_id}:ar:... are the account's auto-recharges",
+            )
         now = self._clock()
         async with self._store.locked(account_id) as conn:  # 1. decide and record, locked
-            prior = await self._store.payment(payment_id, conn)
+            prior = await self._store.payment(account_id, payment_id, conn)
             if prior is not None:
-                if prior.account_id != account_id or prior.amount != amount:
+                if prior.amount != amount:
                     raise PaymentError(
                         "payment_id_reused",
-                        f"payment {payment_id!r} was made with another account or amount",
+                        f"payment {payment_id!r} was made with another amount",
                     )
                 p = prior
             else:
@@ -227,7 +246,7 @@ class PaymentService:
             return await self._settlement.charge(p)
         if p.status == "succeeded" and p.credited_at is None:
             await self._settlement.credit(p)
-        return await self._store.current(p.id)
+        return await self._store.current(account_id, p.id)
 
     async def payments(self, account_id: str, limit: int = 100) -> list[Payment]:
         return await self._store.payments(account_id, limit)
@@ -292,7 +311,7 @@ class PaymentService:
                         await self._store.add_payment(
                             conn,
                             NewPayment(
-                                f"{account_id}:ar:{seq}:{attempt_no}",
+                                auto_payment_id(account_id, seq, attempt_no),
                                 account_id,
                                 "auto",
                                 d.amount,

@@ -1,14 +1,15 @@
 """Settling a recorded payment: steps 2 to 4 of ``recharge.service``'s order of writes.
 
-2. Charge the gateway with the payment's id as the idempotency key (an unknown outcome is
-   retried with the same key, here and then by ``recover``).
+2. Charge the gateway with the payment's own idempotency key, made of its account and its id
+   (an unknown outcome is retried with the same key, here and then by ``recover``).
 3. Settle in one PostgreSQL transaction: the payment ``succeeded`` with what was captured, the
    ledger's credit row, the trigger done, a payments' hold lifted. A decline or a refusal
    before the processor is recorded instead, and its trigger scheduled for a retry.
 4. Credit the Redis balance (idempotent on the payment id), then mark the payment credited.
 
 Every step is safe to repeat after a crash: a payment leaves ``pending`` once, the ledger row
-and the Redis credit are idempotent on the payment id.
+and the Redis credit are idempotent on the payment id in its account (the ledger's
+``credit_key`` and the Redis credits hash are both the account's own).
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ class Settlement:
         self._sleep = sleep
 
     async def charge(self, p: Payment) -> Payment:
-        """2. Charge the gateway with the payment's id as the idempotency key."""
+        """2. Charge the gateway with the payment's idempotency key (``gateway_key``)."""
         method = await self._store.method(p.account_id)
         if method is None:
             return await self._failed(p, "no_payment_method", "the payment method was deleted")
@@ -80,7 +81,7 @@ class Settlement:
             currency=p.currency,
             customer_ref=method.customer_ref,
             method_ref=method.method_ref,
-            idempotency_key=p.id,
+            idempotency_key=p.gateway_key,
             description=("auto-recharge" if p.kind == "auto" else "top-up") + f" {p.id}",
         )
         result: ChargeResult | None = None
@@ -90,9 +91,15 @@ class Settlement:
                 break
             except OutcomeUnknown as exc:
                 if delay is None:
-                    log.warning("payment %s: outcome unknown, left to recover: %s", p.id, exc)
+                    log.warning(
+                        "payment %s of %s: outcome unknown, left to recover: %s",
+                        p.id,
+                        p.account_id,
+                        exc,
+                    )
                     # updated_at paces recover's retries (one per grace period)
                     await self._store.note_unknown(
+                        p.account_id,
                         p.id,
                         self._clock(),
                         f"outcome unknown, retrying with the same key: {exc}"[:500],
@@ -110,9 +117,11 @@ class Settlement:
         """3. The payment succeeded and the ledger's credit row, in one transaction; then 4."""
         now = self._clock()
         async with self._store.transaction() as conn:
-            settled = await self._store.settle(conn, p.id, result.captured, result.gateway_ref, now)
+            settled = await self._store.settle(
+                conn, p.account_id, p.id, result.captured, result.gateway_ref, now
+            )
             if settled is None:  # settled by another process meanwhile
-                return await self._store.current(p.id)
+                return await self._store.current(p.account_id, p.id)
             await self._ledger.record_payment(
                 conn,
                 account_id=p.account_id,
@@ -129,7 +138,7 @@ class Settlement:
         metrics.RECHARGES.labels("succeeded").inc()
         await self.credit(settled)
         await self._notify("payment.succeeded", p.account_id, settled, "", "")
-        return await self._store.current(p.id)
+        return await self._store.current(p.account_id, p.id)
 
     async def credit(self, p: Payment) -> None:
         """4. The ledger has the payment's credit row: put the money in the Redis balance,
@@ -145,7 +154,7 @@ class Settlement:
             )
         if p.trigger_seq is not None:
             await self._balances.close_recharge_trigger(p.account_id, p.trigger_seq)
-        await self._store.mark_credited(p.id)
+        await self._store.mark_credited(p.account_id, p.id)
 
     async def _declined(self, p: Payment, result: ChargeResult) -> Payment:
         now = self._clock()
@@ -153,6 +162,7 @@ class Settlement:
         async with self._store.transaction() as conn:
             await self._store.end_payment(
                 conn,
+                p.account_id,
                 p.id,
                 "declined",
                 result.decline_code or "declined",
@@ -178,7 +188,7 @@ class Settlement:
                         "declined:" + (result.decline_code or "declined"),
                     )
         metrics.RECHARGES.labels("declined").inc()
-        out = await self._store.current(p.id)
+        out = await self._store.current(p.account_id, p.id)
         await self._notify(
             "payment.declined", p.account_id, out, result.decline_code, result.message
         )
@@ -198,7 +208,9 @@ class Settlement:
         """Definitely not charged (refused before the processor): recorded, retried later."""
         now = self._clock()
         async with self._store.transaction() as conn:
-            await self._store.end_payment(conn, p.id, "failed", reason, message[:500], now)
+            await self._store.end_payment(
+                conn, p.account_id, p.id, "failed", reason, message[:500], now
+            )
             if p.trigger_seq is not None:
                 await self._store.retry_at(
                     conn,
@@ -208,23 +220,24 @@ class Settlement:
                     reason,
                 )
         metrics.RECHARGES.labels("failed").inc()
-        out = await self._store.current(p.id)
+        out = await self._store.current(p.account_id, p.id)
         await self._notify("payment.failed", p.account_id, out, reason, message)
         return out
 
     async def give_up(self, p: Payment) -> None:
         """A payment whose outcome stayed unknown for nearly a day (Stripe keeps an idempotency
         key 24 hours, and replays a 500 stored under it): stop retrying, credit nothing, and
-        tell an operator to look it up at the gateway by its id. Its trigger is not retried
-        either: a new payment id could charge the card a second time."""
+        tell an operator to look it up at the gateway by its ``gateway_key``. Its trigger is
+        not retried either: a new payment id could charge the card a second time."""
         async with self._store.transaction() as conn:
             await self._store.end_payment(
                 conn,
+                p.account_id,
                 p.id,
                 "failed",
                 "outcome_unknown",
-                "no answer from the gateway for a day: look up this payment id (its idempotency"
-                " key) at the gateway; if it was charged, credit it by hand",
+                "no answer from the gateway for a day: look up this payment's idempotency key"
+                f" ({p.gateway_key}) at the gateway; if it was charged, credit it by hand",
                 None,
             )
             if p.trigger_seq is not None:
@@ -234,6 +247,11 @@ class Settlement:
         if p.trigger_seq is not None:
             await self._balances.close_recharge_trigger(p.account_id, p.trigger_seq)
         metrics.RECHARGES.labels("failed").inc()
-        out = await self._store.current(p.id)
-        log.error("payment %s: outcome unknown for a day, needs review", p.id)
+        out = await self._store.current(p.account_id, p.id)
+        log.error(
+            "payment %s of %s: outcome unknown for a day, needs review (gateway key %s)",
+            p.id,
+            p.account_id,
+            p.gateway_key,
+        )
         await self._notify("payment.failed", p.account_id, out, "outcome_unknown", out.message)

@@ -7,6 +7,9 @@ numbered order of writes); the store makes each write one statement, guarded so 
 or repeated one changes nothing (a payment leaves ``pending`` once; a trigger is counted once
 per attempt). Methods that take ``conn`` run in the caller's transaction, normally one opened
 by ``locked`` or ``transaction``, and never commit on their own.
+
+A payment is named by ``(account_id, payment_id)``, never by its id alone: ids are the
+accounts' own idempotency keys, and two accounts may each have a payment ``p1``.
 """
 
 from __future__ import annotations
@@ -128,14 +131,18 @@ class PaymentStore:
 
     # -- payments ------------------------------------------------------------------------------
 
-    async def payment(self, payment_id: str, conn: Conn | None = None) -> Payment | None:
-        r = await (conn or self._pool).fetchrow("SELECT * FROM payments WHERE id = $1", payment_id)
+    async def payment(
+        self, account_id: str, payment_id: str, conn: Conn | None = None
+    ) -> Payment | None:
+        r = await (conn or self._pool).fetchrow(
+            "SELECT * FROM payments WHERE account_id = $1 AND id = $2", account_id, payment_id
+        )
         return None if r is None else Payment.of(r)
 
-    async def current(self, payment_id: str) -> Payment:
+    async def current(self, account_id: str, payment_id: str) -> Payment:
         """The payment as it stands now; it must exist."""
-        p = await self.payment(payment_id)
-        assert p is not None, payment_id
+        p = await self.payment(account_id, payment_id)
+        assert p is not None, (account_id, payment_id)
         return p
 
     async def payments(self, account_id: str, limit: int = 100) -> list[Payment]:
@@ -151,8 +158,8 @@ class PaymentStore:
         """Record a payment in the account's currency; None: there is no such account."""
         r = await conn.fetchrow(
             "INSERT INTO payments (id, account_id, kind, trigger_seq, amount, currency, status,"
-            " reason, message, gateway, method, created_at, updated_at)"
-            " SELECT $1, $2, $3, $4, $5, currency, $6, $7, $8, $9, $10, $11, $11"
+            " reason, message, gateway, method, created_at, updated_at, gateway_key)"
+            " SELECT $1, $2, $3, $4, $5, currency, $6, $7, $8, $9, $10, $11, $11, $12"
             " FROM accounts WHERE id = $2 RETURNING *",
             p.id,
             p.account_id,
@@ -165,6 +172,7 @@ class PaymentStore:
             p.gateway,
             p.method,
             p.created_at,
+            p.gateway_key,
         )
         return None if r is None else Payment.of(r)
 
@@ -201,25 +209,35 @@ class PaymentStore:
         )
         return [r["created_at"] for r in rows]
 
-    async def note_unknown(self, payment_id: str, at: datetime, message: str) -> None:
+    async def note_unknown(
+        self, account_id: str, payment_id: str, at: datetime, message: str
+    ) -> None:
         """A pending payment's charge had no clear answer; ``at`` paces ``recover``'s retries."""
         await self._pool.execute(
-            "UPDATE payments SET updated_at = $2, message = $3"
-            " WHERE id = $1 AND status = 'pending'",
+            "UPDATE payments SET updated_at = $3, message = $4"
+            " WHERE account_id = $1 AND id = $2 AND status = 'pending'",
+            account_id,
             payment_id,
             at,
             message,
         )
 
     async def settle(
-        self, conn: Conn, payment_id: str, captured: int, gateway_ref: str, at: datetime
+        self,
+        conn: Conn,
+        account_id: str,
+        payment_id: str,
+        captured: int,
+        gateway_ref: str,
+        at: datetime,
     ) -> Payment | None:
         """A pending payment ``succeeded`` with what was ``captured``; None: it was not pending
         (settled by another process meanwhile)."""
         r = await conn.fetchrow(
-            "UPDATE payments SET status = 'succeeded', captured = $2, gateway_ref = $3,"
-            " reason = '', message = '', updated_at = $4 WHERE id = $1 AND status = 'pending'"
-            " RETURNING *",
+            "UPDATE payments SET status = 'succeeded', captured = $3, gateway_ref = $4,"
+            " reason = '', message = '', updated_at = $5"
+            " WHERE account_id = $1 AND id = $2 AND status = 'pending' RETURNING *",
+            account_id,
             payment_id,
             captured,
             gateway_ref,
@@ -227,16 +245,19 @@ class PaymentStore:
         )
         return None if r is None else Payment.of(r)
 
-    async def mark_credited(self, payment_id: str) -> None:
+    async def mark_credited(self, account_id: str, payment_id: str) -> None:
         """The Redis balance has the payment's credit (once: the first time stays)."""
         await self._pool.execute(
-            "UPDATE payments SET credited_at = now() WHERE id = $1 AND credited_at IS NULL",
+            "UPDATE payments SET credited_at = now()"
+            " WHERE account_id = $1 AND id = $2 AND credited_at IS NULL",
+            account_id,
             payment_id,
         )
 
     async def end_payment(
         self,
         conn: Conn,
+        account_id: str,
         payment_id: str,
         status: Literal["declined", "failed"],
         reason: str,
@@ -247,9 +268,10 @@ class PaymentStore:
         """A pending payment that charged nothing; ``at`` None: the database's now,
         ``gateway_ref`` None keeps the one it has."""
         await conn.execute(
-            "UPDATE payments SET status = $2, reason = $3, message = $4,"
-            " gateway_ref = coalesce($5, gateway_ref), updated_at = coalesce($6, now())"
-            " WHERE id = $1 AND status = 'pending'",
+            "UPDATE payments SET status = $3, reason = $4, message = $5,"
+            " gateway_ref = coalesce($6, gateway_ref), updated_at = coalesce($7, now())"
+            " WHERE account_id = $1 AND id = $2 AND status = 'pending'",
+            account_id,
             payment_id,
             status,
             reason,

@@ -6,9 +6,9 @@ seconds (retries after a back-off, charges whose outcome was unknown, credits a 
 
 Delivery is at least once: an offset is committed after ``on_trigger`` returns, and a trigger
 redelivered after a crash finds its row and the payment it started, and charges nothing new
-(the gateway's idempotency key is the payment id). While PostgreSQL or Redis is down the agent
-retries the same trigger, holding its partition: losing a trigger would leave the account's
-latch set and no recharge ever again.
+(the payment keeps the gateway's idempotency key it was first charged with). While PostgreSQL
+or Redis is down the agent retries the same trigger, holding its partition: losing a trigger
+would leave the account's latch set and no recharge ever again.
 
 faust pins an event loop when an App is created, so the App, the connections and the
 service are all made inside ``run_recharge_worker``, in the process that runs them.

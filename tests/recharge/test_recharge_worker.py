@@ -193,7 +193,7 @@ async def test_a_timeout_after_a_successful_charge_is_retried_with_the_same_key(
     assert p.status == "succeeded" and p.captured == 25 * USD
     assert len(fake.charges) == 1 and len(fake.payment_intents) == 1
     keys = {r.headers.get("idempotency-key") for r in fake.requests_to("POST", PI_PATH)}
-    assert keys == {"pay-1"} and len(fake.requests_to("POST", PI_PATH)) >= 2
+    assert keys == {"acc/pay-1"} and len(fake.requests_to("POST", PI_PATH)) >= 2
     st = await conns.balances.get("acc")
     assert st is not None and st.balance == 25 * USD
     assert await _credits(conns, "acc") == 1
@@ -230,7 +230,7 @@ async def test_an_outcome_stripe_never_tells_is_retried_then_left_for_an_operato
         assert (p.status, p.reason, p.captured) == ("failed", "outcome_unknown", 0)
         assert notes.types() == ["payment.failed"]
         keys = {r.headers.get("idempotency-key") for r in fake.requests_to("POST", PI_PATH)}
-        assert keys == {"pay-500"}  # never a second key, so never a second charge
+        assert keys == {"acc/pay-500"}  # never a second key, so never a second charge
         st = await conns.balances.get("acc")
         assert st is not None and st.balance == 0 and await _credits(conns, "acc") == 0
     finally:
