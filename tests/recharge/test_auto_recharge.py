@@ -180,8 +180,10 @@ async def test_two_workers_on_one_trigger_charge_the_card_once(world: World) -> 
     await balances.apply_debits({"a": [debit(1, 15 * USD)]}, 1_700_000_000)
     (seq,) = await triggers(balances, "a")
     outcomes = await asyncio.gather(w1.on_trigger("a", seq), w2.on_trigger("a", seq))
-    assert outcomes.count("succeeded") == 1  # the other: in_flight or not_open (timing)
-    assert set(outcomes) <= {"succeeded", "in_flight", "not_open"}
+    # The other, by timing: in_flight (the first still charging), not_open (its trigger already
+    # closed) or not_needed (the trigger still listed, the credit already above the threshold).
+    assert outcomes.count("succeeded") == 1
+    assert set(outcomes) <= {"succeeded", "in_flight", "not_open", "not_needed"}
     assert gw1.charge_count + gw2.charge_count == 1
     st = await balances.get("a")
     assert st is not None and st.balance == 70 * USD

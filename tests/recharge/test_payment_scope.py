@@ -322,7 +322,7 @@ async def test_migration_0009_keeps_the_payments_it_finds_and_their_keys(
                 " ('p2', 'b', 'manual', NULL, 10000000, 0, 'USD', 'declined', NULL)"
             )
             before = [dict(r) for r in await conn.fetch("SELECT * FROM payments ORDER BY id")]
-            assert (await migrate(conn))[-1] == "0009_payment_scope.sql"
+            assert "0009_payment_scope.sql" in await migrate(conn)
             after = [dict(r) for r in await conn.fetch("SELECT * FROM payments ORDER BY id")]
             # every row as it was, each keeping the key it was charged with: its bare id
             assert [{k: v for k, v in r.items() if k != "gateway_key"} for r in after] == before
