@@ -46,7 +46,7 @@ from fastapi import APIRouter, FastAPI
 from balance.accounts import load_into_redis
 from balance.coalesce import CoalescingBalances
 from enforcement.authorize import Authorizer
-from enforcement.http import accounts, authorizations, bundles, tenants
+from enforcement.http import accounts, authorizations, bundles, groups, tenants
 from enforcement.http.services import ApiServices
 from infra.db import create_pool
 from infra.http import errors
@@ -148,7 +148,7 @@ def create_app(
     )
     errors.install(app)
     app.state.services = services  # set by the lifespan when None
-    own = (authorizations.router, accounts.router, tenants.router, bundles.router)
+    own = (authorizations.router, accounts.router, tenants.router, bundles.router, groups.router)
     for router in (*own, *routers):
         app.include_router(router)
     return app

@@ -58,6 +58,8 @@ OWN = ADMINS | PEOPLE
 BILLING_READ = ADMINS | {EDIT_BILLING, MANAGER, OPERATOR}
 BILLING_WRITE = ADMINS | {EDIT_BILLING, MANAGER}
 MANAGERS = frozenset({MANAGER, MANAGER_FOREIGN})  # the same key: routes with no account
+UNITS_READ = ADMINS | {VIEW_UNIT, EDIT_UNIT, MANAGER, OPERATOR}
+UNITS_WRITE = ADMINS | {EDIT_UNIT, MANAGER}
 
 #: (method, path) -> the principals allowed.
 TABLE: Final[dict[tuple[str, str], frozenset[str]]] = {
@@ -77,7 +79,23 @@ TABLE: Final[dict[tuple[str, str], frozenset[str]]] = {
     ("DELETE", "/v1/accounts/{account_id}/payment_method"): BILLING_WRITE,
     ("POST", "/v1/accounts/{account_id}/payments"): BILLING_WRITE,
     ("GET", "/v1/accounts/{account_id}/payments"): BILLING_READ,
+    ("POST", "/v1/accounts/{account_id}/billing_groups"): UNITS_WRITE,
+    ("GET", "/v1/accounts/{account_id}/billing_groups"): UNITS_READ,
+    ("PATCH", "/v1/accounts/{account_id}/billing_groups/{group_id}"): UNITS_WRITE,
+    ("DELETE", "/v1/accounts/{account_id}/billing_groups/{group_id}"): UNITS_WRITE,
+    ("PUT", "/v1/accounts/{account_id}/billing_groups/{group_id}/numbers"): UNITS_WRITE,
+    ("PUT", "/v1/accounts/{account_id}/billing_groups/{group_id}/users"): UNITS_WRITE,
+    ("GET", "/v1/accounts/{account_id}/outbound_profiles"): UNITS_READ,
+    # an account's profiles, not one unit's: its admins' (and its manager's)
+    ("PUT", "/v1/accounts/{account_id}/outbound_profiles/{profile_id}"): ADMINS | {MANAGER},
+    ("DELETE", "/v1/accounts/{account_id}/outbound_profiles/{profile_id}"): ADMINS | {MANAGER},
+    ("GET", "/v1/accounts/{account_id}/ledger_records"): BILLING_READ | UNITS_READ,
 }
+
+#: Query parameters a route needs (else FastAPI answers 422 before the route runs).
+QUERIES: Final = {"/v1/accounts/{account_id}/ledger_records": "?month=2026-11"}
+#: Path parameters other than the account: well-formed ids nobody has.
+PARAMS: Final = {"{group_id}": "bg_0000000000000000", "{profile_id}": "p_nobody"}
 
 
 @dataclass(frozen=True)
@@ -156,9 +174,13 @@ def routes(api: Api) -> list[tuple[str, str]]:
 
 
 def fill(path: str, target: str) -> str:
-    """The path with the target account and made-up ids for every other parameter."""
-    path = path.replace("{account_id}", target)
-    return re.sub(r"\{[a-z_]+\}", "x_" + secrets.token_hex(4), path)
+    """The path with the target account, made-up ids for every other parameter, and the
+    query a route needs."""
+    url = path.replace("{account_id}", target)
+    for name, value in PARAMS.items():
+        url = url.replace(name, value)
+    assert not re.search(r"\{[a-z_]+\}", url), f"give {path} a made-up id in PARAMS"
+    return url + QUERIES.get(path, "")
 
 
 async def send(api: Api, method: str, path: str, who: Who) -> httpx.Response:
