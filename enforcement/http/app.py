@@ -3,8 +3,9 @@ and the operator's suspend / resume; ``create_app`` builds it, ``connect_api`` w
 Payments' routes are ``recharge.routes``'; ``meter.apiserver`` serves both as one API.
 
 Modules: ``authorizations`` (the route and the answer), ``fastpath`` (the same, in plain ASGI),
-``accounts`` (balance, suspend, resume), ``bundles``, ``services`` (what routes run on and the
-account checks they share), ``models`` (the bodies).
+``accounts`` (balance, suspend, resume), ``bundles``, ``people`` (users, access groups, keys,
+``/v1/me``; bodies in ``people_models``), ``services`` (what routes run on and the account
+checks they share), ``models`` (the bodies).
 
 Every ``/v1`` endpoint needs ``Authorization: Bearer <api key>`` (``infra.http.callers``):
 
@@ -61,7 +62,7 @@ from fastapi import APIRouter, FastAPI
 from balance.accounts import load_into_redis
 from balance.coalesce import CoalescingBalances
 from enforcement.authorize import Authorizer
-from enforcement.http import accounts, authorizations, bundles
+from enforcement.http import accounts, authorizations, bundles, people
 from enforcement.http.services import ApiServices
 from infra.db import create_pool
 from infra.http import errors
@@ -163,6 +164,6 @@ def create_app(
     )
     errors.install(app)
     app.state.services = services  # set by the lifespan when None
-    for router in (authorizations.router, accounts.router, bundles.router, *routers):
+    for router in (authorizations.router, accounts.router, bundles.router, people.router, *routers):
         app.include_router(router)
     return app
