@@ -62,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
         return asyncio.run(admin.reconcile(settings, settle=args.settle_provisional))
     if args.command == "keys":
         return asyncio.run(accounts.keys(settings, args))
+    if args.command == "users":
+        return asyncio.run(accounts.users(settings, args))
     if args.command == "pricelist":
         return asyncio.run(pricing.pricelist(settings, args))
     if args.command == "estimate":

@@ -1,7 +1,7 @@
 """The people of an account through the API that ``meter run api`` serves, on the real
 PostgreSQL and Redis: users, access groups and their privileges reaching the users' keys,
 disabling, keys made, listed and revoked, who may manage whom (tenants, managers, operators),
-hostile input, pagination and ``GET /v1/me``."""
+hostile input, pagination, ``GET /v1/me``, and the ``meter users`` / ``meter keys`` commands."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ import pytest
 from balance.accounts import AccountSpec, create_accounts
 from enforcement.people import People, UserRole
 from infra.http.api_keys import ApiKeys
+from meter.commands import accounts as commands
+from meter.parser import build_parser
 from tests.api import Api, assert_error
 
 Headers = dict[str, str]
@@ -663,3 +665,116 @@ async def test_the_people_routes_are_in_the_openapi_document(api: Api) -> None:
     assert set(schemas["UsersPage"]["properties"]) == {"data", "next_cursor"}
     assert "key" in schemas["KeyCreatedOut"]["properties"]
     assert "key" not in schemas["KeyOut"]["properties"]
+
+
+# --- the command line ------------------------------------------------------------------------
+
+
+async def run(api: Api, capsys: pytest.CaptureFixture[str], line: str) -> tuple[int, str, str]:
+    """``meter LINE`` (words split on spaces) in this process: exit code, stdout, stderr."""
+    args = build_parser().parse_args(line.split())
+    fn = commands.users if args.command == "users" else commands.keys
+    code = await fn(api.settings, args)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+async def test_meter_users_bootstraps_an_account_s_first_admin(
+    api: Api, capsys: pytest.CaptureFixture[str]
+) -> None:
+    await api.seed("acc_a")
+    line = "users create --account acc_a --email Root@Example.com --role admin --name Root"
+    code, out, err = await run(api, capsys, line)
+    assert code == 0, err
+    admin = orjson.loads(out)
+    assert (admin["email"], admin["role"], admin["account_id"]) == (
+        "root@example.com",
+        "admin",
+        "acc_a",
+    )
+    code, out, err = await run(api, capsys, f"keys create --user {admin['id']} --label boot")
+    assert code == 0, err
+    key = bearer(out.strip())
+    assert admin["id"] in err and "shown once" in err
+    # The first admin, through the API, makes the rest.
+    await add_user(api, key, "acc_a", "second@example.com", "user")
+    code, out, _ = await run(api, capsys, "users list --account acc_a")
+    assert code == 0 and [u["email"] for u in orjson.loads(out)] == [
+        "second@example.com",
+        "root@example.com",
+    ]
+
+    # Refusals: exit 2 for options, 1 for what the database says.
+    for line, want in [
+        ("users create --account acc_a --email root@example.com --role user", 1),
+        ("users create --account ghost --email g@example.com --role user", 1),
+        ("users create --account acc_a --email not-an-email --role user", 2),
+        ("users create --account acc_a --email op@example.com --role operator", 2),
+        ("users create --email u@example.com --role user", 2),
+        ("users create --account acc_a --role user", 2),
+        ("users disable", 2),
+        ("users disable --user usr_0123456789abcdef", 1),
+        ("users disable --email nobody@example.com", 1),
+    ]:
+        code, _, err = await run(api, capsys, line)
+        assert code == want, (line, err)
+
+    code, out, _ = await run(api, capsys, "users disable --email ROOT@example.com")
+    assert code == 0 and orjson.loads(out)["disabled_at"] is not None
+    api.svc.keys.forget()
+    assert_error(await api.client.get("/v1/accounts/acc_a/users", headers=key), 401, "unauthorized")
+    code, _, err = await run(api, capsys, f"keys create --user {admin['id']}")
+    assert code == 1 and "disabled" in err
+
+
+async def test_meter_keys_makes_operator_service_and_account_keys(
+    api: Api, capsys: pytest.CaptureFixture[str]
+) -> None:
+    await api.seed("acc_a", "acc_b")
+
+    async def me(key: str) -> dict[str, Any]:
+        body: dict[str, Any] = (await api.client.get("/v1/me", headers=bearer(key))).json()
+        return body
+
+    code, out, err = await run(api, capsys, "keys create --role operator --label ops")
+    assert code == 0, err
+    operator = out.strip()
+    assert ((await me(operator))["kind"], (await me(operator))["account_id"]) == ("operator", None)
+    r = await api.client.get("/v1/accounts/acc_b/users", headers=bearer(operator))
+    assert r.status_code == 200
+
+    code, out, _ = await run(api, capsys, "users create --email staff@example.com --role operator")
+    staff = orjson.loads(out)
+    assert code == 0 and staff["account_id"] is None
+    code, out, _ = await run(api, capsys, f"keys create --user {staff['id']}")
+    assert code == 0 and (await me(out.strip()))["user_id"] == staff["id"]
+    code, out, _ = await run(api, capsys, "users list")
+    assert code == 0 and [u["id"] for u in orjson.loads(out)] == [staff["id"]]
+
+    for role in ("service", "admin", "user"):
+        code, out, err = await run(api, capsys, f"keys create --account acc_a --role {role}")
+        assert code == 0, err
+        assert (await me(out.strip()))["role"] == role
+    key_id = out.strip().split("_")[1]
+    code, _, err = await run(api, capsys, f"keys revoke --key-id {key_id}")
+    assert code == 0 and key_id in err
+    assert (await run(api, capsys, f"keys revoke --key-id {key_id}"))[0] == 1
+
+    for line, want in [
+        ("keys create --role operator --account acc_a", 2),
+        ("keys create --account acc_a", 2),
+        ("keys create --role admin", 2),
+        (f"keys create --user {staff['id']} --role admin", 2),
+        ("keys create --user usr_0123456789abcdef", 1),
+        ("keys create --account ghost --role user", 1),
+        ("keys revoke", 2),
+    ]:
+        code, _, err = await run(api, capsys, line)
+        assert code == want, (line, err)
+
+
+def test_the_parser_keeps_the_old_keys_command() -> None:
+    args = build_parser().parse_args(["keys", "create", "--account", "a", "--role", "service"])
+    assert (args.account, args.role, args.user, args.label) == ("a", "service", None, "")
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["users", "create", "--role", "service"])
