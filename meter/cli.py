@@ -64,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         return asyncio.run(tenancy.accounts(settings, args))
     if args.command == "keys":
         return asyncio.run(accounts.keys(settings, args))
+    if args.command == "users":
+        return asyncio.run(accounts.users(settings, args))
     if args.command == "pricelist":
         return asyncio.run(pricing.pricelist(settings, args))
     if args.command == "estimate":

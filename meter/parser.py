@@ -56,15 +56,43 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("seed", help="create price lists and accounts from a JSON file")
     s.add_argument("file", type=Path)
 
-    k = sub.add_parser("keys", help="API keys: create one (printed once) or revoke one")
+    k = sub.add_parser(
+        "keys",
+        help="API keys: create one (printed once) or revoke one (docs/design/people.md)",
+    )
     k.add_argument("action", choices=["create", "revoke"])
-    k.add_argument("--account", help="create: the account the key belongs to")
+    k.add_argument("--account", help="create: the account the key belongs to (not operator's)")
     k.add_argument(
         "--role",
-        choices=["admin", "user", "service"],
-        help="create: admin (billing, operator), user, service (call-control, any account)",
+        choices=["admin", "user", "service", "operator"],
+        help="create: admin or user of --account (a key with a role of its own), service "
+        "(call-control, any account; on the platform's account), operator (the platform's "
+        "staff, every account; no --account)",
     )
+    k.add_argument(
+        "--user",
+        help="create: a key acting as this user (usr_...), with its account, role and access "
+        "groups as they are at each request (no --account, --role)",
+    )
+    k.add_argument("--label", default="", help="create: what the key is for (at most 100 chars)")
     k.add_argument("--key-id", help="revoke: the key's id (mk_<key id>_...)")
+
+    u = sub.add_parser(
+        "users",
+        help="people: create an account's first admin, list, disable (docs/design/people.md)",
+    )
+    u.add_argument("action", choices=["create", "list", "disable"])
+    u.add_argument(
+        "--account", help="create, list: the account (without: the platform's operators)"
+    )
+    u.add_argument("--email", help="create: the person's email (unique); disable: who")
+    u.add_argument("--name", default="", help="create: the person's name")
+    u.add_argument(
+        "--role",
+        choices=["admin", "user", "operator"],
+        help="create: admin or user of --account, or operator (no --account)",
+    )
+    u.add_argument("--user", help="disable: the user's id (usr_...)")
 
     pl = sub.add_parser(
         "pricelist", help="price list rates as CSV (docs/design/rating.md): import, export"

@@ -4,8 +4,9 @@ Payments' routes are ``recharge.routes``'; ``meter.apiserver`` serves both as on
 
 Modules: ``authorizations`` (the route and the answer), ``fastpath`` (the same, in plain ASGI),
 ``accounts`` (balance, suspend, resume), ``tenants`` (accounts as operators and managers see
-them), ``bundles``, ``services`` (what routes run on and the
-account checks they share), ``models`` (the bodies).
+them), ``bundles``, ``groups`` (billing groups, outbound profiles, the month's ledger records),
+``people`` (users, access groups, keys, ``/v1/me``; bodies in ``people_models``), ``services``
+(what routes run on and the account checks they share), ``models`` (the bodies).
 
 Every ``/v1`` endpoint needs ``Authorization: Bearer <api key>`` (``infra.http.callers``), and
 what each caller may do on which account is one table, ``infra.http.access.RULES``
@@ -46,7 +47,7 @@ from fastapi import APIRouter, FastAPI
 from balance.accounts import load_into_redis
 from balance.coalesce import CoalescingBalances
 from enforcement.authorize import Authorizer
-from enforcement.http import accounts, authorizations, bundles, groups, tenants
+from enforcement.http import accounts, authorizations, bundles, groups, people, tenants
 from enforcement.http.services import ApiServices
 from infra.db import create_pool
 from infra.http import errors
@@ -148,7 +149,7 @@ def create_app(
     )
     errors.install(app)
     app.state.services = services  # set by the lifespan when None
-    own = (authorizations.router, accounts.router, tenants.router, bundles.router, groups.router)
-    for router in (*own, *routers):
+    own = (authorizations.router, accounts.router, tenants.router, bundles.router)
+    for router in (*own, groups.router, people.router, *routers):
         app.include_router(router)
     return app

@@ -22,7 +22,7 @@ import logging
 import re
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Final, Literal, get_args
@@ -52,11 +52,14 @@ class KeyInfo:
 
     key_id: str
     account_id: str | None
+    #: what the key acts with now: its user's current role, for a user's key
     role: str
     user_id: str | None
     label: str
     created_at: datetime
     revoked_at: datetime | None
+    #: not revoked, and its user (if any) not disabled: the key opens the API
+    active: bool = True
 
 
 class KeyStoreUnavailable(Exception):
@@ -100,6 +103,11 @@ _LOOKUP: Final = (
     " FROM api_keys k LEFT JOIN users u ON u.id = k.user_id"
     " LEFT JOIN accounts a ON a.id = k.account_id"
     " WHERE k.key_hash = $1 AND k.revoked_at IS NULL AND u.disabled_at IS NULL"
+)
+#: A key as ``KeyInfo`` (``api_keys k LEFT JOIN users u``).
+_INFO: Final = (
+    "k.key_id, k.account_id, coalesce(u.role, k.role) AS role, k.user_id, k.label,"
+    " k.created_at, k.revoked_at, (k.revoked_at IS NULL AND u.disabled_at IS NULL) AS active"
 )
 
 
@@ -230,14 +238,47 @@ class ApiKeys:
             raise LookupError(f"no account {account_id!r} or user {user_id!r}") from None
         return ApiKey(key_id, account_id, role, user_id), key
 
-    async def list(self, account_id: str) -> list[KeyInfo]:
-        """The keys of an account (live and revoked, newest first), never their secret."""
+    async def list(
+        self,
+        account_id: str,
+        *,
+        limit: int | None = None,
+        before: tuple[datetime, str] | None = None,
+    ) -> list[KeyInfo]:
+        """The keys of an account (live and revoked, newest first), never their secret: at most
+        ``limit``, those older than ``before`` (a key's ``(created_at, key_id)``) when given."""
         rows = await self._pool.fetch(
-            "SELECT key_id, account_id, role, user_id, label, created_at, revoked_at"
-            " FROM api_keys WHERE account_id = $1 ORDER BY created_at DESC, key_id",
+            f"SELECT {_INFO} FROM api_keys k LEFT JOIN users u ON u.id = k.user_id"
+            " WHERE k.account_id = $1"
+            " AND ($2::timestamptz IS NULL OR (k.created_at, k.key_id) < ($2, $3::text))"
+            " ORDER BY k.created_at DESC, k.key_id DESC LIMIT $4",
             account_id,
+            None if before is None else before[0],
+            None if before is None else before[1],
+            limit,
         )
         return [KeyInfo(**dict(r)) for r in rows]
+
+    async def get(self, key_id: str, *, account_id: str) -> KeyInfo | None:
+        """The key, live or revoked, if it is ``account_id``'s; else None (as for no key)."""
+        row = await self._pool.fetchrow(
+            f"SELECT {_INFO} FROM api_keys k LEFT JOIN users u ON u.id = k.user_id"
+            " WHERE k.key_id = $1 AND k.account_id = $2",
+            key_id,
+            account_id,
+        )
+        return None if row is None else KeyInfo(**dict(row))
+
+    def drop_users(self, user_ids: Collection[str]) -> None:
+        """Drop the cached lookups of these users' keys, after this process changed their role,
+        groups or status: here the change shows at the next request, elsewhere within
+        ``ttl_s``."""
+        if not user_ids:
+            return
+        gone = set(user_ids)
+        self._cache = {
+            k: v for k, v in self._cache.items() if v[0] is None or v[0].user_id not in gone
+        }
 
     async def revoke(self, key_id: str, *, account_id: str | None = None) -> bool:
         """Revoke a key (other processes notice within their cache ``ttl_s``), only if it is

@@ -60,6 +60,7 @@ BILLING_WRITE = ADMINS | {EDIT_BILLING, MANAGER}
 MANAGERS = frozenset({MANAGER, MANAGER_FOREIGN})  # the same key: routes with no account
 UNITS_READ = ADMINS | {VIEW_UNIT, EDIT_UNIT, MANAGER, OPERATOR}
 UNITS_WRITE = ADMINS | {EDIT_UNIT, MANAGER}
+PEOPLE_MANAGE = ADMINS | {MANAGER, OPERATOR}
 
 #: (method, path) -> the principals allowed.
 TABLE: Final[dict[tuple[str, str], frozenset[str]]] = {
@@ -90,12 +91,33 @@ TABLE: Final[dict[tuple[str, str], frozenset[str]]] = {
     ("PUT", "/v1/accounts/{account_id}/outbound_profiles/{profile_id}"): ADMINS | {MANAGER},
     ("DELETE", "/v1/accounts/{account_id}/outbound_profiles/{profile_id}"): ADMINS | {MANAGER},
     ("GET", "/v1/accounts/{account_id}/ledger_records"): BILLING_READ | UNITS_READ,
+    ("POST", "/v1/accounts/{account_id}/users"): PEOPLE_MANAGE,
+    ("GET", "/v1/accounts/{account_id}/users"): PEOPLE_MANAGE,
+    ("GET", "/v1/accounts/{account_id}/users/{user_id}"): PEOPLE_MANAGE,
+    ("PATCH", "/v1/accounts/{account_id}/users/{user_id}"): PEOPLE_MANAGE,
+    ("DELETE", "/v1/accounts/{account_id}/users/{user_id}"): PEOPLE_MANAGE,
+    ("POST", "/v1/accounts/{account_id}/access_groups"): PEOPLE_MANAGE,
+    ("GET", "/v1/accounts/{account_id}/access_groups"): PEOPLE_MANAGE,
+    ("GET", "/v1/accounts/{account_id}/access_groups/{group_id}"): PEOPLE_MANAGE,
+    ("PATCH", "/v1/accounts/{account_id}/access_groups/{group_id}"): PEOPLE_MANAGE,
+    ("DELETE", "/v1/accounts/{account_id}/access_groups/{group_id}"): PEOPLE_MANAGE,
+    ("PUT", "/v1/accounts/{account_id}/access_groups/{group_id}/members"): PEOPLE_MANAGE,
+    ("POST", "/v1/accounts/{account_id}/keys"): PEOPLE_MANAGE,
+    ("GET", "/v1/accounts/{account_id}/keys"): PEOPLE_MANAGE,
+    ("DELETE", "/v1/accounts/{account_id}/keys/{key_id}"): PEOPLE_MANAGE,
+    ("GET", "/v1/me"): frozenset(PRINCIPALS) - {REVOKED, NO_KEY},
 }
 
 #: Query parameters a route needs (else FastAPI answers 422 before the route runs).
 QUERIES: Final = {"/v1/accounts/{account_id}/ledger_records": "?month=2026-11"}
 #: Path parameters other than the account: well-formed ids nobody has.
-PARAMS: Final = {"{group_id}": "bg_0000000000000000", "{profile_id}": "p_nobody"}
+PARAMS: Final = {
+    "/billing_groups/{group_id}": "/billing_groups/bg_0000000000000000",
+    "/access_groups/{group_id}": "/access_groups/grp_0000000000000000",
+    "{profile_id}": "p_nobody",
+    "{user_id}": "usr_0000000000000000",
+    "{key_id}": "0000000000000000",
+}
 
 
 @dataclass(frozen=True)

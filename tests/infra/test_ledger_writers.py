@@ -1,6 +1,7 @@
-"""One writer per table: the ledger and the payments' tables each have one module that writes
-them, so an invariant about a table (the Redis balance equals the sum of the ledger; a card is
-charged once per payment) is checked in one place. Found by reading the packages' source for
+"""One writer per table: the ledger, the payments' tables and the people's each have one module
+that writes them, so an invariant about a table (the Redis balance equals the sum of the ledger;
+a card is charged once per payment; a user of one account is never touched through another) is
+checked in one place. Found by reading the packages' source for
 SQL that writes the table (tests set their scenes by hand and are not counted)."""
 
 from __future__ import annotations
@@ -22,6 +23,10 @@ OWNERS = {
     "payment_methods": "recharge/store.py",
     "auto_recharge": "recharge/store.py",
     "recharge_triggers": "recharge/store.py",
+    "users": "enforcement/people.py",
+    "access_groups": "enforcement/people.py",
+    "access_group_members": "enforcement/people.py",
+    "api_keys": "infra/http/api_keys.py",
 }
 
 
