@@ -43,6 +43,7 @@ SCRIPTS: Final = (
     "recharge_settings.lua",
     "release.lua",
     "reserve.lua",
+    "set_limits.lua",
     "set_status.lua",
     "undraw.lua",
 )
