@@ -61,7 +61,9 @@ async def set_status(
     # between the two is repaired by retrying the request (both steps are idempotent).
     await within_db(set_suspended(svc.pool, account_id, action == "suspend"))
     change = await within_redis(
-        svc.balances.set_status(account_id, action, body.reason), svc.authorizer.deadline_s
+        # as before origins: a resume lifts a pinned hold too
+        svc.balances.set_status(account_id, action, body.reason, lift_hold=action == "resume"),
+        svc.authorizer.deadline_s,
     )
     if change is None:
         raise errors.balance_store_unavailable("account state missing; retry")
