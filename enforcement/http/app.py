@@ -1,5 +1,5 @@
 """The HTTP API (FastAPI, OpenAPI at ``/openapi.json``): call authorization, balances, bundles
-and the operator's suspend / resume; ``create_app`` builds it, ``connect_api`` what it runs on.
+and suspend / resume; ``create_app`` builds it, ``connect_api`` what it runs on.
 Payments' routes are ``recharge.routes``'; ``meter.apiserver`` serves both as one API.
 
 Modules: ``authorizations`` (the route and the answer), ``fastpath`` (the same, in plain ASGI),
@@ -14,9 +14,15 @@ Every ``/v1`` endpoint needs ``Authorization: Bearer <api key>`` (``infra.http.c
                                        for their own account only
 ``GET /v1/accounts/{id}/balance``      ``service`` for any account; ``admin``/``user``
                                        for their own
-``POST /v1/accounts/{id}/suspend``     ``admin`` of that account
-``POST /v1/accounts/{id}/resume``      ``admin`` of that account (also lifts a hold the
-                                       service pinned, e.g. after the recharge cap)
+``POST /v1/accounts/{id}/suspend``     ``admin`` of that account, of its manager, or an
+                                       ``operator``; records the caller's origin
+                                       (``tenant``, ``manager``, ``operator``)
+``POST /v1/accounts/{id}/resume``      the same keys, each lifting only what it may: an
+                                       ``admin`` its own suspension, its manager's also
+                                       the manager's, an ``operator`` every origin and
+                                       a hold the service pinned (the recharge cap);
+                                       403 ``lift_not_permitted`` when it may lift none
+                                       of what is there (``enforcement.account_admin``)
 ``PUT|GET /v1/accounts/{id}/           ``admin`` of that account (billing is admin only)
 auto_recharge``, ``PUT|GET|DELETE
 .../payment_method``, ``POST|GET

@@ -1,7 +1,8 @@
-"""One writer per table: the ledger and the payments' tables each have one module that writes
-them, so an invariant about a table (the Redis balance equals the sum of the ledger; a card is
-charged once per payment) is checked in one place. Found by reading the packages' source for
-SQL that writes the table (tests set their scenes by hand and are not counted)."""
+"""One writer per table: the ledger, the payments' tables and the suspensions each have one
+module that writes them, so an invariant about a table (the Redis balance equals the sum of the
+ledger; a card is charged once per payment; only what may lift an origin lifts it) is checked in
+one place. Found by reading the packages' source for SQL that writes the table (tests set their
+scenes by hand and are not counted)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ OWNERS = {
     "payment_methods": "recharge/store.py",
     "auto_recharge": "recharge/store.py",
     "recharge_triggers": "recharge/store.py",
+    "account_suspensions": "enforcement/account_admin.py",
 }
 
 
