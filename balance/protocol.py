@@ -164,7 +164,13 @@ class BalanceStore(Protocol):
     async def bucket(self, account_id: str) -> bytes | None: ...
 
     async def set_status(
-        self, account_id: str, action: StatusAction, reason: str, *, now_s: int | None = None
+        self,
+        account_id: str,
+        action: StatusAction,
+        reason: str,
+        *,
+        now_s: int | None = None,
+        lift_hold: bool = False,
     ) -> StatusChange | None: ...
 
     async def set_auto_recharge(self, account_id: str, threshold: int | None) -> int | None: ...

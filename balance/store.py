@@ -187,21 +187,32 @@ class RedisBalances(ReservationStore, OutboxStore):
         return cast(bytes | None, raw)
 
     async def set_status(
-        self, account_id: str, action: StatusAction, reason: str, *, now_s: int | None = None
+        self,
+        account_id: str,
+        action: StatusAction,
+        reason: str,
+        *,
+        now_s: int | None = None,
+        lift_hold: bool = False,
     ) -> StatusChange | None:
         """``action`` "suspend", "hold" (pinned whatever the credit, see set_status.lua) or
-        "resume" (lifts both). Returns what changed (``changed``: a signal was queued; False:
-        the account already was so), None for an unknown account. ``now_s`` (unix s, default:
-        the clock) decides which minute-bucket grants count for a resumed account."""
+        "resume": lifts the suspension, and the pinned hold only with ``lift_hold`` (an
+        operator's resume: what may lift what is ``enforcement.account_admin``'s). Returns what
+        changed (``changed``: a signal was queued or a pin set or lifted; False: the account
+        already was so), None for an unknown account. ``reason``: a short code
+        (``[a-z0-9_]{1,64}``). ``now_s`` (unix s, default: the clock) decides which
+        minute-bucket grants count for a resumed account."""
         if action not in ("suspend", "hold", "resume"):
             raise ValueError(f"unknown action {action!r}")
+        if lift_hold and action != "resume":
+            raise ValueError("only a resume lifts a pinned hold")
         now = self._now(now_s)
         await self.mark_outbox_pending([account_id])
         changed, status = await call(
             f"set status {action}",
             lambda: self._status(
                 keys=[keys.account(account_id), keys.outbox(account_id)],
-                args=[action, reason, now],
+                args=[action, reason, now, "1" if lift_hold else "0"],
             ),
         )
         await self.mark_outbox_pending([account_id])

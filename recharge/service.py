@@ -359,7 +359,7 @@ class PaymentService:
                 None,
                 "recharge_cap",
                 f"held: {policy.MAX_AUTO_RECHARGES} automatic recharges in 24 hours were not"
-                " enough; resume the account or make a payment to lift the hold",
+                " enough; a payment (or the operator) lifts the hold",
             )
 
     # -- recovery ------------------------------------------------------------------------------

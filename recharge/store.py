@@ -1,6 +1,7 @@
 """The payments' tables in PostgreSQL: the one writer of ``payments``, ``payment_methods``,
-``auto_recharge`` and ``recharge_triggers`` (and of an account's payment hold,
-``accounts.hold_reason``). A test greps the packages for any other writer.
+``auto_recharge`` and ``recharge_triggers`` (a test greps the packages for any other writer),
+and of an account's payment hold, ``accounts.hold_reason``, which besides a payment only an
+operator's resume lifts (``enforcement.account_admin``).
 
 The store keeps no rules: what to write, and in which order, is ``recharge.service``'s (its
 numbered order of writes); the store makes each write one statement, guarded so that a late

@@ -1,25 +1,33 @@
-"""An account's balance, and the operator's suspend / resume."""
+"""An account's balance, and its suspend / resume (who may lift what: enforcement.account_admin)."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Final
 
 from fastapi import APIRouter, Request
 
 from contracts.money import format_money
-from enforcement.account_admin import set_suspended
+from enforcement.account_admin import (
+    Action,
+    Actor,
+    LiftNotPermitted,
+    StateNotApplied,
+    UnknownAccount,
+    change_status,
+)
 from enforcement.http.models import BalanceOut, StatusIn, StatusOut
 from enforcement.http.services import (
     ApiServices,
     Services,
     account_state,
     known,
-    within_redis,
 )
 from infra.http import errors
+from infra.http.access import Relation, forbidden
 from infra.http.bodies import AccountPath, body_doc, json_body
 from infra.http.bounds import within_db
 from infra.http.callers import Caller, Principal
+from infra.http.errors import ApiError
 
 router = APIRouter()
 
@@ -44,28 +52,61 @@ async def balance(account_id: AccountPath, who: Caller, svc: Services) -> Balanc
     )
 
 
+#: How the caller stands to the account -> who it acts as. A service key never holds
+#: ``account.status``; ``allow`` refuses it before this is read.
+_ACTORS: Final[dict[Relation, Actor]] = {
+    "own": "tenant",
+    "managed": "manager",
+    "operator": "operator",
+}
+
+
 async def set_status(
     request: Request,
     svc: ApiServices,
     account_id: str,
     who: Principal,
-    action: Literal["suspend", "resume"],
+    action: Action,
 ) -> StatusOut:
-    await who.on(account_id, "account.status")
+    actor = _ACTORS.get(await who.on(account_id, "account.status"))
+    if actor is None:
+        raise forbidden()
     body = await json_body(request, StatusIn, optional=True)
     await known(svc, account_id)
-    # Load a lost Redis state *before* the flag changes: loaded afterwards it would already
-    # be suspended, and the suspend signal would never be queued.
+    # Load a lost Redis state *before* the origins change: loaded afterwards it would already
+    # be suspended, and the suspend signal would never be queued (change_status checks too;
+    # here the rebuild is shared with the authorizations that met the same loss).
     await account_state(svc, account_id)
-    # PostgreSQL first: it is the book of record, and Redis is rebuilt from it. A failure
-    # between the two is repaired by retrying the request (both steps are idempotent).
-    await within_db(set_suspended(svc.pool, account_id, action == "suspend"))
-    change = await within_redis(
-        svc.balances.set_status(account_id, action, body.reason), svc.authorizer.deadline_s
+    try:
+        # PostgreSQL first, then Redis (bounded by the authorization deadline), under one
+        # bound: a failure between the two is repaired by retrying the request.
+        out = await within_db(
+            change_status(
+                svc.pool,
+                svc.balances,
+                account_id,
+                action,
+                actor,
+                reason=body.reason,
+                set_by=who.key.key_id,
+                redis_timeout_s=svc.authorizer.deadline_s,
+            )
+        )
+    except UnknownAccount:
+        raise ApiError(
+            404, "account_not_found", f"no account {account_id!r}", "account_id"
+        ) from None
+    except LiftNotPermitted as exc:
+        raise ApiError(403, "lift_not_permitted", str(exc)) from None
+    except StateNotApplied as exc:
+        raise errors.balance_store_unavailable(str(exc)) from exc
+    return StatusOut(
+        account_id=account_id,
+        status=out.status,
+        changed=out.changed,
+        suspended_by=list(out.suspended_by),
+        hold_reason=out.hold_reason,
     )
-    if change is None:
-        raise errors.balance_store_unavailable("account state missing; retry")
-    return StatusOut(account_id=account_id, status=change.status, changed=change.changed)
 
 
 _STATUS_DOC = body_doc(StatusIn, required=False)
@@ -76,12 +117,18 @@ _STATUS_DOC = body_doc(StatusIn, required=False)
     response_model=StatusOut,
     responses=errors.responses(400, 401, 403, 404, 422, 503),
     openapi_extra=_STATUS_DOC,
-    summary="Block inbound and outbound calls (operator); queues account.suspend",
+    summary="Suspend the account (its admin, its manager's admin, an operator): inbound and "
+    "outbound blocked; queues account.suspend",
 )
 async def suspend(
     request: Request, account_id: AccountPath, who: Caller, svc: Services
 ) -> StatusOut:
-    """Idempotent: suspending a suspended account changes nothing (``changed`` false)."""
+    """Records the caller's origin (``tenant`` for the account's admin, ``manager`` for its
+    manager's, ``operator``) with ``reason`` and the key that asked. An account is suspended
+    while any origin is there; the first queues ``account.suspend``, another origin is
+    recorded without a second signal. Idempotent: an origin already there is left as it was
+    (``changed`` false). A manager's suspension is of this account alone: the accounts a
+    manager manages are never suspended with it."""
     return await set_status(request, svc, account_id, who, "suspend")
 
 
@@ -90,10 +137,19 @@ async def suspend(
     response_model=StatusOut,
     responses=errors.responses(400, 401, 403, 404, 422, 503),
     openapi_extra=_STATUS_DOC,
-    summary="Lift a suspension; queues account.resume (and account.hold without credit)",
+    summary="Lift what the caller may lift; once no suspension is left, queues account.resume "
+    "(and account.hold when still held)",
 )
 async def resume(
     request: Request, account_id: AccountPath, who: Caller, svc: Services
 ) -> StatusOut:
-    """Idempotent. The account returns to the state its credit gives (active, low, hold)."""
+    """Lifts only what the caller may: the account's admin its own suspension (``tenant``),
+    its manager's admin also its own (``manager``), an operator every origin (``past_due``
+    included) and the hold the service pinned (``hold_reason``, e.g. ``recharge_cap``; a
+    payment lifts that too). While origins are left the account stays suspended
+    (``suspended_by`` names them); once none is, it returns to where its credit puts it
+    (active, low, hold), or to hold for a pin the caller may not lift, queuing
+    ``account.resume`` then ``account.hold``. 403 ``lift_not_permitted`` when something holds
+    the account and the caller may lift none of it (nothing changes); nothing there at all
+    answers ``changed`` false."""
     return await set_status(request, svc, account_id, who, "resume")

@@ -1,5 +1,5 @@
 """The HTTP API (FastAPI, OpenAPI at ``/openapi.json``): call authorization, balances, bundles
-and the operator's suspend / resume; ``create_app`` builds it, ``connect_api`` what it runs on.
+and suspend / resume; ``create_app`` builds it, ``connect_api`` what it runs on.
 Payments' routes are ``recharge.routes``'; ``meter.apiserver`` serves both as one API.
 
 Modules: ``authorizations`` (the route and the answer), ``fastpath`` (the same, in plain ASGI),
@@ -13,7 +13,9 @@ what each caller may do on which account is one table, ``infra.http.access.RULES
 (docs/design/access.md): operators on every account, service keys (call-control) for
 authorizations and balance reads of every account, an account's admins and users on their own
 (billing is admin only, or a user's Edit Billing privilege), a manager's admin on the accounts
-it manages.
+it manages. Suspend and resume record and lift by origin (``tenant``, ``manager``,
+``operator``): each caller lifts only what it may, 403 ``lift_not_permitted`` otherwise
+(``enforcement.account_admin``, docs/design/status-origins.md).
 
 Failure policy: every answer comes within a bounded time, never a hang. An authorization, the
 API key check included, answers within ``authorize_deadline_s`` (0.5 s by default). Past it,

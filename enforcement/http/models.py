@@ -11,6 +11,7 @@ from typing import Annotated, Final, Literal
 from pydantic import AwareDatetime, BaseModel, Field
 
 from contracts.events import AccountId, Direction, Ident, Party
+from enforcement.account_admin import Origin
 from infra.http.models import Money, RequestBody
 
 # A call_id ends up in Redis hash fields and in '|'-separated outbox entries (call.terminate):
@@ -61,13 +62,33 @@ class BalanceOut(BaseModel):
 
 
 class StatusIn(RequestBody):
-    reason: Annotated[str, Field(pattern=r"^[a-z0-9_]{1,64}$")] = "operator"
+    reason: Annotated[
+        str | None,
+        Field(
+            pattern=r"^[a-z0-9_]{1,64}$",
+            description="A short code recorded with the suspension and sent to telephony with "
+            "the signal it causes; default: the caller's origin (tenant, manager, operator)",
+        ),
+    ] = None
 
 
 class StatusOut(BaseModel):
     account_id: str
-    status: AccountStatus
-    changed: bool = Field(description="false when the account already was so")
+    status: AccountStatus = Field(
+        description="What the account is now: suspended while any origin is left; once none "
+        "is, on hold while a pinned hold is there, else where its credit puts it"
+    )
+    changed: bool = Field(
+        description="Whether this request changed anything: an origin recorded or lifted, "
+        "the pinned hold lifted; false when there was nothing to do"
+    )
+    suspended_by: list[Origin] = Field(
+        description="The origins of the suspension still there (empty: not suspended)"
+    )
+    hold_reason: str | None = Field(
+        description="The hold the service pinned (recharge_cap), which only an operator's "
+        "resume or a payment lifts; null when none"
+    )
 
 
 class BundlePurchaseIn(RequestBody):

@@ -7,6 +7,8 @@ Codes by status:
     401 unauthorized                 no ``Authorization: Bearer`` key, or an unknown/revoked one
     402 card_declined                a manual top-up's card was declined (nothing charged)
     403 forbidden                    the key's role may not do this, or it is another account's
+        lift_not_permitted           a resume by a key that may lift none of what holds the
+                                     account (another's suspension, the recharge cap's hold)
     404 account_not_found, not_found
     405 method_not_allowed
     413 payload_too_large            a body over 64 KiB

@@ -48,7 +48,7 @@ async def test_authentication_and_roles(api: Api) -> None:
     r = await api.client.get("/v1/accounts/acc_b/balance", headers=user_a)
     assert_error(r, 403, "forbidden")
     assert (await api.client.get("/v1/accounts/acc_b/balance", headers=service)).status_code == 200
-    # The operator's actions need an admin key of the account.
+    # Suspend / resume need an admin key of the account (or its manager's, or an operator's).
     for headers in (user_a, service):
         r = await api.client.post("/v1/accounts/acc_a/suspend", headers=headers)
         assert_error(r, 403, "forbidden")
@@ -139,7 +139,10 @@ async def test_balance_of_an_account_redis_lost_is_rebuilt_from_the_ledger(api: 
 
 async def test_suspend_and_resume(api: Api) -> None:
     await api.seed("acc_1", balance="3.00")
-    admin = await api.key("acc_1", "admin")
+    # an operator's fraud review: the account's own admin could not lift it (see
+    # test_status_origins.py for who lifts what)
+    key, secret = await api.svc.keys.create(None, "operator")
+    operator = {"Authorization": f"Bearer {secret}"}
 
     async def suspended_in_postgres() -> bool:
         return bool(
@@ -150,20 +153,38 @@ async def test_suspend_and_resume(api: Api) -> None:
         return [(s.type, s.reason) for s in await api.svc.balances.pending_outbox("acc_1")]
 
     r = await api.client.post(
-        "/v1/accounts/acc_1/suspend", json={"reason": "fraud_review"}, headers=admin
+        "/v1/accounts/acc_1/suspend", json={"reason": "fraud_review"}, headers=operator
     )
     assert r.status_code == 200
-    assert r.json() == {"account_id": "acc_1", "status": "suspended", "changed": True}
+    suspended = {
+        "account_id": "acc_1",
+        "status": "suspended",
+        "changed": True,
+        "suspended_by": ["operator"],
+        "hold_reason": None,
+    }
+    assert r.json() == suspended
     assert await suspended_in_postgres()
+    row = await api.svc.pool.fetchrow("SELECT * FROM account_suspensions")
+    assert row is not None
+    assert (row["origin"], row["reason"], row["set_by"]) == ("operator", "fraud_review", key.key_id)
     assert await outbox() == [("account.suspend", "fraud_review")]
-    again = await api.client.post("/v1/accounts/acc_1/suspend", headers=admin)
-    assert again.json() == {"account_id": "acc_1", "status": "suspended", "changed": False}
+    again = await api.client.post("/v1/accounts/acc_1/suspend", headers=operator)
+    assert again.json() == suspended | {"changed": False}
     assert await outbox() == [("account.suspend", "fraud_review")]
-    bad = await api.client.post("/v1/accounts/acc_1/resume", json={"reason": "No!"}, headers=admin)
+    bad = await api.client.post(
+        "/v1/accounts/acc_1/resume", json={"reason": "No!"}, headers=operator
+    )
     assert_error(bad, 422, "validation_error", "reason")
 
-    r = await api.client.post("/v1/accounts/acc_1/resume", headers=admin)
-    assert r.json() == {"account_id": "acc_1", "status": "active", "changed": True}
+    r = await api.client.post("/v1/accounts/acc_1/resume", headers=operator)
+    assert r.json() == {
+        "account_id": "acc_1",
+        "status": "active",
+        "changed": True,
+        "suspended_by": [],
+        "hold_reason": None,
+    }
     assert not await suspended_in_postgres()
     assert await outbox() == [("account.suspend", "fraud_review"), ("account.resume", "operator")]
     seqs = [s.seq for s in await api.svc.balances.pending_outbox("acc_1")]

@@ -1,8 +1,9 @@
-"""One writer per table: the ledger, the payments' tables and the people's each have one module
-that writes them, so an invariant about a table (the Redis balance equals the sum of the ledger;
-a card is charged once per payment; a user of one account is never touched through another) is
-checked in one place. Found by reading the packages' source for
-SQL that writes the table (tests set their scenes by hand and are not counted)."""
+"""One writer per table: the ledger, the payments' tables, the people's and the suspensions each
+have one module that writes them, so an invariant about a table (the Redis balance equals the
+sum of the ledger; a card is charged once per payment; a user of one account is never touched
+through another; only what may lift an origin lifts it) is checked in one place. Found by
+reading the packages' source for SQL that writes the table (tests set their scenes by hand and
+are not counted)."""
 
 from __future__ import annotations
 
@@ -27,6 +28,11 @@ OWNERS = {
     "access_groups": "enforcement/people.py",
     "access_group_members": "enforcement/people.py",
     "api_keys": "infra/http/api_keys.py",
+    "account_suspensions": "enforcement/account_admin.py",
+    "billing_groups": "enforcement/groups.py",
+    "number_groups": "enforcement/groups.py",
+    "billing_group_users": "enforcement/groups.py",
+    "outbound_profiles": "enforcement/groups.py",
 }
 
 

@@ -83,6 +83,60 @@ async def test_a_pinned_hold_stays_until_a_payment_or_resume(balances: RedisBala
     assert types == ["account.hold", "account.resume"]  # the relay publishes both, in order
 
 
+async def test_a_resume_lifts_a_pin_only_when_told_to(balances: RedisBalances) -> None:
+    await balances.create_account("a", balance=50 * USD, credit_limit=0, low_threshold=0)
+    await balances.set_status("a", "hold", "recharge_cap")
+    # not an operator's: the pin stays, and telephony already has its hold
+    assert await balances.set_status("a", "resume", "tenant") == StatusChange(False, "hold")
+    # a suspension lifted from under the pin: held again, for the pin's reason
+    assert await balances.set_status("a", "suspend", "tenant") == StatusChange(True, "suspended")
+    assert await balances.set_status("a", "resume", "tenant") == StatusChange(True, "hold")
+    assert (await balances.recharge_state("a")).hold_reason == "recharge_cap"
+    # an operator's lifts it: the credit decides
+    lifted = await balances.set_status("a", "resume", "operator", lift_hold=True)
+    assert lifted == StatusChange(True, "active")
+    assert (await balances.recharge_state("a")).hold_reason is None
+    signals = await balances.pending_outbox("a")
+    assert [(s.type, s.reason) for s in signals] == [
+        ("account.hold", "recharge_cap"),
+        ("account.suspend", "tenant"),
+        ("account.resume", "tenant"),
+        ("account.hold", "recharge_cap"),
+        ("account.resume", "operator"),
+    ]
+    assert [s.seq for s in signals] == sorted({s.seq for s in signals})
+
+
+async def test_set_status_refuses_arguments_that_would_change_their_meaning(
+    balances: RedisBalances,
+) -> None:
+    from redis.exceptions import ResponseError
+
+    from balance import keys
+
+    await balances.create_account("a", balance=50 * USD, credit_limit=0, low_threshold=0)
+    script = balances._status
+    ks = [keys.account("a"), keys.outbox("a")]
+    for args in (
+        ["unsuspend", "operator", 1_700_000_000, "0"],  # once, anything else resumed
+        ["resume", "operator", 1_700_000_000],  # no word on the pin
+        ["resume", "operator", 1_700_000_000, "yes"],
+        ["suspend", "operator", 1_700_000_000, "1"],  # a lift that only a resume has
+        ["suspend", "a|b", 1_700_000_000, "0"],  # would split the outbox entry
+        ["suspend", "x" * 65, 1_700_000_000, "0"],
+        ["suspend", "operator", "soon", "0"],
+    ):
+        try:
+            await script(keys=ks, args=args)
+        except ResponseError as exc:
+            assert "set_status" in str(exc), args
+        else:
+            raise AssertionError(f"accepted {args}")
+    st = await balances.get("a")
+    assert st is not None and st.status == "active"
+    assert await balances.pending_outbox("a") == []
+
+
 async def test_a_trigger_charges_up_to_threshold_plus_recharge_and_credits_it(world: World) -> None:
     pool, balances, gw, notes, _ = world
     svc = payment_service(world)
