@@ -115,8 +115,13 @@ def build_parser() -> argparse.ArgumentParser:
     bu.add_argument("--bundle", required=True, help="the bundle's id (see the seed file)")
     bu.add_argument("--purchase-id", required=True, help="idempotency key: retry with the same one")
 
-    ac = sub.add_parser("accounts", help="accounts, for operators: create, list, verify")
-    ac.add_argument("action", choices=["create", "list", "verify"])
+    ac = sub.add_parser(
+        "accounts", help="accounts, for operators: create, list, verify, suspend, resume"
+    )
+    ac.add_argument("action", choices=["create", "list", "verify", "suspend", "resume"])
+    ac.add_argument(
+        "--reason", help="suspend: a short code (default operator); resume lifts every origin"
+    )
     ac.add_argument("--account", help="the account's id (create: default a fresh one)")
     ac.add_argument("--name", help="create: a display name")
     ac.add_argument("--price-list", help="create: a top-level account's price list")

@@ -64,6 +64,34 @@ async def accounts(settings: Settings, args: argparse.Namespace) -> int:
                 return 1
             print(p.id)
             return 0
+        if args.action in ("suspend", "resume"):
+            from enforcement.account_admin import StatusError, change_status
+
+            try:
+                outcome = await change_status(
+                    pool,
+                    balances,
+                    args.account,
+                    args.action,
+                    "operator",
+                    reason=args.reason,
+                    set_by="meter accounts",
+                )
+            except (StatusError, ValueError) as exc:
+                print(f"meter: {exc}", file=sys.stderr)
+                return 1
+            print(
+                json.dumps(
+                    {
+                        "account_id": outcome.account_id,
+                        "status": outcome.status,
+                        "changed": outcome.changed,
+                        "suspended_by": list(outcome.suspended_by),
+                        "hold_reason": outcome.hold_reason,
+                    }
+                )
+            )
+            return 0
         if args.action == "verify":
             got = await tenants.update_settings(
                 pool, balances, args.account, verification_level=args.level

@@ -265,6 +265,18 @@ async def test_meter_accounts_create_list_verify(api: Api) -> None:
     level = await api.svc.pool.fetchval("SELECT verification_level FROM accounts WHERE id = 'cli1'")
     assert level == 2
     assert (await meter("verify", "--account", "nope"))[0] == 1
+    code, out, err = await meter("suspend", "--account", "cli1", "--reason", "fraud_review")
+    assert code == 0, err
+    assert json.loads(out) | {"changed": True} == {
+        "account_id": "cli1",
+        "status": "suspended",
+        "changed": True,
+        "suspended_by": ["operator"],
+        "hold_reason": None,
+    }
+    code, out, err = await meter("resume", "--account", "cli1")
+    assert code == 0 and json.loads(out)["status"] == "hold", err  # no credit: held
+    assert (await meter("resume", "--account", "nope"))[0] == 1
     code, out, _ = await meter("list", "--manager", "mgr")
     listed = [json.loads(line) for line in out.splitlines()]
     assert code == 0 and [a["name"] for a in listed] == ["Shop"]
