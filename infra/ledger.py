@@ -39,10 +39,11 @@ PROVISIONAL_SOURCE: Final = "urn:meter:provisional"
 
 _INSERT: Final = """
 INSERT INTO ledger (event_key, account_id, kind, amount, quantity, ref, rate_ref, event_time,
-                    source, event_id, fingerprint, included_s, billing_group_id, direction)
+                    source, event_id, fingerprint, included_s, billing_group_id, direction,
+                    from_party, to_party)
 SELECT * FROM unnest($1::bytea[], $2::text[], $3::text[], $4::bigint[], $5::int[], $6::text[],
                      $7::text[], $8::timestamptz[], $9::text[], $10::text[], $11::bytea[],
-                     $12::int[], $13::text[], $14::text[])
+                     $12::int[], $13::text[], $14::text[], $15::text[], $16::text[])
 ON CONFLICT (event_key) DO NOTHING
 """
 
@@ -70,14 +71,17 @@ COLUMNS: Final = (
     "included_s",
     "billing_group_id",
     "direction",
+    "from_party",
+    "to_party",
 )
 
 
 #: A usage row in ``COLUMNS`` order (then: seconds drawn from included minutes, the billing
-#: group decided at rating ("" for none) and a call's direction ("" for other kinds); the
-#: fingerprint is None for a row that is not a CloudEvent's, e.g. a provisional charge).
+#: group decided at rating ("" for none), a call's direction ("" for other kinds), and who
+#: called whom: from and to of a call or message, a fee's number as to; the fingerprint is
+#: None for a row that is not a CloudEvent's, e.g. a provisional charge).
 UsageRow = tuple[
-    bytes, str, str, int, int, str, str, datetime, str, str, bytes | None, int, str, str
+    bytes, str, str, int, int, str, str, datetime, str, str, bytes | None, int, str, str, str, str
 ]
 
 
@@ -126,6 +130,8 @@ def provisional_row(
         None,  # not a CloudEvent: no fingerprint
         0,
         "",  # the charge and its give-back net to 0: the call's own row carries its group
+        "",
+        "",
         "",
     )
 
@@ -287,6 +293,8 @@ class PostgresLedger:
             ["opening"] * len(openings),
             [None] * len(openings),
             [0] * len(openings),
+            [""] * len(openings),
+            [""] * len(openings),
             [""] * len(openings),
             [""] * len(openings),
         )

@@ -60,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
         return asyncio.run(accounts.seed(settings, args.file.read_bytes()))
     if args.command == "reconcile":
         return asyncio.run(admin.reconcile(settings, settle=args.settle_provisional))
+    if args.command == "ledger":
+        return asyncio.run(tenancy.ledger(settings, args))
     if args.command == "accounts":
         return asyncio.run(tenancy.accounts(settings, args))
     if args.command == "keys":

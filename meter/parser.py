@@ -131,6 +131,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--level", type=int, choices=[1, 2], default=2, help="verify: 2 lifts new-account limits"
     )
 
+    lg = sub.add_parser("ledger", help="an account's month of ledger records, by billing group")
+    lg.add_argument("action", choices=["report"])
+    lg.add_argument("--account", required=True)
+    lg.add_argument("--month", required=True, help="YYYY-MM (UTC)")
+    lg.add_argument("--csv", action="store_true", help="CSV instead of JSON lines")
+
     sub.add_parser("migrate", help="apply pending database migrations")
     rc = sub.add_parser("reconcile", help="compare every Redis balance with the ledger")
     rc.add_argument(

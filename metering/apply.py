@@ -161,6 +161,8 @@ def ledger_rows(
                 c.included_s,
                 c.billing_group,
                 c.direction,
+                c.from_party,
+                c.to_party,
             )
             if code == "n":  # Redis marks a second copy in the batch "d": keys are unique
                 fresh.append(row)

@@ -91,6 +91,8 @@ class Charge:
     answered_at: int  # a hangup's answer in unix seconds, else 0
     billing_group: str  # decided at rating (``rating.groups``); "" for none
     direction: str  # a call's, else ""
+    from_party: str  # a call's or message's from, else ""
+    to_party: str  # a call's or message's to, a number fee's number
     source: str
     event_id: str
     #: a call's draw on the minute bucket (``balance.store.Debit.draw``); None when

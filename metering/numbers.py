@@ -121,6 +121,8 @@ def rate_numbers(
                     else acct.groups.of_number(ev.data.number, ev.data.billing_group_id)
                 ),
                 direction="",
+                from_party="",
+                to_party=ev.data.number,
                 source=ev.source,
                 event_id=ev.id,
             )

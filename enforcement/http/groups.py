@@ -6,6 +6,8 @@ for a user's own units."""
 
 from __future__ import annotations
 
+import base64
+import binascii
 import csv
 import io
 from datetime import datetime
@@ -18,6 +20,7 @@ from pydantic import BaseModel, Field
 from contracts.events import E164_PATTERN
 from contracts.money import format_money
 from enforcement import groups
+from enforcement import usage as usage_store
 from enforcement.http.services import Services, known
 from infra.http import errors
 from infra.http.access import Permission
@@ -404,3 +407,114 @@ async def ledger_records(
         total=format_money(report.total),
     )
     return JSONResponse(body.model_dump(mode="json"))
+
+
+class UsageRowOut(BaseModel):
+    time: datetime
+    type: str = Field(description="call, sms, fee (a number's), bundle, provisional")
+    id: str = Field(description="the call id, the message id, the number, the purchase")
+    from_: str | None = Field(alias="from")
+    to: str | None
+    direction: str | None = Field(description="inbound / outbound for calls")
+    billed_s: int | None = Field(description="billed seconds of a call")
+    quantity: int = Field(description="billed seconds, message parts, numbers, bundle seconds")
+    included_s: int = Field(description="seconds taken from included minutes and bundles")
+    amount: Money = Field(description="signed as in the ledger: charges negative")
+    billing_group_id: str | None
+
+
+class UsageOut(BaseModel):
+    data: list[UsageRowOut]
+    next_cursor: str | None = Field(description="pass as ?cursor= for the next page; null: done")
+
+
+def _usage_cursor(row: usage_store.UsageRow) -> str:
+    raw = f"{row.time.isoformat()}|{row.entry_id}".encode()
+    return base64.urlsafe_b64encode(raw).decode()
+
+
+def _usage_after(cursor: str | None) -> tuple[datetime, int] | None:
+    if cursor is None:
+        return None
+    try:
+        at, entry = base64.urlsafe_b64decode(cursor.encode("ascii")).decode().split("|")
+        parsed = datetime.fromisoformat(at), int(entry)
+        if parsed[0].tzinfo is None:
+            raise ValueError("naive")
+        return parsed
+    except (ValueError, UnicodeError, binascii.Error):
+        raise ApiError(422, "invalid_cursor", "cursor is not one this API gave", "cursor") from None
+
+
+@router.get(
+    "/v1/accounts/{account_id}/usage",
+    response_model=UsageOut,
+    responses=errors.responses(401, 403, 404, 422, 503),
+    summary="The usage history: charged calls, messages, number fees and bundles, newest first",
+)
+async def usage(
+    account_id: AccountPath,
+    who: Caller,
+    svc: Services,
+    since: Annotated[datetime | None, Query(description="from this time on (RFC 3339)")] = None,
+    until: Annotated[datetime | None, Query(description="before this time")] = None,
+    type: Annotated[
+        Literal["call", "sms", "fee", "bundle", "provisional"] | None, Query()
+    ] = None,
+    billing_group_id: Annotated[str | None, Query(pattern=_GROUP_ID)] = None,
+    number: Annotated[str | None, Query(pattern=E164_PATTERN)] = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 100,
+    cursor: Annotated[str | None, Query(max_length=200)] = None,
+) -> JSONResponse:
+    """Quantities and amounts, never a rate. A user with View Billing unit (and not Edit
+    Billing) sees the rows of its units only."""
+    try:
+        await who.on(account_id, "billing.read")
+        scope: list[str] | None = None
+    except ApiError as exc:
+        if exc.status != 403:
+            raise
+        scope = await _scope(who, svc, account_id, "billing_units.read")
+    for t in (since, until):
+        if t is not None and t.tzinfo is None:
+            raise ApiError(422, "validation_error", "times need an offset (Z for UTC)", "since")
+    if billing_group_id is not None:
+        scope = [billing_group_id] if scope is None else [g for g in scope if g == billing_group_id]
+    await known(svc, account_id)
+    rows = await within_db(
+        usage_store.usage(
+            svc.pool,
+            account_id,
+            since=since,
+            until=until,
+            kinds=[type] if type else usage_store.USAGE_KINDS,
+            groups=scope,
+            number=number,
+            before=_usage_after(cursor),
+            limit=limit + 1,
+        )
+    )
+    more = len(rows) > limit
+    rows = rows[:limit]
+    out = UsageOut(
+        data=[
+            UsageRowOut.model_validate(
+                {
+                    "time": r.time,
+                    "type": r.kind,
+                    "id": r.ref,
+                    "from": r.from_party or None,
+                    "to": r.to_party or None,
+                    "direction": r.direction or None,
+                    "billed_s": r.quantity if r.kind == "call" else None,
+                    "quantity": r.quantity,
+                    "included_s": r.included_s,
+                    "amount": format_money(r.amount),
+                    "billing_group_id": r.billing_group_id or None,
+                }
+            )
+            for r in rows
+        ],
+        next_cursor=_usage_cursor(rows[-1]) if more and rows else None,
+    )
+    return JSONResponse(out.model_dump(mode="json", by_alias=True))

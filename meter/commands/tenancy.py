@@ -105,3 +105,40 @@ async def accounts(settings: Settings, args: argparse.Namespace) -> int:
     finally:
         await r.aclose()
         await pool.close()
+
+
+async def ledger(settings: Settings, args: argparse.Namespace) -> int:
+    """``meter ledger report``: the month's ledger records of an account by billing group, kind
+    and direction (``enforcement.groups.month_report``), as JSON lines or CSV; 2 for a bad
+    month, 1 for an unknown account."""
+    import csv
+    import re
+
+    from contracts.money import format_money
+    from enforcement import groups
+    from infra.db import create_pool
+
+    if not re.fullmatch(r"\d{4}-(0[1-9]|1[0-2])", args.month):
+        print(f"meter: --month must be YYYY-MM, not {args.month!r}", file=sys.stderr)
+        return 2
+    pool = await create_pool(settings.database_url)
+    try:
+        if not await pool.fetchval("SELECT 1 FROM accounts WHERE id = $1", args.account):
+            print(f"meter: no account {args.account!r}", file=sys.stderr)
+            return 1
+        report = await groups.month_report(pool, args.account, args.month)
+    finally:
+        await pool.close()
+    fields = ["billing_group_id", "kind", "direction", "count", "quantity", "included_s"]
+    if args.csv:
+        w = csv.writer(sys.stdout, lineterminator="\n")
+        w.writerow([*fields, "amount"])
+        for line in report.lines:
+            w.writerow([*(getattr(line, f) for f in fields), format_money(line.amount)])
+        w.writerow(["", "total", "", "", "", "", format_money(report.total)])
+    else:
+        for line in report.lines:
+            row = {f: getattr(line, f) for f in fields} | {"amount": format_money(line.amount)}
+            print(json.dumps(row))
+        print(json.dumps({"total": format_money(report.total), "month": args.month}))
+    return 0

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import csv
 import io
-from datetime import UTC
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from contracts.money import parse_money
 from enforcement import groups
+from infra.ledger import PostgresLedger
 from tests.api import Api, assert_error
 from tests.enforcement.test_permissions import user_key
 
@@ -168,3 +170,79 @@ async def test_ledger_records_as_json_and_csv_agree_and_a_unit_user_gets_its_uni
     for bad in ("2026-13", "26-11", "2026-1", ""):
         r = await api.client.get(f"/v1/accounts/ten/ledger_records?month={bad}", headers=admin)
         assert r.status_code == 422, bad
+
+
+async def test_the_usage_history_pages_and_filters_and_shows_no_rate(api: Api) -> None:
+    await api.seed("ten")
+    admin = await user_key(api, "ten", "admin")
+    sales = await groups.create(api.svc.pool, "ten", "Sales")
+    base = datetime(2026, 11, 30, 23, 59, 0, tzinfo=UTC)  # across a month's end
+    rows = []
+    for i in range(7):
+        kind = "call" if i % 2 == 0 else "sms"
+        rows.append(
+            (
+                f"k{i:015d}".encode(),
+                "ten",
+                kind,
+                -1000 * (i + 1),
+                60 if kind == "call" else 1,
+                f"ev{i}",
+                "standard:44",  # a rate reference: never shown
+                base + timedelta(seconds=20 * i),
+                "urn:t",
+                f"ev{i}",
+                b"f",
+                0,
+                sales.id if i < 3 else "",
+                "outbound" if kind == "call" else "",
+                SALES if i < 3 else "+14155550100",
+                "+442071234567",
+            )
+        )
+    await PostgresLedger(api.svc.pool).write_usage(rows)
+    got: list[dict[str, Any]] = []
+    url = "/v1/accounts/ten/usage?limit=3"
+    while url:
+        r = await api.client.get(url, headers=admin)
+        assert r.status_code == 200, r.text
+        page = r.json()
+        got += page["data"]
+        assert "standard" not in r.text and "rate" not in r.text
+        url = (
+            f"/v1/accounts/ten/usage?limit=3&cursor={page['next_cursor']}"
+            if page["next_cursor"]
+            else ""
+        )
+    assert [x["id"] for x in got] == [f"ev{i}" for i in reversed(range(7))]
+    first = got[-1]
+    assert first == {
+        "time": "2026-11-30T23:59:00Z",
+        "type": "call",
+        "id": "ev0",
+        "from": SALES,
+        "to": "+442071234567",
+        "direction": "outbound",
+        "billed_s": 60,
+        "quantity": 60,
+        "included_s": 0,
+        "amount": "-0.001",
+        "billing_group_id": sales.id,
+    }
+    r = await api.client.get("/v1/accounts/ten/usage?type=sms", headers=admin)
+    assert {x["type"] for x in r.json()["data"]} == {"sms"} and len(r.json()["data"]) == 3
+    r = await api.client.get(f"/v1/accounts/ten/usage?billing_group_id={sales.id}", headers=admin)
+    assert [x["id"] for x in r.json()["data"]] == ["ev2", "ev1", "ev0"]
+    r = await api.client.get(f"/v1/accounts/ten/usage?number=%2B{SALES[1:]}", headers=admin)
+    assert len(r.json()["data"]) == 3
+    r = await api.client.get("/v1/accounts/ten/usage?since=2026-12-01T00:00:00Z", headers=admin)
+    assert [x["id"] for x in r.json()["data"]] == ["ev6", "ev5", "ev4", "ev3"]
+    r = await api.client.get("/v1/accounts/ten/usage?until=2026-12-01T00:00:00Z", headers=admin)
+    assert [x["id"] for x in r.json()["data"]] == ["ev2", "ev1", "ev0"]
+    # a unit user in no unit sees nothing, even asking for a group by id
+    viewer = await user_key(api, "ten", "user", ("view_billing_unit",))
+    r = await api.client.get(f"/v1/accounts/ten/usage?billing_group_id={sales.id}", headers=viewer)
+    assert r.json()["data"] == []
+    for bad in ("cursor=xyz", "since=2026-12-01T00:00:00", "type=opening", "limit=0", "number=44"):
+        r = await api.client.get(f"/v1/accounts/ten/usage?{bad}", headers=admin)
+        assert r.status_code == 422, (bad, r.text)

@@ -239,12 +239,15 @@ async def test_meter_accounts_create_list_verify(api: Api) -> None:
     await manager_world(api)
 
     async def meter(*args: str) -> tuple[int, str, str]:
+        return await meter_cmd("accounts", *args)
+
+    async def meter_cmd(*args: str) -> tuple[int, str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("METER_")} | {
             "METER_REDIS_URL": api.settings.redis_url,
             "METER_DATABASE_URL": api.settings.database_url,
         }
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "meter.cli", "accounts", *args, env=env, stdout=PIPE, stderr=PIPE
+            sys.executable, "-m", "meter.cli", *args, env=env, stdout=PIPE, stderr=PIPE
         )
         out, err = await asyncio.wait_for(proc.communicate(), 60)
         assert proc.returncode is not None
@@ -277,6 +280,10 @@ async def test_meter_accounts_create_list_verify(api: Api) -> None:
     code, out, err = await meter("resume", "--account", "cli1")
     assert code == 0 and json.loads(out)["status"] == "hold", err  # no credit: held
     assert (await meter("resume", "--account", "nope"))[0] == 1
+    code, out, err = await meter_cmd("ledger", "report", "--account", "cli1", "--month", "2026-13")
+    assert code == 2, err
+    code, out, err = await meter_cmd("ledger", "report", "--account", "mgr", "--month", "1999-01")
+    assert code == 0 and json.loads(out.splitlines()[-1]) == {"total": "0.00", "month": "1999-01"}
     code, out, _ = await meter("list", "--manager", "mgr")
     listed = [json.loads(line) for line in out.splitlines()]
     assert code == 0 and [a["name"] for a in listed] == ["Shop"]

@@ -91,6 +91,7 @@ TABLE: Final[dict[tuple[str, str], frozenset[str]]] = {
     ("PUT", "/v1/accounts/{account_id}/outbound_profiles/{profile_id}"): ADMINS | {MANAGER},
     ("DELETE", "/v1/accounts/{account_id}/outbound_profiles/{profile_id}"): ADMINS | {MANAGER},
     ("GET", "/v1/accounts/{account_id}/ledger_records"): BILLING_READ | UNITS_READ,
+    ("GET", "/v1/accounts/{account_id}/usage"): BILLING_READ | UNITS_READ,
     ("POST", "/v1/accounts/{account_id}/users"): PEOPLE_MANAGE,
     ("GET", "/v1/accounts/{account_id}/users"): PEOPLE_MANAGE,
     ("GET", "/v1/accounts/{account_id}/users/{user_id}"): PEOPLE_MANAGE,

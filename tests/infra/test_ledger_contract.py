@@ -60,6 +60,8 @@ def usage(account: str, call_id: str, amount: int, *, fingerprint: bytes = b"f")
         0,
         "",
         "outbound",
+        "+14155550100",
+        "+442071234567",
     )
 
 
