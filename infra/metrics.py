@@ -227,3 +227,14 @@ RESERVATIONS_SWEPT: Final = Counter(
     ["outcome"],
 )
 _at_zero(RESERVATIONS_SWEPT, ((o,) for o in SWEEP_OUTCOMES))
+
+#: ``POST /v1/events`` (the API): events acknowledged by the broker, and requests refused.
+INGEST_OUTCOMES: Final = ("accepted", "refused", "broker_unavailable")
+EVENTS_INGESTED: Final = Counter(
+    "meter_events_ingested_total",
+    "POST /v1/events: events produced and acknowledged (accepted), requests refused as bad"
+    " (refused) or not taken by the broker (broker_unavailable)",
+    ["outcome"],
+)
+_at_zero(EVENTS_INGESTED, ((o,) for o in INGEST_OUTCOMES))
+

@@ -4,7 +4,8 @@ Payments' routes are ``recharge.routes``'; ``meter.apiserver`` serves both as on
 
 Modules: ``authorizations`` (the route and the answer), ``fastpath`` (the same, in plain ASGI),
 ``accounts`` (balance, suspend, resume), ``tenants`` (accounts as operators and managers see
-them), ``bundles``, ``services`` (what routes run on and the
+them), ``bundles``, ``events`` (``POST /v1/events``, on a Kafka producer of the process's
+own when a broker is configured), ``services`` (what routes run on and the
 account checks they share), ``models`` (the bodies).
 
 Every ``/v1`` endpoint needs ``Authorization: Bearer <api key>`` (``infra.http.callers``), and
@@ -46,8 +47,9 @@ from fastapi import APIRouter, FastAPI
 from balance.accounts import load_into_redis
 from balance.coalesce import CoalescingBalances
 from enforcement.authorize import Authorizer
-from enforcement.http import accounts, authorizations, bundles, tenants
+from enforcement.http import accounts, authorizations, bundles, events, tenants
 from enforcement.http.services import ApiServices
+from enforcement.ingest import BrokerUnavailable, KafkaEvents, NoBroker
 from infra.db import create_pool
 from infra.http import errors
 from infra.http.access import Directory
@@ -84,7 +86,15 @@ async def connect_api(settings: Settings) -> AsyncIterator[ApiServices]:
     """Connections and caches for one API process; closed on exit."""
     pool = await create_pool(settings.database_url, max_size=4)
     r = api_redis_client(settings)
+    # ``POST /v1/events`` produces here; without a broker configured it answers 503.
+    sink: KafkaEvents | NoBroker = NoBroker()
+    if settings.kafka_bootstrap:
+        sink = KafkaEvents(settings.kafka_bootstrap)
     try:
+        if isinstance(sink, KafkaEvents):
+            # Unreachable: the API serves the rest meanwhile; ingest retries on a request.
+            with contextlib.suppress(BrokerUnavailable):
+                await sink.connect()
         balances = CoalescingBalances(
             r,
             max_accounts_per_call=settings.redis_accounts_per_call,
@@ -106,8 +116,9 @@ async def connect_api(settings: Settings) -> AsyncIterator[ApiServices]:
         )
         keys = ApiKeys(pool, ttl_s=settings.api_key_cache_s)
         directory = Directory(pool, timeout_s=DB_TIMEOUT_S)
-        yield ApiServices(pool, balances, catalog, authorizer, keys, directory)
+        yield ApiServices(pool, balances, catalog, authorizer, keys, directory, sink)
     finally:
+        await sink.close()
         await r.aclose()
         await pool.close()
 
@@ -148,7 +159,7 @@ def create_app(
     )
     errors.install(app)
     app.state.services = services  # set by the lifespan when None
-    own = (authorizations.router, accounts.router, tenants.router, bundles.router)
+    own = (authorizations.router, accounts.router, tenants.router, bundles.router, events.router)
     for router in (*own, *routers):
         app.include_router(router)
     return app

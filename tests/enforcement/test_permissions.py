@@ -77,6 +77,7 @@ TABLE: Final[dict[tuple[str, str], frozenset[str]]] = {
     ("DELETE", "/v1/accounts/{account_id}/payment_method"): BILLING_WRITE,
     ("POST", "/v1/accounts/{account_id}/payments"): BILLING_WRITE,
     ("GET", "/v1/accounts/{account_id}/payments"): BILLING_READ,
+    ("POST", "/v1/events"): frozenset({SERVICE}),
 }
 
 
