@@ -41,6 +41,8 @@ class Dialog:
     h_id: int
     call_id: str
     created_at: int
+    from_tag: str = ""
+    to_tag: str = ""
 
 
 class SwitchControl(Protocol):
@@ -68,10 +70,13 @@ class RpcFault(Exception):
 
 class KamailioRpc:
     """``SwitchControl`` over Kamailio's JSON-RPC 2.0 at ``url`` (``http://127.0.0.1:PORT/RPC``):
-    ``dlg.dlg_list`` and ``dlg.profile_list`` to find dialogs, ``dlg.end_dlg`` to end one."""
+    ``dlg.dlg_list`` and ``dlg.profile_list`` to find dialogs; one is ended by ``POST
+    /dialog/end`` beside it (deploy/kamailio/kamailio.cfg: it queues the call's hangup before
+    the BYEs, which ``dlg.end_dlg`` in Kamailio 5.6 may lose)."""
 
     def __init__(self, url: str, *, timeout_s: float = 2.0) -> None:
         self._url = url
+        self._end_url = str(httpx.URL(url).join("/dialog/end"))
         self._http = httpx.AsyncClient(timeout=timeout_s)
         self._ids = itertools.count(1)
 
@@ -116,12 +121,17 @@ class KamailioRpc:
         return await self._dialogs("dlg.profile_list", ACCOUNT_PROFILE, account_id)
 
     async def end_dialog(self, dialog: Dialog) -> bool:
+        body = {"call_id": dialog.call_id, "from_tag": dialog.from_tag, "to_tag": dialog.to_tag}
         try:
-            await self.call("dlg.end_dlg", dialog.h_entry, dialog.h_id)
-        except RpcFault as exc:
-            if exc.code == 404:
-                return False  # ended meanwhile
-            raise SwitchUnavailable(f"dlg.end_dlg: {exc}") from exc
+            r = await self._http.post(self._end_url, json=body)
+        except httpx.HTTPError as exc:
+            metrics.BRIDGE_RPC_ERRORS.inc()
+            raise SwitchUnavailable(f"/dialog/end: {type(exc).__name__}: {exc}") from exc
+        if r.status_code == 404:
+            return False  # ended meanwhile
+        if r.status_code != 200:
+            metrics.BRIDGE_RPC_ERRORS.inc()
+            raise SwitchUnavailable(f"/dialog/end: HTTP {r.status_code}")
         log.info("ended dialog of call %s on the switch", dialog.call_id)
         return True
 
@@ -138,12 +148,15 @@ def _listed(result: Any) -> list[Any]:
 def _dialog(raw: Any) -> Dialog | None:
     if not isinstance(raw, dict):
         return None
+    caller, callee = raw.get("caller"), raw.get("callee")
     try:
         return Dialog(
             h_entry=int(raw["h_entry"]),
             h_id=int(raw["h_id"]),
             call_id=str(raw.get("call-id", "")),
             created_at=int(raw.get("init_ts") or raw.get("start_ts") or 0),
+            from_tag=str(caller.get("tag", "")) if isinstance(caller, dict) else "",
+            to_tag=str(callee.get("tag", "")) if isinstance(callee, dict) else "",
         )
     except (KeyError, TypeError, ValueError):
         return None
