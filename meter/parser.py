@@ -28,6 +28,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seconds", type=float, default=20.0)
     d.add_argument("--rate", type=int, default=4000, help="events per second to publish")
     d.add_argument("--keep", action="store_true", help="keep the embedded data folder")
+    d.add_argument(
+        "--sip",
+        action="store_true",
+        help="instead: real SIP calls through Kamailio and SIPp (Debian packages) into the service",
+    )
 
     r = sub.add_parser("run", help="run one of the service's processes")
     r.add_argument(

@@ -122,6 +122,7 @@ async def _run_bridge(settings: Settings) -> int:
         return 2
     from bridge.worker import run_bridge
 
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per JSON-RPC call otherwise
     _serve_metrics(settings)
     stop = asyncio.Event()
     _stop_on_signals(stop)
