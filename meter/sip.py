@@ -2,7 +2,7 @@
 ``tests/deploy/test_kamailio.py`` and ``meter demo --sip``.
 
 Kamailio runs ``deploy/kamailio/kamailio.cfg`` in the foreground (``-DD -E``) with the
-service's URL, a service key (``METER_SERVICE_KEY`` in its environment) and the callee as its
+service's URL, a service key (``SWITCH_API_KEY`` in its environment) and the callee as its
 next hop; SIPp runs ``deploy/sipp/callee.xml`` (one process, every call) and
 ``deploy/sipp/caller.xml`` (one process per group of calls of the same length), whose log
 lines say when each call was answered and who ended it.
@@ -115,7 +115,7 @@ async def running_kamailio(
     args = ["-DD", "-E", "-f", str(KAMAILIO_CFG)]
     for name, value in defines.items():
         args += ["-A", f"{name}={value}"]
-    env = {**os.environ, "METER_SERVICE_KEY": service_key}
+    env = {**os.environ, "SWITCH_API_KEY": service_key}
     with log.open("wb") as out:
         proc = await asyncio.create_subprocess_exec(
             "kamailio", *args, env=env, stdout=out, stderr=asyncio.subprocess.STDOUT
