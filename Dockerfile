@@ -17,6 +17,7 @@ COPY metering ./metering
 COPY enforcement ./enforcement
 COPY recharge ./recharge
 COPY ops ./ops
+COPY bridge ./bridge
 COPY meter ./meter
 RUN pip install . \
     && useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin meter

@@ -24,3 +24,15 @@ ALL: Final = (
     RECHARGE_REQUESTS,
     NOTIFICATIONS,
 )
+
+#: The topic of each inbound event type: where a switch (or ``POST /v1/events`` on its behalf)
+#: produces it. Any other topic dead-letters it as ``wrong_topic``.
+TOPIC_OF_TYPE: Final[dict[str, str]] = {
+    "call.answered": CALL_EVENTS,
+    "call.progress": CALL_EVENTS,
+    "call.hangup": CALL_EVENTS,
+    "message.sent": MESSAGE_EVENTS,
+    "number.activated": NUMBER_EVENTS,
+    "number.renewal_due": NUMBER_EVENTS,
+    "number.deactivated": NUMBER_EVENTS,
+}

@@ -227,3 +227,31 @@ RESERVATIONS_SWEPT: Final = Counter(
     ["outcome"],
 )
 _at_zero(RESERVATIONS_SWEPT, ((o,) for o in SWEEP_OUTCOMES))
+
+#: ``POST /v1/events`` (the API): events acknowledged by the broker, and requests refused.
+INGEST_OUTCOMES: Final = ("accepted", "refused", "broker_unavailable")
+EVENTS_INGESTED: Final = Counter(
+    "meter_events_ingested_total",
+    "POST /v1/events: events produced and acknowledged (accepted), requests refused as bad"
+    " (refused) or not taken by the broker (broker_unavailable)",
+    ["outcome"],
+)
+_at_zero(EVENTS_INGESTED, ((o,) for o in INGEST_OUTCOMES))
+
+#: ``meter run bridge``: control signals enforced on the switch, by type and outcome.
+BRIDGE_OUTCOMES: Final = ("applied", "stale", "ignored", "scheduled", "failed")
+BRIDGE_SIGNALS: Final = Counter(
+    "meter_bridge_signals_total",
+    "Control signals the signal bridge handled, by type and outcome: applied on the switch,"
+    " stale (seq at or below the last applied: a repeat), ignored (a type with nothing to do),"
+    " scheduled (a call.terminate for later), failed (the switch refused; retried)",
+    ["type", "outcome"],
+)
+BRIDGE_LAG: Final = Gauge(
+    "meter_bridge_lag_seconds",
+    "Age of the oldest control signal the signal bridge has not enforced yet (0 when idle):"
+    " grows while the switch's JSON-RPC does not answer",
+)
+BRIDGE_RPC_ERRORS: Final = Counter(
+    "meter_bridge_rpc_errors_total", "Failed JSON-RPC calls to the switch (each is retried)"
+)

@@ -122,6 +122,13 @@ class Settings:
     recharge_max_declines: int = 3
     #: How often the recharge worker retries due triggers and settles unfinished payments.
     recharge_scan_interval_s: float = 5.0
+    #: ``meter run bridge``: the switch's JSON-RPC over HTTP (Kamailio's ``jsonrpcs`` on
+    #: ``xhttp``, loopback only: deploy/kamailio/kamailio.cfg).
+    bridge_rpc_url: str = "http://127.0.0.1:5071/RPC"
+    #: ``meter run bridge``: one JSON-RPC call to the switch gives up after this (then retried).
+    bridge_rpc_timeout_s: float = 2.0
+    #: Consumer group of the signal bridge (``meter run bridge``): one bridge per switch.
+    bridge_group: str = "meter-bridge"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:

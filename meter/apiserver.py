@@ -8,7 +8,9 @@ services in one (``connect_api``), behind the authorization fast path (``asgi_ap
 Where ``METER_REDIS_URL`` / ``METER_DATABASE_URL`` are empty, an embedded ``redis-server`` and
 PostgreSQL are started under ``data_dir/embedded-api`` (their own folder: a metering worker
 running embedded services beside it owns ``data_dir/embedded``) and stopped on exit. The API
-needs no broker: the signals it causes wait in Redis outboxes for the outbox relay.
+needs no broker for its signals (they wait in Redis outboxes for the outbox relay); only
+``POST /v1/events`` produces, to ``METER_KAFKA_BOOTSTRAP`` (no embedded one is started for it:
+without it, that route answers 503 ``broker_unavailable``).
 """
 
 from __future__ import annotations

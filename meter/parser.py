@@ -28,15 +28,21 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seconds", type=float, default=20.0)
     d.add_argument("--rate", type=int, default=4000, help="events per second to publish")
     d.add_argument("--keep", action="store_true", help="keep the embedded data folder")
+    d.add_argument(
+        "--sip",
+        action="store_true",
+        help="instead: real SIP calls through Kamailio and SIPp (Debian packages) into the service",
+    )
 
     r = sub.add_parser("run", help="run one of the service's processes")
     r.add_argument(
         "process",
-        choices=["metering", "ops", "api", "recharge"],
+        choices=["metering", "ops", "api", "recharge", "bridge"],
         help="metering: the usage stream worker; ops: consumer lag, accounts by state and "
         "reconciliation drift for Prometheus (one per deployment); api: the HTTP API "
         "(METER_API_HOST, METER_API_PORT); recharge: the auto-recharge worker (faust; "
-        "METER_PAYMENT_GATEWAY)",
+        "METER_PAYMENT_GATEWAY); bridge: enforces billing.control-signals on Kamailio "
+        "(METER_BRIDGE_RPC_URL, METER_KAFKA_BOOTSTRAP)",
     )
 
     b = sub.add_parser("bench", help="measure a target of ARCHITECTURE.md")

@@ -5,8 +5,9 @@ Payments' routes are ``recharge.routes``'; ``meter.apiserver`` serves both as on
 Modules: ``authorizations`` (the route and the answer), ``fastpath`` (the same, in plain ASGI),
 ``accounts`` (balance, suspend, resume), ``tenants`` (accounts as operators and managers see
 them), ``bundles``, ``groups`` (billing groups, outbound profiles, the month's ledger records),
-``people`` (users, access groups, keys, ``/v1/me``; bodies in ``people_models``), ``services``
-(what routes run on and the account checks they share), ``models`` (the bodies).
+``people`` (users, access groups, keys, ``/v1/me``; bodies in ``people_models``), ``events``
+(``POST /v1/events``, on a Kafka producer of the process's own when a broker is configured),
+``services`` (what routes run on and the account checks they share), ``models`` (the bodies).
 
 Every ``/v1`` endpoint needs ``Authorization: Bearer <api key>`` (``infra.http.callers``), and
 what each caller may do on which account is one table, ``infra.http.access.RULES``
@@ -49,8 +50,9 @@ from fastapi import APIRouter, FastAPI
 from balance.accounts import load_into_redis
 from balance.coalesce import CoalescingBalances
 from enforcement.authorize import Authorizer
-from enforcement.http import accounts, authorizations, bundles, groups, people, tenants
+from enforcement.http import accounts, authorizations, bundles, events, groups, people, tenants
 from enforcement.http.services import ApiServices
+from enforcement.ingest import BrokerUnavailable, KafkaEvents, NoBroker
 from infra.db import create_pool
 from infra.http import errors
 from infra.http.access import Directory
@@ -87,7 +89,15 @@ async def connect_api(settings: Settings) -> AsyncIterator[ApiServices]:
     """Connections and caches for one API process; closed on exit."""
     pool = await create_pool(settings.database_url, max_size=4)
     r = api_redis_client(settings)
+    # ``POST /v1/events`` produces here; without a broker configured it answers 503.
+    sink: KafkaEvents | NoBroker = NoBroker()
+    if settings.kafka_bootstrap:
+        sink = KafkaEvents(settings.kafka_bootstrap)
     try:
+        if isinstance(sink, KafkaEvents):
+            # Unreachable: the API serves the rest meanwhile; ingest retries on a request.
+            with contextlib.suppress(BrokerUnavailable):
+                await sink.connect()
         balances = CoalescingBalances(
             r,
             max_accounts_per_call=settings.redis_accounts_per_call,
@@ -109,8 +119,9 @@ async def connect_api(settings: Settings) -> AsyncIterator[ApiServices]:
         )
         keys = ApiKeys(pool, ttl_s=settings.api_key_cache_s)
         directory = Directory(pool, timeout_s=DB_TIMEOUT_S)
-        yield ApiServices(pool, balances, catalog, authorizer, keys, directory)
+        yield ApiServices(pool, balances, catalog, authorizer, keys, directory, sink)
     finally:
+        await sink.close()
         await r.aclose()
         await pool.close()
 
@@ -151,7 +162,7 @@ def create_app(
     )
     errors.install(app)
     app.state.services = services  # set by the lifespan when None
-    own = (authorizations.router, accounts.router, tenants.router, bundles.router)
+    own = (authorizations.router, accounts.router, tenants.router, bundles.router, events.router)
     for router in (*own, groups.router, people.router, *routers):
         app.include_router(router)
     return app

@@ -21,6 +21,7 @@ from enforcement.authorize import (
     BalanceStoreUnavailable,
     DatabaseUnavailable,
 )
+from enforcement.ingest import NO_BROKER, EventSink
 from infra.http import errors
 from infra.http.access import Directory
 from infra.http.api_keys import ApiKeys
@@ -41,6 +42,8 @@ class ApiServices:
     authorizer: Authorizer
     keys: ApiKeys
     directory: Directory
+    #: where ``POST /v1/events`` produces (``KafkaEvents`` when a broker is configured)
+    events: EventSink = NO_BROKER
 
 
 async def services_of(request: Request) -> ApiServices:

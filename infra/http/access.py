@@ -44,6 +44,7 @@ Permission = Literal[
     "people.manage",  # users, access groups, API keys of the account
     "billing_units.read",
     "billing_units.write",
+    "events.ingest",  # POST /v1/events: switches publishing usage over HTTP
 ]
 
 #: How the caller stands to the account it acts on.
@@ -93,6 +94,8 @@ RULES: Final[dict[Permission, Rule]] = {
         operator=True,
     ),
     "billing_units.write": _rule("admin", privileges=("edit_billing_unit",), manager=True),
+    # Usage is the switch's word, never a customer's: a customer could post its own hangups.
+    "events.ingest": _rule(service=True),
 }
 
 
@@ -189,12 +192,15 @@ async def allow(
 
 
 def allow_anywhere(key: ApiKey, permission: Permission) -> Relation:
-    """For a route with no account in its path (``POST``/``GET /v1/accounts``): operators where
-    the permission lets them in, a manager's admin where it lets managers in (the route then
-    acts on its managed accounts only); else 403."""
+    """For a route with no account in its path (``POST``/``GET /v1/accounts``, ``POST
+    /v1/events``): operators where the permission lets them in, service keys where it lets
+    them in, a manager's admin where it lets managers in (the route then acts on its managed
+    accounts only); else 403."""
     rule = RULES[permission]
     if key.role == "operator" and rule.operator:
         return "operator"
+    if key.role == "service" and rule.service:
+        return "service"
     if key.role == "admin" and key.is_manager and rule.manager:
         return "managed"
     raise forbidden()

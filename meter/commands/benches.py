@@ -9,7 +9,12 @@ from infra.settings import Settings
 
 
 def demo(settings: Settings, args: argparse.Namespace) -> int:
-    """The whole service with simulated traffic for ``--seconds``, then a reconciliation."""
+    """The whole service with simulated traffic for ``--seconds``, then a reconciliation;
+    with ``--sip``, real SIP calls through Kamailio and SIPp instead."""
+    if args.sip:
+        from meter.demo_sip import run_sip_demo
+
+        return asyncio.run(run_sip_demo(settings, args.keep))
     from meter.demo import run_demo
 
     return asyncio.run(run_demo(settings, args.accounts, args.seconds, args.rate, args.keep))

@@ -19,6 +19,8 @@ def run_process(settings: Settings, process: str) -> int:
         return _run_recharge(settings)
     if process == "api":
         return asyncio.run(_run_api(settings))
+    if process == "bridge":
+        return asyncio.run(_run_bridge(settings))
     return asyncio.run(_run_metering(settings))
 
 
@@ -108,3 +110,21 @@ async def _run_api(settings: Settings) -> int:
     stop = asyncio.Event()
     _stop_on_signals(stop)
     return await serve_api(settings, stop)
+
+
+async def _run_bridge(settings: Settings) -> int:
+    if not settings.kafka_bootstrap:
+        # An embedded broker would be this process's own, empty one: no signals there.
+        print(
+            "meter: run bridge reads the service's broker: set METER_KAFKA_BOOTSTRAP",
+            file=sys.stderr,
+        )
+        return 2
+    from bridge.worker import run_bridge
+
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per JSON-RPC call otherwise
+    _serve_metrics(settings)
+    stop = asyncio.Event()
+    _stop_on_signals(stop)
+    await run_bridge(settings, stop)
+    return 0

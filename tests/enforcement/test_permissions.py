@@ -107,6 +107,7 @@ TABLE: Final[dict[tuple[str, str], frozenset[str]]] = {
     ("GET", "/v1/accounts/{account_id}/keys"): PEOPLE_MANAGE,
     ("DELETE", "/v1/accounts/{account_id}/keys/{key_id}"): PEOPLE_MANAGE,
     ("GET", "/v1/me"): frozenset(PRINCIPALS) - {REVOKED, NO_KEY},
+    ("POST", "/v1/events"): frozenset({SERVICE}),
 }
 
 #: Query parameters a route needs (else FastAPI answers 422 before the route runs).
