@@ -226,3 +226,29 @@ async def test_kamailio_and_sipp_calls_are_authorized_cut_charged_and_suspended(
             f"{[round((c.network_bye or 0) - suspended_at, 2) for c in results['suspend']]} s, "
             f"total {time.monotonic() - started:.1f} s"
         )
+
+
+async def test_kamailio_fails_closed_when_the_service_does_not_answer(
+    conns: Connections, seed: Seeder, tmp_path: Path
+) -> None:
+    """Nothing listens where Kamailio asks: every INVITE is refused (503), none is connected,
+    and nothing is charged (docs/design/switch.md, "Fail closed")."""
+    await seed("p1")
+    nowhere = f"http://127.0.0.1:{sip.free_port()}"
+    async with contextlib.AsyncExitStack() as stack:
+        callee = await stack.enter_async_context(sip.running_callee(tmp_path / "callee"))
+        switch = await stack.enter_async_context(
+            sip.running_kamailio(
+                tmp_path / "kamailio",
+                api_url=nowhere,
+                service_key="mk_0000000000000000_" + "x" * 43,
+                next_hop_port=callee,
+            )
+        )
+        calls = await sip.place_calls(
+            tmp_path / "calls", "down", switch=switch, accounts=["p1"] * 3, hold_ms=3_000, to=UK
+        )
+    assert len(calls) == 3
+    for c in calls:
+        assert c.answered is None and c.refused is not None and c.refused.startswith("503"), c
+    assert await conns.pool.fetchval("SELECT count(*) FROM ledger WHERE kind = 'call'") == 0
