@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     b = sub.add_parser("bench", help="measure a target of ARCHITECTURE.md")
-    b.add_argument("target", choices=["metering", "authorize", "rating"])
+    b.add_argument("target", choices=["metering", "authorize", "rating", "ledger"])
     b.add_argument("--events", type=int, default=300_000, help="metering: events to process")
     b.add_argument("--accounts", type=int, default=10_000)
     b.add_argument(
@@ -58,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", type=Path, help="also write the figures to this file")
     b.add_argument("--prefixes", type=int, default=100_000, help="rating: prefixes loaded")
     b.add_argument("--lookups", type=int, default=1_000_000, help="rating: lookups timed")
+    b.add_argument("--rows", type=int, default=10_000_000, help="ledger: rows in the book")
+    b.add_argument("--queries", type=int, default=200, help="ledger: accounts queried")
 
     s = sub.add_parser("seed", help="create price lists and accounts from a JSON file")
     s.add_argument("file", type=Path)

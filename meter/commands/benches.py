@@ -28,6 +28,12 @@ def bench(settings: Settings, args: argparse.Namespace) -> int:
         return asyncio.run(
             run_bench_authorize(settings, args.accounts, args.rate, args.seconds, args.json)
         )
+    if args.target == "ledger":
+        from meter.bench_ledger import run_bench_ledger
+
+        return asyncio.run(
+            run_bench_ledger(settings, args.rows, args.accounts, args.queries, args.json)
+        )
     if args.target == "rating":
         from meter.bench_rating import run_bench_rating
 
