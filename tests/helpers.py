@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+import asyncpg
 import orjson
 from aiokafka import AIOKafkaProducer
 
 from contracts import topics
+from infra import embedded
+from infra.db import migrations
 from meter.traffic import demo_price_list
 from rating.rating import voice_cost
 
@@ -80,3 +86,36 @@ def require_binary(name: str) -> str:
     if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
         pytest.fail(message)
     pytest.skip(message)
+
+
+@dataclass(frozen=True)
+class OldDatabase:
+    conn: asyncpg.Connection
+    dsn: str
+
+
+@contextlib.asynccontextmanager
+async def database_before(admin_dsn: str, version: int) -> AsyncIterator[OldDatabase]:
+    """A database of its own with every migration before ``version`` applied and recorded, as
+    on a server that has not seen ``version`` yet (a migration's own test sets its rows up
+    there, then migrates), and a connection to it; both gone at the end."""
+    name = f"m_{uuid.uuid4().hex[:12]}"
+    dsn = await embedded.create_database(admin_dsn, name)
+    try:
+        conn = await asyncpg.connect(dsn)
+        try:
+            await conn.execute(
+                "CREATE TABLE schema_migrations (version integer PRIMARY KEY, name text NOT NULL,"
+                " applied_at timestamptz NOT NULL DEFAULT now())"
+            )
+            for v, mname, sql in migrations():
+                if v < version:
+                    await conn.execute(sql)
+                    await conn.execute(
+                        "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)", v, mname
+                    )
+            yield OldDatabase(conn, dsn)
+        finally:
+            await conn.close()
+    finally:
+        await embedded.drop_database(admin_dsn, name)

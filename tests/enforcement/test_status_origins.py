@@ -8,10 +8,8 @@ comes while a resume is under way, and the migration of the suspensions made bef
 from __future__ import annotations
 
 import asyncio
-import uuid
 from typing import Any
 
-import asyncpg
 import httpx
 import pytest
 
@@ -19,10 +17,10 @@ from balance.accounts import AccountSpec, create_accounts
 from balance.errors import OutcomeUnknown
 from balance.values import PendingSignal, StatusAction
 from enforcement.account_admin import LiftNotPermitted, change_status
-from infra import embedded
-from infra.db import migrate, migrations
+from infra.db import migrate
 from tests.api import Api, assert_error
 from tests.conftest import Services
+from tests.helpers import database_before
 
 Headers = dict[str, str]
 
@@ -404,42 +402,22 @@ async def test_the_operators_cli_changes_status_as_the_api_does(api: Api) -> Non
 async def test_migration_0010_makes_the_suspensions_before_it_the_operators(
     services: Services,
 ) -> None:
-    name = f"m_{uuid.uuid4().hex[:12]}"
-    dsn = await embedded.create_database(services.admin_dsn, name)
-    try:
-        conn = await asyncpg.connect(dsn)
-        try:
-            await conn.execute(
-                "CREATE TABLE schema_migrations (version integer PRIMARY KEY, name text NOT NULL,"
-                " applied_at timestamptz NOT NULL DEFAULT now())"
-            )
-            for version, mname, sql in migrations():
-                if version < 10:
-                    await conn.execute(sql)
-                    await conn.execute(
-                        "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
-                        version,
-                        mname,
-                    )
-            await conn.execute(
-                "INSERT INTO price_lists (id, inbound_per_min, sms_per_part) VALUES ('p', 1, 1);"
-                "INSERT INTO accounts (id, price_list_id, suspended) VALUES"
-                " ('quiet', 'p', true), ('named', 'p', true), ('free', 'p', false);"
-                "INSERT INTO signals (account_id, seq, type, reason) VALUES"
-                " ('named', 1, 'account.suspend', 'old_reason'),"
-                " ('named', 2, 'account.resume', 'operator'),"
-                " ('named', 3, 'account.suspend', 'fraud_review')"
-            )
-            assert "0010_status_origins.sql" in await migrate(conn)
-            rows = await conn.fetch(
-                "SELECT account_id, origin, reason, set_by FROM account_suspensions"
-                " ORDER BY account_id"
-            )
-            assert [tuple(r) for r in rows] == [
-                ("named", "operator", "fraud_review", None),
-                ("quiet", "operator", "operator", None),
-            ]
-        finally:
-            await conn.close()
-    finally:
-        await embedded.drop_database(services.admin_dsn, name)
+    async with database_before(services.admin_dsn, 10) as db:
+        conn = db.conn
+        await conn.execute(
+            "INSERT INTO price_lists (id, inbound_per_min, sms_per_part) VALUES ('p', 1, 1);"
+            "INSERT INTO accounts (id, price_list_id, suspended) VALUES"
+            " ('quiet', 'p', true), ('named', 'p', true), ('free', 'p', false);"
+            "INSERT INTO signals (account_id, seq, type, reason) VALUES"
+            " ('named', 1, 'account.suspend', 'old_reason'),"
+            " ('named', 2, 'account.resume', 'operator'),"
+            " ('named', 3, 'account.suspend', 'fraud_review')"
+        )
+        assert "0010_status_origins.sql" in await migrate(conn)
+        rows = await conn.fetch(
+            "SELECT account_id, origin, reason, set_by FROM account_suspensions ORDER BY account_id"
+        )
+        assert [tuple(r) for r in rows] == [
+            ("named", "operator", "fraud_review", None),
+            ("quiet", "operator", "operator", None),
+        ]

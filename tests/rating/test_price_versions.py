@@ -5,7 +5,6 @@ picked up by a running processor, and migration 0005 keeps the prices it found."
 from __future__ import annotations
 
 import asyncio
-import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -16,8 +15,7 @@ import pytest
 from balance.accounts import put_price_list
 from contracts import topics
 from enforcement.estimate import estimate
-from infra import embedded
-from infra.db import migrate, migrations
+from infra.db import migrate
 from infra.settings import Settings
 from meter.traffic import call_hangup, demo_price_list, message_sent
 from metering.processor import MeteringProcessor
@@ -27,7 +25,7 @@ from rating.pricelists import add_price_version, load_price_lists
 from rating.rating import NoRate, PriceList
 from tests import harness
 from tests.conftest import Seeder, Services, eventually
-from tests.helpers import Rec, produce
+from tests.helpers import Rec, database_before, produce
 
 MIDNIGHT = datetime(2026, 1, 1, tzinfo=UTC)
 M = int(MIDNIGHT.timestamp())
@@ -244,50 +242,32 @@ async def _charged(outcomes: list[Any], n: int) -> bool:
 async def test_migration_0005_moves_current_prices_into_a_first_version(
     services: Services,
 ) -> None:
-    name = f"m_{uuid.uuid4().hex[:12]}"
-    dsn = await embedded.create_database(services.admin_dsn, name)
-    try:
-        conn = await asyncpg.connect(dsn)
-        try:
-            await conn.execute(
-                "CREATE TABLE schema_migrations (version integer PRIMARY KEY, name text NOT NULL,"
-                " applied_at timestamptz NOT NULL DEFAULT now())"
-            )
-            for version, mname, sql in migrations():
-                if version < 5:
-                    await conn.execute(sql)
-                    await conn.execute(
-                        "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
-                        version,
-                        mname,
-                    )
-            await conn.execute(
-                "INSERT INTO price_lists (id, inbound_per_min, inbound_initial_s,"
-                " inbound_subsequent_s, sms_per_part, number_monthly_fee, created_at)"
-                " VALUES ('old', 3500, 60, 6, 4000, 1000000, '2025-03-04T05:06:07.891Z'),"
-                " ('bare', 0, 6, 6, 1, 0, '2025-06-01T00:00:00Z');"
-                "INSERT INTO price_list_fees VALUES ('old', 'number_setup', 500000),"
-                " ('old', 'port_in', 300000);"
-                "INSERT INTO price_list_rates (price_list_id, prefix, rate_per_min)"
-                " VALUES ('old', '44', 15000)"
-            )
-            assert (await migrate(conn))[0] == "0005_versioned_prices.sql"
-            created = int(datetime(2025, 3, 4, 5, 6, 7, tzinfo=UTC).timestamp())
-            rows = await conn.fetch(
-                "SELECT price_list_id, effective_from, code, amount FROM price_list_fees"
-                " ORDER BY code"
-            )
-            assert [tuple(r) for r in rows] == [
-                ("old", datetime.fromtimestamp(created, UTC), "number_setup", 500_000),
-                ("old", datetime.fromtimestamp(created, UTC), "port_in", 300_000),
-            ]
-            # a list inserted after the migration gets its opening prices from its columns
-            await conn.execute(
-                "INSERT INTO price_lists (id, inbound_per_min, sms_per_part) VALUES ('new', 1, 2)"
-            )
-        finally:
-            await conn.close()
-        pool = await asyncpg.create_pool(dsn, min_size=1, max_size=2)
+    async with database_before(services.admin_dsn, 5) as db:
+        conn = db.conn
+        await conn.execute(
+            "INSERT INTO price_lists (id, inbound_per_min, inbound_initial_s,"
+            " inbound_subsequent_s, sms_per_part, number_monthly_fee, created_at)"
+            " VALUES ('old', 3500, 60, 6, 4000, 1000000, '2025-03-04T05:06:07.891Z'),"
+            " ('bare', 0, 6, 6, 1, 0, '2025-06-01T00:00:00Z');"
+            "INSERT INTO price_list_fees VALUES ('old', 'number_setup', 500000),"
+            " ('old', 'port_in', 300000);"
+            "INSERT INTO price_list_rates (price_list_id, prefix, rate_per_min)"
+            " VALUES ('old', '44', 15000)"
+        )
+        assert (await migrate(conn))[0] == "0005_versioned_prices.sql"
+        created = int(datetime(2025, 3, 4, 5, 6, 7, tzinfo=UTC).timestamp())
+        rows = await conn.fetch(
+            "SELECT price_list_id, effective_from, code, amount FROM price_list_fees ORDER BY code"
+        )
+        assert [tuple(r) for r in rows] == [
+            ("old", datetime.fromtimestamp(created, UTC), "number_setup", 500_000),
+            ("old", datetime.fromtimestamp(created, UTC), "port_in", 300_000),
+        ]
+        # a list inserted after the migration gets its opening prices from its columns
+        await conn.execute(
+            "INSERT INTO price_lists (id, inbound_per_min, sms_per_part) VALUES ('new', 1, 2)"
+        )
+        pool = await asyncpg.create_pool(db.dsn, min_size=1, max_size=2)
         assert pool is not None
         try:
             lists = await load_price_lists(pool)
@@ -310,5 +290,3 @@ async def test_migration_0005_moves_current_prices_into_a_first_version(
         assert old.outbound_rate("+442071234567").rate_per_min == 15_000
         assert [v.sms_per_part for v in lists["bare"].price_versions()] == [1]
         assert [v.sms_per_part for v in lists["new"].price_versions()] == [2]
-    finally:
-        await embedded.drop_database(services.admin_dsn, name)

@@ -7,7 +7,6 @@ the keys they were charged with."""
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
 from datetime import timedelta
 
@@ -17,8 +16,7 @@ import pytest
 import stripe
 
 from contracts.payments import PAYMENTS_SOURCE
-from infra import embedded
-from infra.db import migrate, migrations
+from infra.db import migrate
 from recharge.gateway import ChargeRequest, ChargeResult, OutcomeUnknown, idempotency_key
 from recharge.sandbox import SandboxGateway
 from recharge.service import PaymentError, PaymentService
@@ -26,6 +24,7 @@ from recharge.store import PaymentStore
 from recharge.stripe_gateway import StripeGateway
 from tests.api import Api
 from tests.conftest import Services
+from tests.helpers import database_before
 from tests.recharge.world import (
     USD,
     World,
@@ -295,54 +294,37 @@ async def test_an_auto_recharge_cut_off_keeps_its_id_and_key(world: World) -> No
 async def test_migration_0009_keeps_the_payments_it_finds_and_their_keys(
     services: Services,
 ) -> None:
-    name = f"m_{uuid.uuid4().hex[:12]}"
-    dsn = await embedded.create_database(services.admin_dsn, name)
-    try:
-        conn = await asyncpg.connect(dsn)
-        try:
-            await conn.execute(
-                "CREATE TABLE schema_migrations (version integer PRIMARY KEY, name text NOT NULL,"
-                " applied_at timestamptz NOT NULL DEFAULT now())"
-            )
-            for version, mname, sql in migrations():
-                if version < 9:
-                    await conn.execute(sql)
-                    await conn.execute(
-                        "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
-                        version,
-                        mname,
-                    )
-            await conn.execute(
-                "INSERT INTO price_lists (id, inbound_per_min, sms_per_part) VALUES ('std', 1, 1);"
-                "INSERT INTO accounts (id, price_list_id) VALUES ('a', 'std'), ('b', 'std');"
-                "INSERT INTO payments (id, account_id, kind, trigger_seq, amount, captured,"
-                " currency, status, credited_at) VALUES"
-                " ('p1', 'a', 'manual', NULL, 20000000, 20000000, 'USD', 'succeeded', now()),"
-                " ('a:ar:3:1', 'a', 'auto', 3, 50000000, 0, 'USD', 'pending', NULL),"
-                " ('p2', 'b', 'manual', NULL, 10000000, 0, 'USD', 'declined', NULL)"
-            )
-            before = [dict(r) for r in await conn.fetch("SELECT * FROM payments ORDER BY id")]
-            assert "0009_payment_scope.sql" in await migrate(conn)
-            after = [dict(r) for r in await conn.fetch("SELECT * FROM payments ORDER BY id")]
-            # every row as it was, each keeping the key it was charged with: its bare id
-            assert [{k: v for k, v in r.items() if k != "gateway_key"} for r in after] == before
-            assert [r["gateway_key"] for r in after] == [r["id"] for r in before]
-            insert = (
-                "INSERT INTO payments (id, account_id, kind, amount, currency, status,"
-                " gateway_key) VALUES ($1, $2, 'manual', 10000000, 'USD', 'pending', $3)"
-            )
-            with pytest.raises(asyncpg.UniqueViolationError) as e:
-                await conn.execute(insert, "p1", "b", "p1")  # a's charge: never shared
-            assert e.value.constraint_name == "payments_gateway_key_key"
-            await conn.execute(insert, "p1", "b", "b/p1")  # b's own p1
-            with pytest.raises(asyncpg.UniqueViolationError) as e:
-                await conn.execute(insert, "p1", "a", "a/p1")  # a has one
-            assert e.value.constraint_name == "payments_pkey"
-            with pytest.raises(asyncpg.CheckViolationError):
-                await conn.execute(insert, "p8", "b", "b/p9")  # another payment's key
-        finally:
-            await conn.close()
-        pool = await asyncpg.create_pool(dsn, min_size=1, max_size=2)
+    async with database_before(services.admin_dsn, 9) as db:
+        conn = db.conn
+        await conn.execute(
+            "INSERT INTO price_lists (id, inbound_per_min, sms_per_part) VALUES ('std', 1, 1);"
+            "INSERT INTO accounts (id, price_list_id) VALUES ('a', 'std'), ('b', 'std');"
+            "INSERT INTO payments (id, account_id, kind, trigger_seq, amount, captured,"
+            " currency, status, credited_at) VALUES"
+            " ('p1', 'a', 'manual', NULL, 20000000, 20000000, 'USD', 'succeeded', now()),"
+            " ('a:ar:3:1', 'a', 'auto', 3, 50000000, 0, 'USD', 'pending', NULL),"
+            " ('p2', 'b', 'manual', NULL, 10000000, 0, 'USD', 'declined', NULL)"
+        )
+        before = [dict(r) for r in await conn.fetch("SELECT * FROM payments ORDER BY id")]
+        assert "0009_payment_scope.sql" in await migrate(conn)
+        after = [dict(r) for r in await conn.fetch("SELECT * FROM payments ORDER BY id")]
+        # every row as it was, each keeping the key it was charged with: its bare id
+        assert [{k: v for k, v in r.items() if k != "gateway_key"} for r in after] == before
+        assert [r["gateway_key"] for r in after] == [r["id"] for r in before]
+        insert = (
+            "INSERT INTO payments (id, account_id, kind, amount, currency, status,"
+            " gateway_key) VALUES ($1, $2, 'manual', 10000000, 'USD', 'pending', $3)"
+        )
+        with pytest.raises(asyncpg.UniqueViolationError) as e:
+            await conn.execute(insert, "p1", "b", "p1")  # a's charge: never shared
+        assert e.value.constraint_name == "payments_gateway_key_key"
+        await conn.execute(insert, "p1", "b", "b/p1")  # b's own p1
+        with pytest.raises(asyncpg.UniqueViolationError) as e:
+            await conn.execute(insert, "p1", "a", "a/p1")  # a has one
+        assert e.value.constraint_name == "payments_pkey"
+        with pytest.raises(asyncpg.CheckViolationError):
+            await conn.execute(insert, "p8", "b", "b/p9")  # another payment's key
+        pool = await asyncpg.create_pool(db.dsn, min_size=1, max_size=2)
         assert pool is not None
         try:
             store = PaymentStore(pool)
@@ -357,5 +339,3 @@ async def test_migration_0009_keeps_the_payments_it_finds_and_their_keys(
             }
         finally:
             await pool.close()
-    finally:
-        await embedded.drop_database(services.admin_dsn, name)
