@@ -60,14 +60,21 @@ async def profile(pool: asyncpg.Pool, account_id: str) -> Profile | None:
 
 
 async def list_accounts(
-    pool: asyncpg.Pool, *, manager_id: str | None, after: str | None, limit: int
+    pool: asyncpg.Pool,
+    *,
+    manager_id: str | None,
+    before: tuple[datetime, str] | None,
+    limit: int,
 ) -> list[Profile]:
-    """Accounts in id order after ``after``: all of them, or those ``manager_id`` manages."""
+    """Accounts newest first, after the ``(created_at, id)`` ``before`` (the last of the page
+    before, ``infra.http.pages``): all of them, or those ``manager_id`` manages."""
     rows = await pool.fetch(
-        _PROFILE + " WHERE ($1::text IS NULL OR manager_id = $1) AND ($2::text IS NULL OR id > $2)"
-        " ORDER BY id LIMIT $3",
+        _PROFILE + " WHERE ($1::text IS NULL OR manager_id = $1)"
+        " AND ($2::timestamptz IS NULL OR (created_at, id) < ($2, $3))"
+        " ORDER BY created_at DESC, id DESC LIMIT $4",
         manager_id,
-        after,
+        None if before is None else before[0],
+        None if before is None else before[1],
         limit,
     )
     return [Profile(**dict(r)) for r in rows]

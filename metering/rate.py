@@ -81,7 +81,7 @@ def rate(
             if billed:  # any account may hold bundle seconds: debit.lua decides the draw
                 draw = Draw(billed, voice.rate_per_min, voice.connect_fee, at)
             kind, qty, ref, call = "call", billed, d.call_id, d.call_id
-            parties = d.from_, d.to
+            from_party, to_party = d.from_, d.to
             direction: str = d.direction
             groups = acct.groups
             group = (
@@ -95,7 +95,7 @@ def rate(
             m: MessageData | MessageSentData = ev.data  # type: ignore[assignment]
             amount = plist.rate_message(m.parts, epoch)
             kind, qty, ref, call = "sms", m.parts, m.message_id, ""
-            parties = m.from_, m.to
+            from_party, to_party = m.from_, m.to
             group = "" if acct.groups is None else acct.groups.of_message(m.from_)
         append(
             Charge(
@@ -117,8 +117,8 @@ def rate(
                 answered_at=at,
                 billing_group=group,
                 direction=direction,
-                from_party=parties[0],
-                to_party=parties[1],
+                from_party=from_party,
+                to_party=to_party,
                 source=ev.source,
                 event_id=ev.id,
                 draw=draw,

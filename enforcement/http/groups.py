@@ -6,8 +6,6 @@ for a user's own units."""
 
 from __future__ import annotations
 
-import base64
-import binascii
 import csv
 import io
 from datetime import datetime
@@ -22,7 +20,7 @@ from contracts.money import format_money
 from enforcement import groups
 from enforcement import usage as usage_store
 from enforcement.http.services import Services, known
-from infra.http import errors
+from infra.http import errors, pages
 from infra.http.access import Permission
 from infra.http.bodies import AccountPath, body_doc, json_body
 from infra.http.bounds import within_db
@@ -133,6 +131,18 @@ async def _scope(
             return []
         return await within_db(groups.groups_of_user(svc.pool, account_id, who.key.user_id))
     return None
+
+
+async def _usage_scope(who: Principal, svc: Services, account_id: str) -> list[str] | None:
+    """Whose charges the caller may read: all (``billing.read``: None), else the groups it
+    belongs to (a user with the billing-unit privileges); 403 for anyone else."""
+    try:
+        await who.on(account_id, "billing.read")
+        return None
+    except ApiError as exc:
+        if exc.status != 403:
+            raise
+    return await _scope(who, svc, account_id, "billing_units.read")
 
 
 async def _editable(who: Principal, svc: Services, account_id: str, group_id: str) -> None:
@@ -354,13 +364,7 @@ async def ledger_records(
     time), summed per billing group, kind and direction; ``total`` is the ledger's sum for the
     month. Amounts and quantities only, never a rate. A user with View Billing unit (and not
     Edit Billing) gets only the lines of the units it belongs to."""
-    try:
-        await who.on(account_id, "billing.read")
-        scope: list[str] | None = None
-    except ApiError as exc:
-        if exc.status != 403:
-            raise
-        scope = await _scope(who, svc, account_id, "billing_units.read")
+    scope = await _usage_scope(who, svc, account_id)
     await known(svc, account_id)
     report = await within_db(groups.month_report(svc.pool, account_id, month, only_groups=scope))
     if format == "csv":
@@ -428,22 +432,9 @@ class UsageOut(BaseModel):
     next_cursor: str | None = Field(description="pass as ?cursor= for the next page; null: done")
 
 
-def _usage_cursor(row: usage_store.UsageRow) -> str:
-    raw = f"{row.time.isoformat()}|{row.entry_id}".encode()
-    return base64.urlsafe_b64encode(raw).decode()
-
-
-def _usage_after(cursor: str | None) -> tuple[datetime, int] | None:
-    if cursor is None:
-        return None
-    try:
-        at, entry = base64.urlsafe_b64decode(cursor.encode("ascii")).decode().split("|")
-        parsed = datetime.fromisoformat(at), int(entry)
-        if parsed[0].tzinfo is None:
-            raise ValueError("naive")
-        return parsed
-    except (ValueError, UnicodeError, binascii.Error):
-        raise ApiError(422, "invalid_cursor", "cursor is not one this API gave", "cursor") from None
+def _usage_at(row: usage_store.UsageRow) -> pages.Position:
+    # the ledger's own order: a row's time, then its entry id
+    return row.time, str(row.entry_id)
 
 
 @router.get(
@@ -463,23 +454,21 @@ async def usage(
     ] = None,
     billing_group_id: Annotated[str | None, Query(pattern=_GROUP_ID)] = None,
     number: Annotated[str | None, Query(pattern=E164_PATTERN)] = None,
-    limit: Annotated[int, Query(ge=1, le=500)] = 100,
-    cursor: Annotated[str | None, Query(max_length=200)] = None,
+    limit: pages.Limit = pages.DEFAULT_LIMIT,
+    cursor: pages.Cursor = None,
 ) -> JSONResponse:
     """Quantities and amounts, never a rate. A user with View Billing unit (and not Edit
     Billing) sees the rows of its units only."""
-    try:
-        await who.on(account_id, "billing.read")
-        scope: list[str] | None = None
-    except ApiError as exc:
-        if exc.status != 403:
-            raise
-        scope = await _scope(who, svc, account_id, "billing_units.read")
+    scope = await _usage_scope(who, svc, account_id)
     for t in (since, until):
         if t is not None and t.tzinfo is None:
             raise ApiError(422, "validation_error", "times need an offset (Z for UTC)", "since")
     if billing_group_id is not None:
         scope = [billing_group_id] if scope is None else [g for g in scope if g == billing_group_id]
+    at = pages.decode("usage", cursor)
+    before = None if at is None or not at[1].isdigit() else (at[0], int(at[1]))
+    if at is not None and before is None:
+        raise ApiError(422, "validation_error", "cursor: not a cursor of this list", "cursor")
     await known(svc, account_id)
     rows = await within_db(
         usage_store.usage(
@@ -490,12 +479,11 @@ async def usage(
             kinds=[type] if type else usage_store.USAGE_KINDS,
             groups=scope,
             number=number,
-            before=_usage_after(cursor),
+            before=before,
             limit=limit + 1,
         )
     )
-    more = len(rows) > limit
-    rows = rows[:limit]
+    rows, next_cursor = pages.page("usage", rows, limit, _usage_at)
     out = UsageOut(
         data=[
             UsageRowOut.model_validate(
@@ -515,6 +503,6 @@ async def usage(
             )
             for r in rows
         ],
-        next_cursor=_usage_cursor(rows[-1]) if more and rows else None,
+        next_cursor=next_cursor,
     )
     return JSONResponse(out.model_dump(mode="json", by_alias=True))

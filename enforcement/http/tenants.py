@@ -3,12 +3,10 @@ profile, and the operator's settings. Permissions: ``infra.http.access``."""
 
 from __future__ import annotations
 
-import base64
-import binascii
 from datetime import datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
@@ -16,7 +14,7 @@ from contracts.events import ACCOUNT_ID_PATTERN
 from contracts.money import Micros, format_money
 from enforcement import tenants
 from enforcement.http.services import Services, account_state, known
-from infra.http import errors
+from infra.http import errors, pages
 from infra.http.bodies import AccountPath, body_doc, json_body
 from infra.http.bounds import within_db
 from infra.http.callers import Caller
@@ -103,22 +101,6 @@ def _answer(out: BaseModel, *, prices: bool, status: int = 200) -> JSONResponse:
     return JSONResponse(out.model_dump(mode="json", exclude=exclude), status_code=status)
 
 
-def _cursor(after: str | None) -> str | None:
-    return None if after is None else base64.urlsafe_b64encode(after.encode()).decode()
-
-
-def _after(cursor: str | None) -> str | None:
-    if cursor is None:
-        return None
-    try:
-        after = base64.urlsafe_b64decode(cursor.encode("ascii")).decode()
-    except (binascii.Error, UnicodeError, ValueError):
-        after = ""
-    if not after or len(after) > 64:
-        raise ApiError(422, "invalid_cursor", "cursor is not one this API gave", "cursor")
-    return after
-
-
 def _conflict(exc: tenants.AccountConflict) -> ApiError:
     status = 422 if exc.code in ("unknown_price_list", "not_a_manager") else 409
     return ApiError(status, exc.code, exc.message, exc.field)
@@ -184,19 +166,19 @@ async def create(request: Request, who: Caller, svc: Services) -> JSONResponse:
 async def list_(
     who: Caller,
     svc: Services,
-    limit: Annotated[int, Query(ge=1, le=200)] = 50,
-    cursor: Annotated[str | None, Query(max_length=200)] = None,
+    limit: pages.Limit = pages.DEFAULT_LIMIT,
+    cursor: pages.Cursor = None,
 ) -> JSONResponse:
+    """Newest first."""
     relation = who.anywhere("accounts.list")
     manager = who.key.account_id if relation == "managed" else None
+    before = pages.decode("accounts", cursor)
     rows = await within_db(
-        tenants.list_accounts(svc.pool, manager_id=manager, after=_after(cursor), limit=limit + 1)
+        tenants.list_accounts(svc.pool, manager_id=manager, before=before, limit=limit + 1)
     )
-    more = len(rows) > limit
-    rows = rows[:limit]
+    shown, next_cursor = pages.page("accounts", rows, limit, lambda p: (p.created_at, p.id))
     out = AccountsOut(
-        data=[account_out(p, prices=who.sees_prices) for p in rows],
-        next_cursor=_cursor(rows[-1].id) if more else None,
+        data=[account_out(p, prices=who.sees_prices) for p in shown], next_cursor=next_cursor
     )
     return _answer(out, prices=who.sees_prices)
 

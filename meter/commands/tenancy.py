@@ -25,7 +25,7 @@ async def accounts(settings: Settings, args: argparse.Namespace) -> int:
     try:
         if args.action == "list":
             rows = await tenants.list_accounts(
-                pool, manager_id=args.manager, after=None, limit=1_000_000
+                pool, manager_id=args.manager, before=None, limit=1_000_000
             )
             for p in rows:
                 print(
