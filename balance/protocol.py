@@ -22,6 +22,8 @@ from balance.values import (
     CreditOutcome,
     DebitLike,
     GrantOutcome,
+    NumberAction,
+    NumberOutcome,
     PendingSignal,
     PlanPeriod,
     Progress,
@@ -77,6 +79,18 @@ class BalanceStore(Protocol):
         expires_at: int,
         now_s: int,
     ) -> GrantOutcome: ...
+
+    async def number_step(
+        self,
+        account_id: str,
+        action: NumberAction,
+        number: str,
+        token: str,
+        *,
+        fee: int = 0,
+        reason: str = "-",
+        now_s: int | None = None,
+    ) -> NumberOutcome: ...
 
     # Calls' reservations (authorization, call progress, the sweep).
     async def reserve(

@@ -94,11 +94,15 @@ def decode_settled(raw: bytes) -> dict[int, Settled]:
 
 
 def decode_outbox(entries: list[bytes]) -> list[PendingSignal]:
-    """``seq|type|reason`` or, for call.terminate, ``seq|type|reason|call_id|terminate_at``."""
+    """``seq|type|reason`` or, for call.terminate, ``seq|type|reason|call_id|terminate_at``, for
+    a number's signal ``seq|type|reason|number``."""
     out = []
     for raw in entries:
         seq, type_, rest = raw.decode().split("|", 2)
-        if type_ == "call.terminate":
+        if type_.startswith("number."):
+            reason, number = rest.split("|", 1)
+            out.append(PendingSignal(int(seq), type_, reason, number=number))
+        elif type_ == "call.terminate":
             # The call id is percent-escaped by progress.lua (it may hold any character).
             reason, tail = rest.split("|", 1)
             call_id, at = tail.rsplit("|", 1)

@@ -38,6 +38,7 @@ SCRIPTS: Final = (
     "debit.lua",
     "grant.lua",
     "load_account.lua",
+    "number.lua",
     "outbox_ack.lua",
     "progress.lua",
     "recharge_settings.lua",

@@ -32,6 +32,8 @@ from balance.values import (
     DebitLike,
     Draw,
     GrantOutcome,
+    NumberAction,
+    NumberOutcome,
     PlanPeriod,
     RechargeState,
     StatusAction,
@@ -85,6 +87,7 @@ class RedisBalances(ReservationStore, OutboxStore):
         self._undraw: AsyncScript = client.register_script(_lua("undraw.lua"))
         self._recharge: AsyncScript = client.register_script(_lua("recharge_settings.lua"))
         self._limits: AsyncScript = client.register_script(_lua("set_limits.lua"))
+        self._number: AsyncScript = client.register_script(_lua("number.lua"))
 
     def _now(self, now_s: int | None) -> int:
         """``now_s``, or the injected clock's whole seconds."""
@@ -178,6 +181,39 @@ class RedisBalances(ReservationStore, OutboxStore):
         await self.mark_outbox_pending([account_id])
         return GrantOutcome(
             replies.GRANT_RESULTS[int(result)], int(bal), replies.status_or_none(st)
+        )
+
+    async def number_step(
+        self,
+        account_id: str,
+        action: NumberAction,
+        number: str,
+        token: str,
+        *,
+        fee: int = 0,
+        reason: str = "-",
+        now_s: int | None = None,
+    ) -> NumberOutcome:
+        """A number's renewal (take ``fee`` micro-units, refused whole when the available
+        credit does not cover it; ``reason`` "resume" queues ``number.resume``), hold or
+        release (queue ``number.hold`` / ``number.release`` with ``reason``), once per
+        ``token`` ("<lease>:<period>" or "<lease>"): see ``number.lua``. A renewal may queue
+        the account's own signals and its auto-recharge trigger, as any debit."""
+        now = self._now(now_s)
+        await self.mark_outbox_pending([account_id])
+        result, bal, st, recharging = await call(
+            f"number {action}",
+            lambda: self._number(
+                keys=[keys.account(account_id), keys.credits(account_id), keys.outbox(account_id)],
+                args=[action, number, token, fee, now, reason],
+            ),
+        )
+        await self.mark_outbox_pending([account_id])
+        return NumberOutcome(
+            replies.GRANT_RESULTS[int(result)],
+            int(bal),
+            replies.status_or_none(st),
+            int(recharging) == 1,
         )
 
     async def bucket(self, account_id: str) -> bytes | None:

@@ -39,6 +39,9 @@ ProgressOutcome = Literal["none", "closed", "ok", "extended", "terminate", "term
 #: A minute-bundle grant: ``applied``, ``repeat`` (bought before: nothing changed),
 #: ``unknown_account``, ``insufficient_credit`` (refused whole).
 GrantResult = Literal["applied", "repeat", "unknown_account", "insufficient_credit"]
+#: A number's step (``number.lua``): ``renew`` takes its monthly fee, ``hold`` and ``release``
+#: queue their signal.
+NumberAction = Literal["renew", "hold", "release"]
 
 #: The outbox entry type of an auto-recharge trigger (not a signal: it goes to the worker).
 RECHARGE_REQUESTED: Final = "recharge.requested"
@@ -131,6 +134,7 @@ class PendingSignal:
     reason: str
     call_id: str | None = None
     terminate_at: int | None = None  # unix seconds, for call.terminate
+    number: str | None = None  # E.164, for number.hold, number.resume, number.release
 
 
 class Drawn(NamedTuple):
@@ -177,6 +181,19 @@ class GrantOutcome:
     result: GrantResult
     balance: int
     status: AccountStatus | NoStatus
+
+
+@dataclass(frozen=True, slots=True)
+class NumberOutcome:
+    """A number step's ``result`` (``GrantResult``'s words: ``applied``, ``repeat`` under its
+    token, ``unknown_account``, ``insufficient_credit`` for a renewal the available credit
+    does not cover), the ``balance`` after it, the account's ``status`` (``""`` unknown), and
+    ``recharging``: an auto-recharge trigger is open (a refused renewal may yet be covered)."""
+
+    result: GrantResult
+    balance: int
+    status: AccountStatus | NoStatus
+    recharging: bool
 
 
 @dataclass(frozen=True, slots=True)

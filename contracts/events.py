@@ -14,6 +14,11 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, TypeAdapter
 
 ACCOUNT_ID_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$"
 E164_PATTERN: Final = r"^\+[1-9][0-9]{1,14}$"
+#: The earliest time an event, or a time inside one, may carry: 2000-01-01T00:00:00Z. Nothing
+#: this service bills happened before it; an earlier stamp is a broken producer clock (a unix
+#: time of 0, a year of 0001), and would otherwise become a negative day, a negative answered_at
+#: or a billing month in 1969 downstream.
+MIN_EVENT_TIME: Final = 946_684_800
 
 AccountId = Annotated[str, Field(pattern=ACCOUNT_ID_PATTERN)]
 E164 = Annotated[str, Field(pattern=E164_PATTERN)]
@@ -164,3 +169,28 @@ def parse_inbound(raw: bytes | str) -> InboundEvent:
 def rfc3339(ts: datetime) -> str:
     """RFC 3339 with an offset, as the contract requires for every timestamp."""
     return ts.isoformat().replace("+00:00", "Z")
+
+
+#: How far a renewal's ``period`` may be from the month of the event's own time. Inventory
+#: announces a renewal at most a month ahead, and may catch up on a year's backlog after an
+#: outage; anything further is a producer bug (a swapped year, "0000-01"), not a month to bill.
+RENEWAL_MONTHS_AHEAD: Final = 1
+RENEWAL_MONTHS_BEHIND: Final = 12
+
+
+def period_problem(period: str, year: int, month: int) -> str:
+    """Why a renewal's ``period`` ("YYYY-MM", its form checked by the contract) cannot be
+    billed for an event of ``year``-``month``; "" when it can."""
+    ahead = int(period[:4]) * 12 + int(period[5:7]) - (year * 12 + month)
+    if ahead > RENEWAL_MONTHS_AHEAD:
+        return (
+            f"period {period} is {ahead} months after the event's month {year:04d}-{month:02d};"
+            f" a renewal may be due at most {RENEWAL_MONTHS_AHEAD} month ahead"
+        )
+    if -ahead > RENEWAL_MONTHS_BEHIND:
+        return (
+            f"period {period} is {-ahead} months before the event's month"
+            f" {year:04d}-{month:02d}; a renewal may be at most {RENEWAL_MONTHS_BEHIND}"
+            " months late"
+        )
+    return ""

@@ -22,6 +22,7 @@ SignalType = Literal[
     "account.resume",
     "call.terminate",
     "number.hold",
+    "number.resume",
     "number.release",
 ]
 SIGNAL_TYPES: Final[tuple[str, ...]] = typing.get_args(SignalType)

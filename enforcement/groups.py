@@ -216,6 +216,36 @@ async def set_numbers(
     return await group(pool, account_id, group_id)
 
 
+async def assign_number(
+    pool: asyncpg.Pool, account_id: str, number: str, group_id: str | None
+) -> bool:
+    """Put one number in group ``group_id`` (out of its group, if any, when None). False: the
+    account has no such group. Charges rated from now on follow; the ledger keeps the past."""
+    async with pool.acquire() as conn, conn.transaction():
+        if group_id is None:
+            await conn.execute(
+                "DELETE FROM number_groups WHERE account_id = $1 AND number = $2",
+                account_id,
+                number,
+            )
+            return True
+        if not await conn.fetchval(
+            "SELECT 1 FROM billing_groups WHERE account_id = $1 AND id = $2 FOR UPDATE",
+            account_id,
+            group_id,
+        ):
+            return False
+        await conn.execute(
+            "INSERT INTO number_groups (account_id, number, billing_group_id) VALUES ($1, $2, $3)"
+            " ON CONFLICT (account_id, number) DO UPDATE SET billing_group_id = $3"
+            " WHERE number_groups.billing_group_id <> $3",
+            account_id,
+            number,
+            group_id,
+        )
+    return True
+
+
 async def set_users(
     pool: asyncpg.Pool, account_id: str, group_id: str, user_ids: Sequence[str]
 ) -> Group | None:

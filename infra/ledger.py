@@ -33,6 +33,8 @@ Conn: TypeAlias = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
 BUNDLE_SOURCE: Final = "urn:meter:bundles"
 #: The ``source`` of opening balances.
 ACCOUNTS_SOURCE: Final = "urn:meter:accounts"
+#: The ``source`` of number renewals the numbers worker charges (enforcement/numbers.py).
+NUMBERS_SOURCE: Final = "urn:meter:numbers"
 #: The ``source`` of provisional charges (a call swept without its hangup) and of their
 #: settlement by a late hangup.
 PROVISIONAL_SOURCE: Final = "urn:meter:provisional"
@@ -215,6 +217,12 @@ class Ledger(Protocol):
         row was there already."""
         ...
 
+    async def record_fee(self, conn: Conn, row: UsageRow) -> bool:
+        """One usage row that is no event's (a number's renewal by the numbers worker: kind
+        ``fee``), in the caller's transaction. Idempotent on its event key; False: the row was
+        there already."""
+        ...
+
     async def existing(self, keys: Iterable[bytes]) -> dict[bytes, bytes | None]:
         """The event keys the ledger already holds, with their fingerprints."""
         ...
@@ -348,6 +356,10 @@ class PostgresLedger:
             PAYMENTS_SOURCE,
             payment_id,
         )
+
+    async def record_fee(self, conn: Conn, row: UsageRow) -> bool:
+        written = await conn.fetch(_INSERT + " RETURNING 1", *_columns([row]))
+        return bool(written)
 
     async def existing(self, keys: Iterable[bytes]) -> dict[bytes, bytes | None]:
         ks = list(keys)

@@ -255,3 +255,18 @@ BRIDGE_LAG: Final = Gauge(
 BRIDGE_RPC_ERRORS: Final = Counter(
     "meter_bridge_rpc_errors_total", "Failed JSON-RPC calls to the switch (each is retried)"
 )
+
+#: ``meter run numbers`` (and the API's releases): what each step of a number's life did.
+NUMBER_OUTCOMES: Final = (
+    "renewed", "waiting", "held", "released", "current", "ignored", "activated", "deactivated",
+    "failed",
+)
+NUMBER_STEPS: Final = Counter(
+    "meter_number_steps_total",
+    "Steps of the numbers' life, by outcome: renewed (a month charged), waiting (for a"
+    " recharge, or a month not started), held (number.hold), released (number.release),"
+    " current (nothing due), ignored (unknown account or number, a repeat), activated and"
+    " deactivated (inventory's events), failed (retried by the next tick)",
+    ["outcome"],
+)
+_at_zero(NUMBER_STEPS, ((o,) for o in NUMBER_OUTCOMES))

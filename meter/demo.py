@@ -188,7 +188,7 @@ async def _demo(s: Settings, conns: object, n_accounts: int, seconds: float, rat
     _say(f"  drained                       {'yes' if drained else 'NO'}")
     _say(
         f"  events produced               {sent} ({p.unique_valid} distinct valid, "
-        f"{p.acknowledged} number deactivations (nothing to charge), "
+        f"{p.acknowledged} number renewals and deactivations (no hot-path charge), "
         f"{p.duplicates} duplicates, {sum(p.malformed.values())} malformed, "
         f"{payments.heavy_calls} calls to drain the recharge demo accounts)"
     )

@@ -175,7 +175,8 @@ class Produced:
     """What a generator produced, to reconcile against what was charged."""
 
     unique_valid: int = 0  # distinct events to charge: one ledger row each
-    acknowledged: int = 0  # distinct valid events that charge nothing (number.deactivated)
+    acknowledged: int = 0  # distinct valid events the hot path charges nothing for (renewals,
+    # charged by the numbers worker, and deactivations)
     duplicates: int = 0
     malformed: Counter[str] = field(default_factory=Counter)
     #: account -> expected number of distinct charged events
@@ -264,7 +265,9 @@ class TrafficGenerator:
         number = f"+1555{self._rng.randrange(10_000_000):07d}"
         ev = number_event(type_, account, number, event_id=f"num-{self._n}", period=period, at=at)
         msg = Message(topics.NUMBER_EVENTS, account.encode(), encode(ev), "valid")
-        if type_ == "number.deactivated":
+        if type_ != "number.activated":
+            # A renewal is the numbers worker's (meter run numbers), a deactivation charges
+            # nothing: the metering workers take both without a ledger row.
             self.produced.acknowledged += 1
         else:
             self.produced.unique_valid += 1

@@ -121,6 +121,8 @@ class KafkaSignalPublisher:
                     extra["call_id"] = s.call_id
                 if s.terminate_at is not None:
                     extra["terminate_at"] = datetime.fromtimestamp(s.terminate_at, UTC)
+                if s.number is not None:
+                    extra["number"] = s.number
                 sig = make_signal(s.type, account_id, s.seq, s.reason, at, **extra)  # type: ignore[arg-type]
                 topic, value = topics.CONTROL_SIGNALS, sig.model_dump_json().encode()
             futures.append(await send(topic, value, account_id.encode(), headers=_CLOUDEVENT))

@@ -14,11 +14,11 @@ from collections.abc import Callable
 
 from balance.keys import DAY_S
 from balance.values import Draw
-from contracts.events import CallHangupData, MessageSentData
+from contracts.events import MIN_EVENT_TIME, CallHangupData, MessageSentData
 from infra.ledger import event_key
 from metering.batch import Charge, Record, Rejected
 from metering.decode import HangupData, MessageData
-from metering.validate import MIN_EVENT_TIME, Chargeable, future, too_early, unknown_account
+from metering.validate import Chargeable, future, too_early, unknown_account
 from rating.catalog import AccountRating
 from rating.rating import NoRate, voice_cost
 

@@ -16,15 +16,9 @@ import orjson
 from pydantic import ValidationError
 
 from contracts import topics
-from contracts.events import CallHangup, MessageSent
+from contracts.events import MIN_EVENT_TIME, CallHangup, MessageSent
 from metering.batch import Reason, Record, Rejected
 from metering.decode import FastHangup, FastMessage, decode
-
-#: The earliest time an event, or a time inside one, may carry: 2000-01-01T00:00:00Z. Nothing
-#: this service bills happened before it; an earlier stamp is a broken producer clock (a unix
-#: time of 0, a year of 0001), and would otherwise become a negative day, a negative answered_at
-#: or a billing month in 1969 downstream.
-MIN_EVENT_TIME: Final = 946_684_800
 
 #: An event the hot path charges: decoded by msgspec, or by pydantic when msgspec declined.
 Chargeable = FastHangup | FastMessage | CallHangup | MessageSent

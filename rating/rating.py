@@ -34,6 +34,8 @@ MAX_PREFIX_LEN: Final = 15
 #: Highest rate accepted, micro-units per minute (1000.00/min). Bounds rate * seconds well
 #: below 2**53, so the overage computed in debit.lua (Lua numbers are doubles) stays exact.
 MAX_RATE_PER_MIN: Final = 1_000_000_000
+#: The one-time fee a number's activation charges when the price list defines it.
+NUMBER_SETUP_FEE: Final = "number_setup"
 
 
 class NoRate(LookupError):

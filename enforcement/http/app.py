@@ -5,7 +5,8 @@ Payments' routes are ``recharge.routes``'; ``meter.apiserver`` serves both as on
 Modules: ``authorizations`` (the route and the answer), ``fastpath`` (the same, in plain ASGI),
 ``accounts`` (balance, suspend, resume), ``tenants`` (accounts as operators and managers see
 them), ``bundles``, ``groups`` (billing groups, outbound profiles, the month's ledger records),
-``people`` (users, access groups, keys, ``/v1/me``; bodies in ``people_models``), ``events``
+``numbers`` (the numbers inventory, auto-pay, release), ``people`` (users, access groups, keys,
+``/v1/me``; bodies in ``people_models``), ``events``
 (``POST /v1/events``, on a Kafka producer of the process's own when a broker is configured),
 ``services`` (what routes run on and the account checks they share), ``models`` (the bodies).
 
@@ -50,7 +51,16 @@ from fastapi import APIRouter, FastAPI
 from balance.accounts import load_into_redis
 from balance.coalesce import CoalescingBalances
 from enforcement.authorize import Authorizer
-from enforcement.http import accounts, authorizations, bundles, events, groups, people, tenants
+from enforcement.http import (
+    accounts,
+    authorizations,
+    bundles,
+    events,
+    groups,
+    numbers,
+    people,
+    tenants,
+)
 from enforcement.http.services import ApiServices
 from enforcement.ingest import BrokerUnavailable, KafkaEvents, NoBroker
 from infra.db import create_pool
@@ -163,6 +173,6 @@ def create_app(
     errors.install(app)
     app.state.services = services  # set by the lifespan when None
     own = (authorizations.router, accounts.router, tenants.router, bundles.router, events.router)
-    for router in (*own, groups.router, people.router, *routers):
+    for router in (*own, groups.router, numbers.router, people.router, *routers):
         app.include_router(router)
     return app

@@ -22,6 +22,7 @@ from enforcement.authorize import (
     DatabaseUnavailable,
 )
 from enforcement.ingest import NO_BROKER, EventSink
+from infra.clock import Clock, system_clock
 from infra.http import errors
 from infra.http.access import Directory
 from infra.http.api_keys import ApiKeys
@@ -44,6 +45,8 @@ class ApiServices:
     directory: Directory
     #: where ``POST /v1/events`` produces (``KafkaEvents`` when a broker is configured)
     events: EventSink = NO_BROKER
+    #: the one clock of what the routes decide by time (tests set it)
+    clock: Clock = system_clock
 
 
 async def services_of(request: Request) -> ApiServices:

@@ -21,6 +21,8 @@ def run_process(settings: Settings, process: str) -> int:
         return asyncio.run(_run_api(settings))
     if process == "bridge":
         return asyncio.run(_run_bridge(settings))
+    if process == "numbers":
+        return asyncio.run(_run_numbers(settings))
     return asyncio.run(_run_metering(settings))
 
 
@@ -127,4 +129,19 @@ async def _run_bridge(settings: Settings) -> int:
     stop = asyncio.Event()
     _stop_on_signals(stop)
     await run_bridge(settings, stop)
+    return 0
+
+
+async def _run_numbers(settings: Settings) -> int:
+    missing = _missing_endpoints(settings)
+    if missing:
+        # Embedded services would be this process's own, empty ones: no numbers there.
+        print(f"meter: run numbers needs {', '.join(missing)}", file=sys.stderr)
+        return 2
+    from enforcement.number_worker import run_numbers
+
+    _serve_metrics(settings)
+    stop = asyncio.Event()
+    _stop_on_signals(stop)
+    await run_numbers(settings, stop)
     return 0

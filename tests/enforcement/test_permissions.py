@@ -92,6 +92,10 @@ TABLE: Final[dict[tuple[str, str], frozenset[str]]] = {
     ("DELETE", "/v1/accounts/{account_id}/outbound_profiles/{profile_id}"): ADMINS | {MANAGER},
     ("GET", "/v1/accounts/{account_id}/ledger_records"): BILLING_READ | UNITS_READ,
     ("GET", "/v1/accounts/{account_id}/usage"): BILLING_READ | UNITS_READ,
+    ("GET", "/v1/accounts/{account_id}/numbers"): BILLING_READ,
+    ("GET", "/v1/accounts/{account_id}/numbers/{number}"): BILLING_READ,
+    ("PATCH", "/v1/accounts/{account_id}/numbers/{number}"): BILLING_WRITE,
+    ("POST", "/v1/accounts/{account_id}/numbers/{number}/release"): BILLING_WRITE,
     ("POST", "/v1/accounts/{account_id}/users"): PEOPLE_MANAGE,
     ("GET", "/v1/accounts/{account_id}/users"): PEOPLE_MANAGE,
     ("GET", "/v1/accounts/{account_id}/users/{user_id}"): PEOPLE_MANAGE,
@@ -119,6 +123,7 @@ PARAMS: Final = {
     "{profile_id}": "p_nobody",
     "{user_id}": "usr_0000000000000000",
     "{key_id}": "0000000000000000",
+    "{number}": "+14155550100",
 }
 
 

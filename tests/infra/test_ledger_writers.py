@@ -33,6 +33,7 @@ OWNERS = {
     "number_groups": "enforcement/groups.py",
     "billing_group_users": "enforcement/groups.py",
     "outbound_profiles": "enforcement/groups.py",
+    "numbers": "enforcement/numbers.py",
 }
 
 

@@ -1,5 +1,7 @@
 """Number fees on the metering hot path, against the real broker, Redis and PostgreSQL:
-activation (setup + the month), renewals, deactivation, dead letters, managed accounts."""
+activation (setup + the month), renewals (validated and acknowledged: the numbers worker
+charges them, tests/enforcement/test_numbers.py), deactivation, dead letters, managed
+accounts."""
 
 from __future__ import annotations
 
@@ -122,9 +124,11 @@ async def test_activation_without_a_setup_fee_charges_the_month_only(
     assert (await reconcile(conns.pool, conns.balances)).ok
 
 
-async def test_each_renewal_charges_the_monthly_fee_once(
+async def test_renewals_are_validated_and_acknowledged_not_charged_on_the_hot_path(
     settings: Settings, conns: Connections
 ) -> None:
+    # The renewal is the numbers worker's (it knows auto-pay and whether the credit covers
+    # the month): the hot path dead-letters a bad one and takes a good one without a debit.
     await seed_priced(conns, "acc_1")
     at = datetime.now(UTC)
     this, ahead, late = month_of(at), month_of(at, 1), month_of(at, -12)
@@ -132,21 +136,18 @@ async def test_each_renewal_charges_the_monthly_fee_once(
         number_event("number.renewal_due", "acc_1", NUMBER, period=p, at=at)
         for p in (this, ahead, late)
     ]
-    # Every renewal re-published, the first one three times.
-    await produce(conns.producer, topics.NUMBER_EVENTS, renewals + renewals + renewals[:1])
+    await produce(conns.producer, topics.NUMBER_EVENTS, renewals + renewals[:1])
     async with harness.running_worker(settings, conns) as outcomes:
-        await eventually(lambda: seen(outcomes, 7))
-    rows = await fee_rows(conns.pool)
-    assert sorted((r["amount"], r["quantity"], r["ref"], r["rate_ref"]) for r in rows) == sorted(
-        (-MONTHLY, 1, NUMBER, f"numbers:monthly:{p}") for p in (this, ahead, late)
-    )
-    assert await balance(conns, "acc_1") == OPENING - 3 * MONTHLY
-    assert (sum(o.charged for o in outcomes), sum(o.duplicates for o in outcomes)) == (3, 4)
-    assert accounted(outcomes) == 7
+        await eventually(lambda: seen(outcomes, 4))
+    assert await fee_rows(conns.pool) == []
+    assert await balance(conns, "acc_1") == OPENING
+    assert sum(o.acknowledged for o in outcomes) == 4
+    assert sum(o.charged for o in outcomes) == 0
+    assert accounted(outcomes) == 4
     assert (await reconcile(conns.pool, conns.balances)).ok
 
 
-async def test_a_price_list_without_number_fees_charges_zero_and_deactivation_nothing(
+async def test_a_price_list_without_number_fees_charges_zero_and_the_rest_nothing(
     settings: Settings, conns: Connections, seed: Seeder
 ) -> None:
     await seed("acc_1", balance="20.00")  # the demo price list: no monthly fee, no setup fee
@@ -160,15 +161,15 @@ async def test_a_price_list_without_number_fees_charges_zero_and_deactivation_no
     async with harness.running_worker(settings, conns) as outcomes:
         await eventually(lambda: seen(outcomes, 3))
     rows = await fee_rows(conns.pool)
-    # Charged events are accounted for with a row, even at 0; the deactivation has none.
+    # A charged event is accounted for with a row, even at 0; the renewal (the numbers
+    # worker's) and the deactivation have none here.
     assert sorted((r["amount"], r["rate_ref"]) for r in rows) == [
         (0, f"standard:monthly:{month_of(at)}"),
-        (0, f"standard:monthly:{month_of(at)}"),
     ]
-    assert {r["event_id"] for r in rows} == {events[0]["id"], events[1]["id"]}
+    assert {r["event_id"] for r in rows} == {events[0]["id"]}
     assert await balance(conns, "acc_1") == OPENING
-    assert sum(o.charged for o in outcomes) == 2
-    assert sum(o.acknowledged for o in outcomes) == 1
+    assert sum(o.charged for o in outcomes) == 1
+    assert sum(o.acknowledged for o in outcomes) == 2
     assert not any(o.dead_letters for o in outcomes)
     assert accounted(outcomes) == 3
     assert (await reconcile(conns.pool, conns.balances)).ok

@@ -312,7 +312,7 @@ def test_redis_answers_of_the_moment_are_transient_and_script_errors_are_not() -
 
 
 def test_the_times_a_producer_clock_can_send_are_bounded() -> None:
-    from metering.validate import MIN_EVENT_TIME
+    from contracts.events import MIN_EVENT_TIME
 
     assert datetime.fromtimestamp(MIN_EVENT_TIME, UTC) == datetime(2000, 1, 1, tzinfo=UTC)
     assert timedelta(seconds=MIN_EVENT_TIME) > timedelta(days=365 * 29)
