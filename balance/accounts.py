@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from typing import Annotated, Self
+from typing import Annotated, Literal, Self
 
 import asyncpg
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
@@ -56,11 +56,23 @@ class PriceListSpec(_Spec):
 
 
 class PlanSpec(_Spec):
-    """A plan: ``included_minutes`` of voice per calendar month (UTC); 0 = pay as you go."""
+    """A plan tier (docs/design/subscriptions.md): ``included_minutes`` of voice per calendar
+    month (UTC); a ``flat_rate`` tier's ``monthly_fee`` and the DIDs and extensions it
+    includes, each further one at its monthly rate (a ``payg`` tier: no fee, every unit at its
+    rate); ``max_concurrent_calls`` live calls at once, inbound and outbound (0: no limit)."""
 
     id: Annotated[str, Field(pattern=_ID)]
     description: str = ""
     included_minutes: Annotated[int, Field(ge=0, le=1_000_000)] = 0
+    name: Annotated[str, Field(max_length=100)] = ""
+    billing_model: Literal["flat_rate", "payg"] = "flat_rate"
+    monthly_fee: Annotated[Micros, Field(ge=0)] = 0
+    included_dids: Annotated[int, Field(ge=0, le=1_000_000)] = 0
+    included_extensions: Annotated[int, Field(ge=0, le=1_000_000)] = 0
+    did_rate: Annotated[Micros, Field(ge=0)] = 0
+    extension_rate: Annotated[Micros, Field(ge=0)] = 0
+    max_concurrent_calls: Annotated[int, Field(ge=0, le=1_000_000)] = 0
+    on_sale: bool = True
 
 
 class BundleSpec(_Spec):
@@ -157,11 +169,24 @@ async def put_plan(pool: asyncpg.Pool, spec: PlanSpec) -> None:
     """Create or update a plan. A change of allowance applies from the next period (the
     current period's allowance is already in Redis)."""
     await pool.execute(
-        "INSERT INTO plans (id, description, included_s) VALUES ($1, $2, $3)"
-        " ON CONFLICT (id) DO UPDATE SET description = $2, included_s = $3",
+        "INSERT INTO plans (id, description, included_s, name, billing_model, monthly_fee,"
+        " included_dids, included_extensions, did_rate, extension_rate, max_concurrent_calls,"
+        " on_sale) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"
+        " ON CONFLICT (id) DO UPDATE SET description = $2, included_s = $3, name = $4,"
+        " billing_model = $5, monthly_fee = $6, included_dids = $7, included_extensions = $8,"
+        " did_rate = $9, extension_rate = $10, max_concurrent_calls = $11, on_sale = $12",
         spec.id,
         spec.description,
         spec.included_minutes * 60,
+        spec.name,
+        spec.billing_model,
+        spec.monthly_fee,
+        spec.included_dids,
+        spec.included_extensions,
+        spec.did_rate,
+        spec.extension_rate,
+        spec.max_concurrent_calls,
+        spec.on_sale,
     )
 
 
