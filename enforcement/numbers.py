@@ -6,7 +6,7 @@ activation adds the number (paid through the month of activation, which the mete
 charge with its setup fee), a deactivation by inventory releases it. Renewals are this
 module's: the monthly fee of each month is charged once per number, lease and month, when
 inventory announces it (``number.renewal_due``) or when the month starts, whichever comes
-first (``NumberLifecycle.tick``, run by ``meter run numbers``):
+first (``NumberLifecycle.tick``, run by ``meter run billing``):
 
 - auto-pay on and the available credit covers the fee: charged (``number.lua``), Active;
 - not covered: auto-recharge gets its chance first (an open trigger is waited for up to

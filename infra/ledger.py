@@ -33,7 +33,7 @@ Conn: TypeAlias = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
 BUNDLE_SOURCE: Final = "urn:meter:bundles"
 #: The ``source`` of opening balances.
 ACCOUNTS_SOURCE: Final = "urn:meter:accounts"
-#: The ``source`` of number renewals the numbers worker charges (enforcement/numbers.py).
+#: The ``source`` of number renewals the billing worker charges (enforcement/numbers.py).
 NUMBERS_SOURCE: Final = "urn:meter:numbers"
 #: The ``source`` of provisional charges (a call swept without its hangup) and of their
 #: settlement by a late hangup.
@@ -218,7 +218,7 @@ class Ledger(Protocol):
         ...
 
     async def record_fee(self, conn: Conn, row: UsageRow) -> bool:
-        """One usage row that is no event's (a number's renewal by the numbers worker: kind
+        """One usage row that is no event's (a number's renewal by the billing worker: kind
         ``fee``), in the caller's transaction. Idempotent on its event key; False: the row was
         there already."""
         ...

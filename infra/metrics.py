@@ -256,7 +256,7 @@ BRIDGE_RPC_ERRORS: Final = Counter(
     "meter_bridge_rpc_errors_total", "Failed JSON-RPC calls to the switch (each is retried)"
 )
 
-#: ``meter run numbers`` (and the API's releases): what each step of a number's life did.
+#: ``meter run billing`` (and the API's releases): what each step of a number's life did.
 NUMBER_OUTCOMES: Final = (
     "renewed", "waiting", "held", "released", "current", "ignored", "activated", "deactivated",
     "failed",

@@ -129,17 +129,17 @@ class Settings:
     bridge_rpc_timeout_s: float = 2.0
     #: Consumer group of the signal bridge (``meter run bridge``): one bridge per switch.
     bridge_group: str = "meter-bridge"
-    #: ``meter run numbers``: how long a number stays On Hold (its renewal unpaid, or auto-pay
+    #: ``meter run billing``: how long a number stays On Hold (its renewal unpaid, or auto-pay
     #: off) before it is released; a payment or recharge meanwhile renews it (7 days).
     number_grace_s: int = 604_800
-    #: ``meter run numbers``: how long a renewal the credit does not cover waits for an open
+    #: ``meter run billing``: how long a renewal the credit does not cover waits for an open
     #: auto-recharge to land before the number goes On Hold.
     number_recharge_wait_s: int = 600
-    #: ``meter run numbers``: how often it looks for numbers with work (renewals due, holds,
+    #: ``meter run billing``: how often it looks for numbers with work (renewals due, holds,
     #: grace periods over); a payment renews a held number within this.
-    numbers_scan_interval_s: float = 30.0
-    #: Consumer group of the numbers worker (``meter run numbers``).
-    numbers_group: str = "meter-numbers"
+    billing_scan_interval_s: float = 30.0
+    #: Consumer group of the billing worker (``meter run billing``).
+    billing_worker_group: str = "meter-billing"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -209,8 +209,8 @@ class Settings:
             raise SettingsError(
                 "METER_NUMBER_GRACE_S and METER_NUMBER_RECHARGE_WAIT_S must be >= 0"
             )
-        if self.numbers_scan_interval_s <= 0:
-            raise SettingsError("METER_NUMBERS_SCAN_INTERVAL_S must be > 0")
+        if self.billing_scan_interval_s <= 0:
+            raise SettingsError("METER_BILLING_SCAN_INTERVAL_S must be > 0")
         if self.recharge_max_declines < 1:
             raise SettingsError("METER_RECHARGE_MAX_DECLINES must be >= 1")
         self.backoff()

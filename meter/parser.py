@@ -37,13 +37,14 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="run one of the service's processes")
     r.add_argument(
         "process",
-        choices=["metering", "ops", "api", "recharge", "bridge", "numbers"],
+        choices=["metering", "ops", "api", "recharge", "bridge", "billing"],
         help="metering: the usage stream worker; ops: consumer lag, accounts by state and "
         "reconciliation drift for Prometheus (one per deployment); api: the HTTP API "
         "(METER_API_HOST, METER_API_PORT); recharge: the auto-recharge worker (faust; "
         "METER_PAYMENT_GATEWAY); bridge: enforces billing.control-signals on Kamailio "
-        "(METER_BRIDGE_RPC_URL, METER_KAFKA_BOOTSTRAP); numbers: the numbers inventory, "
-        "renewals, holds and releases (needs the three endpoints set)",
+        "(METER_BRIDGE_RPC_URL, METER_KAFKA_BOOTSTRAP); billing: the billing clock: the "
+        "numbers inventory, renewals, holds and releases, plan fees (needs the three "
+        "endpoints set)",
     )
 
     b = sub.add_parser("bench", help="measure a target of ARCHITECTURE.md")

@@ -266,7 +266,7 @@ class TrafficGenerator:
         ev = number_event(type_, account, number, event_id=f"num-{self._n}", period=period, at=at)
         msg = Message(topics.NUMBER_EVENTS, account.encode(), encode(ev), "valid")
         if type_ != "number.activated":
-            # A renewal is the numbers worker's (meter run numbers), a deactivation charges
+            # A renewal is the numbers worker's (meter run billing), a deactivation charges
             # nothing: the metering workers take both without a ledger row.
             self.produced.acknowledged += 1
         else:

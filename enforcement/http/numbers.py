@@ -162,8 +162,8 @@ async def read(
 async def update(
     request: Request, account_id: AccountPath, number: NumberPath, who: Caller, svc: Services
 ) -> JSONResponse:
-    """Auto-pay turned on for a number On Hold renews it at the numbers worker's next look
-    (``METER_NUMBERS_SCAN_INTERVAL_S``), when the credit covers the month."""
+    """Auto-pay turned on for a number On Hold renews it at the billing worker's next look
+    (``METER_BILLING_SCAN_INTERVAL_S``), when the credit covers the month."""
     await who.on(account_id, "billing.write")
     body = await json_body(request, NumberPatch)
     await known(svc, account_id)

@@ -21,8 +21,8 @@ def run_process(settings: Settings, process: str) -> int:
         return asyncio.run(_run_api(settings))
     if process == "bridge":
         return asyncio.run(_run_bridge(settings))
-    if process == "numbers":
-        return asyncio.run(_run_numbers(settings))
+    if process == "billing":
+        return asyncio.run(_run_billing(settings))
     return asyncio.run(_run_metering(settings))
 
 
@@ -132,16 +132,16 @@ async def _run_bridge(settings: Settings) -> int:
     return 0
 
 
-async def _run_numbers(settings: Settings) -> int:
+async def _run_billing(settings: Settings) -> int:
     missing = _missing_endpoints(settings)
     if missing:
-        # Embedded services would be this process's own, empty ones: no numbers there.
-        print(f"meter: run numbers needs {', '.join(missing)}", file=sys.stderr)
+        # Embedded services would be this process's own, empty ones: nothing to bill there.
+        print(f"meter: run billing needs {', '.join(missing)}", file=sys.stderr)
         return 2
-    from enforcement.number_worker import run_numbers
+    from enforcement.billing_worker import run_billing
 
     _serve_metrics(settings)
     stop = asyncio.Event()
     _stop_on_signals(stop)
-    await run_numbers(settings, stop)
+    await run_billing(settings, stop)
     return 0

@@ -24,7 +24,7 @@ from balance.accounts import AccountSpec, create_accounts, load_into_redis, put_
 from balance.store import RedisBalances
 from contracts import topics
 from contracts.signals import Signal
-from enforcement.number_worker import run_numbers, valid_event
+from enforcement.billing_worker import run_billing, valid_event
 from enforcement.numbers import (
     NumberLifecycle,
     NumberRules,
@@ -498,7 +498,7 @@ async def test_the_worker_skips_what_the_metering_workers_dead_letter() -> None:
 async def test_both_workers_on_the_real_broker_publish_the_hold_with_its_number(
     settings: Settings, conns: Connections
 ) -> None:
-    """``meter run numbers`` keeps the inventory from the topic and holds the number at the
+    """``meter run billing`` keeps the inventory from the topic and holds the number at the
     month's start; ``meter run metering`` charges the activation and publishes the hold, with
     its ``number``, on billing.control-signals."""
     spec = demo_price_list("pl_num").model_copy(
@@ -521,8 +521,8 @@ async def test_both_workers_on_the_real_broker_publish_the_hold_with_its_number(
     )
     steps: list[str] = []
     stop = asyncio.Event()
-    fast = replace(settings, numbers_scan_interval_s=0.2, numbers_group="meter-numbers-test")
-    task = asyncio.create_task(run_numbers(fast, stop, clock=clock, on_step=steps.append))
+    fast = replace(settings, billing_scan_interval_s=0.2, billing_worker_group="meter-billing-test")
+    task = asyncio.create_task(run_billing(fast, stop, clock=clock, on_step=steps.append))
     try:
         async with harness.running_worker(settings, conns):
             await eventually(lambda: _has(steps, "activated"))

@@ -11,7 +11,7 @@ import orjson
 
 from balance.accounts import AccountSpec, create_accounts, put_price_list
 from balance.store import RedisBalances
-from enforcement.number_worker import valid_event
+from enforcement.billing_worker import valid_event
 from enforcement.numbers import NumberLifecycle
 from meter.traffic import demo_price_list, number_event
 from rating.catalog import Catalog
@@ -21,7 +21,7 @@ NUMBERS = ("+14155550101", "+14155550102", "+14155550103")
 
 
 async def activate(api: Api, account: str, *numbers: str) -> None:
-    """The numbers activated now, as ``meter run numbers`` records inventory's events."""
+    """The numbers activated now, as ``meter run billing`` records inventory's events."""
     catalog = Catalog(api.svc.pool)
     await catalog.refresh()
     lifecycle = NumberLifecycle(api.svc.pool, api.svc.balances, catalog.lookup)

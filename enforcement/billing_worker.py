@@ -1,4 +1,4 @@
-"""``meter run numbers``: keep the numbers inventory from ``telephony.number-events`` (a
+"""``meter run billing``: keep the numbers inventory from ``telephony.number-events`` (a
 consumer group of its own) and renew, hold and release numbers on the clock
 (``enforcement.numbers``).
 
@@ -94,14 +94,14 @@ _TRANSIENT = (
 )
 
 
-async def run_numbers(
+async def run_billing(
     settings: Settings,
     stop: asyncio.Event,
     *,
     clock: Clock = system_clock,
     on_step: Callable[[str], None] | None = None,
 ) -> None:
-    """Consume number events and tick the lifecycle every ``numbers_scan_interval_s`` until
+    """Consume number events and tick the lifecycle every ``billing_scan_interval_s`` until
     ``stop`` is set. ``on_step(outcome)`` for tests."""
     async with contextlib.AsyncExitStack() as stack:
         pool = await create_pool(settings.database_url, max_size=4)
@@ -127,7 +127,7 @@ async def run_numbers(
         consumer = AIOKafkaConsumer(
             topics.NUMBER_EVENTS,
             bootstrap_servers=settings.kafka_bootstrap,
-            group_id=settings.numbers_group,
+            group_id=settings.billing_worker_group,
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             session_timeout_ms=settings.kafka_session_timeout_ms,
@@ -182,7 +182,7 @@ async def run_numbers(
                 except KafkaError as exc:
                     log.warning("numbers: commit failed (%r); retried with the next", exc)
             if loop.time() >= next_tick:
-                next_tick = loop.time() + settings.numbers_scan_interval_s
+                next_tick = loop.time() + settings.billing_scan_interval_s
                 await step(functools.partial(_tick, lifecycle, on_step))
 
 
