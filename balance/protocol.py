@@ -92,6 +92,19 @@ class BalanceStore(Protocol):
         now_s: int | None = None,
     ) -> NumberOutcome: ...
 
+    async def plan_step(
+        self,
+        account_id: str,
+        token: str,
+        *,
+        fee: int,
+        included_s: int,
+        period: tuple[int, int],
+        add_s: int = 0,
+        cover: bool = False,
+        now_s: int | None = None,
+    ) -> GrantOutcome: ...
+
     # Calls' reservations (authorization, call progress, the sweep).
     async def reserve(
         self,

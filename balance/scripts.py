@@ -39,6 +39,7 @@ SCRIPTS: Final = (
     "grant.lua",
     "load_account.lua",
     "number.lua",
+    "plan.lua",
     "outbox_ack.lua",
     "progress.lua",
     "recharge_settings.lua",

@@ -88,6 +88,7 @@ class RedisBalances(ReservationStore, OutboxStore):
         self._recharge: AsyncScript = client.register_script(_lua("recharge_settings.lua"))
         self._limits: AsyncScript = client.register_script(_lua("set_limits.lua"))
         self._number: AsyncScript = client.register_script(_lua("number.lua"))
+        self._plan: AsyncScript = client.register_script(_lua("plan.lua"))
 
     def _now(self, now_s: int | None) -> int:
         """``now_s``, or the injected clock's whole seconds."""
@@ -214,6 +215,46 @@ class RedisBalances(ReservationStore, OutboxStore):
             int(bal),
             replies.status_or_none(st),
             int(recharging) == 1,
+        )
+
+    async def plan_step(
+        self,
+        account_id: str,
+        token: str,
+        *,
+        fee: int,
+        included_s: int,
+        period: tuple[int, int],
+        add_s: int = 0,
+        cover: bool = False,
+        now_s: int | None = None,
+    ) -> GrantOutcome:
+        """A subscription's step (``plan.lua``), once per ``token``: take ``fee`` micro-units
+        (refused whole when ``cover`` and the available credit does not cover it), make sure
+        the minute bucket holds the allowance of ``period`` (``(start, end)`` unix s:
+        ``included_s`` if it has none, ``add_s`` more if it has), and move the account where
+        its credit and minutes put it (a held account with a fresh allowance resumes)."""
+        now = self._now(now_s)
+        await self.mark_outbox_pending([account_id])
+        result, bal, st = await call(
+            f"plan {token}",
+            lambda: self._plan(
+                keys=[keys.account(account_id), keys.credits(account_id), keys.outbox(account_id)],
+                args=[
+                    token,
+                    fee,
+                    now,
+                    included_s,
+                    period[0],
+                    period[1],
+                    add_s,
+                    "1" if cover else "0",
+                ],
+            ),
+        )
+        await self.mark_outbox_pending([account_id])
+        return GrantOutcome(
+            replies.GRANT_RESULTS[int(result)], int(bal), replies.status_or_none(st)
         )
 
     async def bucket(self, account_id: str) -> bytes | None:
