@@ -13,7 +13,6 @@ import struct
 from collections.abc import Mapping, Sequence
 from typing import Final, cast
 
-import redis.asyncio as aioredis
 from redis.asyncio.client import Pipeline
 from redis.commands.core import AsyncScript
 
@@ -39,6 +38,7 @@ from balance.values import (
     Undraw,
 )
 from infra.clock import Clock, system_clock
+from infra.redisclient import RedisClient
 
 
 def _lua(name: str) -> str:
@@ -57,15 +57,16 @@ _NO_DRAW: Final = Draw(-1, 0, 0, 0)
 class RedisBalances(ReservationStore, OutboxStore):
     """Balances in Redis. ``max_accounts_per_call`` bounds how long one script holds Redis.
 
-    On a single Redis node one script may carry many accounts; on a cluster pass
-    ``max_accounts_per_call=1`` (keys of one script must share a slot) and use a cluster client.
+    On a single Redis node one script may carry many accounts; on a cluster (a ``RedisCluster``
+    client, ``infra.redisclient``) pass ``max_accounts_per_call=1`` (keys of one script must
+    share a slot).
     ``clock``: the time of the calls that take no ``now_s`` (see ``infra.clock``); the scripts
     never read Redis's own clock.
     """
 
     def __init__(
         self,
-        client: aioredis.Redis,
+        client: RedisClient,
         *,
         max_accounts_per_call: int = 256,
         clock: Clock = system_clock,

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import asyncpg
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from redis.asyncio import Redis
 
 from balance import keys
 from balance.store import RedisBalances
@@ -33,7 +34,7 @@ from balance.values import ACCOUNT_STATES
 from contracts import topics
 from infra import metrics
 from infra.db import create_pool
-from infra.instrument import InstrumentedRedis, instrumented_redis
+from infra.redisclient import RedisClient, redis_client
 from infra.settings import Settings
 from ops.reconcile import Reconciliation, reconcile
 
@@ -84,7 +85,7 @@ def _partitions(consumer: AIOKafkaConsumer, topic_names: Sequence[str]) -> list[
     ]
 
 
-async def count_accounts(redis: InstrumentedRedis) -> dict[str, int]:
+async def count_accounts(redis: Redis) -> dict[str, int]:
     """Accounts per ``st`` field of their hash (every known state present, at 0 if none).
 
     A SCAN over the whole keyspace in steps of ``SCAN_COUNT`` keys, each followed by one
@@ -128,7 +129,7 @@ class OpsCollector:
         settings: Settings,
         *,
         pool: asyncpg.Pool,
-        redis: InstrumentedRedis,
+        redis: RedisClient,
         consumer: AIOKafkaConsumer,
         recheck_after_s: float = RECHECK_AFTER_S,
     ) -> None:
@@ -153,6 +154,7 @@ class OpsCollector:
 
     async def collect_accounts(self) -> dict[str, int]:
         """Accounts by state, and the live reservations (one ZCARD of their expiry index)."""
+        assert isinstance(self._redis, Redis)  # a cluster's count: see the next commit
         counts = await count_accounts(self._redis)
         for state, n in counts.items():
             metrics.ACCOUNTS.labels(state).set(n)
@@ -231,8 +233,8 @@ class OpsCollector:
             metrics.OPS_DURATION.labels(c.name).set(time.perf_counter() - t0)
 
 
-def ops_redis(settings: Settings) -> InstrumentedRedis:
-    return instrumented_redis(
+def ops_redis(settings: Settings) -> RedisClient:
+    return redis_client(
         settings.redis_url,
         socket_timeout=settings.redis_timeout_s,
         socket_connect_timeout=settings.redis_timeout_s,
