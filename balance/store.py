@@ -14,9 +14,10 @@ from collections.abc import Mapping, Sequence
 from typing import Final, cast
 
 from redis.asyncio.client import Pipeline
+from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript
 
-from balance import keys, replies, scripts
+from balance import keys, replies, scripts, slots
 from balance.errors import call, mapped
 from balance.outbox import OutboxStore
 from balance.pipeline import round_trip
@@ -57,9 +58,9 @@ _NO_DRAW: Final = Draw(-1, 0, 0, 0)
 class RedisBalances(ReservationStore, OutboxStore):
     """Balances in Redis. ``max_accounts_per_call`` bounds how long one script holds Redis.
 
-    On a single Redis node one script may carry many accounts; on a cluster (a ``RedisCluster``
-    client, ``infra.redisclient``) pass ``max_accounts_per_call=1`` (keys of one script must
-    share a slot).
+    One debit script call carries up to ``max_accounts_per_call`` accounts: on a single node any
+    of the batch's, on a Redis Cluster (a ``RedisCluster`` client, ``infra.redisclient``) those of
+    one hash slot (``balance.slots``).
     ``clock``: the time of the calls that take no ``now_s`` (see ``infra.clock``); the scripts
     never read Redis's own clock.
     """
@@ -73,6 +74,7 @@ class RedisBalances(ReservationStore, OutboxStore):
     ) -> None:
         self._r = client
         self._max = max_accounts_per_call
+        self._by_slot = isinstance(client, RedisCluster)
         self._clock = clock
         self._debit: AsyncScript = client.register_script(_lua("debit.lua"))
         self._ack: AsyncScript = client.register_script(_lua("outbox_ack.lua"))
@@ -109,9 +111,9 @@ class RedisBalances(ReservationStore, OutboxStore):
         event = _DEBIT_EVENT.pack
         account = _DEBIT_ACCOUNT.pack
         accounts = list(batch)
+        chunks = slots.calls(accounts, self._max, by_slot=self._by_slot)
         calls: list[tuple[list[str], list[int | bytes]]] = []
-        for start in range(0, len(accounts), self._max):
-            chunk = accounts[start : start + self._max]
+        for chunk in chunks:
             # Two binary arguments, whatever the number of events (encoding thousands of small
             # arguments is what a pipeline spends its client time on), every value in a
             # fixed-width field or behind its length (see debit.lua): struct.error on a value
@@ -149,7 +151,11 @@ class RedisBalances(ReservationStore, OutboxStore):
                 await self._debit(keys=ks, args=args, client=pipe)
 
         raw = await round_trip(self._r, "debit batch", build)
-        return replies.decode_debits(accounts, raw)
+        if not self._by_slot:
+            return replies.decode_debits(accounts, raw)
+        sent = [a for chunk in chunks for a in chunk]  # grouped by slot: back to the batch's order
+        by_id = {o.account_id: o for o in replies.decode_debits(sent, raw)}
+        return [by_id[a] for a in accounts]
 
     async def grant_minutes(
         self,
