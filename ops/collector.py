@@ -23,10 +23,11 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import asyncpg
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from redis.asyncio import Redis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 
 from balance import keys
 from balance.store import RedisBalances
@@ -85,19 +86,47 @@ def _partitions(consumer: AIOKafkaConsumer, topic_names: Sequence[str]) -> list[
     ]
 
 
-async def count_accounts(redis: Redis) -> dict[str, int]:
+async def count_accounts(redis: RedisClient) -> dict[str, int]:
     """Accounts per ``st`` field of their hash (every known state present, at 0 if none).
 
     A SCAN over the whole keyspace in steps of ``SCAN_COUNT`` keys, each followed by one
     pipelined ``HGET st`` for the accounts it found: O(keys) work spread thin, never one long
-    command. On a single Redis node only (a cluster client would scan each primary).
+    command. On a Redis Cluster, every primary's keyspace in turn (each holds its own slots;
+    replicas only repeat them).
     """
     counts: dict[str, int] = dict.fromkeys(ACCOUNT_STATES, 0)
+    if isinstance(redis, RedisCluster):
+        for node in redis.get_primaries():
+            await _count_keyspace(redis, counts, node)
+    else:
+        await _count_keyspace(redis, counts, None)
+    return counts
+
+
+async def _count_keyspace(
+    redis: RedisClient, counts: dict[str, int], node: ClusterNode | None
+) -> None:
+    """Add the accounts of one keyspace to ``counts``: the node's (one node's of a cluster:
+    ``node``), by SCAN steps."""
     cursor = 0
     while True:
-        cursor, found = await redis.scan(
-            cursor, match=ACCOUNT_KEY_PATTERN, count=SCAN_COUNT, _type="hash"
-        )
+        if node is None:
+            assert not isinstance(redis, RedisCluster)
+            cursor, found = await redis.scan(
+                cursor, match=ACCOUNT_KEY_PATTERN, count=SCAN_COUNT, _type="hash"
+            )
+        else:
+            assert isinstance(redis, RedisCluster)
+            # A cluster's SCAN answers {node name: cursor} and the keys (typed as a node's).
+            reply: Any = await redis.scan(
+                cursor,
+                match=ACCOUNT_KEY_PATTERN,
+                count=SCAN_COUNT,
+                _type="hash",
+                target_nodes=node,
+            )
+            cursors, found = reply
+            cursor = int(cursors[node.name])
         if found:
             pipe = redis.pipeline(transaction=False)
             for key in found:
@@ -107,7 +136,7 @@ async def count_accounts(redis: Redis) -> dict[str, int]:
                 state = st.decode() if st else "active"
                 counts[state] = counts.get(state, 0) + 1
         if cursor == 0:
-            return counts
+            return
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,7 +183,6 @@ class OpsCollector:
 
     async def collect_accounts(self) -> dict[str, int]:
         """Accounts by state, and the live reservations (one ZCARD of their expiry index)."""
-        assert isinstance(self._redis, Redis)  # a cluster's count: see the next commit
         counts = await count_accounts(self._redis)
         for state, n in counts.items():
             metrics.ACCOUNTS.labels(state).set(n)
