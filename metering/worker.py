@@ -20,7 +20,7 @@ from contracts import topics
 from infra import metrics
 from infra.db import create_pool
 from infra.ledger import PostgresLedger
-from infra.redisclient import RedisClient
+from infra.redisclient import RedisClient, warm_up
 from infra.redisclient import redis_client as make_redis_client
 from infra.settings import Settings
 from metering.batch import BatchOutcome
@@ -75,6 +75,7 @@ async def connect(settings: Settings) -> AsyncIterator[Connections]:
     r = redis_client(settings)
     producer = kafka_producer(settings)
     try:
+        await warm_up(r)
         await producer.start()
         yield Connections(
             pool,

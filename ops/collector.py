@@ -35,7 +35,7 @@ from balance.values import ACCOUNT_STATES
 from contracts import topics
 from infra import metrics
 from infra.db import create_pool
-from infra.redisclient import RedisClient, redis_client
+from infra.redisclient import RedisClient, redis_client, warm_up
 from infra.settings import Settings
 from ops.reconcile import Reconciliation, reconcile
 
@@ -285,6 +285,7 @@ async def running_collector(
         enable_auto_commit=False,
     )
     try:
+        await warm_up(redis)
         await consumer.start()
         yield OpsCollector(
             settings,

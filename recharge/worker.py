@@ -27,7 +27,7 @@ from balance.store import RedisBalances
 from contracts import topics
 from contracts.payments import Notification, RechargeRequested
 from infra.db import create_pool
-from infra.redisclient import redis_client
+from infra.redisclient import redis_client, warm_up
 from infra.settings import Settings
 from recharge.gateway import PaymentGateway
 from recharge.service import PaymentService
@@ -108,6 +108,7 @@ def build_app(settings: Settings) -> Any:
             socket_connect_timeout=settings.redis_timeout_s,
             measured=False,
         )
+        await warm_up(r)
         gateway = make_gateway(settings)
         running.service = PaymentService(
             pool,

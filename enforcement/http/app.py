@@ -57,7 +57,7 @@ from infra.http import errors
 from infra.http.access import Directory
 from infra.http.api_keys import ApiKeys
 from infra.http.bounds import DB_TIMEOUT_S
-from infra.redisclient import RedisClient, redis_client
+from infra.redisclient import RedisClient, redis_client, warm_up
 from infra.settings import Settings
 from rating.catalog import Catalog
 
@@ -93,6 +93,7 @@ async def connect_api(settings: Settings) -> AsyncIterator[ApiServices]:
     if settings.kafka_bootstrap:
         sink = KafkaEvents(settings.kafka_bootstrap)
     try:
+        await warm_up(r)  # a cluster's layout before the first burst of authorizations
         if isinstance(sink, KafkaEvents):
             # Unreachable: the API serves the rest meanwhile; ingest retries on a request.
             with contextlib.suppress(BrokerUnavailable):
