@@ -23,12 +23,11 @@ import asyncio
 from dataclasses import dataclass
 from typing import Final
 
-import redis.asyncio as aioredis
-
 from balance.errors import OutcomeUnknown
 from balance.store import RedisBalances
 from balance.values import PlanPeriod, Reservation, ReservationRequest, Tariff
 from contracts.events import Direction
+from infra.redisclient import RedisClient
 
 #: Calls per ``reserve_many``: bounds how long one batch holds Redis.
 MAX_BATCH: Final = 256
@@ -60,7 +59,7 @@ class CoalescingBalances(RedisBalances):
 
     def __init__(
         self,
-        client: aioredis.Redis,
+        client: RedisClient,
         *,
         max_accounts_per_call: int = 256,
         max_inflight: int = 1,

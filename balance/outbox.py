@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import cast
 
-import redis.asyncio as aioredis
 from redis.asyncio.client import Pipeline
 from redis.commands.core import AsyncScript
 
@@ -19,12 +18,13 @@ from balance import keys, replies
 from balance.errors import mapped
 from balance.pipeline import round_trip
 from balance.values import PendingSignal
+from infra.redisclient import RedisClient
 
 
 class OutboxStore:
     """The outbox part of ``balance.store.RedisBalances``. Errors: ``balance.errors``."""
 
-    _r: aioredis.Redis
+    _r: RedisClient
     _ack: AsyncScript
 
     async def mark_outbox_pending(self, account_ids: Sequence[str]) -> None:

@@ -1,14 +1,19 @@
-"""One round trip of many commands (a redis-py pipeline), errors mapped by ``balance.errors``."""
+"""One round trip of many commands (a redis-py pipeline), errors mapped by ``balance.errors``.
+
+On a Redis Cluster the pipeline is redis-py's cluster pipeline (``infra.redisclient``): it sends
+each node its commands in one round trip, all nodes at once, so a batch across slots is still
+one round trip's time; each command (each script call) must keep to one slot.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, cast
 
-import redis.asyncio as aioredis
 from redis.asyncio.client import Pipeline
 
 from balance.errors import call
+from infra.redisclient import RedisClient
 
 
 async def execute(pipe: Pipeline) -> list[Any]:
@@ -22,14 +27,17 @@ async def execute(pipe: Pipeline) -> list[Any]:
 
 
 async def round_trip(
-    client: aioredis.Redis, what: str, build: Callable[[Pipeline], Awaitable[None]]
+    client: RedisClient, what: str, build: Callable[[Pipeline], Awaitable[None]]
 ) -> list[Any]:
     """The replies of the commands ``build`` queues on a fresh pipeline, in one round trip
     (not a transaction). ``build`` runs again if the round trip is sent again (``NOSCRIPT``,
     see ``balance.errors.call``), so it must only queue commands."""
 
     async def send() -> list[Any]:
-        pipe = client.pipeline(transaction=False)
+        # A cluster's pipeline is typed as a single node's for ``build``: it queues the same
+        # commands, and redis-py types ``AsyncScript(client=...)`` to take a Redis (a
+        # Pipeline) only, though all it does with it is queue EVALSHA.
+        pipe = cast(Pipeline, client.pipeline(transaction=False))
         await build(pipe)
         return await execute(pipe)
 

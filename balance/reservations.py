@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, cast
 
-import redis.asyncio as aioredis
 from redis.asyncio.client import Pipeline
 from redis.commands.core import AsyncScript
 
@@ -30,12 +29,13 @@ from balance.values import (
 )
 from contracts.events import Direction
 from infra.ledger import Unsettled
+from infra.redisclient import RedisClient
 
 
 class ReservationStore:
     """Reservations of calls (see the module docstring). Errors: ``balance.errors``."""
 
-    _r: aioredis.Redis
+    _r: RedisClient
     _reserve: AsyncScript
     _progress: AsyncScript
     _release: AsyncScript

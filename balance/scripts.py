@@ -27,10 +27,10 @@ import re
 from importlib.resources.abc import Traversable
 from typing import Final
 
-import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
 
 from balance import keys
+from infra.redisclient import RedisClient
 
 #: The scripts the balance store runs.
 SCRIPTS: Final = (
@@ -123,7 +123,7 @@ def source(name: str) -> str:
     return assemble(name)
 
 
-def register(client: aioredis.Redis, name: str) -> AsyncScript:
+def register(client: RedisClient, name: str) -> AsyncScript:
     """Script ``name`` registered on ``client``: called by its SHA (EVALSHA), loaded again on
     ``NOSCRIPT`` only."""
     return client.register_script(source(name))

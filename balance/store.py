@@ -13,11 +13,11 @@ import struct
 from collections.abc import Mapping, Sequence
 from typing import Final, cast
 
-import redis.asyncio as aioredis
 from redis.asyncio.client import Pipeline
+from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript
 
-from balance import keys, replies, scripts
+from balance import keys, replies, scripts, slots
 from balance.errors import call, mapped
 from balance.outbox import OutboxStore
 from balance.pipeline import round_trip
@@ -41,6 +41,7 @@ from balance.values import (
     Undraw,
 )
 from infra.clock import Clock, system_clock
+from infra.redisclient import RedisClient
 
 
 def _lua(name: str) -> str:
@@ -59,21 +60,23 @@ _NO_DRAW: Final = Draw(-1, 0, 0, 0)
 class RedisBalances(ReservationStore, OutboxStore):
     """Balances in Redis. ``max_accounts_per_call`` bounds how long one script holds Redis.
 
-    On a single Redis node one script may carry many accounts; on a cluster pass
-    ``max_accounts_per_call=1`` (keys of one script must share a slot) and use a cluster client.
+    One debit script call carries up to ``max_accounts_per_call`` accounts: on a single node any
+    of the batch's, on a Redis Cluster (a ``RedisCluster`` client, ``infra.redisclient``) those of
+    one hash slot (``balance.slots``).
     ``clock``: the time of the calls that take no ``now_s`` (see ``infra.clock``); the scripts
     never read Redis's own clock.
     """
 
     def __init__(
         self,
-        client: aioredis.Redis,
+        client: RedisClient,
         *,
         max_accounts_per_call: int = 256,
         clock: Clock = system_clock,
     ) -> None:
         self._r = client
         self._max = max_accounts_per_call
+        self._by_slot = isinstance(client, RedisCluster)
         self._clock = clock
         self._debit: AsyncScript = client.register_script(_lua("debit.lua"))
         self._ack: AsyncScript = client.register_script(_lua("outbox_ack.lua"))
@@ -112,9 +115,9 @@ class RedisBalances(ReservationStore, OutboxStore):
         event = _DEBIT_EVENT.pack
         account = _DEBIT_ACCOUNT.pack
         accounts = list(batch)
+        chunks = slots.calls(accounts, self._max, by_slot=self._by_slot)
         calls: list[tuple[list[str], list[int | bytes]]] = []
-        for start in range(0, len(accounts), self._max):
-            chunk = accounts[start : start + self._max]
+        for chunk in chunks:
             # Two binary arguments, whatever the number of events (encoding thousands of small
             # arguments is what a pipeline spends its client time on), every value in a
             # fixed-width field or behind its length (see debit.lua): struct.error on a value
@@ -152,7 +155,11 @@ class RedisBalances(ReservationStore, OutboxStore):
                 await self._debit(keys=ks, args=args, client=pipe)
 
         raw = await round_trip(self._r, "debit batch", build)
-        return replies.decode_debits(accounts, raw)
+        if not self._by_slot:
+            return replies.decode_debits(accounts, raw)
+        sent = [a for chunk in chunks for a in chunk]  # grouped by slot: back to the batch's order
+        by_id = {o.account_id: o for o in replies.decode_debits(sent, raw)}
+        return [by_id[a] for a in accounts]
 
     async def grant_minutes(
         self,

@@ -35,7 +35,9 @@ class SettingsError(ValueError):
 class Settings:
     #: ``host:port[,host:port]``; empty = start the embedded Tansu broker.
     kafka_bootstrap: str = ""
-    #: ``redis://host:port/db``; empty = start an embedded ``redis-server``.
+    #: ``redis://host:port/db``, or a Redis Cluster: ``redis+cluster://host:port[,host:port]``
+    #: (where to start discovering it; see ``infra.redisclient``); empty = start an embedded
+    #: ``redis-server``.
     redis_url: str = ""
     #: ``postgresql://...``; empty = start an embedded PostgreSQL.
     database_url: str = ""
@@ -56,7 +58,8 @@ class Settings:
     max_call_s: int = 86_400
     #: Events stamped further in the future are dead-lettered as ``future_timestamp``.
     max_clock_skew_s: int = 300
-    #: Accounts per Lua call; 1 on Redis Cluster (keys of one script share a slot).
+    #: The most accounts one debit script call carries (bounds how long it holds Redis). On a
+    #: Redis Cluster a call carries accounts of one hash slot only, so calls carry fewer there.
     redis_accounts_per_call: int = 256
     #: Consumer-group session timeout; the embedded broker holds a join for about half of it.
     kafka_session_timeout_ms: int = 10_000
@@ -214,6 +217,15 @@ class Settings:
         if self.recharge_max_declines < 1:
             raise SettingsError("METER_RECHARGE_MAX_DECLINES must be >= 1")
         self.backoff()
+        if self.redis_accounts_per_call < 1:
+            raise SettingsError("METER_REDIS_ACCOUNTS_PER_CALL must be >= 1")
+        from infra.redisclient import cluster_nodes, is_cluster_url  # redis-py: only if needed
+
+        if is_cluster_url(self.redis_url):
+            try:
+                cluster_nodes(self.redis_url)
+            except ValueError as exc:
+                raise SettingsError(f"METER_REDIS_URL: {exc}") from None
 
     def call_control(self) -> CallControl:
         """The reservation rules of a live call, from ``authorize_grant_s``, ``_grace_s`` and

@@ -11,7 +11,6 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import asyncpg
-import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import CommitFailedError, KafkaError
 
@@ -20,8 +19,9 @@ from balance.store import RedisBalances
 from contracts import topics
 from infra import metrics
 from infra.db import create_pool
-from infra.instrument import instrumented_redis
 from infra.ledger import PostgresLedger
+from infra.redisclient import RedisClient, warm_up
+from infra.redisclient import redis_client as make_redis_client
 from infra.settings import Settings
 from metering.batch import BatchOutcome
 from metering.isolate import is_transient, isolate
@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 @dataclass(slots=True)
 class Connections:
     pool: asyncpg.Pool
-    redis: aioredis.Redis
+    redis: RedisClient
     producer: AIOKafkaProducer
     balances: RedisBalances
 
@@ -45,9 +45,10 @@ class Connections:
         return KafkaSignalPublisher(self.producer)
 
 
-def redis_client(settings: Settings) -> aioredis.Redis:
+def redis_client(settings: Settings) -> RedisClient:
     # A bounded socket timeout: a hung Redis surfaces as OutcomeUnknown, never a hung worker.
-    return instrumented_redis(
+    # One node or a cluster, by the URL (infra.redisclient).
+    return make_redis_client(
         settings.redis_url,
         socket_timeout=settings.redis_timeout_s,
         socket_connect_timeout=settings.redis_timeout_s,
@@ -74,6 +75,7 @@ async def connect(settings: Settings) -> AsyncIterator[Connections]:
     r = redis_client(settings)
     producer = kafka_producer(settings)
     try:
+        await warm_up(r)
         await producer.start()
         yield Connections(
             pool,

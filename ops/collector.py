@@ -23,9 +23,11 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import asyncpg
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 
 from balance import keys
 from balance.store import RedisBalances
@@ -33,7 +35,7 @@ from balance.values import ACCOUNT_STATES
 from contracts import topics
 from infra import metrics
 from infra.db import create_pool
-from infra.instrument import InstrumentedRedis, instrumented_redis
+from infra.redisclient import RedisClient, redis_client, warm_up
 from infra.settings import Settings
 from ops.reconcile import Reconciliation, reconcile
 
@@ -84,19 +86,47 @@ def _partitions(consumer: AIOKafkaConsumer, topic_names: Sequence[str]) -> list[
     ]
 
 
-async def count_accounts(redis: InstrumentedRedis) -> dict[str, int]:
+async def count_accounts(redis: RedisClient) -> dict[str, int]:
     """Accounts per ``st`` field of their hash (every known state present, at 0 if none).
 
     A SCAN over the whole keyspace in steps of ``SCAN_COUNT`` keys, each followed by one
     pipelined ``HGET st`` for the accounts it found: O(keys) work spread thin, never one long
-    command. On a single Redis node only (a cluster client would scan each primary).
+    command. On a Redis Cluster, every primary's keyspace in turn (each holds its own slots;
+    replicas only repeat them).
     """
     counts: dict[str, int] = dict.fromkeys(ACCOUNT_STATES, 0)
+    if isinstance(redis, RedisCluster):
+        for node in redis.get_primaries():
+            await _count_keyspace(redis, counts, node)
+    else:
+        await _count_keyspace(redis, counts, None)
+    return counts
+
+
+async def _count_keyspace(
+    redis: RedisClient, counts: dict[str, int], node: ClusterNode | None
+) -> None:
+    """Add the accounts of one keyspace to ``counts``: the node's (one node's of a cluster:
+    ``node``), by SCAN steps."""
     cursor = 0
     while True:
-        cursor, found = await redis.scan(
-            cursor, match=ACCOUNT_KEY_PATTERN, count=SCAN_COUNT, _type="hash"
-        )
+        if node is None:
+            assert not isinstance(redis, RedisCluster)
+            cursor, found = await redis.scan(
+                cursor, match=ACCOUNT_KEY_PATTERN, count=SCAN_COUNT, _type="hash"
+            )
+        else:
+            assert isinstance(redis, RedisCluster)
+            # A cluster's SCAN answers {node name: cursor} and the keys (typed as a node's).
+            reply: Any = await redis.scan(
+                cursor,
+                match=ACCOUNT_KEY_PATTERN,
+                count=SCAN_COUNT,
+                _type="hash",
+                target_nodes=node,
+            )
+            cursors, found = reply
+            cursor = int(cursors[node.name])
         if found:
             pipe = redis.pipeline(transaction=False)
             for key in found:
@@ -106,7 +136,7 @@ async def count_accounts(redis: InstrumentedRedis) -> dict[str, int]:
                 state = st.decode() if st else "active"
                 counts[state] = counts.get(state, 0) + 1
         if cursor == 0:
-            return counts
+            return
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,7 +158,7 @@ class OpsCollector:
         settings: Settings,
         *,
         pool: asyncpg.Pool,
-        redis: InstrumentedRedis,
+        redis: RedisClient,
         consumer: AIOKafkaConsumer,
         recheck_after_s: float = RECHECK_AFTER_S,
     ) -> None:
@@ -231,8 +261,8 @@ class OpsCollector:
             metrics.OPS_DURATION.labels(c.name).set(time.perf_counter() - t0)
 
 
-def ops_redis(settings: Settings) -> InstrumentedRedis:
-    return instrumented_redis(
+def ops_redis(settings: Settings) -> RedisClient:
+    return redis_client(
         settings.redis_url,
         socket_timeout=settings.redis_timeout_s,
         socket_connect_timeout=settings.redis_timeout_s,
@@ -255,6 +285,7 @@ async def running_collector(
         enable_auto_commit=False,
     )
     try:
+        await warm_up(redis)
         await consumer.start()
         yield OpsCollector(
             settings,

@@ -21,14 +21,13 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-import redis.asyncio as aioredis
 from pydantic import ValidationError
 
 from balance.store import RedisBalances
 from contracts import topics
 from contracts.payments import Notification, RechargeRequested
 from infra.db import create_pool
-from infra.instrument import redis_retry
+from infra.redisclient import redis_client, warm_up
 from infra.settings import Settings
 from recharge.gateway import PaymentGateway
 from recharge.service import PaymentService
@@ -102,12 +101,14 @@ def build_app(settings: Settings) -> Any:
     @app.task  # type: ignore[untyped-decorator]
     async def connect() -> None:
         pool = await create_pool(settings.database_url, max_size=4)
-        r = aioredis.Redis.from_url(
+        # One node or a cluster, by the URL; the one retry policy (infra.redisclient).
+        r = redis_client(
             settings.redis_url,
             socket_timeout=settings.redis_timeout_s,
             socket_connect_timeout=settings.redis_timeout_s,
-            retry=redis_retry(),  # never redis-py's re-send after a timeout (infra.instrument)
+            measured=False,
         )
+        await warm_up(r)
         gateway = make_gateway(settings)
         running.service = PaymentService(
             pool,

@@ -45,7 +45,6 @@ import gc
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 
-import redis.asyncio as aioredis
 from fastapi import APIRouter, FastAPI
 
 from balance.accounts import load_into_redis
@@ -68,7 +67,7 @@ from infra.http import errors
 from infra.http.access import Directory
 from infra.http.api_keys import ApiKeys
 from infra.http.bounds import DB_TIMEOUT_S
-from infra.instrument import redis_retry
+from infra.redisclient import RedisClient, redis_client, warm_up
 from infra.settings import Settings
 from rating.catalog import Catalog
 
@@ -77,7 +76,7 @@ from rating.catalog import Catalog
 Connect = Callable[[Settings], AbstractAsyncContextManager[ApiServices]]
 
 
-def api_redis_client(settings: Settings) -> aioredis.Redis:
+def api_redis_client(settings: Settings) -> RedisClient:
     """Redis for the API.
 
     No socket read timeout: every call is already bounded by ``authorize_deadline_s``, and
@@ -86,11 +85,11 @@ def api_redis_client(settings: Settings) -> aioredis.Redis:
     bounded pool would turn each connection redis-py fails to give back (a pipeline cancelled
     or failing while it checks its scripts) into one slot lost for good, then into an outage.
     """
-    return aioredis.Redis.from_url(
+    return redis_client(  # one node or a cluster, by the URL (infra.redisclient)
         settings.redis_url,
         socket_timeout=None,
         socket_connect_timeout=settings.redis_timeout_s,
-        retry=redis_retry(),  # never redis-py's re-send after a timeout (infra.instrument)
+        measured=False,
     )
 
 
@@ -104,6 +103,7 @@ async def connect_api(settings: Settings) -> AsyncIterator[ApiServices]:
     if settings.kafka_bootstrap:
         sink = KafkaEvents(settings.kafka_bootstrap)
     try:
+        await warm_up(r)  # a cluster's layout before the first burst of authorizations
         if isinstance(sink, KafkaEvents):
             # Unreachable: the API serves the rest meanwhile; ingest retries on a request.
             with contextlib.suppress(BrokerUnavailable):

@@ -8,11 +8,11 @@ from datetime import UTC, datetime
 
 import asyncpg
 import pytest
-import redis.asyncio as aioredis
 
 from balance.accounts import put_price_list
 from balance.store import RedisBalances
 from infra.db import create_pool
+from infra.redisclient import redis_client
 from infra.settings import Settings
 from meter.traffic import demo_price_list
 from recharge.sandbox import SandboxGateway
@@ -24,7 +24,8 @@ __all__ = ["api", "balances", "pool", "world"]
 
 @pytest.fixture
 async def balances(redis_url: str) -> AsyncIterator[RedisBalances]:
-    r = aioredis.Redis.from_url(redis_url)
+    # The service's own factory: one node, or the cluster of tests/cluster.
+    r = redis_client(redis_url, socket_timeout=5.0, socket_connect_timeout=5.0)
     yield RedisBalances(r)
     await r.aclose()
 
