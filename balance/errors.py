@@ -39,8 +39,14 @@ import contextlib
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Final, TypeVar
 
+from redis.exceptions import (
+    ClusterDownError,
+    NoScriptError,
+    RedisClusterException,
+    ResponseError,
+    SlotNotCoveredError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 T = TypeVar("T")
@@ -91,6 +97,13 @@ def map_error(what: str, exc: Exception) -> Exception:
     exception as it is."""
     if isinstance(exc, RedisConnectionError | RedisTimeoutError):
         return OutcomeUnknown(f"{what}: outcome unknown: {exc}")
+    if isinstance(exc, ClusterDownError | SlotNotCoveredError):
+        # A Redis Cluster between layouts (a failover): nothing ran; retry later.
+        return StoreBusy(f"{what}: not applied, the cluster is not ready: {exc}")
+    if isinstance(exc, RedisClusterException):
+        # The cluster client gave up finding the node (its layout changing under it): the
+        # command may have been sent before it did.
+        return OutcomeUnknown(f"{what}: outcome unknown, cluster layout changing: {exc}")
     if isinstance(exc, NoScriptError):
         return StoreBusy(f"{what}: Redis lost its scripts again after a reload: {exc}")
     if isinstance(exc, ResponseError):
@@ -106,7 +119,14 @@ def mapped(what: str) -> Iterator[None]:
     names the call in its message. No retry: see ``call`` for scripts."""
     try:
         yield
-    except (RedisConnectionError, RedisTimeoutError, ResponseError) as exc:
+    except (
+        RedisConnectionError,
+        RedisTimeoutError,
+        ResponseError,
+        ClusterDownError,
+        SlotNotCoveredError,
+        RedisClusterException,
+    ) as exc:
         raise map_error(what, exc) from exc
 
 

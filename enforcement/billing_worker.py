@@ -39,7 +39,7 @@ from enforcement.numbers import NumberEvent, NumberLifecycle, NumberRules
 from infra import metrics
 from infra.clock import Clock, system_clock
 from infra.db import create_pool
-from infra.instrument import instrumented_redis
+from infra.redisclient import redis_client, warm_up
 from infra.settings import Settings
 from rating.catalog import Catalog
 
@@ -106,13 +106,14 @@ async def run_billing(
     async with contextlib.AsyncExitStack() as stack:
         pool = await create_pool(settings.database_url, max_size=4)
         stack.push_async_callback(pool.close)
-        r = instrumented_redis(
+        r = redis_client(
             settings.redis_url,
             socket_timeout=settings.redis_timeout_s,
             socket_connect_timeout=settings.redis_timeout_s,
             health_check_interval=30,
         )
         stack.push_async_callback(r.aclose)
+        await warm_up(r)
         catalog = Catalog(pool)
         await catalog.refresh()
         lifecycle = NumberLifecycle(

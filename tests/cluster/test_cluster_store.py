@@ -196,3 +196,16 @@ async def test_a_warmed_up_client_takes_a_burst_of_first_calls(redis_url: str) -
     )
     await r.aclose()
     assert got == [True] * 200
+
+
+def test_a_cluster_between_layouts_is_a_retry_never_a_bad_record() -> None:
+    """What the cluster client raises past its one retry (a failover outlasting it) is the
+    store's ``StoreBusy`` or ``OutcomeUnknown``, which the hot path retries whole; as an
+    ordinary exception it would read as a poison record and bisect the batch."""
+    from redis.exceptions import ClusterDownError, RedisClusterException, SlotNotCoveredError
+
+    from balance.errors import OutcomeUnknown, StoreBusy, map_error
+
+    assert isinstance(map_error("debit", ClusterDownError("CLUSTERDOWN")), StoreBusy)
+    assert isinstance(map_error("debit", SlotNotCoveredError("slot 7 not covered")), StoreBusy)
+    assert isinstance(map_error("debit", RedisClusterException("TTL exhausted")), OutcomeUnknown)
