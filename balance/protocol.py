@@ -3,8 +3,9 @@
 ``balance.store.RedisBalances`` is the one implementation (``balance.coalesce`` wraps it for
 the API); ``tests/balance/test_balance_contract.py`` is the contract suite every implementation
 passes. The methods are those consumers call; what only tests and operators inspect
-(``reservations``, ``held_seconds``, ``recharge_state``, ``pending_outbox``, ``release``) stays
-on ``RedisBalances``. Errors: ``balance.errors`` (``OutcomeUnknown`` or ``NotApplied``), for
+(``reservations``, ``recharge_state``, ``pending_outbox``, ``release``) stays on
+``RedisBalances``; ``held_seconds`` is here since the subscription summary shows the seconds
+calls in flight hold. Errors: ``balance.errors`` (``OutcomeUnknown`` or ``NotApplied``), for
 every method. Money in integer micro-units, times in unix seconds.
 """
 
@@ -189,6 +190,10 @@ class BalanceStore(Protocol):
     async def balances(self, account_ids: Sequence[str]) -> dict[str, int | None]: ...
 
     async def bucket(self, account_id: str) -> bytes | None: ...
+
+    async def held_seconds(self, account_id: str) -> dict[str, int]:
+        """Live reservations of an account: call_id -> seconds of the minute bucket held."""
+        ...
 
     async def set_status(
         self,

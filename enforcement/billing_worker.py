@@ -1,6 +1,7 @@
-"""``meter run billing``: keep the numbers inventory from ``telephony.number-events`` (a
-consumer group of its own) and renew, hold and release numbers on the clock
-(``enforcement.numbers``).
+"""``meter run billing``, the billing clock: keep the numbers inventory from
+``telephony.number-events`` (a consumer group of its own), begin each subscription's period
+(its plan's fee, its allowance: ``enforcement.subscriptions``) and renew, hold and release
+numbers on the clock (``enforcement.numbers``).
 
 The metering workers read the same topic for what it charges (activations) and dead-letter
 what is not valid; this worker skips what is not valid, by the same rules, without a dead letter
@@ -36,6 +37,7 @@ from contracts.events import (
     period_problem,
 )
 from enforcement.numbers import NumberEvent, NumberLifecycle, NumberRules
+from enforcement.subscriptions import Subscriptions
 from infra import metrics
 from infra.clock import Clock, system_clock
 from infra.db import create_pool
@@ -116,9 +118,11 @@ async def run_billing(
         await warm_up(r)
         catalog = Catalog(pool)
         await catalog.refresh()
+        balances = RedisBalances(r, clock=clock)
+        subscriptions = Subscriptions(pool, balances, clock=clock)
         lifecycle = NumberLifecycle(
             pool,
-            RedisBalances(r, clock=clock),
+            balances,
             catalog.lookup,
             rules=NumberRules(
                 grace_s=settings.number_grace_s, recharge_wait_s=settings.number_recharge_wait_s
@@ -184,11 +188,19 @@ async def run_billing(
                     log.warning("numbers: commit failed (%r); retried with the next", exc)
             if loop.time() >= next_tick:
                 next_tick = loop.time() + settings.billing_scan_interval_s
-                await step(functools.partial(_tick, lifecycle, on_step))
+                await step(functools.partial(_tick, subscriptions, lifecycle, on_step))
 
 
-async def _tick(lifecycle: NumberLifecycle, on_step: Callable[[str], None] | None) -> str:
-    counts = await lifecycle.tick()
+async def _tick(
+    subscriptions: Subscriptions,
+    lifecycle: NumberLifecycle,
+    on_step: Callable[[str], None] | None,
+) -> str:
+    """The clock's work: periods begun (plan fees, allowances) before numbers are renewed,
+    so that a period's fee and its numbers' months are taken in that order."""
+    counts = await subscriptions.tick()
+    for outcome, n in (await lifecycle.tick()).items():
+        counts[outcome] = counts.get(outcome, 0) + n
     if on_step is not None:
         for outcome, n in counts.items():
             for _ in range(n):

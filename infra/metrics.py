@@ -270,3 +270,17 @@ NUMBER_STEPS: Final = Counter(
     ["outcome"],
 )
 _at_zero(NUMBER_STEPS, ((o,) for o in NUMBER_OUTCOMES))
+
+#: ``meter run billing`` and the API: what each step of a subscription did.
+SUBSCRIPTION_OUTCOMES: Final = (
+    "begun", "current", "ignored", "failed", "subscribed", "upgraded", "downgrade_scheduled",
+    "unchanged",
+)
+SUBSCRIPTION_STEPS: Final = Counter(
+    "meter_subscription_steps_total",
+    "Steps of the subscriptions, by outcome: begun (a period's fee taken and its allowance"
+    " given), current (begun already), ignored (no balance state), failed (retried by the next"
+    " tick), subscribed, upgraded, downgrade_scheduled, unchanged",
+    ["outcome"],
+)
+_at_zero(SUBSCRIPTION_STEPS, ((o,) for o in SUBSCRIPTION_OUTCOMES))

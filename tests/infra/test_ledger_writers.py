@@ -34,6 +34,8 @@ OWNERS = {
     "billing_group_users": "enforcement/groups.py",
     "outbound_profiles": "enforcement/groups.py",
     "numbers": "enforcement/numbers.py",
+    "subscriptions": "enforcement/subscriptions.py",
+    "subscription_periods": "enforcement/subscriptions.py",
 }
 
 
