@@ -459,7 +459,8 @@ class Subscriptions:
             if period is None:
                 period = Period(period_name, start, end, plan.id, plan.included_s, 0)
             calls = await conn.fetchrow(
-                "SELECT coalesce(sum(quantity), 0) AS billed, coalesce(-sum(amount), 0) AS amount"
+                "SELECT coalesce(sum(quantity), 0)::bigint AS billed,"
+                " coalesce(-sum(amount), 0)::bigint AS amount"
                 " FROM ledger WHERE account_id = $1 AND kind = 'call'"
                 " AND event_time >= $2 AND event_time < $3",
                 account_id,

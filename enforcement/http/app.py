@@ -5,7 +5,8 @@ Payments' routes are ``recharge.routes``'; ``meter.apiserver`` serves both as on
 Modules: ``authorizations`` (the route and the answer), ``fastpath`` (the same, in plain ASGI),
 ``accounts`` (balance, suspend, resume), ``tenants`` (accounts as operators and managers see
 them), ``bundles``, ``groups`` (billing groups, outbound profiles, the month's ledger records),
-``numbers`` (the numbers inventory, auto-pay, release), ``people`` (users, access groups, keys,
+``numbers`` (the numbers inventory, auto-pay, release), ``subscriptions`` (plans on sale, the
+account's subscription and its period), ``people`` (users, access groups, keys,
 ``/v1/me``; bodies in ``people_models``), ``events``
 (``POST /v1/events``, on a Kafka producer of the process's own when a broker is configured),
 ``services`` (what routes run on and the account checks they share), ``models`` (the bodies).
@@ -58,6 +59,7 @@ from enforcement.http import (
     groups,
     numbers,
     people,
+    subscriptions,
     tenants,
 )
 from enforcement.http.services import ApiServices
@@ -173,6 +175,13 @@ def create_app(
     errors.install(app)
     app.state.services = services  # set by the lifespan when None
     own = (authorizations.router, accounts.router, tenants.router, bundles.router, events.router)
-    for router in (*own, groups.router, numbers.router, people.router, *routers):
+    for router in (
+        *own,
+        groups.router,
+        numbers.router,
+        subscriptions.router,
+        people.router,
+        *routers,
+    ):
         app.include_router(router)
     return app

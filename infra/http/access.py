@@ -45,6 +45,7 @@ Permission = Literal[
     "billing_units.read",
     "billing_units.write",
     "events.ingest",  # POST /v1/events: switches publishing usage over HTTP
+    "plans.read",  # GET /v1/plans: what can be bought
 ]
 
 #: How the caller stands to the account it acts on.
@@ -96,6 +97,8 @@ RULES: Final[dict[Permission, Rule]] = {
     "billing_units.write": _rule("admin", privileges=("edit_billing_unit",), manager=True),
     # Usage is the switch's word, never a customer's: a customer could post its own hangups.
     "events.ingest": _rule(service=True),
+    # What is on sale: anyone of an account (a managed one sees no price), and operators.
+    "plans.read": _rule("admin", "user", manager=True, operator=True),
 }
 
 

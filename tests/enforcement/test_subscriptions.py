@@ -370,5 +370,6 @@ async def test_the_summary_is_what_the_ledger_and_the_balance_store_hold(
     assert (s.dids_used, s.extensions_used) == (3, 7)
     assert s.dids_amount == 1 * 1_500_000 and s.extensions_amount == 2 * 4_000_000
     assert s.calls_amount == 0  # all of it came from the included minutes
+    assert all(type(v) is int for v in (s.calls_amount, s.calls_billed_s, s.dids_used))
     assert s.accruing == 1_500_000 + 8_000_000
     assert s.status == "active" and s.plan.max_concurrent_calls == 10
