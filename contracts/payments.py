@@ -31,6 +31,10 @@ NotificationType = Literal[
     "recharge.refused",
     "recharge.disabled",
     "account.held",
+    "invoice.issued",
+    "invoice.paid",
+    "invoice.overdue",
+    "invoice.past_due_warning",
 ]
 NOTIFICATION_TYPES: Final[tuple[str, ...]] = typing.get_args(NotificationType)
 
@@ -73,6 +77,7 @@ class NotificationData(BaseModel):
     amount: Micros | None = None
     reason: str = ""
     message: str = ""
+    invoice_id: str | None = None
 
 
 class Notification(BaseModel):

@@ -52,8 +52,10 @@ _T = TypeVar("_T")
 Origin = Literal["operator", "manager", "tenant", "past_due"]
 ORIGINS: Final[tuple[Origin, ...]] = get_args(Origin)
 #: Who asks: the API maps its caller here (an account's own admin is its ``tenant``); the
-#: operators' CLI acts as ``operator``. What an actor suspends is recorded as its own origin.
-Actor = Literal["tenant", "manager", "operator"]
+#: operators' CLI acts as ``operator``; the invoices (``enforcement.invoices``) as ``past_due``:
+#: they suspend an account 14 days past due and lift only that when it is paid. What an actor
+#: suspends is recorded as its own origin.
+Actor = Literal["tenant", "manager", "operator", "past_due"]
 Action = Literal["suspend", "resume"]
 
 #: What each actor's resume lifts. ``past_due`` is an operator's alone (later also a payment of
@@ -62,6 +64,7 @@ LIFTS: Final[Mapping[Actor, frozenset[Origin]]] = {
     "tenant": frozenset({"tenant"}),
     "manager": frozenset({"tenant", "manager"}),
     "operator": frozenset(ORIGINS),
+    "past_due": frozenset({"past_due"}),
 }
 #: Who may lift each origin, as a refusal names them.
 LIFTED_BY: Final[Mapping[Origin, str]] = {

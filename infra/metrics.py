@@ -284,3 +284,13 @@ SUBSCRIPTION_STEPS: Final = Counter(
     ["outcome"],
 )
 _at_zero(SUBSCRIPTION_STEPS, ((o,) for o in SUBSCRIPTION_OUTCOMES))
+
+#: ``meter run billing`` and ``meter invoices run``: what issuing each account's invoice did.
+INVOICE_OUTCOMES: Final = ("issued", "current", "ignored", "failed")
+INVOICE_STEPS: Final = Counter(
+    "meter_invoices_total",
+    "Invoices of the monthly run, by outcome: issued, current (the account had its invoice),"
+    " ignored (no such account), failed (retried by the next run)",
+    ["outcome"],
+)
+_at_zero(INVOICE_STEPS, ((o,) for o in INVOICE_OUTCOMES))

@@ -201,6 +201,17 @@ class PaymentService:
         ``payment_id`` in the account: a retry answers the first payment (and finishes it if it
         was cut off); another account's payment of the same id is never seen.
         Raises ``PolicyRefusal`` (nothing charged) or ``PaymentError``."""
+        return await self._manual(account_id, amount, payment_id, limits=True)
+
+    async def pay_invoice(self, account_id: str, amount: int, payment_id: str) -> Payment:
+        """``top_up`` for an invoice's amount (``enforcement.invoices``): what is owed is
+        charged as it is, so the top-up minimum and the new-account limits do not apply (they
+        bound money put in ahead, not money due)."""
+        return await self._manual(account_id, amount, payment_id, limits=False)
+
+    async def _manual(
+        self, account_id: str, amount: int, payment_id: str, *, limits: bool
+    ) -> Payment:
         if is_auto_payment_id(account_id, payment_id):
             # The account's auto-recharges are named in its own id space: a top-up that took
             # one of those ids would answer as that recharge, or leave a trigger's attempt
@@ -226,8 +237,9 @@ class PaymentService:
                     raise PaymentError(
                         "no_payment_method", "the account has no saved payment method"
                     )
-                terms, paid_today = await self._terms(conn, account_id, now)
-                policy.check_manual(amount, terms, paid_today, now)
+                if limits:
+                    terms, paid_today = await self._terms(conn, account_id, now)
+                    policy.check_manual(amount, terms, paid_today, now)
                 p = _found(
                     await self._store.add_payment(
                         conn,

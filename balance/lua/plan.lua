@@ -5,7 +5,9 @@
 --
 -- KEYS[1] account hash   KEYS[2] applied-credits hash   KEYS[3] outbox list
 -- ARGV[1] token        what makes the step once-only ("s<period>" for a period's start,
---                      "u<period>:<plan>" for an upgrade); remembered as "plan:" .. token
+--                      "u<period>:<plan>" for an upgrade, "i<period>" for what the month's
+--                      invoice adds: DIDs and extensions beyond the plan, tax); remembered
+--                      as "plan:" .. token
 -- ARGV[2] fee          micro-units (>= 0) taken from the balance
 -- ARGV[3] now          unix seconds of the caller's clock
 -- ARGV[4] included_s   the period's allowance: the plan grant ("p" .. period_start) is created
@@ -32,7 +34,7 @@
 local token, fee, now = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local included, p_from, p_to = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
 local add_s, cover = tonumber(ARGV[7]), ARGV[8]
-if not token or #token > 100 or not string.match(token, '^[su][0-9]+%-[0-9]+[A-Za-z0-9_.:-]*$') then
+if not token or #token > 100 or not string.match(token, '^[sui][0-9]+%-[0-9]+[A-Za-z0-9_.:-]*$') then
   return redis.error_reply('ERR plan: bad token')
 end
 local function whole(x)

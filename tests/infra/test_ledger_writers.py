@@ -36,6 +36,11 @@ OWNERS = {
     "numbers": "enforcement/numbers.py",
     "subscriptions": "enforcement/subscriptions.py",
     "subscription_periods": "enforcement/subscriptions.py",
+    "invoices": "enforcement/invoices.py",
+    "invoice_lines": "enforcement/invoices.py",
+    "invoice_payments": "enforcement/invoices.py",
+    "invoice_counters": "enforcement/invoices.py",
+    "tax_rates": "enforcement/invoices.py",
 }
 
 
