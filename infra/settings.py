@@ -141,6 +141,16 @@ class Settings:
     #: ``meter run billing``: how often it looks for numbers with work (renewals due, holds,
     #: grace periods over); a payment renews a held number within this.
     billing_scan_interval_s: float = 30.0
+    #: The service provider's name on invoices (their header and PDF).
+    invoice_issuer_name: str = "Meter"
+    #: A PNG or JPEG printed on every invoice PDF; empty = none.
+    invoice_logo_path: str = ""
+    #: An invoiced account's invoice is due this many days after it is issued.
+    invoice_due_days: int = 15
+    #: Past due this many days, an account is suspended (origin ``past_due``) until it pays.
+    past_due_suspend_days: int = 14
+    #: The notice before that suspension (``invoice.past_due_warning``), this many days ahead.
+    past_due_warn_days: int = 3
     #: Consumer group of the billing worker (``meter run billing``).
     billing_worker_group: str = "meter-billing"
 
@@ -212,6 +222,12 @@ class Settings:
             raise SettingsError(
                 "METER_NUMBER_GRACE_S and METER_NUMBER_RECHARGE_WAIT_S must be >= 0"
             )
+        if not 0 <= self.past_due_warn_days <= self.past_due_suspend_days:
+            raise SettingsError(
+                "METER_PAST_DUE_WARN_DAYS must be between 0 and METER_PAST_DUE_SUSPEND_DAYS"
+            )
+        if self.invoice_due_days < 0:
+            raise SettingsError("METER_INVOICE_DUE_DAYS must be >= 0")
         if self.billing_scan_interval_s <= 0:
             raise SettingsError("METER_BILLING_SCAN_INTERVAL_S must be > 0")
         if self.recharge_max_declines < 1:
@@ -236,6 +252,10 @@ class Settings:
             grace_s=self.authorize_grace_s,
             max_s=self.authorize_max_s,
         )
+
+    def invoice_rules(self) -> tuple[int, int, int]:
+        """``(invoice_due_days, past_due_suspend_days, past_due_warn_days)``."""
+        return self.invoice_due_days, self.past_due_suspend_days, self.past_due_warn_days
 
     def backoff(self) -> tuple[float, ...]:
         """``recharge_backoff_s`` as seconds, one per decline (the last repeats)."""

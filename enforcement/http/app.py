@@ -5,7 +5,8 @@ Payments' routes are ``recharge.routes``'; ``meter.apiserver`` serves both as on
 Modules: ``authorizations`` (the route and the answer), ``fastpath`` (the same, in plain ASGI),
 ``accounts`` (balance, suspend, resume), ``tenants`` (accounts as operators and managers see
 them), ``bundles``, ``groups`` (billing groups, outbound profiles, the month's ledger records),
-``numbers`` (the numbers inventory, auto-pay, release), ``subscriptions`` (plans on sale, the
+``numbers`` (the numbers inventory, auto-pay, release), ``invoices`` (invoices, their PDF, Pay
+Now, cancellation), ``subscriptions`` (plans on sale, the
 account's subscription and its period), ``people`` (users, access groups, keys,
 ``/v1/me``; bodies in ``people_models``), ``events``
 (``POST /v1/events``, on a Kafka producer of the process's own when a broker is configured),
@@ -57,6 +58,7 @@ from enforcement.http import (
     bundles,
     events,
     groups,
+    invoices,
     numbers,
     people,
     subscriptions,
@@ -131,7 +133,17 @@ async def connect_api(settings: Settings) -> AsyncIterator[ApiServices]:
         )
         keys = ApiKeys(pool, ttl_s=settings.api_key_cache_s)
         directory = Directory(pool, timeout_s=DB_TIMEOUT_S)
-        yield ApiServices(pool, balances, catalog, authorizer, keys, directory, sink)
+        yield ApiServices(
+            pool,
+            balances,
+            catalog,
+            authorizer,
+            keys,
+            directory,
+            sink,
+            issuer_name=settings.invoice_issuer_name,
+            issuer_logo=settings.invoice_logo_path,
+        )
     finally:
         await sink.close()
         await r.aclose()
@@ -180,6 +192,7 @@ def create_app(
         groups.router,
         numbers.router,
         subscriptions.router,
+        invoices.router,
         people.router,
         *routers,
     ):

@@ -47,6 +47,9 @@ class ApiServices:
     events: EventSink = NO_BROKER
     #: the one clock of what the routes decide by time (tests set it)
     clock: Clock = system_clock
+    #: the service provider on its invoices (``Settings.invoice_issuer_name``, ``_logo_path``)
+    issuer_name: str = "Meter"
+    issuer_logo: str = ""
 
 
 async def services_of(request: Request) -> ApiServices:

@@ -46,6 +46,7 @@ Permission = Literal[
     "billing_units.write",
     "events.ingest",  # POST /v1/events: switches publishing usage over HTTP
     "plans.read",  # GET /v1/plans: what can be bought
+    "invoices.cancel",  # an invoice cancelled, its charges credited back: operators only
 ]
 
 #: How the caller stands to the account it acts on.
@@ -99,6 +100,7 @@ RULES: Final[dict[Permission, Rule]] = {
     "events.ingest": _rule(service=True),
     # What is on sale: anyone of an account (a managed one sees no price), and operators.
     "plans.read": _rule("admin", "user", manager=True, operator=True),
+    "invoices.cancel": _rule(operator=True),
 }
 
 

@@ -99,6 +99,13 @@ TABLE: Final[dict[tuple[str, str], frozenset[str]]] = {
     ("GET", "/v1/accounts/{account_id}/subscription"): BILLING_READ,
     ("PATCH", "/v1/accounts/{account_id}/subscription"): BILLING_WRITE,
     ("GET", "/v1/plans"): frozenset(PRINCIPALS) - {SERVICE, REVOKED, NO_KEY},
+    ("GET", "/v1/accounts/{account_id}/invoices"): BILLING_READ,
+    ("GET", "/v1/accounts/{account_id}/invoices/{invoice_id}"): BILLING_READ,
+    ("GET", "/v1/accounts/{account_id}/invoices/{invoice_id}.pdf"): BILLING_READ,
+    ("POST", "/v1/accounts/{account_id}/invoices/{invoice_id}/payments"): BILLING_WRITE,
+    ("POST", "/v1/accounts/{account_id}/invoices/{invoice_id}/cancel"): frozenset({OPERATOR}),
+    ("GET", "/v1/accounts/{account_id}/invoice_settings"): BILLING_READ,
+    ("PATCH", "/v1/accounts/{account_id}/invoice_settings"): BILLING_WRITE,
     ("POST", "/v1/accounts/{account_id}/users"): PEOPLE_MANAGE,
     ("GET", "/v1/accounts/{account_id}/users"): PEOPLE_MANAGE,
     ("GET", "/v1/accounts/{account_id}/users/{user_id}"): PEOPLE_MANAGE,
@@ -127,6 +134,7 @@ PARAMS: Final = {
     "{user_id}": "usr_0000000000000000",
     "{key_id}": "0000000000000000",
     "{number}": "+14155550100",
+    "{invoice_id}": "inv_0000000000000000",
 }
 
 
