@@ -1,7 +1,8 @@
 """``meter run billing``, the billing clock: keep the numbers inventory from
 ``telephony.number-events`` (a consumer group of its own), begin each subscription's period
-(its plan's fee, its allowance: ``enforcement.subscriptions``) and renew, hold and release
-numbers on the clock (``enforcement.numbers``).
+(its plan's fee, its allowance: ``enforcement.subscriptions``), renew, hold and release
+numbers on the clock (``enforcement.numbers``), and issue last month's invoices, apply their
+payments and follow them past due (``enforcement.invoices``).
 
 The metering workers read the same topic for what it charges (activations) and dead-letter
 what is not valid; this worker skips what is not valid, by the same rules, without a dead letter
@@ -21,7 +22,7 @@ from datetime import UTC, datetime
 
 import asyncpg
 import pydantic
-from aiokafka import AIOKafkaConsumer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.errors import CommitFailedError, KafkaError
 from redis.exceptions import RedisError
 
@@ -36,6 +37,8 @@ from contracts.events import (
     parse_inbound,
     period_problem,
 )
+from contracts.payments import Notification
+from enforcement.invoices import CardPayments, InvoiceRules, Invoices
 from enforcement.numbers import NumberEvent, NumberLifecycle, NumberRules
 from enforcement.subscriptions import Subscriptions
 from infra import metrics
@@ -102,9 +105,12 @@ async def run_billing(
     *,
     clock: Clock = system_clock,
     on_step: Callable[[str], None] | None = None,
+    payments: Callable[[asyncpg.Pool, RedisBalances], CardPayments] | None = None,
 ) -> None:
     """Consume number events and tick the lifecycle every ``billing_scan_interval_s`` until
-    ``stop`` is set. ``on_step(outcome)`` for tests."""
+    ``stop`` is set. ``payments``: builds the card payments invoices' auto-pay uses (the roof,
+    ``meter``, gives the payment service; None: auto-pay waits for Pay Now). Notices go to
+    ``billing.notifications``. ``on_step(outcome)`` for tests."""
     async with contextlib.AsyncExitStack() as stack:
         pool = await create_pool(settings.database_url, max_size=4)
         stack.push_async_callback(pool.close)
@@ -120,6 +126,22 @@ async def run_billing(
         await catalog.refresh()
         balances = RedisBalances(r, clock=clock)
         subscriptions = Subscriptions(pool, balances, clock=clock)
+        producer = AIOKafkaProducer(
+            bootstrap_servers=settings.kafka_bootstrap, acks="all", enable_idempotence=False
+        )
+        await producer.start()
+        stack.push_async_callback(producer.stop)
+        due_days, suspend_days, warn_days = settings.invoice_rules()
+        invoices = Invoices(
+            pool,
+            balances,
+            payments=None if payments is None else payments(pool, balances),
+            notify=_Notices(producer),
+            rules=InvoiceRules(
+                due_days=due_days, suspend_after_days=suspend_days, warn_days=warn_days
+            ),
+            clock=clock,
+        )
         lifecycle = NumberLifecycle(
             pool,
             balances,
@@ -188,19 +210,37 @@ async def run_billing(
                     log.warning("numbers: commit failed (%r); retried with the next", exc)
             if loop.time() >= next_tick:
                 next_tick = loop.time() + settings.billing_scan_interval_s
-                await step(functools.partial(_tick, subscriptions, lifecycle, on_step))
+                await step(functools.partial(_tick, subscriptions, lifecycle, invoices, on_step))
+
+
+class _Notices:
+    """Invoices' notices on ``billing.notifications``, keyed by account (best effort: the
+    invoice row is the record; ``enforcement.invoices`` logs a notice that could not go)."""
+
+    def __init__(self, producer: AIOKafkaProducer) -> None:
+        self._producer = producer
+
+    async def notify(self, notification: Notification) -> None:
+        await self._producer.send_and_wait(
+            topics.NOTIFICATIONS,
+            notification.model_dump_json().encode(),
+            notification.subject.encode(),
+        )
 
 
 async def _tick(
     subscriptions: Subscriptions,
     lifecycle: NumberLifecycle,
+    invoices: Invoices,
     on_step: Callable[[str], None] | None,
 ) -> str:
-    """The clock's work: periods begun (plan fees, allowances) before numbers are renewed,
-    so that a period's fee and its numbers' months are taken in that order."""
+    """The clock's work: periods begun (plan fees, allowances) before numbers are renewed, so
+    that a period's fee and its numbers' months are taken in that order; then last month's
+    invoices (once it is over), payments applied, past due."""
     counts = await subscriptions.tick()
-    for outcome, n in (await lifecycle.tick()).items():
-        counts[outcome] = counts.get(outcome, 0) + n
+    for work in (lifecycle.tick, invoices.tick):
+        for outcome, n in (await work()).items():
+            counts[outcome] = counts.get(outcome, 0) + n
     if on_step is not None:
         for outcome, n in counts.items():
             for _ in range(n):

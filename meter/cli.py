@@ -10,7 +10,7 @@ import logging
 import sys
 
 from infra.settings import Settings, SettingsError
-from meter.commands import accounts, admin, benches, pricing, processes, tenancy
+from meter.commands import accounts, admin, benches, billing, pricing, processes, tenancy
 from meter.parser import build_parser
 
 __all__ = ["build_parser", "main"]
@@ -64,6 +64,10 @@ def main(argv: list[str] | None = None) -> int:
         return asyncio.run(tenancy.ledger(settings, args))
     if args.command == "accounts":
         return asyncio.run(tenancy.accounts(settings, args))
+    if args.command == "invoices":
+        return asyncio.run(billing.invoices(settings, args))
+    if args.command == "tax":
+        return asyncio.run(billing.tax(settings, args))
     if args.command == "keys":
         return asyncio.run(accounts.keys(settings, args))
     if args.command == "users":

@@ -147,6 +147,20 @@ def build_parser() -> argparse.ArgumentParser:
     lg.add_argument("--month", required=True, help="YYYY-MM (UTC)")
     lg.add_argument("--csv", action="store_true", help="CSV instead of JSON lines")
 
+    iv = sub.add_parser("invoices", help="the monthly invoice run; an account's billing")
+    iv.add_argument("action", choices=["run", "settings"])
+    iv.add_argument("--month", help="run: the month to invoice, YYYY-MM (UTC), once it is over")
+    iv.add_argument("--account", help="settings: the account")
+    iv.add_argument("--mode", choices=["prepaid", "invoiced"], help="settings: how it is billed")
+    iv.add_argument("--tax", help="settings: its tax jurisdiction (US, US-CA, ...)")
+    iv.add_argument("--auto-pay", choices=["on", "off"], help="settings: invoice auto-pay")
+
+    tx = sub.add_parser("tax", help="tax rates by jurisdiction, for the invoices")
+    tx.add_argument("action", choices=["set", "list"])
+    tx.add_argument("jurisdiction", nargs="?", help="set: US, US-CA, ...")
+    tx.add_argument("name", nargs="?", help="set: its name on invoices")
+    tx.add_argument("percent", nargs="?", help="set: e.g. 8.25")
+
     sub.add_parser("migrate", help="apply pending database migrations")
     rc = sub.add_parser("reconcile", help="compare every Redis balance with the ledger")
     rc.add_argument(

@@ -7,6 +7,7 @@ import contextlib
 import logging
 import signal
 import sys
+from typing import Any
 
 from infra.settings import Settings
 
@@ -139,9 +140,29 @@ async def _run_billing(settings: Settings) -> int:
         print(f"meter: run billing needs {', '.join(missing)}", file=sys.stderr)
         return 2
     from enforcement.billing_worker import run_billing
+    from recharge.notify import LogNotifier
+    from recharge.service import PaymentService
+    from recharge.worker import make_gateway
 
     _serve_metrics(settings)
     stop = asyncio.Event()
     _stop_on_signals(stop)
-    await run_billing(settings, stop)
+    gateway = make_gateway(settings)
+
+    def payments(pool: Any, balances: Any) -> PaymentService:
+        # Invoices' auto-pay and Pay Now charge the saved card through the payment service.
+        return PaymentService(
+            pool,
+            balances,
+            gateway,
+            LogNotifier(),
+            backoff_s=settings.backoff(),
+            max_declines=settings.recharge_max_declines,
+            charge_timeout_s=settings.payment_timeout_s,
+        )
+
+    try:
+        await run_billing(settings, stop, payments=payments)
+    finally:
+        await gateway.close()
     return 0

@@ -107,3 +107,52 @@ async def test_settings_payments_refused_and_the_operators_cancel(api: Api) -> N
     assert again.json()["cancel_reason"] == "billing error"  # once
     after = (await api.client.get("/v1/accounts/acc/balance", headers=admin)).json()["balance"]
     assert Decimal(after) - Decimal(before) == Decimal("28.579688")  # the total, credited back
+
+
+async def test_meter_invoices_and_tax_on_the_command_line(api: Api) -> None:
+    import asyncio
+    import json
+    import os
+    import sys
+    from asyncio.subprocess import PIPE
+
+    await api.seed("cli")
+
+    async def meter(*args: str) -> tuple[int, str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("METER_")} | {
+            "METER_REDIS_URL": api.settings.redis_url,
+            "METER_DATABASE_URL": api.settings.database_url,
+        }
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "meter.cli", *args, env=env, stdout=PIPE, stderr=PIPE
+        )
+        out, err = await asyncio.wait_for(proc.communicate(), 60)
+        assert proc.returncode is not None
+        return proc.returncode, out.decode(), err.decode()
+
+    assert await meter("tax", "set", "US-CA", "California", "8.25") == (
+        0,
+        '{"jurisdiction": "US-CA", "rate_ppm": 82500}\n',
+        "",
+    )
+    assert (await meter("tax", "set", "US-CA", "California", "8.123456"))[0] == 2
+    assert (await meter("tax", "set", "usca", "x", "1"))[0] == 2
+    code, out, _ = await meter("tax", "list")
+    assert code == 0 and json.loads(out)["percent"] == "8.25"
+    code, out, err = await meter(
+        "invoices", "settings", "--account", "cli", "--mode", "invoiced", "--tax", "US-CA"
+    )
+    assert code == 0, err
+    assert json.loads(out) == {
+        "account_id": "cli",
+        "billing_mode": "invoiced",
+        "invoice_auto_pay": False,
+        "tax_jurisdiction": "US-CA",
+    }
+    assert (await meter("invoices", "settings", "--account", "nope", "--mode", "prepaid"))[0] == 1
+    assert (await meter("invoices", "run", "--month", "2026-13"))[0] == 2
+    this_month = datetime.now(UTC).strftime("%Y-%m")
+    code, _, err = await meter("invoices", "run", "--month", this_month)
+    assert code == 1 and "has not ended" in err
+    code, out, err = await meter("invoices", "run", "--month", "2020-01")
+    assert (code, json.loads(out)) == (0, {"month": "2020-01"}), err
