@@ -23,6 +23,7 @@ from balance.values import (
     CreditOutcome,
     DebitLike,
     GrantOutcome,
+    NewAccount,
     NumberAction,
     NumberOutcome,
     PendingSignal,
@@ -184,6 +185,8 @@ class BalanceStore(Protocol):
         hold_reason: str | None = None,
         credited: Sequence[str] = (),
     ) -> bool: ...
+
+    async def create_accounts(self, accounts: Sequence[NewAccount]) -> list[bool]: ...
 
     async def get(self, account_id: str) -> AccountState | None: ...
 

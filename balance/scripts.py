@@ -38,6 +38,7 @@ SCRIPTS: Final = (
     "debit.lua",
     "grant.lua",
     "load_account.lua",
+    "load_accounts.lua",
     "number.lua",
     "plan.lua",
     "outbox_ack.lua",

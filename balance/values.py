@@ -241,6 +241,25 @@ class AccountState:
 
 
 @dataclass(frozen=True, slots=True)
+class NewAccount:
+    """An account's real-time state to create if absent: ``create_account``'s arguments as one
+    value, for ``create_accounts`` (many in one round trip). Money in micro-units; ``bucket``
+    the minute bucket's ``min`` field; ``credited`` credit ids the balance already includes."""
+
+    account_id: str
+    balance: int
+    credit_limit: int
+    low_threshold: int
+    status: AccountStatus = "active"
+    seq: int = 0
+    bucket: str = ""
+    recharge_threshold: int | None = None
+    recharge_trigger: int | None = None
+    hold_reason: str | None = None
+    credited: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class Tariff:
     """The price of a call's time, as a reservation needs it (from ``rating.rating``)."""
 

@@ -23,11 +23,13 @@ from typing import Any
 import orjson
 from aiokafka import AIOKafkaConsumer
 
-from balance.accounts import AccountSpec, create_accounts, put_price_list
+from balance import keys
+from balance.accounts import AccountSpec, create_accounts, put_price_list, rebuild_redis
 from contracts import topics
 from infra import metrics
 from infra.settings import Settings
 from infra.stack import running_stack
+from meter.bench_workers import run_phase
 from meter.traffic import call_hangup, demo_price_list, encode, message_sent
 from metering.processor import BatchOutcome
 from metering.worker import Connections, connect, run_metering
@@ -45,7 +47,8 @@ def _say(line: str) -> None:
     print(line, flush=True)
 
 
-async def _prefill(conns: Connections, n_events: int, accounts: list[str]) -> None:
+async def _prefill(conns: Connections, n_events: int, accounts: list[str], tag: str = "") -> None:
+    """``n_events`` events over ``accounts``; ``tag`` prefixes their ids (another set)."""
     rng = random.Random(11)
     dests = [
         "+14155550123",
@@ -61,10 +64,10 @@ async def _prefill(conns: Connections, n_events: int, accounts: list[str]) -> No
     for i in range(n_events):
         a = rng.choice(accounts)
         if i % 5 == 0:
-            topic, ev = topics.MESSAGE_EVENTS, message_sent(a, f"m{i}", rng.choice(dests), 1)
+            topic, ev = topics.MESSAGE_EVENTS, message_sent(a, f"{tag}m{i}", rng.choice(dests), 1)
         else:
             topic = topics.CALL_EVENTS
-            ev = call_hangup(a, f"c{i}", rng.choice(dests), rng.randint(0, 600))
+            ev = call_hangup(a, f"{tag}c{i}", rng.choice(dests), rng.randint(0, 600))
         futures.append(await conns.producer.send(topic, encode(ev), a.encode()))
         if len(futures) >= 20_000:
             await asyncio.gather(*futures)
@@ -170,63 +173,194 @@ def _stage_breakdown() -> dict[str, float]:
     return out
 
 
-async def run_bench(settings: Settings, n_events: int, n_accounts: int, out: Path | None) -> int:
+#: the tables one account costs at creation: its row and its opening ledger row
+_ACCOUNT_TABLES = ("accounts", "ledger")
+
+
+async def _pg_bytes(conns: Connections, tables: tuple[str, ...]) -> int:
+    """pg_total_relation_size (heap, TOAST, indexes) of ``tables``, summed."""
+    return int(
+        await conns.pool.fetchval(
+            "SELECT sum(pg_total_relation_size(t::regclass))::bigint FROM unnest($1::text[]) t",
+            list(tables),
+        )
+    )
+
+
+async def _create(conns: Connections, n_accounts: int, chunk: int = 10_000) -> list[str]:
+    """``n_accounts`` accounts through ``create_accounts`` (a chunk per transaction)."""
+    ids = [f"acc_{i:07d}" for i in range(n_accounts)]
+    for i in range(0, n_accounts, chunk):
+        specs = [
+            AccountSpec.model_validate(
+                {"id": a, "price_list_id": "standard", "balance": "1000000.00"}
+            )
+            for a in ids[i : i + chunk]
+        ]
+        await create_accounts(conns.pool, conns.balances, specs)
+    return ids
+
+
+async def _memory_usage(conns: Connections, ids: list[str], sample: int = 1_000) -> float:
+    """Mean ``MEMORY USAGE`` (bytes, all of the value sampled) of the account hash of up to
+    ``sample`` accounts spread over ``ids``."""
+    picked = ids[:: max(len(ids) // sample, 1)][:sample]
+    sizes = [await conns.redis.memory_usage(keys.account(a), samples=0) for a in picked]
+    return sum(int(n or 0) for n in sizes) / max(len(picked), 1)
+
+
+async def run_bench(
+    settings: Settings,
+    n_events: int,
+    n_accounts: int,
+    out: Path | None,
+    *,
+    rebuild: bool = False,
+    workers: int = 1,
+) -> int:
+    """The bench (module docstring). ``rebuild``: then flush the bench's own Redis and time
+    rebuilding every account from the ledger. ``workers`` > 1: instead of the baseline and the
+    in-process hot path, one worker process, then ``workers`` (``meter.bench_workers``)."""
+    if rebuild and settings.redis_url:
+        _say("bench metering --rebuild flushes its Redis: the embedded one only")
+        return 2
     settings = dataclasses.replace(settings, kafka_session_timeout_ms=3_000)
     root = Path(settings.data_dir) / f"bench-{int(time.time())}"
+    ok = True
     async with running_stack(settings, root) as s, connect(s) as conns:
         await put_price_list(conns.pool, demo_price_list())
         info0 = await conns.redis.info("memory")
-        specs = [
-            AccountSpec.model_validate(
-                {"id": f"acc_{i:07d}", "price_list_id": "standard", "balance": "1000000.00"}
-            )
-            for i in range(n_accounts)
-        ]
-        for i in range(0, len(specs), 5_000):
-            await create_accounts(conns.pool, conns.balances, specs[i : i + 5_000])
+        pg0 = await _pg_bytes(conns, _ACCOUNT_TABLES)
+        t = time.perf_counter()
+        ids = await _create(conns, n_accounts)
+        create_s = time.perf_counter() - t
         info1 = await conns.redis.info("memory")
+        pg1 = await _pg_bytes(conns, _ACCOUNT_TABLES)
         per_account_bytes = (info1["used_memory"] - info0["used_memory"]) / n_accounts
+        sampled_bytes = await _memory_usage(conns, ids)
+        pg_per_account = (pg1 - pg0) / n_accounts
         _say(
             f"bench metering: {n_events} events over {n_accounts} accounts, "
             f"batches of up to {s.batch_max_records}"
         )
+        _say(
+            f"  created {n_accounts} accounts in {create_s:.1f} s; per account: Redis "
+            f"{per_account_bytes:.0f} bytes (used_memory), {sampled_bytes:.0f} bytes (MEMORY "
+            f"USAGE of its hash, sampled), PostgreSQL {pg_per_account:.0f} bytes (accounts + "
+            f"ledger, pg_total_relation_size)"
+        )
         t = time.perf_counter()
-        await _prefill(conns, n_events, [a.id for a in specs])
+        await _prefill(conns, n_events, ids)
         _say(f"  pre-filled the topics in {time.perf_counter() - t:.1f} s")
-
-        baseline = await _baseline(s, conns, n_events)
-        _say(f"  baseline loop (decode -> one Lua -> COPY -> commit): {baseline:>10,.0f} events/s")
-        hot, charged = await _metering(s, conns, n_events)
-        _say(f"  metering hot path (run_metering):                   {hot:>10,.0f} events/s")
-        ratio = hot / baseline
-        _say(
-            f"  ratio hot path / baseline: {ratio:.2f}  (target >= 0.80; absolute target "
-            f">= 100,000 events/s)"
-        )
-        info2 = await conns.redis.info("memory")
-        per_event_bytes = (info2["used_memory"] - info1["used_memory"]) / max(charged, 1)
-        _say(
-            f"  Redis memory: {per_account_bytes:.0f} bytes per account, "
-            f"{per_event_bytes:.0f} bytes per applied-event id (kept {2}+ days)"
-        )
-        _say(f"  stage seconds (sum): {_stage_breakdown()}")
-        rec = await reconcile(conns.pool, conns.balances)
-        _say(f"  reconciliation: {rec.accounts} accounts, drift {rec.drift_micros}")
-        figures = {
+        figures: dict[str, Any] = {
             "events": n_events,
             "accounts": n_accounts,
-            "baseline_eps": round(baseline),
-            "metering_eps": round(hot),
-            "ratio": round(ratio, 3),
-            "charged": charged,
+            "create_accounts_s": round(create_s, 2),
             "redis_bytes_per_account": round(per_account_bytes),
-            "redis_bytes_per_event_id": round(per_event_bytes),
-            "drift": rec.drift_micros,
-            "stages_s": _stage_breakdown(),
+            "redis_memory_usage_per_account": round(sampled_bytes),
+            "pg_bytes_per_account": round(pg_per_account),
         }
+        ledger0 = await _pg_bytes(conns, ("ledger",))
+        if workers > 1:
+            charged = await _workers(s, conns, n_events, ids, workers, root, figures)
+        else:
+            charged = await _in_process(s, conns, n_events, info1, figures)
+        ledger1 = await _pg_bytes(conns, ("ledger",))
+        figures["pg_ledger_bytes_per_event"] = round((ledger1 - ledger0) / max(charged, 1))
+        _say(
+            f"  PostgreSQL: the ledger grew {figures['pg_ledger_bytes_per_event']} bytes per "
+            f"charged event (rows and indexes)"
+        )
+        rec = await reconcile(conns.pool, conns.balances)
+        _say(f"  reconciliation: {rec.accounts} accounts, drift {rec.drift_micros}")
+        figures["charged"] = charged
+        figures["drift"] = rec.drift_micros
+        ok = rec.ok and charged == n_events * (2 if workers > 1 else 1)
+        if rebuild:
+            ok = await _rebuild(conns, figures) and ok
         if out:
             await asyncio.to_thread(out.write_text, json.dumps(figures, indent=2) + "\n")
     import shutil
 
     shutil.rmtree(root, ignore_errors=True)
-    return 0 if rec.ok and charged == n_events else 1
+    return 0 if ok else 1
+
+
+async def _in_process(
+    s: Settings, conns: Connections, n_events: int, info1: dict[str, Any], figures: dict[str, Any]
+) -> int:
+    """The baseline loop, then the real hot path in this process, on the pre-filled topics."""
+    baseline = await _baseline(s, conns, n_events)
+    _say(f"  baseline loop (decode -> one Lua -> COPY -> commit): {baseline:>10,.0f} events/s")
+    hot, charged = await _metering(s, conns, n_events)
+    _say(f"  metering hot path (run_metering):                   {hot:>10,.0f} events/s")
+    ratio = hot / baseline
+    _say(
+        f"  ratio hot path / baseline: {ratio:.2f}  (target >= 0.80; absolute target "
+        f">= 100,000 events/s)"
+    )
+    info2 = await conns.redis.info("memory")
+    per_event_bytes = (info2["used_memory"] - info1["used_memory"]) / max(charged, 1)
+    _say(f"  Redis memory: {per_event_bytes:.0f} bytes per applied-event id (kept {2}+ days)")
+    _say(f"  stage seconds (sum): {_stage_breakdown()}")
+    figures |= {
+        "baseline_eps": round(baseline),
+        "metering_eps": round(hot),
+        "ratio": round(ratio, 3),
+        "redis_bytes_per_event_id": round(per_event_bytes),
+        "stages_s": _stage_breakdown(),
+    }
+    return charged
+
+
+async def _workers(
+    s: Settings,
+    conns: Connections,
+    n_events: int,
+    ids: list[str],
+    workers: int,
+    root: Path,
+    figures: dict[str, Any],
+) -> int:
+    """One worker process on the pre-filled events, then ``workers`` on as many fresh ones."""
+    group = f"bench-workers-{uuid.uuid4().hex[:6]}"
+    log = root / "workers.log"
+    one = await run_phase(s, conns, group, 1, n_events, log)
+    _say(f"  1 worker process:  {one.eps:>10,.0f} events/s")
+    await _prefill(conns, n_events, ids, tag="w")
+    many = await run_phase(s, conns, group, workers, n_events, log)
+    _say(
+        f"  {workers} worker processes: {many.eps:>10,.0f} events/s aggregate "
+        f"({many.eps / one.eps:.2f}x one)"
+    )
+    figures |= {
+        "workers": workers,
+        "one_worker_eps": round(one.eps),
+        "workers_eps": round(many.eps),
+        "workers_speedup": round(many.eps / one.eps, 3),
+    }
+    return int(
+        await conns.pool.fetchval("SELECT count(*) FROM ledger WHERE kind IN ('call', 'sms')")
+    )
+
+
+async def _rebuild(conns: Connections, figures: dict[str, Any]) -> bool:
+    """FLUSHALL the bench's own Redis, rebuild every account from the ledger, reconcile."""
+    await conns.redis.flushall()
+    t = time.perf_counter()
+    loaded = await rebuild_redis(conns.pool, conns.balances)
+    took = time.perf_counter() - t
+    rec = await reconcile(conns.pool, conns.balances)
+    _say(
+        f"  rebuilt {loaded} accounts from the ledger after FLUSHALL in {took:.1f} s "
+        f"({loaded / took:,.0f}/s; target <= 30 s at 1M); then drift {rec.drift_micros}, "
+        f"missing {rec.missing}"
+    )
+    figures |= {
+        "rebuild_s": round(took, 2),
+        "rebuild_accounts": loaded,
+        "rebuild_accounts_per_s": round(loaded / took),
+        "rebuild_drift": rec.drift_micros,
+        "rebuild_missing": rec.missing,
+    }
+    return rec.ok and rec.missing == 0 and loaded == figures["accounts"]

@@ -52,6 +52,19 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--events", type=int, default=300_000, help="metering: events to process")
     b.add_argument("--accounts", type=int, default=10_000)
     b.add_argument(
+        "--rebuild",
+        action="store_true",
+        help="metering: then FLUSHALL the bench's own Redis and time rebuilding every account "
+        "from the ledger",
+    )
+    b.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="metering: 2 or more: one worker process, then this many in one consumer group "
+        "(aggregate events/s of each), instead of the baseline and the in-process hot path",
+    )
+    b.add_argument(
         "--rate", type=int, default=5_000, help="authorize: the rate to report p50/p99/p99.9 at"
     )
     b.add_argument(

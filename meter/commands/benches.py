@@ -40,4 +40,13 @@ def bench(settings: Settings, args: argparse.Namespace) -> int:
         return run_bench_rating(args.prefixes, args.lookups, args.json)
     from meter.bench import run_bench
 
-    return asyncio.run(run_bench(settings, args.events, args.accounts, args.json))
+    return asyncio.run(
+        run_bench(
+            settings,
+            args.events,
+            args.accounts,
+            args.json,
+            rebuild=args.rebuild,
+            workers=args.workers,
+        )
+    )
