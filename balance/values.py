@@ -30,6 +30,7 @@ ReservationReason = Literal[
     "account_on_hold",
     "account_suspended",
     "unknown_account",
+    "concurrent_call_limit",
     "call_closed",
 ]
 #: What a call.answered / call.progress did to a call's reservation: ``none`` (no
