@@ -195,6 +195,19 @@ async def test_a_terminated_call_holds_its_slot_until_it_hangs_up(
     assert await decide(api, service, "one", "in1", direction="inbound") == "ok"
 
 
+async def test_a_call_that_never_connected_frees_its_slot_with_its_hangup_of_0_s(
+    api: Api, conns: Connections
+) -> None:
+    service = await subscriber(api, "one", max_calls=1)
+    assert await decide(api, service, "one", "busy") == "ok"  # the callee was busy
+    assert await decide(api, service, "one", "next") == LIMITED
+    t = now_dt()
+    p, _ = await make(conns, Clock(t))
+    assert (await feed(p, hangup("one", "busy", t, 0))).charged == 1
+    assert await live_calls(api, "one") == (0, 0)
+    assert await decide(api, service, "one", "next") == "ok"
+
+
 async def test_a_rebuilt_redis_keeps_the_limit(api: Api) -> None:
     service = await subscriber(api, "two", max_calls=2)
     assert [await decide(api, service, "two", c) for c in "abc"] == ["ok", "ok", LIMITED]
