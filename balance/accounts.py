@@ -273,17 +273,19 @@ async def load_into_redis(
     (Redis lost or flushed): balance = sum of the ledger, seq = last signal recorded, the
     minute bucket as it stands at ``now`` (unix s, default: ``clock``) from the bundles bought
     and the seconds drawn (``rating.plans.rebuild_buckets``), and the auto-recharge state:
-    threshold, open trigger, a hold the service pinned, payments the ledger has and Redis was
-    not yet told of (remembered as applied, so finishing them credits nothing twice), and the
-    markers of provisional charges no hangup has settled yet, so a late hangup settles its
-    charge rather than paying for the call twice (those older than a marker's life are put back
-    by the hangup itself, ``metering.calls.restore_late_markers``).
+    threshold, open trigger, a hold the service pinned, the plan's concurrent-call limit,
+    payments the ledger has and Redis was not yet told of (remembered as applied, so finishing
+    them credits nothing twice), and the markers of provisional charges no hangup has settled
+    yet, so a late hangup settles its charge rather than paying for the call twice (those older
+    than a marker's life are put back by the hangup itself,
+    ``metering.calls.restore_late_markers``).
     ``ledger``: the book of record the balance and seq are read from (default: this pool's).
     """
     ledger = ledger or PostgresLedger(pool)
     rows = await pool.fetch(
         "SELECT a.id, a.credit_limit, a.low_balance_threshold, a.suspended, a.hold_reason,"
         " coalesce(p.included_s, 0) AS included_s,"
+        " coalesce(p.max_concurrent_calls, 0) AS max_calls,"
         " CASE WHEN r.enabled THEN r.threshold_amount END AS recharge_threshold,"
         " (SELECT max(t.seq) FROM recharge_triggers t WHERE t.account_id = a.id"
         "  AND t.status = 'open') AS recharge_trigger,"
@@ -332,6 +334,7 @@ async def load_into_redis(
                 recharge_trigger=r["recharge_trigger"],
                 hold_reason=r["hold_reason"],
                 credited=tuple(r["credited"]),
+                max_calls=r["max_calls"],
             )
         )
     # Many accounts per round trip (a rebuild after a flush loads thousands at a time; one

@@ -34,7 +34,9 @@ def account(account_id: str) -> str:
     ``;``, see ``rating/plans.py``). A field, not a key of its own, so the debit reads it
     with the HMGET it already does. Auto-recharge: ``rth`` the threshold (present only while
     it is on), ``rq`` the seq of the open trigger (see ``recharge_settings.lua``); ``hr`` the
-    reason of a hold the service pinned (e.g. ``recharge_cap``)."""
+    reason of a hold the service pinned (e.g. ``recharge_cap``). Concurrent calls: ``mc`` the
+    plan's limit (absent: no limit), ``lc`` the account's live calls, inbound and outbound
+    (absent: not counted yet; ``lua/lib/calls.lua`` says who moves it)."""
     return tag(account_id)
 
 

@@ -184,6 +184,7 @@ class BalanceStore(Protocol):
         recharge_trigger: int | None = None,
         hold_reason: str | None = None,
         credited: Sequence[str] = (),
+        max_calls: int = 0,
     ) -> bool: ...
 
     async def create_accounts(self, accounts: Sequence[NewAccount]) -> list[bool]: ...
@@ -211,3 +212,8 @@ class BalanceStore(Protocol):
     async def set_auto_recharge(self, account_id: str, threshold: int | None) -> int | None: ...
 
     async def close_recharge_trigger(self, account_id: str, seq: int) -> bool: ...
+
+    # Concurrent calls (a subscription's change of plan).
+    async def set_call_limit(
+        self, account_id: str, max_calls: int, *, now_s: int | None = None
+    ) -> int | None: ...

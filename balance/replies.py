@@ -41,6 +41,7 @@ _REASON: Final[dict[bytes, ReservationReason]] = {
     b"account_on_hold": "account_on_hold",
     b"account_suspended": "account_suspended",
     b"unknown_account": "unknown_account",
+    b"concurrent_call_limit": "concurrent_call_limit",
     b"call_closed": "call_closed",
 }
 _PROGRESS: Final[dict[bytes, ProgressOutcome]] = {

@@ -46,6 +46,7 @@ SCRIPTS: Final = (
     "recharge_settings.lua",
     "release.lua",
     "reserve.lua",
+    "set_call_limit.lua",
     "set_limits.lua",
     "set_status.lua",
     "undraw.lua",

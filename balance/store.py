@@ -74,6 +74,10 @@ def _new_account_record(a: NewAccount) -> list[list[str]]:
     ):
         if value is not None and value != "":
             fields += [name, str(value)]
+    if a.max_calls < 0:
+        raise ValueError("max_calls is a number of calls >= 0")
+    if a.max_calls > 0:  # as load_account.lua: no field, no limit
+        fields += ["mc", str(a.max_calls)]
     return [fields, list(a.credited)]
 
 
@@ -113,6 +117,7 @@ class RedisBalances(ReservationStore, OutboxStore):
         self._limits: AsyncScript = client.register_script(_lua("set_limits.lua"))
         self._number: AsyncScript = client.register_script(_lua("number.lua"))
         self._plan: AsyncScript = client.register_script(_lua("plan.lua"))
+        self._call_limit: AsyncScript = client.register_script(_lua("set_call_limit.lua"))
 
     def _now(self, now_s: int | None) -> int:
         """``now_s``, or the injected clock's whole seconds."""
@@ -470,13 +475,17 @@ class RedisBalances(ReservationStore, OutboxStore):
         recharge_trigger: int | None = None,
         hold_reason: str | None = None,
         credited: Sequence[str] = (),
+        max_calls: int = 0,
     ) -> bool:
         """Create the account's state if absent (rebuild from the ledger uses this too).
         ``bucket``: its minute bucket, a ``min`` field (``rating.plans.format_bucket``);
         the auto-recharge threshold and open trigger, a pinned hold's reason; ``credited``:
-        credit ids the balance already includes (see ``load_account.lua``)."""
+        credit ids the balance already includes (see ``load_account.lua``); ``max_calls``: its
+        plan's concurrent-call limit (0: none)."""
         if status not in ACCOUNT_STATES:
             raise ValueError(f"unknown account status {status!r}")
+        if max_calls < 0:
+            raise ValueError("max_calls is a number of calls >= 0")
 
         def opt(v: object) -> str:
             return "" if v is None else str(v)
@@ -493,6 +502,7 @@ class RedisBalances(ReservationStore, OutboxStore):
             opt(recharge_trigger),
             opt(hold_reason),
             ",".join(credited),
+            max_calls,
         ]
         r = await call(
             f"create account {account_id}",
@@ -563,3 +573,21 @@ class RedisBalances(ReservationStore, OutboxStore):
         return {
             a: (int(v) if v is not None else None) for a, v in zip(account_ids, vals, strict=True)
         }
+
+    async def set_call_limit(
+        self, account_id: str, max_calls: int, *, now_s: int | None = None
+    ) -> int | None:
+        """Set the account's concurrent-call limit: at most ``max_calls`` live calls at once,
+        inbound and outbound (0: no limit), from the next authorization on; calls already up
+        are never cut (``set_call_limit.lua``). Idempotent. Returns the live calls the account
+        has now (they may be more than the new limit), None for an unknown account.
+        ``now_s`` is taken as every setter takes it; the limit does not depend on time."""
+        if max_calls < 0:
+            raise ValueError("max_calls is a number of calls >= 0")
+        live = await call(
+            f"set call limit {account_id}",
+            lambda: self._call_limit(
+                keys=[keys.account(account_id), keys.reservations(account_id)], args=[max_calls]
+            ),
+        )
+        return None if int(live) < 0 else int(live)

@@ -30,6 +30,7 @@ ReservationReason = Literal[
     "account_on_hold",
     "account_suspended",
     "unknown_account",
+    "concurrent_call_limit",
     "call_closed",
 ]
 #: What a call.answered / call.progress did to a call's reservation: ``none`` (no
@@ -244,7 +245,9 @@ class AccountState:
 class NewAccount:
     """An account's real-time state to create if absent: ``create_account``'s arguments as one
     value, for ``create_accounts`` (many in one round trip). Money in micro-units; ``bucket``
-    the minute bucket's ``min`` field; ``credited`` credit ids the balance already includes."""
+    the minute bucket's ``min`` field; ``credited`` credit ids the balance already includes.
+    A field added to ``create_account`` must be added here and in ``_new_account_record``
+    (``balance/store.py``) too: the rebuild writes through this one."""
 
     account_id: str
     balance: int
@@ -257,6 +260,7 @@ class NewAccount:
     recharge_trigger: int | None = None
     hold_reason: str | None = None
     credited: tuple[str, ...] = ()
+    max_calls: int = 0  # the plan's concurrent-call limit ("mc"); 0: none
 
 
 @dataclass(frozen=True, slots=True)

@@ -48,14 +48,16 @@ REDIS_DOWN: Final = (BalanceStoreError, RedisError, OSError)
 #: reservation's round trip, which the deadline bounds.
 _REBUILT_MEMORY_S: Final = 60.0
 
-#: The contract's deny reasons that this service answers (the contract's
-#: ``concurrent_call_limit`` is not decided yet: no limit on concurrent calls is enforced).
+#: The contract's deny reasons, every one of which this service answers
+#: (``concurrent_call_limit``: the account's plan allows no more live calls, inbound or
+#: outbound; decided in ``balance/lua/reserve.lua`` with the reservation).
 DenyReason = Literal[
     "insufficient_credit",
     "account_on_hold",
     "account_suspended",
     "unknown_account",
     "no_rate_for_destination",
+    "concurrent_call_limit",
 ]
 DENY_REASONS: Final[tuple[DenyReason, ...]] = get_args(DenyReason)
 #: A decision's reason: ``ok`` when allowed, else why not.

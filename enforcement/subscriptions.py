@@ -233,6 +233,8 @@ class Subscriptions:
         )
         # The plan rating reads (the included minutes of calls charged from now on).
         await conn.execute("UPDATE accounts SET plan_id = $2 WHERE id = $1", account_id, plan.id)
+        # And its concurrent-call limit, for new calls from now on (calls up are not cut).
+        await self._balances.set_call_limit(account_id, plan.max_concurrent_calls)
 
     async def _begin(self, conn: Conn, sub: asyncpg.Record, now: datetime) -> str:
         """The current period begun, under the row lock: ``begun``, ``current`` (it was),
@@ -352,6 +354,7 @@ class Subscriptions:
                 await conn.execute(
                     "UPDATE accounts SET plan_id = $2 WHERE id = $1", account_id, new.id
                 )
+                await self._balances.set_call_limit(account_id, new.max_concurrent_calls)
                 sub = await self._locked(conn, account_id, now)
                 assert sub is not None
                 await self._begin(conn, sub, now)

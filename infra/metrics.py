@@ -127,6 +127,7 @@ AUTHORIZE_DENY_REASONS: Final = (
     "account_suspended",
     "unknown_account",
     "no_rate_for_destination",
+    "concurrent_call_limit",
 )
 AUTHORIZE_SECONDS: Final = Histogram(
     "meter_authorize_duration_seconds",

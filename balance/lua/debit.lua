@@ -58,11 +58,16 @@
 -- debited its amount less what the sweep charged (a negative difference gives the excess
 -- back), and its memory keeps "#charged:charged_at" at its end, so a duplicate reports the
 -- same settlement and the ledger can always write both rows.
+--
+-- Concurrent calls: a hangup that closes a live reservation frees the call's slot ("lc" less
+-- one, lib/calls.lua); one that finds a marker (a replay under another event id, a call the
+-- sweep closed) frees nothing more.
 
 --#include lib/keys.lua
 --#include lib/state.lua
 --#include lib/outbox.lua
 --#include lib/recharge.lua
+--#include lib/calls.lua
 
 local EVENT = '>c16c8i8i4i4i8i8i8I2c0'
 local ACCOUNT = '>I4i8i8i8'
@@ -153,6 +158,7 @@ for a = 1, n_accounts do
     local total = 0
     local touched = {}
     local released = 0
+    local closed = 0 -- live calls this account's hangups close
     local rsv = acct .. RESERVATIONS_SUFFIX
     local applied = acct .. APPLIED_SUFFIX
     local outbox_key = acct .. OUTBOX_SUFFIX
@@ -217,6 +223,9 @@ for a = 1, n_accounts do
         if call ~= '' then
           local held = redis.call('HGET', rsv, call)
           if held then
+            if is_live(held) then
+              closed = closed + 1
+            end
             -- Keep a closed marker for a day (terminate_at -1): a late or replayed
             -- call.answered / call.progress must not open the call again. The sweep drops it.
             redis.call('HSET', rsv, call, string.format('0|0|%d|0|0|1|1|0|-1', now + 86400))
@@ -288,6 +297,7 @@ for a = 1, n_accounts do
     if released > 0 then
       res = tonumber(redis.call('HINCRBY', acct, 'res', string.format('%d', -released)))
     end
+    calls_closed(acct, closed)
     local avail = bal + tonumber(f[3] or '0') - res
     local secs = 0
     if grants then

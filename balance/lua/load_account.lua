@@ -10,10 +10,17 @@
 -- ARGV[11] credit ids the ledger already has but Redis may not have been told of (payments
 --   settled in PostgreSQL, not yet credited), "," separated: remembered as applied in KEYS[2],
 --   so finishing them later does not credit them a second time on top of the rebuilt balance
+-- ARGV[12] (create only) the plan's concurrent-call limit ("mc"): a whole number, "0" (or "")
+--   for no limit. The count of live calls ("lc") is left to reserve.lua, which counts them
+--   where it finds none (lib/calls.lua).
 --
 -- Reply: 1 if written, 0 if left as it was.
 local mode = ARGV[6]
 if mode == 'create' then
+  local max_calls = ARGV[12] or ''
+  if max_calls ~= '' and (#max_calls > 9 or not string.match(max_calls, '^%d+$')) then
+    return redis.error_reply('ERR load_account: max_calls must be a whole number >= 0')
+  end
   if redis.call('EXISTS', KEYS[1]) == 1 then
     return 0
   end
@@ -30,6 +37,9 @@ if mode == 'create' then
   end
   for id in string.gmatch(ARGV[11] or '', '[^,]+') do
     redis.call('HSET', KEYS[2], id, 0)
+  end
+  if max_calls ~= '' and tonumber(max_calls) > 0 then
+    redis.call('HSET', KEYS[1], 'mc', string.format('%d', tonumber(max_calls)))
   end
   return 1
 end

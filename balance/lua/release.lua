@@ -25,6 +25,12 @@
 --   {minus the marker's end, held_s, charged, charged_at, 1} charged provisionally now, or the
 --     same with new = 0 when the marker was already there (a retried sweep: nothing changes;
 --     the caller writes the ledger row again, idempotently).
+--
+-- Concurrent calls: closing a live reservation, released or charged, frees the call's slot
+-- ("lc" less one, lib/calls.lua); dropping a marker frees nothing (its call was closed already).
+
+--#include lib/calls.lua
+
 local raw = redis.call('HGET', KEYS[2], ARGV[1])
 if not raw then
   return {0, 0, 0, 0, 0}
@@ -56,6 +62,7 @@ if ARGV[3] == '1' and exists and (amount > 0 or held > 0)
   local keep_until = now + tonumber(ARGV[4])
   redis.call('HSET', KEYS[2], ARGV[1],
     string.format('0|0|%d|0|0|1|1|0|-1|%d|p%d|%d', keep_until, held, amount, now))
+  calls_closed(KEYS[1], 1)
   if amount > 0 then
     redis.call('HINCRBY', KEYS[1], 'res', string.format('%d', -amount))
     redis.call('HINCRBY', KEYS[1], 'bal', string.format('%d', -amount))
@@ -63,6 +70,9 @@ if ARGV[3] == '1' and exists and (amount > 0 or held > 0)
   return {-keep_until, held, amount, now, 1}
 end
 redis.call('HDEL', KEYS[2], ARGV[1])
+if is_live(raw) then
+  calls_closed(KEYS[1], 1)
+end
 if amount > 0 and exists then
   redis.call('HINCRBY', KEYS[1], 'res', '-' .. reserved)
 end

@@ -2,7 +2,7 @@
 -- so concurrent calls never together reserve more than the available credit, nor more seconds
 -- than the minute bucket has left.
 --
--- KEYS[1] account hash (bal, res, cl, st, min, hr, ...; balance/keys.py account)
+-- KEYS[1] account hash (bal, res, cl, st, min, hr, mc, lc, ...; balance/keys.py account)
 -- KEYS[2] reservations hash (keys.reservations): field = call_id, value = see RSV below
 -- ARGV[1] call_id      ARGV[2] direction ("inbound" | "outbound")   ARGV[3] now (unix s)
 -- ARGV[4] grant_s      seconds to reserve up front (e.g. 300)
@@ -21,6 +21,12 @@
 --   fields); held_s, the seconds of the minute bucket the grant covers (the rest is covered by
 --   reserved micro-units), is absent from reservations made before it existed: 0.
 --
+-- Concurrent calls: an account whose plan limits them ("mc" > 0) has a new call beyond the
+-- limit denied concurrent_call_limit, inbound or outbound, counting the live calls of
+-- lib/calls.lua (kept in "lc", which this script moves for every account, limited or not). A
+-- retry of a call_id already allowed is no new call: it gets its first answer at the limit too.
+-- A forced call (ARGV[11]) is up already: it is counted, never barred by the limit.
+--
 -- Reply: {decision, reason, max_duration_s, reserved, granted_s, expires_at, held_s}
 --   decision "allow" | "deny"; reason "ok" or the contract's deny reason.
 --   max_duration_s == granted_s: the answer grants exactly what it reserved (at most grant_s,
@@ -30,6 +36,7 @@
 
 --#include lib/billing.lua
 --#include lib/free_seconds.lua
+--#include lib/calls.lua
 
 local call_id, direction, now = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local grant_s, grace_s, max_s = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
@@ -37,7 +44,7 @@ local rate, fee = tonumber(ARGV[7]), tonumber(ARGV[8])
 local initial, subsequent = tonumber(ARGV[9]), tonumber(ARGV[10])
 local plan = ARGV[12] or ''
 
-local f = redis.call('HMGET', KEYS[1], 'bal', 'res', 'cl', 'st', 'min', 'hr')
+local f = redis.call('HMGET', KEYS[1], 'bal', 'res', 'cl', 'st', 'min', 'hr', 'mc', 'lc')
 if not f[1] then
   return {'deny', 'unknown_account', 0, 0, 0, 0, 0}
 end
@@ -57,8 +64,13 @@ if prior then
   return {'allow', 'ok', p[2], p[1], p[2], p[3], p[10] or 0}
 end
 local st = f[4] or 'active'
-local free = bucket_free(KEYS[2], f[5], plan, now, 0)
-local d = affordable(avail, free, rate, fee, initial, subsequent, max_s)
+local live = f[8] and tonumber(f[8])
+if not live then
+  -- No count yet (see lib/calls.lua): the calls are counted once, and the count kept from now.
+  live = count_live(KEYS[2])
+  redis.call('HSET', KEYS[1], 'lc', string.format('%d', live))
+end
+local limit = tonumber(f[7] or '0')
 local barred = nil
 if st == 'suspended' then
   barred = 'account_suspended'
@@ -68,7 +80,16 @@ elseif st == 'hold' and direction ~= 'inbound' and f[6] then
   -- insufficient_credit below, as any account whose credit buys nothing (seconds left in the
   -- bucket still buy calls).
   barred = 'account_on_hold'
-elseif d == 0 and direction ~= 'inbound' then
+elseif limit > 0 and live >= limit and not force then
+  -- Before the credit is computed: a burst at the limit costs no reading of the bucket.
+  barred = 'concurrent_call_limit'
+end
+if barred and not force then
+  return {'deny', barred, 0, 0, 0, 0, 0}
+end
+local free = bucket_free(KEYS[2], f[5], plan, now, 0)
+local d = affordable(avail, free, rate, fee, initial, subsequent, max_s)
+if not barred and d == 0 and direction ~= 'inbound' then
   barred = 'insufficient_credit'
 end
 local granted, reserved, held
@@ -92,4 +113,5 @@ if reserved > 0 then
 end
 redis.call('HSET', KEYS[2], call_id, string.format('%d|%d|%d|%d|%d|%d|%d|0|0|%d', reserved,
   granted, expires_at, rate, fee, initial, subsequent, held))
+redis.call('HSET', KEYS[1], 'lc', string.format('%d', live + 1))
 return {'allow', 'ok', d, reserved, granted, expires_at, held}

@@ -102,9 +102,10 @@ async def authorize(
     request: Request, svc: Services, _: Annotated[object, Security(bearer)]
 ) -> Response:
     """Allowing reserves credit for the first grant; concurrent calls of an account never
-    together reserve more than its available credit. Idempotent per ``call_id``: a retry
-    gets the first answer. A deny is a 200 answer (unknown accounts included). Answered
-    within ``authorize_deadline_s``, the key check included, or 503."""
+    together reserve more than its available credit, nor outnumber its plan's concurrent-call
+    limit (inbound calls count too: beyond it, ``concurrent_call_limit``). Idempotent per
+    ``call_id``: a retry gets the first answer. A deny is a 200 answer (unknown accounts
+    included). Answered within ``authorize_deadline_s``, the key check included, or 503."""
     # The key is checked here rather than by the ``Caller`` dependency: within the
     # authorization's deadline, as the fast path does.
     deadline = authorize_deadline(svc)

@@ -25,6 +25,7 @@ Reason = Literal[
     "account_suspended",
     "unknown_account",
     "no_rate_for_destination",
+    "concurrent_call_limit",
 ]
 AccountStatus = Literal["active", "low", "hold", "suspended"]
 

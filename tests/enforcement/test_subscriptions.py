@@ -373,3 +373,5 @@ async def test_the_summary_is_what_the_ledger_and_the_balance_store_hold(
     assert all(type(v) is int for v in (s.calls_amount, s.calls_billed_s, s.dids_used))
     assert s.accruing == 1_500_000 + 8_000_000
     assert s.status == "active" and s.plan.max_concurrent_calls == 10
+    raw = await conns.redis.hget("{a:acc}", "mc")  # the plan's limit, in force at authorize
+    assert raw == b"10"
