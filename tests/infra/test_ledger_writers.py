@@ -36,6 +36,7 @@ OWNERS = {
     "numbers": "enforcement/numbers.py",
     "subscriptions": "enforcement/subscriptions.py",
     "subscription_periods": "enforcement/subscriptions.py",
+    "refunds": "recharge/refund_store.py",
 }
 
 
