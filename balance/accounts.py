@@ -274,10 +274,10 @@ async def load_into_redis(
     minute bucket as it stands at ``now`` (unix s, default: ``clock``) from the bundles bought
     and the seconds drawn (``rating.plans.rebuild_buckets``), and the auto-recharge state:
     threshold, open trigger, a hold the service pinned, the plan's concurrent-call limit,
-    payments the ledger has and Redis was not yet told of (remembered as applied, so finishing
-    them credits nothing twice), and the markers of provisional charges no hangup has settled
-    yet, so a late hangup settles its charge rather than paying for the call twice (those older
-    than a marker's life are put back by the hangup itself,
+    payments the ledger has and Redis was not yet told of, and refunds likewise (remembered as
+    applied, so finishing them credits nothing twice), and the markers of provisional charges
+    no hangup has settled yet, so a late hangup settles its charge rather than paying for the
+    call twice (those older than a marker's life are put back by the hangup itself,
     ``metering.calls.restore_late_markers``).
     ``ledger``: the book of record the balance and seq are read from (default: this pool's).
     """
@@ -290,7 +290,9 @@ async def load_into_redis(
         " (SELECT max(t.seq) FROM recharge_triggers t WHERE t.account_id = a.id"
         "  AND t.status = 'open') AS recharge_trigger,"
         " ARRAY(SELECT 'payment:' || y.id FROM payments y WHERE y.account_id = a.id"
-        "  AND y.status = 'succeeded' AND y.credited_at IS NULL) AS credited"
+        "  AND y.status = 'succeeded' AND y.credited_at IS NULL)"
+        " || ARRAY(SELECT 'refund:' || f.id FROM refunds f WHERE f.account_id = a.id"
+        "  AND f.status = 'succeeded' AND f.applied_at IS NULL) AS credited"
         " FROM accounts a LEFT JOIN plans p ON p.id = a.plan_id"
         " LEFT JOIN auto_recharge r ON r.account_id = a.id WHERE a.id = ANY($1::text[])",
         list(account_ids),

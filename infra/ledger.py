@@ -3,7 +3,7 @@
 
 ``Ledger`` is the one seam every writer of the ``ledger`` table goes through (usage rows and
 number fees from the metering processor, bundle purchases, payments' credits, opening
-balances; refunds later), and ``PostgresLedger`` its one implementation: no other module issues
+balances, refunds), and ``PostgresLedger`` its one implementation: no other module issues
 an INSERT on ``ledger`` (a test greps the packages for one). Invariant 2 (the Redis balance
 equals the sum of an account's ledger rows, drained) rests on this table alone.
 
@@ -38,6 +38,8 @@ NUMBERS_SOURCE: Final = "urn:meter:numbers"
 #: The ``source`` of provisional charges (a call swept without its hangup) and of their
 #: settlement by a late hangup.
 PROVISIONAL_SOURCE: Final = "urn:meter:provisional"
+#: The ``source`` of refunds: to the card (amount < 0) and as credit (amount > 0).
+REFUNDS_SOURCE: Final = "urn:meter:refunds"
 
 _INSERT: Final = """
 INSERT INTO ledger (event_key, account_id, kind, amount, quantity, ref, rate_ref, event_time,
@@ -217,6 +219,26 @@ class Ledger(Protocol):
         row was there already."""
         ...
 
+    async def record_refund(
+        self,
+        conn: Conn,
+        *,
+        account_id: str,
+        refund_id: str,
+        amount: int,
+        ref: str,
+        refund_ref: str,
+        at: datetime,
+    ) -> bool:
+        """A refund, kind ``refund``, in the caller's transaction (with the refund's own row):
+        ``amount`` signed, ``-refunded`` for money given back to the card (``ref``: the
+        payment's id) or ``+credited`` for a refund as credit (``ref``: the refund's id);
+        ``refund_ref``: ``card:<gateway>:<its refund id>`` or ``credit``. The row's
+        ``event_id`` is the refund's id, so an invoice finds the refund by
+        ``(account_id, event_id)``. Idempotent per ``(account_id, refund_id)``; False: the row
+        was there already."""
+        ...
+
     async def record_fee(self, conn: Conn, row: UsageRow) -> bool:
         """One usage row that is no event's (a number's renewal by the billing worker: kind
         ``fee``), in the caller's transaction. Idempotent on its event key; False: the row was
@@ -355,6 +377,33 @@ class PostgresLedger:
             at,
             PAYMENTS_SOURCE,
             payment_id,
+        )
+
+    async def record_refund(
+        self,
+        conn: Conn,
+        *,
+        account_id: str,
+        refund_id: str,
+        amount: int,
+        ref: str,
+        refund_ref: str,
+        at: datetime,
+    ) -> bool:
+        if amount == 0:
+            raise ValueError(f"refund {refund_id!r} of {account_id!r} moves no money")
+        return await _insert_one(
+            conn,
+            credit_key(account_id, "refund:" + refund_id),
+            account_id,
+            "refund",
+            amount,
+            0,
+            ref,
+            refund_ref,
+            at,
+            REFUNDS_SOURCE,
+            refund_id,
         )
 
     async def record_fee(self, conn: Conn, row: UsageRow) -> bool:

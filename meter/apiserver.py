@@ -32,6 +32,7 @@ from enforcement.http.fastpath import AuthorizeFastPath
 from enforcement.http.services import ApiServices
 from infra.settings import Settings
 from infra.stack import running_stack
+from recharge import refund_routes
 from recharge import routes as payment_routes
 from recharge.service import LogNotifier, PaymentService
 from recharge.worker import make_gateway
@@ -80,7 +81,10 @@ def create_app(settings: Settings, services: ServedServices | None = None) -> Fa
     """The one API on ``services``; without them it connects (``connect_api``) at startup and
     closes at shutdown. Serve it behind ``AuthorizeFastPath`` (``asgi_app``)."""
     return enforcement_app.create_app(
-        settings, services, connect=connect_api, routers=(payment_routes.router,)
+        settings,
+        services,
+        connect=connect_api,
+        routers=(payment_routes.router, refund_routes.router),
     )
 
 

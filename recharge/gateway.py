@@ -9,7 +9,9 @@ Exceptions (what the caller may conclude)::
                                     sending): retry with the SAME idempotency key, never a new one
 
 A decline is not an exception: it is a ``ChargeResult`` with ``status == "declined"``; the card
-was definitely not charged.
+was definitely not charged. For a refund, ``GatewayUnavailable`` also covers a refund the
+processor refused as a request (more than is left to refund on the charge, no such charge):
+definitely not refunded; ``OutcomeUnknown`` means it may have been.
 
 Money crosses this seam in integer micro-units; gateways that work in cents (Stripe) refuse an
 amount that is not a whole number of cents rather than round it (see ``to_cents``).
@@ -62,6 +64,17 @@ def idempotency_key(account_id: str, payment_id: str) -> str:
     return key
 
 
+def refund_key(account_id: str, refund_id: str) -> str:
+    """The key an account's refund is sent with: ``<account_id>/refund/<refund_id>``. Scoped
+    to the account like ``idempotency_key``, and never one of its keys: those have one ``/``,
+    this two (``/`` is in no id's alphabet), so a refund id equal to a payment id is no
+    replay of that payment's charge. At most 64 + 8 + 64 = 136 characters."""
+    key = f"{account_id}/refund/{refund_id}"
+    if len(key) > MAX_KEY_LENGTH or "/" in account_id or "/" in refund_id:
+        raise ValueError(f"no idempotency key for refund {refund_id!r} of {account_id!r}")
+    return key
+
+
 @dataclass(frozen=True, slots=True)
 class SavedMethod:
     """A payment method saved for off-session charges."""
@@ -92,6 +105,29 @@ class ChargeResult:
     message: str  # human-readable, safe to show the account's admin
 
 
+@dataclass(frozen=True, slots=True)
+class RefundRequest:
+    account_id: str
+    charge_ref: str  # the gateway's id of the captured charge (Stripe: pi_...)
+    amount: Micros  # a whole number of cents, > 0, at most what is left to refund on it
+    currency: str  # ISO 4217, the charge's
+    idempotency_key: str  # one per refund (``refund_key``); the same on every retry of it
+    reason: str  # the operator's words, kept with the refund at the gateway
+
+
+@dataclass(frozen=True, slots=True)
+class RefundResult:
+    """``succeeded``: the processor took the refund (Stripe's ``succeeded``, or ``pending``:
+    accepted, on its way to the card); ``failed``: it did not (Stripe's ``failed`` or
+    ``canceled``), nothing was given back."""
+
+    status: Literal["succeeded", "failed"]
+    refunded: Micros  # what goes back to the card: the amount on success, 0 on failure
+    gateway_ref: str  # the gateway's id for the refund (Stripe: re_...)
+    gateway_status: str  # the processor's own word ("succeeded", "pending", "failed", ...)
+    message: str
+
+
 class PaymentGateway(Protocol):
     """A card processor. Every method may raise ``GatewayError`` (see the module docstring)."""
 
@@ -111,6 +147,13 @@ class PaymentGateway(Protocol):
         """Charge the saved method off-session and capture at once. Idempotent on
         ``request.idempotency_key``: a retry with the same key never charges twice and answers
         what the first call did."""
+        ...
+
+    async def refund(self, request: RefundRequest) -> RefundResult:
+        """Give ``request.amount`` of a captured charge back to its card. Idempotent on
+        ``request.idempotency_key``: a retry with the same key never refunds twice and answers
+        what the first call did. More than is left to refund on the charge is refused
+        (``GatewayUnavailable``)."""
         ...
 
     async def close(self) -> None: ...

@@ -15,7 +15,7 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable
 from datetime import datetime
-from typing import Annotated, Protocol, TypeVar
+from typing import Annotated, Literal, Protocol, TypeVar
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
@@ -35,6 +35,7 @@ from infra.http.models import Money, RequestBody
 from recharge.gateway import SavedMethod
 from recharge.payments import PaymentKind, PaymentStatus
 from recharge.policy import PolicyRefusal
+from recharge.refund_store import Refund, RefundKind, RefundStatus
 from recharge.service import Payment, PaymentError, PaymentService, RechargeSettings
 
 _T = TypeVar("_T")
@@ -155,11 +156,44 @@ class PaymentOut(BaseModel):
     method: str = Field(description='e.g. "visa 4242"')
     created_at: datetime
     credited: bool = Field(description="The balance has the captured amount")
+    refunded: Money = Field(
+        "0.00", description="What went back to the card (its succeeded refunds)"
+    )
+    refund_status: Literal["none", "partially_refunded", "refunded"] = Field(
+        "none", description="refunded: all it captured went back to the card"
+    )
+
+
+class RefundOut(BaseModel):
+    """A refund (the Refunded rows of the payment history): to the card, or as credit."""
+
+    id: str = Field(description="The operator's idempotency key, scoped to the account")
+    account_id: str
+    kind: RefundKind = Field(description="card: back to the card; credit: as account credit")
+    payment_id: str | None = Field(description="The payment refunded (card); null for a credit")
+    amount: Money = Field(description="What is given back (> 0)")
+    balance_change: Money = Field(
+        description="What it does to the balance: -amount (card), +amount (credit)"
+    )
+    currency: str
+    status: RefundStatus = Field(
+        description="pending: the gateway's answer is awaited (settled in the background);"
+        " succeeded; failed: nothing was given back"
+    )
+    reason: str
+    outcome: str = Field(description="The gateway's word, or why it failed")
+    message: str
+    created_at: datetime
+    applied: bool = Field(description="The balance has it")
 
 
 class PaymentsOut(BaseModel):
     account_id: str
     payments: list[PaymentOut]
+    refunds: list[RefundOut] = Field(
+        default_factory=list,
+        description="Refunds to the card and credits (the Refunded rows), newest first",
+    )
 
 
 # --- routes -----------------------------------------------------------------------------------
@@ -216,7 +250,7 @@ def method_out(account_id: str, gateway: str, m: SavedMethod) -> PaymentMethodOu
     )
 
 
-def payment_out(p: Payment) -> PaymentOut:
+def payment_out(p: Payment, refunded: int = 0) -> PaymentOut:
     return PaymentOut(
         id=p.id,
         account_id=p.account_id,
@@ -231,6 +265,32 @@ def payment_out(p: Payment) -> PaymentOut:
         method=p.method,
         created_at=p.created_at,
         credited=p.credited_at is not None,
+        refunded=format_money(refunded),
+        refund_status=(
+            "none"
+            if refunded == 0
+            else "refunded"
+            if refunded >= p.captured
+            else "partially_refunded"
+        ),
+    )
+
+
+def refund_out(r: Refund) -> RefundOut:
+    return RefundOut(
+        id=r.id,
+        account_id=r.account_id,
+        kind=r.kind,
+        payment_id=r.payment_id,
+        amount=format_money(r.amount),
+        balance_change=format_money(r.signed),
+        currency=r.currency,
+        status=r.status,
+        reason=r.reason,
+        outcome=r.outcome,
+        message=r.message,
+        created_at=r.created_at,
+        applied=r.applied_at is not None,
     )
 
 
@@ -376,10 +436,18 @@ async def pay(request: Request, account_id: AccountPath, who: Caller, host: Host
     "/v1/accounts/{account_id}/payments",
     response_model=PaymentsOut,
     responses=errors.responses(401, 403, 404, 503),
-    summary="Payment history (admin): top-ups and auto-recharges, newest first",
+    summary="Payment history (admin): top-ups and auto-recharges, newest first, with what"
+    " each had refunded; and the refunds and credits",
 )
 async def history(account_id: AccountPath, who: Caller, host: Host) -> PaymentsOut:
     await who.on(account_id, "billing.read")
     await host.known(account_id)
-    ps = await _pay(payments_of(host).payments(account_id))
-    return PaymentsOut(account_id=account_id, payments=[payment_out(p) for p in ps])
+    svc = payments_of(host)
+    ps = await _pay(svc.payments(account_id))
+    refunded = await _pay(svc.refunds.store.refunded(account_id))
+    rs = await _pay(svc.refunds.refunds(account_id))
+    return PaymentsOut(
+        account_id=account_id,
+        payments=[payment_out(p, refunded.get(p.id, 0)) for p in ps],
+        refunds=[refund_out(r) for r in rs],
+    )

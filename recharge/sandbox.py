@@ -4,6 +4,10 @@ It answers like Stripe does for its documented test payment methods (``pm_card_v
 ``pm_card_chargeDeclined``, ...), so a demo that runs against the sandbox behaves the same when
 pointed at Stripe's test mode. Ids look like Stripe's so nothing downstream can tell them apart.
 
+Refunds are checked against the charges this process made (never more than is left on one);
+a charge another process made is taken at the caller's word, as the service caps refunds in
+PostgreSQL before it asks.
+
 State (customers, detached methods, idempotency keys) is per process, as nothing else is shared
 with a sandbox. A saved method's id names its test card (``pm_card_visa__<random>``), so a
 method saved by one process (the API) can be charged by another (the recharge worker).
@@ -23,6 +27,8 @@ from recharge.gateway import (
     GatewayUnavailable,
     OutcomeUnknown,
     PaymentGateway,
+    RefundRequest,
+    RefundResult,
     SavedMethod,
     to_cents,
 )
@@ -78,6 +84,12 @@ class _Attempt:
     result: ChargeResult
 
 
+@dataclass(frozen=True, slots=True)
+class _RefundAttempt:
+    fingerprint: tuple[str, str, int, str]
+    result: RefundResult
+
+
 class SandboxGateway(PaymentGateway):
     """Stripe-like answers from memory. Not thread-safe; it never awaits, so each call is atomic
     on one event loop."""
@@ -93,6 +105,9 @@ class SandboxGateway(PaymentGateway):
         self._attempts: dict[str, _Attempt] = {}  # idempotency key -> first attempt
         self._charge_count = 0
         self._total_captured: Micros = 0
+        self._captured: dict[str, int] = {}  # pi_... -> cents captured by this process
+        self._refunded: dict[str, int] = {}  # pi_... -> cents refunded so far
+        self._refunds: dict[str, _RefundAttempt] = {}  # idempotency key -> first refund
         self._closed = False
 
     @property
@@ -103,6 +118,15 @@ class SandboxGateway(PaymentGateway):
     @property
     def total_captured(self) -> Micros:
         return self._total_captured
+
+    @property
+    def refund_count(self) -> int:
+        """Refunds that gave money back; a replayed idempotency key is not counted."""
+        return len(self._refunds)
+
+    @property
+    def total_refunded(self) -> Micros:
+        return sum(self._refunded.values()) * MICROS_PER_CENT
 
     @property
     def attempt_count(self) -> int:
@@ -176,7 +200,36 @@ class SandboxGateway(PaymentGateway):
             result = ChargeResult("succeeded", captured, _new_id("pi_"), "", card.message)
             self._charge_count += 1
             self._total_captured += captured
+            self._captured[result.gateway_ref] = cents
         self._attempts[request.idempotency_key] = _Attempt(fingerprint, result)
+        return result
+
+    async def refund(self, request: RefundRequest) -> RefundResult:
+        cents = to_cents(request.amount)
+        self._check_open()
+        fingerprint = (request.account_id, request.charge_ref, cents, request.currency.lower())
+        earlier = self._refunds.get(request.idempotency_key)
+        if earlier is not None:
+            if earlier.fingerprint != fingerprint:
+                raise OutcomeUnknown(
+                    f"idempotency key {request.idempotency_key!r} was first used for a "
+                    "different refund"
+                )
+            return earlier.result
+        if not request.charge_ref.startswith("pi_"):
+            raise GatewayUnavailable(f"No such payment_intent: '{request.charge_ref}'")
+        captured = self._captured.get(request.charge_ref)
+        refunded = self._refunded.get(request.charge_ref, 0)
+        if captured is not None and refunded + cents > captured:
+            raise GatewayUnavailable(
+                f"Refund amount ({cents} cents) is greater than unrefunded amount on charge"
+                f" ({captured - refunded} cents)"
+            )
+        self._refunded[request.charge_ref] = refunded + cents
+        result = RefundResult(
+            "succeeded", cents * MICROS_PER_CENT, _new_id("re_"), "succeeded", "Refunded."
+        )
+        self._refunds[request.idempotency_key] = _RefundAttempt(fingerprint, result)
         return result
 
     async def close(self) -> None:

@@ -50,6 +50,7 @@ from recharge.payments import (
     method_label,
 )
 from recharge.policy import AccountTerms
+from recharge.refunds import RefundService
 from recharge.settlement import UNKNOWN_RETRIES, Settlement
 from recharge.store import PaymentStore
 
@@ -87,7 +88,9 @@ def _found(p: Payment | None) -> Payment:
 
 
 class PaymentService:
-    """Everything that moves money into an account. Safe to run in several processes.
+    """Everything that moves money into an account. Safe to run in several processes. Its
+    ``refunds`` give money back (operator only, ``recharge.refunds``) on the same gateway,
+    ledger and clock, and ``recover`` finishes those too.
 
     ``store`` and ``ledger`` default to this pool's (``PaymentStore``, ``PostgresLedger``)."""
 
@@ -117,10 +120,20 @@ class PaymentService:
         # The default is infra.clock's, the one wall clock every calendar decision reads.
         self._clock = clock or datetime_clock(system_clock)
         self._notify = Notices(notifier, self._clock)
+        ledger = ledger or PostgresLedger(pool)
+        self.refunds = RefundService(
+            pool,
+            ledger,
+            balances,
+            gateway,
+            clock=self._clock,
+            sleep=sleep,
+            pending_grace=self._pending_grace,
+        )
         self._settlement = Settlement(
             pool,
             self._store,
-            ledger or PostgresLedger(pool),
+            ledger,
             balances,
             gateway,
             self._notify,
@@ -377,8 +390,8 @@ class PaymentService:
     # -- recovery ------------------------------------------------------------------------------
 
     async def recover(self, limit: int = 100) -> int:
-        """Finish what crashes and unknown outcomes left; attempt due triggers. Returns how
-        many items it worked on."""
+        """Finish what crashes and unknown outcomes left (refunds' too); attempt due triggers.
+        Returns how many items it worked on."""
         now = self._clock()
         done = 0
         for p in await self._store.unsettled(now - self._pending_grace, limit):
@@ -392,7 +405,7 @@ class PaymentService:
         for account_id, seq in await self._store.due_triggers(now, limit):
             await self.attempt(account_id, seq)
             done += 1
-        return done
+        return done + await self.refunds.recover(limit)
 
     # -- helpers -------------------------------------------------------------------------------
 

@@ -1,5 +1,5 @@
 """The Stripe adapter: saved cards as Customer + PaymentMethod, charges as PaymentIntents
-confirmed off-session.
+confirmed off-session, refunds as Refunds of a PaymentIntent.
 
 Failure mapping (see ``recharge.gateway`` for what each outcome lets the caller conclude)::
 
@@ -10,6 +10,10 @@ Failure mapping (see ``recharge.gateway`` for what each outcome lets the caller 
     timeout / connection lost, 5xx, 409,
         idempotency_error, other statuses  -> OutcomeUnknown
     429, 400/404, 401, 403                 -> GatewayUnavailable
+    Refund succeeded / pending             -> RefundResult("succeeded")  (pending: accepted)
+    Refund failed / canceled               -> RefundResult("failed")
+    Refund requires_action, other statuses -> OutcomeUnknown
+    a refund over what is left (400)       -> GatewayUnavailable (definitely not refunded)
 
 Stripe replays the stored response for a reused idempotency key for 24 hours, *including a 500*
 once the endpoint had started executing: a retry after ``OutcomeUnknown`` resolves timeouts and
@@ -32,11 +36,17 @@ from recharge.gateway import (
     GatewayUnavailable,
     OutcomeUnknown,
     PaymentGateway,
+    RefundRequest,
+    RefundResult,
     SavedMethod,
     to_cents,
 )
 
 _DECLINED_STATUSES: Final = frozenset({"requires_action", "requires_payment_method"})
+#: A card refund Stripe has taken: ``pending`` is on its way to the card (it may still fail
+#: days later, which only a webhook would tell; see docs/design/refunds.md).
+_REFUND_TAKEN: Final = frozenset({"succeeded", "pending"})
+_REFUND_FAILED: Final = frozenset({"failed", "canceled"})
 
 # httpx errors raised before any byte of the request left: the processor cannot have seen it.
 _NOT_SENT: Final = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
@@ -148,6 +158,39 @@ class StripeGateway(PaymentGateway):
         except stripe.StripeError as e:
             raise _gateway_error(e) from e
         return _result(intent)
+
+    async def refund(self, request: RefundRequest) -> RefundResult:
+        cents = to_cents(request.amount)  # refuses before anything is sent
+        try:
+            refund = await self._client.v1.refunds.create_async(
+                {
+                    "payment_intent": request.charge_ref,
+                    "amount": cents,
+                    # Stripe's own reasons are a short list; the operator's words go here.
+                    "metadata": {
+                        "account_id": request.account_id,
+                        "idempotency_key": request.idempotency_key,
+                        "reason": request.reason[:500],
+                    },
+                },
+                {"idempotency_key": request.idempotency_key},
+            )
+        except stripe.StripeError as e:
+            raise _gateway_error(e) from e
+        status = refund.status or ""
+        if status in _REFUND_TAKEN:
+            return RefundResult(
+                "succeeded", refund.amount * MICROS_PER_CENT, refund.id, status, "Refunded."
+            )
+        if status in _REFUND_FAILED:
+            return RefundResult(
+                "failed",
+                0,
+                refund.id,
+                status,
+                f"the refund is {status} at Stripe ({refund.failure_reason or 'no reason given'})",
+            )
+        raise OutcomeUnknown(f"Refund {refund.id} is {status!r}, not settled")
 
     async def close(self) -> None:
         await self._http.close_async()  # type: ignore[no-untyped-call]  # unannotated upstream

@@ -47,6 +47,7 @@ Permission = Literal[
     "events.ingest",  # POST /v1/events: switches publishing usage over HTTP
     "plans.read",  # GET /v1/plans: what can be bought
     "invoices.cancel",  # an invoice cancelled, its charges credited back: operators only
+    "payments.refund",  # refunds to the card and as credit: operators only
 ]
 
 #: How the caller stands to the account it acts on.
@@ -101,6 +102,8 @@ RULES: Final[dict[Permission, Rule]] = {
     # What is on sale: anyone of an account (a managed one sees no price), and operators.
     "plans.read": _rule("admin", "user", manager=True, operator=True),
     "invoices.cancel": _rule(operator=True),
+    # Money given back is the operator's decision (issue 15), never the customer's own.
+    "payments.refund": _rule(operator=True),
 }
 
 

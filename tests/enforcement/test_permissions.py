@@ -80,6 +80,8 @@ TABLE: Final[dict[tuple[str, str], frozenset[str]]] = {
     ("DELETE", "/v1/accounts/{account_id}/payment_method"): BILLING_WRITE,
     ("POST", "/v1/accounts/{account_id}/payments"): BILLING_WRITE,
     ("GET", "/v1/accounts/{account_id}/payments"): BILLING_READ,
+    ("POST", "/v1/accounts/{account_id}/payments/{payment_id}/refunds"): frozenset({OPERATOR}),
+    ("POST", "/v1/accounts/{account_id}/credits"): frozenset({OPERATOR}),
     ("POST", "/v1/accounts/{account_id}/billing_groups"): UNITS_WRITE,
     ("GET", "/v1/accounts/{account_id}/billing_groups"): UNITS_READ,
     ("PATCH", "/v1/accounts/{account_id}/billing_groups/{group_id}"): UNITS_WRITE,
@@ -135,6 +137,7 @@ PARAMS: Final = {
     "{key_id}": "0000000000000000",
     "{number}": "+14155550100",
     "{invoice_id}": "inv_0000000000000000",
+    "{payment_id}": "p_nobody",
 }
 
 

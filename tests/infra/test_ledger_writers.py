@@ -41,6 +41,7 @@ OWNERS = {
     "invoice_payments": "enforcement/invoices.py",
     "invoice_counters": "enforcement/invoices.py",
     "tax_rates": "enforcement/invoices.py",
+    "refunds": "recharge/refund_store.py",
 }
 
 

@@ -17,7 +17,9 @@ from recharge.gateway import (
     GatewayUnavailable,
     OutcomeUnknown,
     PaymentGateway,
+    RefundRequest,
     SavedMethod,
+    refund_key,
 )
 from recharge.sandbox import SandboxGateway
 from recharge.stripe_gateway import StripeGateway
@@ -386,3 +388,129 @@ async def test_card_error_carries_stripes_payment_intent_and_message(
         "declined", 0, intent["id"], "insufficient_funds", "Your card has insufficient funds."
     )
     assert [r.status for r in fake.requests_to("POST", PI_PATH)] == [402]
+
+
+# -- refunds: both gateways, then Stripe's wire and faults -----------------------------------
+
+REFUNDS_PATH = "/v1/refunds"
+
+
+def refund_request(charge_ref: str, key: str, amount: int) -> RefundRequest:
+    return RefundRequest(
+        account_id="acct-1",
+        charge_ref=charge_ref,
+        amount=amount,
+        currency="USD",
+        idempotency_key=key,
+        reason="disputed call",
+    )
+
+
+async def test_refunds_never_give_back_more_than_the_charge_captured(harness: Harness) -> None:
+    gw = harness.gateway
+    saved = await gw.save_method("acct-1", "pm_card_visa")
+    charge = await gw.charge(charge_request(saved, "rc-r1", amount=20_000_000))
+
+    first = await gw.refund(refund_request(charge.gateway_ref, "rf-1", 5_000_000))
+    assert (first.status, first.refunded) == ("succeeded", 5_000_000)
+    assert first.gateway_ref.startswith("re_")
+    # the same key again is the same refund, not a second one
+    assert await gw.refund(refund_request(charge.gateway_ref, "rf-1", 5_000_000)) == first
+    with pytest.raises(GatewayUnavailable, match="greater than unrefunded amount"):
+        await gw.refund(refund_request(charge.gateway_ref, "rf-2", 15_010_000))
+    rest = await gw.refund(refund_request(charge.gateway_ref, "rf-3", 15_000_000))
+    assert (rest.status, rest.refunded) == ("succeeded", 15_000_000)
+    assert rest.gateway_ref != first.gateway_ref
+    with pytest.raises(GatewayUnavailable):
+        await gw.refund(refund_request(charge.gateway_ref, "rf-4", 10_000))
+
+
+async def test_refund_key_reused_for_another_amount_is_outcome_unknown(harness: Harness) -> None:
+    gw = harness.gateway
+    saved = await gw.save_method("acct-1", "pm_card_visa")
+    charge = await gw.charge(charge_request(saved, "rc-r2", amount=20_000_000))
+    await gw.refund(refund_request(charge.gateway_ref, "rf-9", 5_000_000))
+    with pytest.raises(OutcomeUnknown):
+        await gw.refund(refund_request(charge.gateway_ref, "rf-9", 6_000_000))
+
+
+@pytest.mark.parametrize("amount", [12_345_678, 0, -10_000])
+async def test_refund_not_in_whole_cents_is_refused_before_any_request(
+    harness: Harness, amount: int
+) -> None:
+    with pytest.raises(ValueError, match="whole number of cents"):
+        await harness.gateway.refund(refund_request("pi_x", "rf-odd", amount))
+
+
+async def test_refund_on_the_wire(fake: StripeFake, stripe_gw: StripeGateway) -> None:
+    saved = await stripe_gw.save_method("acct-1", "pm_card_visa")
+    charge = await stripe_gw.charge(charge_request(saved, "rc-rw", amount=12_500_000))
+    key = refund_key("acct-1", "r1")
+    result = await stripe_gw.refund(refund_request(charge.gateway_ref, key, 2_500_000))
+
+    [sent] = fake.requests_to("POST", REFUNDS_PATH)
+    assert sent.headers["idempotency-key"] == "acct-1/refund/r1"
+    p = sent.params
+    assert (p["payment_intent"], p["amount"]) == (charge.gateway_ref, "250")
+    assert p["metadata[account_id]"] == "acct-1"
+    assert p["metadata[idempotency_key]"] == key
+    assert p["metadata[reason]"] == "disputed call"
+    [refund] = fake.refunds
+    assert (refund["id"], refund["status"]) == (result.gateway_ref, "succeeded")
+    assert refund["amount"] == 250
+
+
+async def test_refund_timeout_after_success_then_retry_is_the_same_refund(
+    fake: StripeFake,
+) -> None:
+    gw = StripeGateway(API_KEY, api_base=fake.url, timeout_s=0.5)
+    try:
+        saved = await gw.save_method("acct-1", "pm_card_visa")
+        charge = await gw.charge(charge_request(saved, "rc-rt", amount=12_500_000))
+        fake.delay_next(REFUNDS_PATH, seconds=3.0)
+        with pytest.raises(OutcomeUnknown):
+            await gw.refund(refund_request(charge.gateway_ref, "rf-slow", 12_500_000))
+        [refund] = fake.refunds
+        assert refund["status"] == "succeeded"  # Stripe did refund
+        again = await gw.refund(refund_request(charge.gateway_ref, "rf-slow", 12_500_000))
+        assert (again.status, again.gateway_ref) == ("succeeded", refund["id"])
+        assert len(fake.refunds) == 1
+        assert [r.replayed for r in fake.requests_to("POST", REFUNDS_PATH)] == [False, True]
+    finally:
+        await gw.close()
+
+
+@pytest.mark.parametrize(
+    ("status", "outcome"),
+    [
+        ("pending", "succeeded"),
+        ("failed", "failed"),
+        ("canceled", "failed"),
+        ("requires_action", "unknown"),
+    ],
+)
+async def test_refund_status_mapping(
+    fake: StripeFake, stripe_gw: StripeGateway, status: str, outcome: str
+) -> None:
+    saved = await stripe_gw.save_method("acct-1", "pm_card_visa")
+    charge = await stripe_gw.charge(charge_request(saved, "rc-rs", amount=12_500_000))
+    fake.force_refund_status(status)
+    if outcome == "unknown":
+        with pytest.raises(OutcomeUnknown, match=status):
+            await stripe_gw.refund(refund_request(charge.gateway_ref, "rf-s", 1_000_000))
+        return
+    result = await stripe_gw.refund(refund_request(charge.gateway_ref, "rf-s", 1_000_000))
+    assert (result.status, result.gateway_status) == (outcome, status)
+    assert result.refunded == (1_000_000 if outcome == "succeeded" else 0)
+
+
+async def test_refund_of_an_unknown_or_declined_charge_is_refused(
+    fake: StripeFake, stripe_gw: StripeGateway
+) -> None:
+    with pytest.raises(GatewayUnavailable, match="No such payment_intent"):
+        await stripe_gw.refund(refund_request("pi_nobody", "rf-n", 1_000_000))
+    saved = await stripe_gw.save_method("acct-1", "pm_card_chargeDeclined")
+    declined = await stripe_gw.charge(charge_request(saved, "rc-rd"))
+    with pytest.raises(GatewayUnavailable, match="does not have a successful charge"):
+        await stripe_gw.refund(refund_request(declined.gateway_ref, "rf-d", 1_000_000))
+    assert fake.refunds == []

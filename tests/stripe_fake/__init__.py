@@ -13,10 +13,11 @@ independent models of Stripe.
 Fault knobs: ``fail_next`` (5xx/429 answered in front of the API, nothing stored, unless
 ``stored=True`` which mimics Stripe replaying a 500 from inside the endpoint); ``delay_next``
 (process and store, then hold the response past the client's timeout); ``force_status`` (the
-next PaymentIntent ends in the given status with HTTP 200).
+next PaymentIntent ends in the given status with HTTP 200); ``force_refund_status`` (the same
+for the next Refund).
 
 ``server``: the HTTP side (the key, idempotency, the knobs, the record of requests);
-``resources``: the objects and the endpoints' rules (customers, methods, PaymentIntents).
+``resources``: the objects and the endpoints' rules (customers, methods, PaymentIntents, Refunds).
 """
 
 from tests.stripe_fake.resources import TEST_METHODS

@@ -1,5 +1,6 @@
 """The Stripe objects the fake keeps, and the rules of the endpoints that make them:
-customers, payment methods (Stripe's test cards, attached and detached), PaymentIntents.
+customers, payment methods (Stripe's test cards, attached and detached), PaymentIntents and
+their Refunds (never more than is left to refund on one).
 
 ``Resources.route`` runs one request that got past authentication, idempotency and the fault
 knobs (``tests.stripe_fake.server``); it raises ``StripeError`` with Stripe's error object.
@@ -88,6 +89,8 @@ class Resources:
     detached: set[str] = field(default_factory=set)
     intents: list[Json] = field(default_factory=list)  # every one created, declined included
     forced_status: list[str] = field(default_factory=list)  # the next intents' end states
+    refunds: list[Json] = field(default_factory=list)  # every refund created
+    forced_refund_status: list[str] = field(default_factory=list)  # the next refunds' states
 
     def route(self, method: str, path: str, params: dict[str, str]) -> Json:
         parts = path.strip("/").split("/")
@@ -104,6 +107,8 @@ class Resources:
                 return self._detach(pm)
             case "POST", ["v1", "payment_intents"]:
                 return self._create_intent(params)
+            case "POST", ["v1", "refunds"]:
+                return self._create_refund(params)
         raise StripeError(
             404,
             {
@@ -304,3 +309,63 @@ class Resources:
         error["payment_intent"] = dict(intent)
         error["payment_method"] = public(pm)
         raise StripeError(402, error)
+
+    def _create_refund(self, params: dict[str, str]) -> Json:
+        """Stripe's rules for a refund of a PaymentIntent: it must have succeeded; ``amount``
+        (cents, default: all that is left) at most what is left; a fully refunded one is
+        ``charge_already_refunded``. A refund that ends ``failed``/``canceled`` gives nothing
+        back, so it does not count against what is left."""
+        pi_id = params.get("payment_intent", "")
+        if not pi_id and not params.get("charge"):
+            raise _invalid("One of `charge` or `payment_intent` is required.")
+        intent = next((pi for pi in self.intents if pi["id"] == pi_id), None)
+        if intent is None:
+            raise _invalid(
+                f"No such payment_intent: '{pi_id}'",
+                code="resource_missing",
+                param="payment_intent",
+            )
+        if intent["status"] != "succeeded":
+            raise _invalid(
+                f"This PaymentIntent ({pi_id}) does not have a successful charge to refund.",
+                code="charge_not_refundable" if intent["latest_charge"] else None,
+            )
+        refunded = sum(
+            r["amount"]
+            for r in self.refunds
+            if r["payment_intent"] == pi_id and r["status"] in ("succeeded", "pending")
+        )
+        left = intent["amount_received"] - refunded
+        if left <= 0:
+            raise _invalid(
+                f"Charge {intent['latest_charge']} has already been refunded.",
+                code="charge_already_refunded",
+            )
+        amount_text = params.get("amount", str(left))
+        if not amount_text.isdigit() or int(amount_text) <= 0:
+            raise _invalid(
+                "Invalid positive integer", code="parameter_invalid_integer", param="amount"
+            )
+        amount = int(amount_text)
+        if amount > left:
+            raise _invalid(
+                f"Refund amount (${amount / 100:.2f}) is greater than unrefunded amount on "
+                f"charge (${left / 100:.2f})",
+                param="amount",
+            )
+        status = self.forced_refund_status.pop(0) if self.forced_refund_status else "succeeded"
+        refund: Json = {
+            "id": new_id("re_"),
+            "object": "refund",
+            "amount": amount,
+            "charge": intent["latest_charge"],
+            "currency": intent["currency"],
+            "payment_intent": pi_id,
+            "metadata": _metadata(params),
+            "reason": params.get("reason"),
+            "status": status,
+            "failure_reason": "lost_or_stolen_card" if status == "failed" else None,
+            "created": 1_700_000_000 + len(self.refunds),
+        }
+        self.refunds.append(refund)
+        return refund

@@ -120,6 +120,11 @@ class StripeFake:
         with self._lock:
             self._resources.forced_status.append(status)
 
+    def force_refund_status(self, status: str) -> None:
+        """The next Refund created ends in ``status`` (``pending``, ``failed``, ...), HTTP 200."""
+        with self._lock:
+            self._resources.forced_refund_status.append(status)
+
     # -- records --------------------------------------------------------------------------------
 
     @property
@@ -140,6 +145,12 @@ class StripeFake:
     def charges(self) -> list[Json]:
         """PaymentIntents that captured money."""
         return [pi for pi in self.payment_intents if pi["status"] == "succeeded"]
+
+    @property
+    def refunds(self) -> list[Json]:
+        """Every Refund created, failed ones included; replays create none."""
+        with self._lock:
+            return [dict(r) for r in self._resources.refunds]
 
     def customer(self, customer_id: str) -> Json:
         with self._lock:
