@@ -146,7 +146,10 @@ class PaymentOut(BaseModel):
     id: str
     account_id: str
     kind: PaymentKind = Field(description="auto: an auto-recharge; manual: a top-up")
-    paid_for: str = Field(description='What it paid: "auto_recharge" or "top_up"')
+    paid_for: str = Field(
+        description='What it paid: "auto_recharge", "top_up" or "invoice" (see invoice_id)'
+    )
+    invoice_id: str | None = Field(None, description="The invoice it was applied to, if any")
     amount: Money = Field(description="What was asked of the card")
     captured: Money = Field(description="What the card paid, and what was credited")
     currency: str
@@ -250,12 +253,13 @@ def method_out(account_id: str, gateway: str, m: SavedMethod) -> PaymentMethodOu
     )
 
 
-def payment_out(p: Payment, refunded: int = 0) -> PaymentOut:
+def payment_out(p: Payment, refunded: int = 0, invoice_id: str | None = None) -> PaymentOut:
     return PaymentOut(
         id=p.id,
         account_id=p.account_id,
         kind=p.kind,
-        paid_for="auto_recharge" if p.kind == "auto" else "top_up",
+        paid_for="auto_recharge" if p.kind == "auto" else "invoice" if invoice_id else "top_up",
+        invoice_id=invoice_id,
         amount=format_money(p.amount),
         captured=format_money(p.captured),
         currency=p.currency,
@@ -446,8 +450,9 @@ async def history(account_id: AccountPath, who: Caller, host: Host) -> PaymentsO
     ps = await _pay(svc.payments(account_id))
     refunded = await _pay(svc.refunds.store.refunded(account_id))
     rs = await _pay(svc.refunds.refunds(account_id))
+    invoiced = await _pay(svc.invoices_paid(account_id))
     return PaymentsOut(
         account_id=account_id,
-        payments=[payment_out(p, refunded.get(p.id, 0)) for p in ps],
+        payments=[payment_out(p, refunded.get(p.id, 0), invoiced.get(p.id)) for p in ps],
         refunds=[refund_out(r) for r in rs],
     )

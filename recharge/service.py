@@ -276,6 +276,10 @@ class PaymentService:
     async def payments(self, account_id: str, limit: int = 100) -> list[Payment]:
         return await self._store.payments(account_id, limit)
 
+    async def invoices_paid(self, account_id: str) -> dict[str, str]:
+        """Payment id -> the invoice it was applied to (Pay Now, invoice auto-pay)."""
+        return await self._store.invoices_paid(account_id)
+
     # -- auto-recharge -------------------------------------------------------------------------
 
     async def on_trigger(self, account_id: str, seq: int) -> str:

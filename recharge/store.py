@@ -155,6 +155,15 @@ class PaymentStore:
         )
         return [Payment.of(r) for r in rows]
 
+    async def invoices_paid(self, account_id: str) -> dict[str, str]:
+        """Payment id -> the invoice it paid, for the account's payments made for invoices
+        (``invoice_payments``, written by ``enforcement.invoices``: read here only)."""
+        rows = await self._pool.fetch(
+            "SELECT payment_id, invoice_id FROM invoice_payments WHERE account_id = $1",
+            account_id,
+        )
+        return {r[0]: r[1] for r in rows}
+
     async def add_payment(self, conn: Conn, p: NewPayment) -> Payment | None:
         """Record a payment in the account's currency; None: there is no such account."""
         r = await conn.fetchrow(

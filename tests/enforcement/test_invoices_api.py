@@ -156,3 +156,35 @@ async def test_meter_invoices_and_tax_on_the_command_line(api: Api) -> None:
     assert code == 1 and "has not ended" in err
     code, out, err = await meter("invoices", "run", "--month", "2020-01")
     assert (code, json.loads(out)) == (0, {"month": "2020-01"}), err
+
+
+async def test_pay_now_through_the_api_and_the_payment_history_names_the_invoice(api: Api) -> None:
+    clock = SettableClock(datetime(2026, 11, 3, 9, tzinfo=UTC))
+    await api.seed("inv", balance="0.00", credit_limit="100.00")
+    pool = api.svc.pool
+    await set_account_billing(pool, "inv", billing_mode="invoiced")
+    await put_plan(pool, PlanSpec(id="biz", name="Business", monthly_fee="12.00"))
+    await Subscriptions(pool, api.svc.balances, clock=clock).change("inv", "biz")
+    clock.set(datetime(2026, 12, 1, 0, 5, tzinfo=UTC))
+    await Invoices(pool, api.svc.balances, clock=clock).run("2026-11")
+    invoice_id = await pool.fetchval("SELECT id FROM invoices WHERE account_id = 'inv'")
+    admin = await api.key("inv", "admin")
+    r = await api.client.put(
+        "/v1/accounts/inv/payment_method", json={"token": "pm_card_visa"}, headers=admin
+    )
+    assert r.status_code == 201, r.text
+    url = f"/v1/accounts/inv/invoices/{invoice_id}/payments"
+    part = await api.client.post(url, json={"payment_id": "n1", "amount": "5.00"}, headers=admin)
+    assert part.status_code == 200, part.text
+    assert (part.json()["status"], part.json()["balance_due"]) == ("partially_paid", "7.00")
+    over = await api.client.post(url, json={"payment_id": "n2", "amount": "9.00"}, headers=admin)
+    assert_error(over, 409, "overpayment", "amount")
+    rest = await api.client.post(url, json={"payment_id": "n3"}, headers=admin)
+    assert rest.json()["status"] == "paid"
+    assert [p["payment_id"] for p in rest.json()["payments"]] == ["n1", "n3"]  # n2: refused
+    history = (await api.client.get("/v1/accounts/inv/payments", headers=admin)).json()
+    paid = {p["id"]: (p["paid_for"], p["invoice_id"], p["status"]) for p in history["payments"]}
+    assert paid["n1"] == ("invoice", invoice_id, "succeeded")
+    assert paid["n3"] == ("invoice", invoice_id, "succeeded")
+    balance = (await api.client.get("/v1/accounts/inv/balance", headers=admin)).json()
+    assert balance["balance"] == "0.00"  # -12.00 charged, 12.00 paid
