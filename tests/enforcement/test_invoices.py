@@ -370,3 +370,27 @@ async def test_a_cancelled_invoice_is_credited_back_once_and_shows_on_the_next(
     assert dec is not None
     assert [(ln.kind, ln.amount) for ln in dec.lines] == [("correction", -inv.total)]
     assert (await reconcile(pool, world.conns.balances)).ok
+
+
+async def test_invoice_auto_pay_charges_the_saved_card_when_the_invoice_is_issued(
+    world: World,
+) -> None:
+    pool = world.conns.pool
+    await world.accounts("auto", "nocard", balance="0.00")
+    for a in ("auto", "nocard"):
+        await pool.execute("UPDATE accounts SET credit_limit = 100000000 WHERE id = $1", a)
+        await world.conns.balances.set_limits(a, credit_limit=100_000_000, low_threshold=0)
+        await set_account_billing(pool, a, billing_mode="invoiced", auto_pay=True)
+        await world.usage(a, seconds=1_200)
+    await world.card("auto")  # "nocard" has none: its invoice stays due
+    world.at("2026-12-01T00:05:00+00:00")
+    assert await world.invoices.run(NOV) == {"issued": 2}
+    [paid] = await world.invoices.listed("auto")
+    [due] = await world.invoices.listed("nocard")
+    assert (paid.status, paid.balance_due) == ("paid", 0)
+    assert due.status == "sent" and due.balance_due > 0
+    got = await world.invoices.get("auto", paid.id)
+    assert got is not None and [p.payment_id for p in got.payments] == [f"inv:{paid.id}"]
+    assert world.notes.of("auto") == ["invoice.issued", "invoice.paid"]
+    assert world.notes.of("nocard") == ["invoice.issued"]
+    assert (await reconcile(pool, world.conns.balances)).ok
