@@ -216,6 +216,11 @@ def hostile_item(draw: st.DrawFn, tag: str) -> Item:
                     target.pop(path[-1], None)
                 else:
                     target[path[-1]] = draw(any_value)
+                    if path == ["id"] and isinstance(target["id"], str):
+                        # Any text, but its own: two records given the same hostile id (a
+                        # sampled time string) would rightly conflict with each other
+                        # (duplicate_id_different_payload), which is not what this checks.
+                        target["id"] += f"~{next(_counter)}"
         value = _encode(ev)
     return Item(topic, key, value, "hostile")
 
