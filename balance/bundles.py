@@ -13,7 +13,7 @@ import asyncpg
 from balance.protocol import BalanceStore
 from contracts.money import format_money
 from infra.clock import Clock, system_clock, utc_datetime
-from infra.ledger import Ledger, PostgresLedger
+from infra.ledger import Ledger, PostgresLedger, credit_key
 
 
 class BundleError(Exception):
@@ -54,7 +54,8 @@ async def buy_bundle(
     key, ``[A-Za-z0-9_.:-]{1,64}``).
 
     Redis first (it decides atomically whether the available credit covers the price), then
-    the ledger row and the purchase row, idempotent on the purchase id. After a crash or
+    the ledger row and the purchase row, idempotent on the purchase id; a purchase the ledger
+    has already is answered without asking Redis again. After a crash or
     ``OutcomeUnknown``, call again with the same ``purchase_id``: nothing is taken twice and the
     missing rows are written. Raises ``BundleError`` when nothing was bought.
 
@@ -80,6 +81,24 @@ async def buy_bundle(
     else:
         seconds, price = row["seconds"], row["price"]
         valid_from, expires_at = now, now + timedelta(days=row["validity_days"])
+    if prior is not None and await ledger.existing(
+        [credit_key(account_id, "bundle:" + purchase_id)]
+    ):
+        # Bought and booked: answered as it was, never granted again. Redis may have lost its
+        # memory of the grant (a rebuild does not keep it), and would otherwise take the price
+        # and add the seconds a second time on top of the rebuilt balance.
+        st = await balances.get(account_id)
+        return BundlePurchase(
+            account_id,
+            purchase_id,
+            prior["bundle_id"],
+            seconds,
+            price,
+            valid_from,
+            expires_at,
+            False,
+            0 if st is None else st.balance,
+        )
     out = await balances.grant_minutes(
         account_id,
         "b" + purchase_id,

@@ -96,8 +96,8 @@ async def dump(r: aioredis.Redis, account_id: str) -> tuple[dict[bytes, bytes], 
 def rebuilt_part(d: tuple[dict[bytes, bytes], ...]) -> tuple[dict[bytes, bytes], ...]:
     """What a rebuild owes of a dump: the whole account hash, and of the credits hash the
     payments (``load_into_redis``'s ``credited``). A bundle's grant memory (``grant:b<id>``)
-    is not rebuilt today (the rebuild test pins that; a retried purchase after a rebuild would
-    be granted again in Redis, see docs/design/scale-out.md)."""
+    is not rebuilt: a purchase retried after a rebuild is answered from the book of record
+    without asking Redis (``balance.bundles.buy_bundle``, tested there)."""
     fields, credits = d
     return fields, {k: v for k, v in credits.items() if k.startswith(b"payment:")}
 

@@ -250,6 +250,23 @@ async def test_buy_bundle_is_paid_from_the_balance_once(conns: Connections, seed
     assert (await reconcile(conns.pool, conns.balances)).ok
 
 
+async def test_a_purchase_retried_after_redis_was_rebuilt_is_not_granted_again(
+    conns: Connections, seed: Seeder
+) -> None:
+    from balance.accounts import load_into_redis
+
+    await seed("acc_1", balance="10.00")
+    await _plans(conns)
+    await buy_bundle(conns.pool, conns.balances, "acc_1", "b150", "order-1")
+    await conns.redis.flushall()  # Redis lost: rebuilt from the book of record
+    await load_into_redis(conns.pool, conns.balances, ["acc_1"])
+    again = await buy_bundle(conns.pool, conns.balances, "acc_1", "b150", "order-1")
+    assert not again.applied and again.balance == 7_000_000  # 10.00 - 3.00, once
+    grants = parse_bucket(await conns.balances.bucket("acc_1"))
+    assert [(g.id, g.remaining_s) for g in grants] == [("border-1", 9_000)]
+    assert (await reconcile(conns.pool, conns.balances)).ok
+
+
 def _processor(conns: Connections, catalog: Catalog) -> MeteringProcessor:
     return harness.processor(conns, catalog)
 
