@@ -29,6 +29,7 @@ from contracts import topics
 from infra import metrics
 from infra.settings import Settings
 from infra.stack import running_stack
+from meter.bench_hold import hold_latency
 from meter.bench_workers import run_phase
 from meter.traffic import call_hangup, demo_price_list, encode, message_sent
 from metering.processor import BatchOutcome
@@ -265,6 +266,15 @@ async def run_bench(
             charged = await _workers(s, conns, n_events, ids, workers, root, figures)
         else:
             charged = await _in_process(s, conns, n_events, info1, figures)
+            hold = await hold_latency(s, conns, ids)
+            _say(
+                f"  credit exhausted -> account.hold on the topic, at {hold['hold_load_eps']:,}"
+                f" events/s: p50 {hold['hold_latency_ms_p50']} ms, p99"
+                f" {hold['hold_latency_ms_p99']} ms, max {hold['hold_latency_ms_max']} ms"
+                f" ({hold['hold_probes_seen']} of {hold['hold_probes_sent']} probes; target p99"
+                f" <= 100 ms)"
+            )
+            figures |= hold
         ledger1 = await _pg_bytes(conns, ("ledger",))
         figures["pg_ledger_bytes_per_event"] = round((ledger1 - ledger0) / max(charged, 1))
         _say(
