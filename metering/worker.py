@@ -134,6 +134,11 @@ async def run_metering(
             auto_offset_reset="earliest",
             max_partition_fetch_bytes=8 * 1024 * 1024,
             fetch_max_bytes=32 * 1024 * 1024,
+            # An empty fetch is held by the broker at most this long (aiokafka's default is
+            # 500 ms): a caught-up worker otherwise sees a new record up to that late, and the
+            # hold it causes reaches telephony that much later (meter bench metering's hold
+            # latency). The batch's own wait (batch_timeout_ms) bounds it anyway.
+            fetch_max_wait_ms=settings.batch_timeout_ms,
             # Oversized messages are dead-lettered by us, so the client must still fetch them.
             isolation_level="read_uncommitted",
             session_timeout_ms=settings.kafka_session_timeout_ms,
