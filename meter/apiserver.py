@@ -32,6 +32,8 @@ from enforcement.http.fastpath import AuthorizeFastPath
 from enforcement.http.services import ApiServices
 from infra.settings import Settings
 from infra.stack import running_stack
+from portal import routes as portal_routes
+from portal.web import Host as PortalHost
 from recharge import routes as payment_routes
 from recharge.service import LogNotifier, PaymentService
 from recharge.worker import make_gateway
@@ -80,12 +82,20 @@ def create_app(settings: Settings, services: ServedServices | None = None) -> Fa
     """The one API on ``services``; without them it connects (``connect_api``) at startup and
     closes at shutdown. Serve it behind ``AuthorizeFastPath`` (``asgi_app``)."""
     return enforcement_app.create_app(
-        settings, services, connect=connect_api, routers=(payment_routes.router,)
+        settings,
+        services,
+        connect=connect_api,
+        routers=(payment_routes.router, portal_routes.router(settings)),
     )
 
 
 def _payments_host(services: ServedServices) -> payment_routes.PaymentsHost:
     # Never called: mypy checks here that ServedServices is what payments' routes read.
+    return services
+
+
+def _portal_host(services: ServedServices) -> PortalHost:
+    # Never called: mypy checks here that ServedServices is what the portal's pages read.
     return services
 
 
