@@ -251,13 +251,21 @@ async def make_payment(request: Request, account_id: Account) -> Response:
         "amount": field(posted, "amount"),
         "payment_id": field(posted, "payment_id"),
     }
+    card = field(posted, "card")
     try:
-        card = field(posted, "card")
         if card:  # no saved method: the card chosen is saved first, as the seed says
             await data(
                 payment_routes.put_method(with_body({"token": card}), account_id, ctx.who, ctx.host)
             )
-        out = await data(payment_routes.pay(with_body(body), account_id, ctx.who, ctx.host))
+        try:
+            out = await data(payment_routes.pay(with_body(body), account_id, ctx.who, ctx.host))
+        except ApiError as exc:
+            if card and exc.code != "card_declined":
+                # Refused before any charge (an amount under the minimum, over the limit): the
+                # card is not kept for a payment that never was. A declined card is kept, as
+                # the API keeps it, so that the history names it.
+                await payment_routes.delete_method(account_id, ctx.who, ctx.host)
+            raise
     except ApiError as exc:
         return await _or_billing_page(ctx, account_id, exc)
     notice = "pending" if out["status"] == "pending" else "paid"

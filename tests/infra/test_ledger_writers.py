@@ -41,6 +41,8 @@ OWNERS = {
     "invoice_payments": "enforcement/invoices.py",
     "invoice_counters": "enforcement/invoices.py",
     "tax_rates": "enforcement/invoices.py",
+    "user_passwords": "portal/sessions.py",
+    "portal_sessions": "portal/sessions.py",
 }
 
 
