@@ -118,3 +118,38 @@ async def test_a_short_password_is_refused(api: Api) -> None:
         await Sessions(api.svc.pool).set_password(user_id, "short")
     stored = await api.svc.pool.fetchval("SELECT hash FROM user_passwords")
     assert stored.startswith("$argon2id$") and PASSWORD not in stored
+
+
+async def test_meter_users_passwd_sets_the_first_operators_password(api: Api) -> None:
+    import asyncio
+    import os
+    import sys
+    from asyncio.subprocess import PIPE
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("METER_")} | {
+        "METER_REDIS_URL": api.settings.redis_url,
+        "METER_DATABASE_URL": api.settings.database_url,
+    }
+
+    async def meter(*args: str, stdin: bytes = b"") -> tuple[int, str]:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "meter.cli", *args, env=env, stdin=PIPE, stdout=PIPE, stderr=PIPE
+        )
+        _, err = await asyncio.wait_for(proc.communicate(stdin), 60)
+        assert proc.returncode is not None
+        return proc.returncode, err.decode()
+
+    code, _ = await meter("users", "create", "--email", "op@example.com", "--role", "operator")
+    assert code == 0
+    assert (await meter("users", "passwd", "--email", "op@example.com", stdin=b"short\n"))[0] == 2
+    code, err = await meter(
+        "users", "passwd", "--email", "op@example.com", stdin=b"%s\n" % PASSWORD.encode()
+    )
+    assert code == 0 and "password set" in err
+    assert (await meter("users", "passwd", "--email", "nobody@example.com", stdin=b"x" * 20))[
+        0
+    ] == 1
+    async with client_of(api) as c:
+        r = await sign_in(c, "op@example.com")
+        assert r.status_code == 303
+        assert (await c.get("/portal/")).headers["location"] == "/portal/console"
