@@ -18,6 +18,7 @@ COPY enforcement ./enforcement
 COPY recharge ./recharge
 COPY ops ./ops
 COPY bridge ./bridge
+COPY portal ./portal
 COPY meter ./meter
 RUN pip install . \
     && useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin meter

@@ -153,6 +153,15 @@ class Settings:
     past_due_warn_days: int = 3
     #: Consumer group of the billing worker (``meter run billing``).
     billing_worker_group: str = "meter-billing"
+    #: The portal's session cookie is ``Secure`` (sent over HTTPS only): set it where the API
+    #: is served over TLS (or behind a proxy that terminates TLS).
+    portal_secure_cookies: bool = False
+    #: A portal session ends this long after sign-in (8 h), or at sign-out.
+    portal_session_ttl_s: int = 28_800
+    #: Consecutive wrong passwords before a user's sign-in is locked (``portal_lockout_s``).
+    portal_max_failures: int = 5
+    #: How long a locked sign-in stays locked (15 min); the right password does not open it.
+    portal_lockout_s: int = 900
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:

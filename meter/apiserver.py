@@ -32,6 +32,8 @@ from enforcement.http.fastpath import AuthorizeFastPath
 from enforcement.http.services import ApiServices
 from infra.settings import Settings
 from infra.stack import running_stack
+from portal import routes as portal_routes
+from portal.web import Host as PortalHost
 from recharge import refund_routes
 from recharge import routes as payment_routes
 from recharge.service import LogNotifier, PaymentService
@@ -84,12 +86,17 @@ def create_app(settings: Settings, services: ServedServices | None = None) -> Fa
         settings,
         services,
         connect=connect_api,
-        routers=(payment_routes.router, refund_routes.router),
+        routers=(payment_routes.router, refund_routes.router, portal_routes.router(settings)),
     )
 
 
 def _payments_host(services: ServedServices) -> payment_routes.PaymentsHost:
     # Never called: mypy checks here that ServedServices is what payments' routes read.
+    return services
+
+
+def _portal_host(services: ServedServices) -> PortalHost:
+    # Never called: mypy checks here that ServedServices is what the portal's pages read.
     return services
 
 

@@ -102,20 +102,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     u = sub.add_parser(
         "users",
-        help="people: create an account's first admin, list, disable (docs/design/people.md)",
+        help="people: create an account's first admin, list, disable, set a portal password"
+        " (docs/design/people.md, docs/design/portal.md)",
     )
-    u.add_argument("action", choices=["create", "list", "disable"])
+    u.add_argument(
+        "action",
+        choices=["create", "list", "disable", "passwd"],
+        help="passwd: set the portal password of --user or --email (read from stdin, or asked"
+        " twice on a terminal); lifts a sign-in lockout and ends the user's portal sessions",
+    )
     u.add_argument(
         "--account", help="create, list: the account (without: the platform's operators)"
     )
-    u.add_argument("--email", help="create: the person's email (unique); disable: who")
+    u.add_argument("--email", help="create: the person's email (unique); disable, passwd: who")
     u.add_argument("--name", default="", help="create: the person's name")
     u.add_argument(
         "--role",
         choices=["admin", "user", "operator"],
         help="create: admin or user of --account, or operator (no --account)",
     )
-    u.add_argument("--user", help="disable: the user's id (usr_...)")
+    u.add_argument("--user", help="disable, passwd: the user's id (usr_...)")
 
     pl = sub.add_parser(
         "pricelist", help="price list rates as CSV (docs/design/rating.md): import, export"

@@ -13,7 +13,9 @@ from infra.settings import Settings
 if TYPE_CHECKING:
     from datetime import datetime
 
-    from enforcement.people import User
+    import asyncpg
+
+    from enforcement.people import People, User
 
 
 async def seed(settings: Settings, raw: bytes) -> int:
@@ -107,8 +109,14 @@ async def users(settings: Settings, args: argparse.Namespace) -> int:
             return _usage("users create needs --email, --role and (but for operators) --account")
         if (args.role == "operator") != (args.account is None):
             return _usage("an operator has no --account; an admin or a user needs one")
-    if args.action == "disable" and not (args.user or args.email):
-        return _usage("users disable needs --user or --email")
+    if args.action in ("disable", "passwd") and not (args.user or args.email):
+        return _usage(f"users {args.action} needs --user or --email")
+    password = ""
+    if args.action == "passwd":
+        try:
+            password = _read_password()
+        except ValueError as exc:
+            return _usage(str(exc))
     pool = await create_pool(settings.database_url)
     try:
         people = People(pool)
@@ -131,6 +139,8 @@ async def users(settings: Settings, args: argparse.Namespace) -> int:
                         print(f"meter: no user with email {args.email!r}", file=sys.stderr)
                         return 1
                     user_id = by_email.id
+                if args.action == "passwd":
+                    return await _passwd(pool, people, user_id, password)
                 user = await people.disable_user(user_id)
         except ValueError as exc:
             return _usage(str(exc))
@@ -140,6 +150,35 @@ async def users(settings: Settings, args: argparse.Namespace) -> int:
     finally:
         await pool.close()
     print(json.dumps(_user_json(user), indent=2))
+    return 0
+
+
+def _read_password() -> str:
+    """The new password: stdin's first line when piped, else asked twice on the terminal."""
+    import getpass
+
+    from portal.passwords import valid
+
+    if sys.stdin.isatty():
+        first = getpass.getpass("New password: ")
+        if getpass.getpass("Again: ") != first:
+            raise ValueError("the two passwords differ")
+    else:
+        first = sys.stdin.readline().rstrip("\r\n")
+    return valid(first)
+
+
+async def _passwd(
+    pool: asyncpg.Pool, people: People, user_id: str, password: str
+) -> int:
+    from portal.sessions import Sessions
+
+    user = await people.user(user_id)
+    if user is None or user.disabled_at is not None:
+        print(f"meter: no user {user_id!r}, or it is disabled", file=sys.stderr)
+        return 1
+    await Sessions(pool).set_password(user.id, password)
+    print(f"password set for {user.email} ({user.id}); its portal sessions ended", file=sys.stderr)
     return 0
 
 

@@ -42,6 +42,8 @@ OWNERS = {
     "invoice_counters": "enforcement/invoices.py",
     "tax_rates": "enforcement/invoices.py",
     "refunds": "recharge/refund_store.py",
+    "user_passwords": "portal/sessions.py",
+    "portal_sessions": "portal/sessions.py",
 }
 
 
