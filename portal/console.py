@@ -4,7 +4,8 @@
 The console is for operators only: it needs ``account.settings`` (RULES: operators), and what
 it does goes through the API's own routes, so an operator still never spends a customer's
 card. It finds an account, shows its state and the origin of every suspension, suspends and
-resumes as the operator (who may lift every origin) and sets the verification level.
+resumes as the operator (who may lift every origin), sets the verification level and refunds a
+payment to its card (``recharge.refund_routes``: never more than it captured).
 
 A manager's admin lists the accounts it manages, creates one, and opens any of them: the
 account's pages (``portal.pages``) then act on it as the rules let a manager.
@@ -12,6 +13,7 @@ account's pages (``portal.pages``) then act on it as the rules let a manager.
 
 from __future__ import annotations
 
+import secrets
 from typing import Annotated, Any, Final
 
 import asyncpg
@@ -25,6 +27,7 @@ from infra.http.bounds import within_db
 from infra.http.errors import ApiError
 from portal.calls import data, with_body
 from portal.web import Ctx, context, field, form, html, may_anywhere, render, see
+from recharge import refund_routes
 
 router = APIRouter()
 
@@ -39,6 +42,7 @@ NOTICES: Final = {
     "resumed": "What the operator may lift is lifted.",
     "verified": "Verification level saved.",
     "created": "Managed account created.",
+    "refunded": "Refund sent to the card (or pending the gateway's answer).",
 }
 
 
@@ -94,6 +98,7 @@ async def _console(ctx: Ctx, q: str | None, **extra: Any) -> Response:
         error=error,
         notice=None if error else notice,
         csrf=ctx.session.csrf,
+        refund_id=f"rf_{secrets.token_hex(6)}",
         **extra,
     )
 
@@ -126,6 +131,17 @@ async def console_act(
                 with_body({"reason": reason} if reason else None), account_id, ctx.who, ctx.svc
             )
             notice = "suspended" if action == "suspend" else "resumed"
+        elif action == "refund":
+            body: dict[str, object] = {
+                "refund_id": field(posted, "refund_id"),
+                "reason": field(posted, "refund_reason"),
+            }
+            if field(posted, "amount"):
+                body["amount"] = field(posted, "amount")
+            await refund_routes.refund_to_card(
+                with_body(body), account_id, field(posted, "payment_id"), ctx.who, ctx.host
+            )
+            notice = "refunded"
         elif action == "verification":
             level = field(posted, "verification_level")
             body = {"verification_level": int(level) if level.isdigit() else level}

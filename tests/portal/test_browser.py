@@ -277,3 +277,40 @@ async def test_a_form_posted_without_its_csrf_token_is_refused(
     headers = await api.key("ten", "admin")
     r = await api.client.get("/v1/accounts/ten/auto_recharge", headers=headers)
     assert r.status_code == 404  # never set
+
+
+async def test_an_operator_refunds_a_payment_from_the_console(
+    api: Api, served: str, browser: Browser
+) -> None:
+    await api.seed("ten", balance="0.00")
+    headers = await api.key("ten", "admin")
+    r = await api.client.put(
+        "/v1/accounts/ten/payment_method", json={"token": "pm_card_visa"}, headers=headers
+    )
+    assert r.status_code == 201, r.text
+    r = await api.client.post(
+        "/v1/accounts/ten/payments", json={"amount": "20.00", "payment_id": "p1"}, headers=headers
+    )
+    assert r.status_code == 201, r.text
+    operator = await signed_in(browser, served, await person(api, None, "operator"))
+    await operator.get_by_label("Account id").fill("ten")
+    await operator.get_by_role("button", name="Find").click()
+    await operator.get_by_label("Payment id").fill("p1")
+    await operator.get_by_label("Amount (USD; empty: all that is left)").fill("5.00")
+    await operator.get_by_label("Reason").last.fill("goodwill")
+    await operator.get_by_role("button", name="Refund", exact=True).click()
+    await operator.wait_for_load_state()
+    assert "Refund sent" in await operator.inner_text("main")
+    await shot(operator, "console-refund")
+    history = (await api.client.get("/v1/accounts/ten/payments", headers=headers)).json()
+    [p1] = [p for p in history["payments"] if p["id"] == "p1"]
+    assert (p1["refunded"], p1["refund_status"]) == ("5.00", "partially_refunded")
+    balance = (await api.client.get("/v1/accounts/ten/balance", headers=headers)).json()
+    assert balance["balance"] == "15.00"
+    # More than is left is refused, with the API's code on the page.
+    await operator.get_by_label("Payment id").fill("p1")
+    await operator.get_by_label("Amount (USD; empty: all that is left)").fill("50.00")
+    await operator.get_by_label("Reason").last.fill("too much")
+    await operator.get_by_role("button", name="Refund", exact=True).click()
+    await operator.wait_for_load_state()
+    assert "refund_exceeds_capture" in await operator.locator(".error").inner_text()
