@@ -79,6 +79,7 @@ NOTICES: Final = {
     "resumed": "Account resumed.",
     "group_created": "Billing group created.",
     "group_deleted": "Billing group deleted.",
+    "group_members": "The group's numbers and users saved.",
 }
 
 #: The sandbox gateway's test cards (recharge.sandbox), offered when no method is saved. With
@@ -563,6 +564,44 @@ async def group_create(request: Request, account_id: Account) -> Response:
             raise
         return await _groups(ctx, account_id, error=exc, status=exc.status)
     return see(f"/portal/a/{account_id}/groups", "group_created")
+
+
+def _listed(text: str) -> list[str]:
+    """A form's list: one item per line or comma, blanks dropped."""
+    return [t.strip() for t in text.replace(",", "\n").splitlines() if t.strip()]
+
+
+@router.post("/portal/a/{account_id}/groups/{group_id}/members")
+@html
+async def group_members(request: Request, account_id: Account, group_id: GroupId) -> Response:
+    """The group's numbers and users, each list replaced whole (the API's PUT routes: a number
+    moves here from any other group; charges already rated keep their group)."""
+    ctx = await context(request)
+    posted = await form(ctx)
+    try:
+        await data(
+            groups.put_numbers(
+                with_body({"numbers": _listed(field(posted, "numbers"))}),
+                account_id,
+                group_id,
+                ctx.who,
+                ctx.svc,
+            )
+        )
+        await data(
+            groups.put_users(
+                with_body({"user_ids": _listed(field(posted, "user_ids"))}),
+                account_id,
+                group_id,
+                ctx.who,
+                ctx.svc,
+            )
+        )
+    except ApiError as exc:
+        if exc.status == 403:
+            raise
+        return await _groups(ctx, account_id, error=exc, status=exc.status)
+    return see(f"/portal/a/{account_id}/groups", "group_members")
 
 
 @router.post("/portal/a/{account_id}/groups/{group_id}/delete")
