@@ -119,3 +119,24 @@ async def database_before(admin_dsn: str, version: int) -> AsyncIterator[OldData
             await conn.close()
     finally:
         await embedded.drop_database(admin_dsn, name)
+
+
+async def run_meter(
+    redis_url: str, database_url: str, *args: str, stdin: bytes = b"", timeout_s: float = 60
+) -> tuple[int, str, str]:
+    """``python -m meter.cli ARGS`` in a process of its own, on these Redis and PostgreSQL (no
+    other ``METER_*`` of the environment): its exit code, stdout and stderr."""
+    import os
+    import sys
+    from asyncio.subprocess import PIPE
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("METER_")} | {
+        "METER_REDIS_URL": redis_url,
+        "METER_DATABASE_URL": database_url,
+    }
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "meter.cli", *args, env=env, stdin=PIPE, stdout=PIPE, stderr=PIPE
+    )
+    out, err = await asyncio.wait_for(proc.communicate(stdin), timeout_s)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()

@@ -15,6 +15,7 @@ from enforcement.invoices import Invoices, set_account_billing, set_tax_rate
 from enforcement.subscriptions import Subscriptions
 from infra.clock import SettableClock
 from tests.api import Api, assert_error
+from tests.helpers import run_meter
 
 
 async def issued(api: Api) -> tuple[dict[str, str], str]:
@@ -110,25 +111,12 @@ async def test_settings_payments_refused_and_the_operators_cancel(api: Api) -> N
 
 
 async def test_meter_invoices_and_tax_on_the_command_line(api: Api) -> None:
-    import asyncio
     import json
-    import os
-    import sys
-    from asyncio.subprocess import PIPE
 
     await api.seed("cli")
 
     async def meter(*args: str) -> tuple[int, str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("METER_")} | {
-            "METER_REDIS_URL": api.settings.redis_url,
-            "METER_DATABASE_URL": api.settings.database_url,
-        }
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "meter.cli", *args, env=env, stdout=PIPE, stderr=PIPE
-        )
-        out, err = await asyncio.wait_for(proc.communicate(), 60)
-        assert proc.returncode is not None
-        return proc.returncode, out.decode(), err.decode()
+        return await run_meter(api.settings.redis_url, api.settings.database_url, *args)
 
     assert await meter("tax", "set", "US-CA", "California", "8.25") == (
         0,

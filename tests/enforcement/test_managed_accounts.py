@@ -4,11 +4,7 @@ sees a price, in any answer it can get."""
 
 from __future__ import annotations
 
-import asyncio
 import json
-import os
-import sys
-from asyncio.subprocess import PIPE
 from typing import Any
 
 import httpx
@@ -17,6 +13,7 @@ from balance.accounts import AccountSpec, BundleSpec, create_accounts, put_bundl
 from meter.apiserver import create_app
 from tests.api import Api, assert_error, call
 from tests.enforcement.test_permissions import user_key
+from tests.helpers import run_meter
 
 #: Field names that carry a price or say which price list applies.
 PRICE_FIELDS = {
@@ -242,16 +239,7 @@ async def test_meter_accounts_create_list_verify(api: Api) -> None:
         return await meter_cmd("accounts", *args)
 
     async def meter_cmd(*args: str) -> tuple[int, str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("METER_")} | {
-            "METER_REDIS_URL": api.settings.redis_url,
-            "METER_DATABASE_URL": api.settings.database_url,
-        }
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "meter.cli", *args, env=env, stdout=PIPE, stderr=PIPE
-        )
-        out, err = await asyncio.wait_for(proc.communicate(), 60)
-        assert proc.returncode is not None
-        return proc.returncode, out.decode(), err.decode()
+        return await run_meter(api.settings.redis_url, api.settings.database_url, *args)
 
     assert await meter("create", "--account", "cli1", "--price-list", "standard") == (
         0,

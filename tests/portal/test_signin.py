@@ -14,6 +14,7 @@ from meter.apiserver import asgi_app
 from portal.passwords import WeakPassword
 from portal.sessions import Sessions
 from tests.api import Api
+from tests.helpers import run_meter
 from tests.portal.conftest import PASSWORD, csrf_of, person, sign_in
 
 
@@ -121,23 +122,11 @@ async def test_a_short_password_is_refused(api: Api) -> None:
 
 
 async def test_meter_users_passwd_sets_the_first_operators_password(api: Api) -> None:
-    import asyncio
-    import os
-    import sys
-    from asyncio.subprocess import PIPE
-
-    env = {k: v for k, v in os.environ.items() if not k.startswith("METER_")} | {
-        "METER_REDIS_URL": api.settings.redis_url,
-        "METER_DATABASE_URL": api.settings.database_url,
-    }
-
     async def meter(*args: str, stdin: bytes = b"") -> tuple[int, str]:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "meter.cli", *args, env=env, stdin=PIPE, stdout=PIPE, stderr=PIPE
+        code, _, err = await run_meter(
+            api.settings.redis_url, api.settings.database_url, *args, stdin=stdin
         )
-        _, err = await asyncio.wait_for(proc.communicate(stdin), 60)
-        assert proc.returncode is not None
-        return proc.returncode, err.decode()
+        return code, err
 
     code, _ = await meter("users", "create", "--email", "op@example.com", "--role", "operator")
     assert code == 0
