@@ -138,7 +138,10 @@ async def run_billing(
             payments=None if payments is None else payments(pool, balances),
             notify=_Notices(producer),
             rules=InvoiceRules(
-                due_days=due_days, suspend_after_days=suspend_days, warn_days=warn_days
+                due_days=due_days,
+                suspend_after_days=suspend_days,
+                warn_days=warn_days,
+                run_delay_s=settings.invoice_run_delay_s,
             ),
             clock=clock,
         )

@@ -76,11 +76,14 @@ class InvoiceError(Exception):
 class InvoiceRules:
     """``due_days``: an invoiced account's invoice is due this long after it is issued;
     ``suspend_after_days``: past due this long, the account is suspended (origin past_due);
-    ``warn_days``: the notice before that, this long before it."""
+    ``warn_days``: the notice before that, this long before it; ``run_delay_s``: how long after
+    a month's end the billing clock issues its invoices, so that the month's late events
+    (switches publishing after an outage) are in the ledger first."""
 
     due_days: int = 15
     suspend_after_days: int = 14
     warn_days: int = 3
+    run_delay_s: int = 6 * 3600
 
 
 class PaidLike(Protocol):
@@ -98,7 +101,9 @@ class PaidLike(Protocol):
 
 class CardPayments(Protocol):
     """Charging the account's saved card and crediting what it captured to the balance:
-    ``recharge.service.PaymentService`` is one (the roof, ``meter``, hands it over)."""
+    ``recharge.service.PaymentService`` is one (the roof, ``meter``, hands it over). A refusal
+    (nothing charged) is an exception with a ``code`` (and a ``message``); any other exception
+    means the card may have been charged."""
 
     async def pay_invoice(self, account_id: str, amount: int, payment_id: str) -> PaidLike: ...
 
@@ -484,6 +489,8 @@ class Invoices:
                 await self.pay(account_id, invoice_id, f"inv:{invoice_id}")
             except InvoiceError as exc:  # a decline, no card: the invoice stays due
                 log.info("invoices: auto-pay of %s: %s", invoice_id, exc.message)
+            except Exception as exc:  # the payment's outcome is unknown: settle_pending ends it
+                log.warning("invoices: auto-pay of %s left pending: %r", invoice_id, exc)
         return "issued"
 
     # -- paying -------------------------------------------------------------------------------
@@ -543,11 +550,14 @@ class Invoices:
                 )
         try:
             p = await self._payments.pay_invoice(account_id, amount, payment_id)
-        except Exception as exc:  # the payment service's refusals: nothing was charged
-            code = getattr(exc, "code", None) or getattr(exc, "reason", None) or "payment_refused"
-            message = getattr(exc, "message", None) or str(exc)
-            await self._end_payment(account_id, payment_id, p=None)
-            raise InvoiceError(str(code), str(message)) from exc
+        except Exception as exc:
+            code = getattr(exc, "code", None)
+            if not isinstance(code, str):
+                # Not a refusal: the card may have been charged. The invoice's payment stays
+                # pending, and settle_pending applies it (or closes it) once the payment ends.
+                raise
+            await self._end_payment(account_id, payment_id, p=None)  # refused: nothing charged
+            raise InvoiceError(code, str(getattr(exc, "message", exc))) from exc
         await self._end_payment(account_id, payment_id, p)
         if p.status in ("declined", "failed"):
             raise InvoiceError(f"payment_{p.status}", p.message or f"the payment {p.status}")
@@ -708,9 +718,11 @@ class Invoices:
         return counts
 
     async def tick(self) -> dict[str, int]:
-        """The billing clock's invoice work: last month's run (once it is over), pending
-        payments applied, past due."""
-        counts = await self.run(_last_month(self._now()))
+        """The billing clock's invoice work: last month's run (``run_delay_s`` after its end),
+        pending payments applied, past due."""
+        last = _last_month(self._now())
+        late_enough = period_bounds(last)[1] + timedelta(seconds=self._rules.run_delay_s)
+        counts = await self.run(last) if self._now() >= late_enough else {}
         settled = await self.settle_pending()
         if settled:
             counts["payments_settled"] = settled

@@ -145,6 +145,9 @@ class Settings:
     invoice_issuer_name: str = "Meter"
     #: A PNG or JPEG printed on every invoice PDF; empty = none.
     invoice_logo_path: str = ""
+    #: ``meter run billing`` issues a month's invoices this long after it ends, so that its
+    #: late events (switches catching up after an outage) are in the ledger first.
+    invoice_run_delay_s: int = 21_600
     #: An invoiced account's invoice is due this many days after it is issued.
     invoice_due_days: int = 15
     #: Past due this many days, an account is suspended (origin ``past_due``) until it pays.
@@ -235,8 +238,8 @@ class Settings:
             raise SettingsError(
                 "METER_PAST_DUE_WARN_DAYS must be between 0 and METER_PAST_DUE_SUSPEND_DAYS"
             )
-        if self.invoice_due_days < 0:
-            raise SettingsError("METER_INVOICE_DUE_DAYS must be >= 0")
+        if self.invoice_due_days < 0 or self.invoice_run_delay_s < 0:
+            raise SettingsError("METER_INVOICE_DUE_DAYS and METER_INVOICE_RUN_DELAY_S must be >= 0")
         if self.billing_scan_interval_s <= 0:
             raise SettingsError("METER_BILLING_SCAN_INTERVAL_S must be > 0")
         if self.recharge_max_declines < 1:

@@ -394,3 +394,55 @@ async def test_invoice_auto_pay_charges_the_saved_card_when_the_invoice_is_issue
     assert world.notes.of("auto") == ["invoice.issued", "invoice.paid"]
     assert world.notes.of("nocard") == ["invoice.issued"]
     assert (await reconcile(pool, world.conns.balances)).ok
+
+
+class DiesAfterCharging:
+    """The payment service of a process that dies right after the card was charged: the
+    payment is made (and credited), then the call raises."""
+
+    def __init__(self, inner: PaymentService) -> None:
+        self.inner = inner
+
+    async def pay_invoice(self, account_id: str, amount: int, payment_id: str) -> Any:
+        await self.inner.pay_invoice(account_id, amount, payment_id)
+        raise OSError("the process died here")
+
+
+async def test_a_payment_cut_off_after_the_charge_is_applied_once_it_is_known(
+    world: World,
+) -> None:
+    pool = world.conns.pool
+    await world.accounts("cut", balance="0.00")
+    await pool.execute("UPDATE accounts SET credit_limit = 100000000 WHERE id = 'cut'")
+    await world.conns.balances.set_limits("cut", credit_limit=100_000_000, low_threshold=0)
+    await set_account_billing(pool, "cut", billing_mode="invoiced")
+    await world.card("cut")
+    await world.usage("cut", seconds=1_200)
+    world.at("2026-12-01T00:05:00+00:00")
+    await world.invoices.run(NOV)
+    [inv] = await world.invoices.listed("cut")
+    dying = Invoices(
+        pool, world.conns.balances, payments=DiesAfterCharging(world.payments), clock=world.clock
+    )
+    with pytest.raises(OSError):
+        await dying.pay("cut", inv.id, "cut-1")
+    pending = await world.invoices.get("cut", inv.id)
+    assert pending is not None and pending.status == "sent"
+    assert [(p.payment_id, p.state) for p in pending.payments] == [("cut-1", "pending")]
+    assert await world.invoices.settle_pending() == 1  # the charge is known now: applied
+    paid = await world.invoices.get("cut", inv.id)
+    assert paid is not None and paid.status == "paid" and paid.balance_due == 0
+    assert await world.invoices.settle_pending() == 0  # once
+    assert (await reconcile(pool, world.conns.balances)).ok
+
+
+async def test_the_billing_clock_issues_a_month_only_after_its_late_events_had_time(
+    world: World,
+) -> None:
+    await world.accounts("acc")
+    await world.usage("acc")
+    world.at("2026-12-01T05:59:59+00:00")  # within the 6 h the rules give late events
+    assert "issued" not in await world.invoices.tick()
+    assert await world.invoices.listed("acc") == []
+    world.at("2026-12-01T06:00:00+00:00")
+    assert (await world.invoices.tick())["issued"] == 1
