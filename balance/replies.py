@@ -72,8 +72,12 @@ def status_or_none(raw: bytes) -> AccountStatus | NoStatus:
 
 
 def plan_line(plan: PlanPeriod | None) -> str:
-    """A plan allowance as the scripts read it: ``included_s,period_start,period_end``."""
-    return f"{plan.included_s},{plan.period_start},{plan.period_end}" if plan else ""
+    """A plan allowance as the scripts read it: ``included_s,period_start,period_end``, then
+    ``,previous_start`` when the period before counts too (``PlanPeriod.previous_start``)."""
+    if not plan:
+        return ""
+    line = f"{plan.included_s},{plan.period_start},{plan.period_end}"
+    return f"{line},{plan.previous_start}" if plan.previous_start else line
 
 
 def decode_draws(raw: bytes) -> dict[int, Drawn]:

@@ -53,9 +53,9 @@ def _lua(name: str) -> str:
 #: debit.lua's binary argument records (big-endian, as its EVENT and ACCOUNT formats):
 #: event_key, fingerprint, amount, day, billed_s (-1: no draw), rate_per_min, connect_fee,
 #: answered_at, len(call_id) -- the call id's bytes follow; and per account: its number of
-#: events, included_s (0: no plan), period_start, period_end.
+#: events, included_s (0: no plan), period_start, period_end, previous_start (0: none).
 _DEBIT_EVENT: Final = struct.Struct(">16s8sqiiqqqH")
-_DEBIT_ACCOUNT: Final = struct.Struct(">Iqqq")
+_DEBIT_ACCOUNT: Final = struct.Struct(">Iqqqq")
 _NO_DRAW: Final = Draw(-1, 0, 0, 0)
 
 
@@ -154,9 +154,9 @@ class RedisBalances(ReservationStore, OutboxStore):
                 ds = batch[a]
                 p = plans.get(a)
                 heads.append(
-                    account(len(ds), p.included_s, p.period_start, p.period_end)
+                    account(len(ds), p.included_s, p.period_start, p.period_end, p.previous_start)
                     if p
-                    else account(len(ds), 0, 0, 0)
+                    else account(len(ds), 0, 0, 0, 0)
                 )
                 for d in ds:
                     billed, rate, fee, at = d.draw or _NO_DRAW

@@ -63,11 +63,17 @@ class Draw(NamedTuple):
 @dataclass(frozen=True, slots=True)
 class PlanPeriod:
     """An account's plan allowance for the current period: ``included_s`` seconds from
-    ``period_start`` until ``period_end`` (unix seconds)."""
+    ``period_start`` until ``period_end`` (unix seconds).
+
+    ``previous_start`` (0: none) is the start of the period before, which ends at
+    ``period_start``: a call answered then and extended or ended now still draws on that
+    period's allowance (its grant is created for it if no charge of that period created it),
+    for as long as the scripts keep a grant past its end (``rating.plans.GRANT_KEEP_S``)."""
 
     included_s: int
     period_start: int
     period_end: int
+    previous_start: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -29,7 +29,7 @@ from infra import metrics
 from infra.ledger import Ledger, SignalRow, UsageRow, provisional_row
 from metering.batch import BatchOutcome, Charge, Rejected
 from rating.catalog import AccountRating
-from rating.plans import month_period
+from rating.plans import GRANT_KEEP_S, month_period
 
 log = logging.getLogger(__name__)
 
@@ -41,13 +41,19 @@ def plan_periods(
     get: Callable[[str], AccountRating | None], account_ids: Iterable[str], now_s: int
 ) -> dict[str, PlanPeriod]:
     """Plan allowances once per account per batch: the period is that of processing time
-    (debit.lua creates the period's grant from it; reservations count it until then)."""
-    period: tuple[int, int] | None = None
+    (debit.lua creates the period's grant from it; reservations count it until then), and the
+    period before it, for calls answered then and extended or ended now (they draw on the
+    allowance of the period they were answered in)."""
+    period: tuple[int, int, int] | None = None
     plans: dict[str, PlanPeriod] = {}
     for a in account_ids:
         acct = get(a)
         if acct is not None and acct.plan is not None and acct.plan.included_s:
-            period = period or month_period(now_s)
+            if period is None:
+                start, end = month_period(now_s)
+                # only while its grant is kept past its end: debit.lua creates it no later
+                previous = month_period(start - 1)[0] if now_s < start + GRANT_KEEP_S else 0
+                period = (start, end, previous)
             plans[a] = PlanPeriod(acct.plan.included_s, *period)
     return plans
 

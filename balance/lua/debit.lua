@@ -19,7 +19,8 @@
 --                  still held in its reservations hash (the charge replaces the reservation)
 -- ARGV[4] accounts one binary record per account, KEYS order (struct format ACCOUNT): the
 --                  number of its events, then its plan for the current period: included_s
---                  (0: no plan), period_start, period_end
+--                  (0: no plan), period_start, period_end, then previous_start (0: none), the
+--                  start of the period before (it ends at period_start)
 --
 -- Every value travels in a fixed-width field or behind its length: no value, whatever its
 -- bytes or sign, can shift another's meaning (a separator-joined list once let one event's
@@ -33,7 +34,11 @@
 -- after them "|" and the grants they came from, "id,take,valid_from,expires_at" joined by ";"
 -- (undraw.lua gives each take back to its grant when a compensation undoes the event). The
 -- plan's grant for the period ("p" .. period_start) is created at the period's first event;
--- the bucket is read by the HMGET every account already costs, and written once.
+-- the bucket is read by the HMGET every account already costs, and written once. A call
+-- answered in the period before and ended in this one draws on that period's allowance: its
+-- grant ("p" .. previous_start) is created too when no charge of that period created it,
+-- while a grant of that period is still kept (a day past its end, see below: once it is
+-- dropped it is never created again, so a period's allowance is never given twice).
 --
 -- An event's memory lives in the hash of its own day, so a redelivery finds it with one HGET
 -- for as long as keep_s after that day; hashes written for late events live at least a day
@@ -70,7 +75,7 @@
 --#include lib/calls.lua
 
 local EVENT = '>c16c8i8i4i4i8i8i8I2c0'
-local ACCOUNT = '>I4i8i8i8'
+local ACCOUNT = '>I4i8i8i8i8'
 local now = tonumber(ARGV[1])
 local keep_s = tonumber(ARGV[2])
 local blob = ARGV[3]
@@ -92,7 +97,7 @@ while pos <= #blob do
     draws_in[n] = {billed, rate, fee, at}
   end
 end
-local n_accounts = #heads / 28
+local n_accounts = #heads / 36
 if n_accounts ~= #KEYS then
   return redis.error_reply('ERR debit: accounts do not match KEYS')
 end
@@ -100,12 +105,15 @@ local acc_n, acc_plan = {}, {}
 local total_events = 0
 pos = 1
 for a = 1, n_accounts do
-  local ne, p_s, p_from, p_to
-  ne, p_s, p_from, p_to, pos = struct.unpack(ACCOUNT, heads, pos)
+  local ne, p_s, p_from, p_to, p_prev
+  ne, p_s, p_from, p_to, p_prev, pos = struct.unpack(ACCOUNT, heads, pos)
   acc_n[a] = ne
   total_events = total_events + ne
   if p_s > 0 then
-    acc_plan[a] = {p_s, p_from, p_to}
+    if p_from >= p_to or p_prev < 0 or p_prev >= p_from then
+      return redis.error_reply('ERR debit: a plan period must end after it starts')
+    end
+    acc_plan[a] = {p_s, p_from, p_to, p_prev}
   end
 end
 if total_events ~= n then
@@ -139,18 +147,25 @@ for a = 1, n_accounts do
         grants[#grants + 1] = {id, tonumber(rem), tonumber(from), tonumber(to)}
       end
       if plan then
-        local p_s, p_from, p_to = plan[1], plan[2], plan[3]
+        local p_s, p_from, p_to, p_prev = plan[1], plan[2], plan[3], plan[4]
         local pid = string.format('p%d', p_from)
-        local have = false
+        -- the period before: only while its grant would still be kept (see the drop below)
+        local prev = p_prev > 0 and p_from + 86400 > now and string.format('p%d', p_prev)
+        local have, have_prev = false, false
         for _, g in ipairs(grants) do
           if g[1] == pid then
             have = true
-            break
+          elseif g[1] == prev then
+            have_prev = true
           end
         end
         if not have then
           grants[#grants + 1] = {pid, p_s, p_from, p_to}
           dirty = true
+        end
+        if prev and not have_prev then
+          -- created only if a call of that period draws from it (g[5]: not yet)
+          grants[#grants + 1] = {prev, p_s, p_prev, p_from, true}
         end
       end
       table.sort(grants, function(x, y) return x[4] < y[4] end)
@@ -204,6 +219,7 @@ for a = 1, n_accounts do
             if g[2] > 0 and g[3] <= at and at < g[4] then
               local take = math.min(g[2], need)
               g[2] = g[2] - take
+              g[5] = nil
               need = need - take
               drawn = drawn + take
               took[#took + 1] = string.format('%s,%d,%d,%d', g[1], take, g[3], g[4])
@@ -255,7 +271,7 @@ for a = 1, n_accounts do
       -- spent bundles; a spent plan grant stays until then, so the period is not refilled.
       local keep = {}
       for _, g in ipairs(grants) do
-        if g[4] + 86400 > now and (g[2] > 0 or string.sub(g[1], 1, 1) == 'p') then
+        if g[4] + 86400 > now and not g[5] and (g[2] > 0 or string.sub(g[1], 1, 1) == 'p') then
           keep[#keep + 1] = string.format('%s,%d,%d,%d', g[1], g[2], g[3], g[4])
         end
       end

@@ -6,8 +6,9 @@
 -- KEYS[1] account hash   KEYS[2] reservations hash   KEYS[3] outbox list
 -- ARGV[1] call_id   ARGV[2] now   ARGV[3] started_at (answered_at, unix s)   ARGV[4] elapsed_s
 -- ARGV[5] grant_s   ARGV[6] grace_s   ARGV[7] max_s
--- ARGV[8] plan      "included_s,period_start,period_end" of the account's plan for the current
---                   period, or "" (see reserve.lua)
+-- ARGV[8] plan      "included_s,period_start,period_end[,previous_start]" of the account's plan
+--                   for the current period and the one before, or "" (see reserve.lua): a call
+--                   answered in the period before is extended on that period's allowance
 --
 -- Reply: {outcome, until_s, outbox}
 --   outcome "none" (no reservation: the call was never authorized), "closed" (hung up

@@ -12,8 +12,8 @@
 -- ARGV[11] force       "1" for a call already answered without an authorization: instead of
 --                      a credit denial, open a reservation of nothing, so the next progress
 --                      update ends the call where its credit runs out
--- ARGV[12] plan        "included_s,period_start,period_end" of the account's plan for the
---                      current period (as debit.lua gets it), or "" (no plan)
+-- ARGV[12] plan        "included_s,period_start,period_end[,previous_start]" of the account's
+--                      plan for the current period (as debit.lua gets it), or "" (no plan)
 --
 -- RSV value: "reserved|granted_s|expires_at|rate|fee|initial|subsequent|started_at|terminate_at
 --   |held_s" (one line): started_at is 0 until call.answered; terminate_at is 0 until

@@ -108,24 +108,12 @@ async def test_concurrent_authorizations_never_hold_more_seconds_than_the_bucket
     assert st is not None and st.reserved == 0 and st.balance == 0 and st.status == "low"
 
 
-#: A known defect, outside the clock (metering/apply.py ``plan_periods``): the plan
-#: allowance passed to the scripts is the period of *processing* time only. A call answered in
-#: a month's last minutes holds that month's allowance (not yet a grant: no charge that month),
-#: but its progress and hangup, processed in the next month, are given the next month's
-#: allowance, valid only from its first second: the call cannot draw the seconds it was
-#: promised, is not extended on them, and is charged in money.
-CALL_ACROSS_MONTHS = (
-    "a call answered in one month and extended or ended in the next loses its plan minutes:"
-    " the processor passes only the period of processing time (see CALL_ACROSS_MONTHS)"
-)
-
-
 async def test_progress_extends_on_minutes_and_the_hangup_frees_them(
-    settings: Settings, conns: Connections, now: int, t0: datetime, request: pytest.FixtureRequest
+    settings: Settings, conns: Connections, now: int, t0: datetime
 ) -> None:
+    """At a month's end the call is answered in one month and extended and ended in the next:
+    it draws on the month it was answered in throughout."""
     p_start, p_end = month_period(now)
-    if month_period(now + 600) != (p_start, p_end):
-        request.applymarker(pytest.mark.xfail(strict=True, reason=CALL_ACROSS_MONTHS))
     await account(conns, "flat", minutes=10)  # 600 s, $0
     clock = Clock(t0)
     p, auth = await make(conns, clock)
@@ -155,11 +143,17 @@ async def test_progress_extends_on_minutes_and_the_hangup_frees_them(
     # the draw and the release in one script: the hold is gone, the bucket is spent
     assert await conns.balances.held_seconds("flat") == {"c1": 0}  # the closed marker
     grants = parse_bucket(await conns.balances.bucket("flat"))
-    assert [(g.id, g.remaining_s) for g in grants] == [(f"p{p_start}", 0)]
     st = await conns.balances.get("flat")
     assert st is not None and st.balance == 0 and st.reserved == 0
     d3 = await auth.authorize(call("flat", "c3"))
-    assert (d3.decision, d3.reason) == ("deny", "insufficient_credit")
+    if month_period(now + 600) == (p_start, p_end):
+        assert [(g.id, g.remaining_s) for g in grants] == [(f"p{p_start}", 0)]
+        assert (d3.decision, d3.reason) == ("deny", "insufficient_credit")
+    else:
+        # answered in the month's last seconds, ended in the next: all 600 s came from the
+        # month it was answered in; the hangup's own month starts with its allowance whole
+        assert [(g.id, g.remaining_s) for g in grants] == [(f"p{p_start}", 0), (f"p{p_end}", 600)]
+        assert (d3.decision, d3.max_duration_s, d3.reserved) == ("allow", 300, 0)
 
 
 async def test_the_sweep_keeps_the_seconds_of_a_lost_call_held_for_its_late_hangup(

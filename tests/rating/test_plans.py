@@ -98,6 +98,64 @@ async def test_plan_minutes_are_drawn_first_then_money(balances: RedisBalances, 
     assert again[0].draws == {} and again[0].balance == 1_000_000 - 30_500 - 6_000
 
 
+async def test_a_call_answered_in_the_month_before_draws_that_months_allowance_once(
+    balances: RedisBalances, now: int
+) -> None:
+    """A call answered in a month's last seconds and ended in the next draws on the month it
+    was answered in, whose grant no charge had created; once that grant is past its keep
+    (a day), it is never created again: a period's allowance is given once."""
+    start, end = month_period(now)
+    prev = month_period(start - 1)[0]
+    plan = {"a": PlanPeriod(120, start, end, prev)}
+    await balances.create_account("a", balance=1_000_000, credit_limit=0, low_threshold=0)
+    t = start + 100
+    out = await balances.apply_debits(
+        {"a": [call(1, 90, t, answered=start - 30), call(2, 60, t, answered=start - 10)]}, t, plan
+    )
+    # call 1: 90 s of last month's 120; call 2: the 30 s left, then 30 s at 1_000/s
+    assert out[0].draws == {0: (0, 90), 1: (30_000, 30)}
+    assert out[0].balance == 1_000_000 - 30_000
+    grants = parse_bucket(await balances.bucket("a"))
+    assert sorted((g.id, g.remaining_s) for g in grants) == [(f"p{prev}", 0), (f"p{start}", 120)]
+    # a call of this month does not touch last month's grant, nor last month's this one
+    out = await balances.apply_debits({"a": [call(3, 60, t, answered=t)]}, t, plan)
+    assert out[0].draws == {0: (0, 60)}
+    # a day past last month's end its grant no longer gives (dropped at the bucket's next
+    # write), and it is never granted again
+    late = start + 86_400 + 1
+    out = await balances.apply_debits({"a": [call(4, 60, late, answered=start - 5)]}, late, plan)
+    assert out[0].draws == {} and out[0].balance == 1_000_000 - 30_000 - 60_000
+    out = await balances.apply_debits({"a": [call(5, 6, late, answered=late)]}, late, plan)
+    assert out[0].draws == {0: (0, 6)}
+    out = await balances.apply_debits({"a": [call(6, 60, late, answered=start - 1)]}, late, plan)
+    assert out[0].draws == {}
+    grants = parse_bucket(await balances.bucket("a"))
+    assert [(g.id, g.remaining_s) for g in grants] == [(f"p{start}", 54)]
+
+
+async def test_the_month_before_is_not_granted_past_its_keep_nor_without_a_call_of_it(
+    balances: RedisBalances, now: int
+) -> None:
+    start, end = month_period(now)
+    prev = month_period(start - 1)[0]
+    plan = {"a": PlanPeriod(120, start, end, prev)}
+    await balances.create_account("a", balance=1_000_000, credit_limit=0, low_threshold=0)
+    # no call of last month: its grant is not written
+    t = start + 10
+    await balances.apply_debits({"a": [call(1, 6, t)]}, t, plan)
+    grants = parse_bucket(await balances.bucket("a"))
+    assert [(g.id, g.remaining_s) for g in grants] == [(f"p{start}", 114)]
+    # past the keep, even a call of last month (a late hangup) is charged in money
+    late = start + 86_400
+    out = await balances.apply_debits({"a": [call(2, 60, late, answered=start - 60)]}, late, plan)
+    assert out[0].draws == {} and out[0].balance == 1_000_000 - 60_000
+    # a period that does not end after it starts is refused, before anything is written
+    bad = {"a": PlanPeriod(120, start, start, prev)}
+    with pytest.raises(Exception, match="plan period"):
+        await balances.apply_debits({"a": [call(3, 6, t)]}, t, bad)
+    assert (await balances.get("a")).balance == 1_000_000 - 60_000  # type: ignore[union-attr]
+
+
 async def test_a_duplicate_draws_nothing_and_reports_the_first_draw(
     balances: RedisBalances, now: int
 ) -> None:

@@ -6,18 +6,26 @@
 -- overwrites a reservation with a closed marker, which holds nothing, so its seconds are free
 -- again in the same script that draws them. Money-only accounts never read the reservations.
 local function bucket_free(rsv, min, plan, at, own)
-  local p_s, p_from, p_to = string.match(plan, '^(%d+),(%d+),(%d+)$')
+  -- "included_s,period_start,period_end[,previous_start]": the period before ends where this
+  -- one starts, and counts only while debit.lua would still create its grant (a day past it)
+  local p_s, p_from, p_to, p_prev = string.match(plan, '^(%d+),(%d+),(%d+),?(%d*)$')
   local pid = p_from and ('p' .. p_from)
+  local prev = p_prev and p_prev ~= '' and ('p' .. p_prev)
   local usable = 0
   for id, rem, from, to in string.gmatch(min or '', '([^,;]+),(%d+),(%d+),(%d+)') do
     if id == pid then
       pid = nil -- created: what it has left counts, not the allowance
+    elseif id == prev then
+      prev = nil
     end
     if tonumber(from) <= at and at < tonumber(to) then
       usable = usable + tonumber(rem)
     end
   end
   if pid and tonumber(p_s) > 0 and tonumber(p_from) <= at and at < tonumber(p_to) then
+    usable = usable + tonumber(p_s)
+  end
+  if prev and tonumber(p_s) > 0 and tonumber(p_prev) <= at and at < tonumber(p_from) then
     usable = usable + tonumber(p_s)
   end
   if usable == 0 then
