@@ -219,8 +219,9 @@ async def create_accounts(
 
     Order matters for a crash: PostgreSQL first (account row + opening ledger row in one
     transaction), then Redis, which is rebuilt from the ledger if it is missing.
-    Returns the number of accounts newly created. ``clock``: the opening row's time, and the
-    ``now`` of the Redis state. ``ledger``: the book of record (default: this pool's).
+    Returns the number of accounts newly created. ``clock``: the account's ``created_at`` (its
+    new-account top-up days count from it), the opening row's time, and the ``now`` of the
+    Redis state. ``ledger``: the book of record (default: this pool's).
     """
     now = utc_datetime(clock)
     ledger = ledger or PostgresLedger(pool)
@@ -228,9 +229,9 @@ async def create_accounts(
     async with pool.acquire() as conn, conn.transaction():
         created = await conn.fetch(
             "INSERT INTO accounts (id, name, price_list_id, credit_limit, low_balance_threshold,"
-            " manager_id, plan_id)"
-            " SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::bigint[],"
-            " $6::text[], $7::text[])"
+            " manager_id, plan_id, created_at)"
+            " SELECT u.*, $8::timestamptz FROM unnest($1::text[], $2::text[], $3::text[],"
+            " $4::bigint[], $5::bigint[], $6::text[], $7::text[]) AS u"
             " ON CONFLICT (id) DO NOTHING RETURNING id",
             [s.id for s in specs],
             [s.name for s in specs],
@@ -239,6 +240,7 @@ async def create_accounts(
             [s.low_balance_threshold for s in specs],
             [s.manager_id for s in specs],
             [s.plan_id for s in specs],
+            now,  # the injected clock's, not PostgreSQL's: new-account limits count from it
         )
         if managers:
             # One level of management: price lists are inherited from the manager only.

@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from datetime import timedelta
+import time
+from datetime import UTC, datetime, timedelta
 
 import asyncpg
 import pytest
 
-from balance.accounts import put_price_list
+from balance.accounts import AccountSpec, create_accounts, put_price_list
 from balance.store import RedisBalances
 from infra.ledger import PostgresLedger
 from meter.traffic import demo_price_list
@@ -19,6 +20,7 @@ from recharge.gateway import ChargeRequest, ChargeResult
 from recharge.policy import PolicyRefusal
 from recharge.sandbox import SandboxGateway
 from recharge.service import PaymentError, PaymentService
+from tests.calendar import CALENDAR_EDGES
 from tests.recharge.world import (
     USD,
     Collected,
@@ -97,3 +99,24 @@ async def test_only_what_was_captured_is_credited(
     st = await balances.get("a")
     assert st is not None and st.balance == 19_990_000
     assert (await PostgresLedger(pool).balances(["a"]))["a"] == 19_990_000
+
+
+@pytest.mark.parametrize("edge", CALENDAR_EDGES)
+async def test_the_new_account_days_count_from_the_injected_clock(
+    world: World, edge: int | None
+) -> None:
+    """An account created by the injected clock's time (not PostgreSQL's): on its second day,
+    exactly $150 may be topped up in all, whatever the real date."""
+    pool, balances, _, _, clock = world
+    created = datetime.fromtimestamp(edge if edge is not None else time.time(), UTC)
+    spec = AccountSpec.model_validate({"id": "fresh", "price_list_id": "standard", "balance": "0"})
+    await create_accounts(pool, balances, [spec], clock=lambda: created.timestamp())
+    clock.now = created + timedelta(days=1, hours=1)
+    svc = payment_service(world)
+    await svc.save_method("fresh", "pm_card_visa")
+    assert (await svc.top_up("fresh", 100 * USD, "d2a")).status == "succeeded"
+    with pytest.raises(PolicyRefusal) as r:
+        await svc.top_up("fresh", 50_010_000, "d2b")  # $150.01 on day two
+    assert r.value.code == "payment_limit_exceeded"
+    assert (await svc.top_up("fresh", 50 * USD, "d2c")).status == "succeeded"
+    assert await drift(pool, balances, "fresh") == 0
