@@ -266,7 +266,7 @@ async def run_bench(
             charged = await _workers(s, conns, n_events, ids, workers, root, figures)
         else:
             charged = await _in_process(s, conns, n_events, info1, figures)
-            hold = await hold_latency(s, conns, ids)
+            hold = await hold_latency(s, conns, ids, worker_log=root / "hold-worker.log")
             _say(
                 f"  credit exhausted -> account.hold on the topic, at {hold['hold_load_eps']:,}"
                 f" events/s: p50 {hold['hold_latency_ms_p50']} ms, p99"

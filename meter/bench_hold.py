@@ -8,7 +8,10 @@ what it sustains, as production runs) and, among it, every ``1 / probes_per_s`` 
 exhausts a probe account (balance 0.10, a call costing more). For each probe: the time its
 record was handed to the producer, and the time a consumer reading the signals topic (from its
 end, no group) got the probe account's ``account.hold``. Both clocks are this process's
-monotonic clock.
+monotonic clock. ``meter bench metering`` runs the worker as a ``meter run metering`` process of
+its own, as production does (``hold_worker`` "process"): in the bench's own event loop, the
+load generator's sends and the reader's wake-ups waited behind each batch's Python, and the
+figure was partly the bench's.
 """
 
 from __future__ import annotations
@@ -18,8 +21,11 @@ import contextlib
 import dataclasses
 import math
 import random
+import signal
+import subprocess
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -28,6 +34,7 @@ from aiokafka import AIOKafkaConsumer
 from balance.accounts import AccountSpec, create_accounts
 from contracts import topics
 from infra.settings import Settings
+from meter.bench_workers import start_worker
 from meter.traffic import call_hangup, encode, message_sent
 from metering.worker import Connections, run_metering
 
@@ -35,6 +42,25 @@ from metering.worker import Connections, run_metering
 _PROBE_BALANCE = "0.10"
 _PROBE_CALL_S = 600
 _PROBE_DEST = "+442071234567"
+
+
+async def _wait_ready(
+    conns: Connections,
+    ready: asyncio.Event,
+    account_id: str,
+    call_id: str,
+    proc: subprocess.Popen[bytes],
+) -> None:
+    """Set ``ready`` once the worker process charged the warm-up call (its ledger row)."""
+    while not await conns.pool.fetchval(
+        "SELECT EXISTS (SELECT 1 FROM ledger WHERE account_id = $1 AND ref = $2)",
+        account_id,
+        call_id,
+    ):
+        if proc.poll() is not None:
+            raise RuntimeError("the metering worker exited before its first batch")
+        await asyncio.sleep(0.05)
+    ready.set()
 
 
 def _percentile(values: list[float], p: float) -> float:
@@ -52,10 +78,12 @@ async def hold_latency(
     rate: int = 10_000,
     seconds: float = 10.0,
     probes_per_s: float = 10.0,
+    worker_log: Path | None = None,
 ) -> dict[str, Any]:
     """Run the worker under ``rate`` events/s for ``seconds`` with probes among them; the
     figures (milliseconds): ``hold_latency_ms_p50``, ``_p99``, ``_max``, and how many probes
-    were sent and seen."""
+    were sent and seen. ``worker_log``: run the worker as a ``meter run metering`` process
+    writing there (``hold_worker`` "process"), else in this process ("in_process")."""
     n_probes = max(1, int(seconds * probes_per_s))
     tag = uuid.uuid4().hex[:6]
     probe_ids = [f"probe_{tag}_{i:04d}" for i in range(n_probes)]
@@ -102,9 +130,16 @@ async def hold_latency(
     s = dataclasses.replace(settings, consumer_group=f"bench-hold-{tag}")
     stop = asyncio.Event()
     ready = asyncio.Event()
-    worker = asyncio.create_task(
-        run_metering(s, stop, on_batch=lambda _o: ready.set(), conns=conns)
-    )
+    proc: subprocess.Popen[bytes] | None = None
+    if worker_log is None:
+        worker = asyncio.create_task(
+            run_metering(s, stop, on_batch=lambda _o: ready.set(), conns=conns)
+        )
+    else:
+        # The worker in a process of its own, as production runs it: the load generator and
+        # this reader do not share its event loop (or its GIL).
+        proc = start_worker(s, s.consumer_group, worker_log)
+        worker = asyncio.create_task(_wait_ready(conns, ready, accounts[0], f"{tag}-warm", proc))
     reader = asyncio.create_task(read())
     rng = random.Random(7)
     produced = 0
@@ -147,11 +182,21 @@ async def hold_latency(
     finally:
         stop.set()
         stop_reading.set()
-        await worker
+        if proc is not None:
+            worker.cancel()
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.to_thread(proc.wait, 30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        with contextlib.suppress(asyncio.CancelledError):
+            await worker
         await reader
         await signals.stop()
     lat = [(seen_at[a] - sent_at[a]) * 1000 for a in sent_at if a in seen_at]
     return {
+        "hold_worker": "in_process" if proc is None else "process",
         "hold_load_eps": round(produced / seconds),
         "hold_probes_sent": len(sent_at),
         "hold_probes_seen": len(lat),

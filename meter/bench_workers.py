@@ -34,7 +34,7 @@ class Phase:
     seconds: float
 
 
-def _start(settings: Settings, group: str, log: Path) -> subprocess.Popen[bytes]:
+def start_worker(settings: Settings, group: str, log: Path) -> subprocess.Popen[bytes]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("METER_")}
     env |= {
         "METER_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
@@ -75,7 +75,7 @@ async def run_phase(
     usage rows than now, stop them (SIGTERM: each finishes its batch), and time the phase."""
     before = await _usage_rows(conns)
     since = await conns.pool.fetchval("SELECT now()")
-    procs = [_start(settings, group, log) for _ in range(workers)]
+    procs = [start_worker(settings, group, log) for _ in range(workers)]
     deadline = time.monotonic() + within_s
     try:
         while await _usage_rows(conns) < before + events:

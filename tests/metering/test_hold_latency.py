@@ -4,6 +4,10 @@ PostgreSQL, small: every probe that exhausts its account's credit is seen as an
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import pytest
+
 from infra.settings import Settings
 from meter.bench_hold import _percentile, hold_latency
 from metering.worker import Connections
@@ -20,13 +24,21 @@ def test_percentiles_are_nearest_rank() -> None:
     assert _percentile([7.0], 99) == 7.0
 
 
+@pytest.mark.parametrize("worker", ["in_process", "process"])
 async def test_every_probe_is_seen_as_its_accounts_hold(
-    settings: Settings, conns: Connections, seed: Seeder
+    settings: Settings, conns: Connections, seed: Seeder, tmp_path: Path, worker: str
 ) -> None:
     await seed("load_a", "load_b", balance="1000.00")
     out = await hold_latency(
-        settings, conns, ["load_a", "load_b"], rate=300, seconds=2.0, probes_per_s=4.0
+        settings,
+        conns,
+        ["load_a", "load_b"],
+        rate=300,
+        seconds=2.0,
+        probes_per_s=4.0,
+        worker_log=tmp_path / "worker.log" if worker == "process" else None,
     )
+    assert out["hold_worker"] == worker
     assert out["hold_probes_sent"] == out["hold_probes_seen"] == 8
     assert (
         0 < out["hold_latency_ms_p50"] <= out["hold_latency_ms_p99"] <= out["hold_latency_ms_max"]
