@@ -9,6 +9,7 @@ to someone the rules let use it, and the route checks again when it is used.
 
 from __future__ import annotations
 
+import re
 import secrets
 from typing import Annotated, Any, Final, Literal, get_args
 
@@ -35,10 +36,13 @@ from recharge import routes as payment_routes
 
 router = APIRouter()
 
+_PROFILE: Final = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+
 Account = Annotated[str, Path(pattern=ACCOUNT_ID_PATTERN)]
 InvoiceId = Annotated[str, Path(pattern=r"^inv_[a-z0-9]{16}$")]
 Number = Annotated[str, Path(pattern=r"^\+[1-9]\d{1,14}$")]
 GroupId = Annotated[str, Path(pattern=r"^bg_[a-z0-9]{16}$")]
+ProfileId = Annotated[str, Path(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")]
 Month = Annotated[str | None, Query(pattern=r"^\d{4}-(0[1-9]|1[0-2])$")]
 
 #: Every page of an account -> the permission it needs (its forms need their routes' own).
@@ -80,6 +84,8 @@ NOTICES: Final = {
     "group_created": "Billing group created.",
     "group_deleted": "Billing group deleted.",
     "group_members": "The group's numbers and users saved.",
+    "profile_saved": "Outbound profile saved: its calls from now on go to its group.",
+    "profile_deleted": "Outbound profile deleted.",
 }
 
 #: The sandbox gateway's test cards (recharge.sandbox), offered when no method is saved. With
@@ -532,13 +538,20 @@ async def ledger_csv(request: Request, account_id: Account, month: Month = None)
 
 async def _groups(ctx: Ctx, account_id: str, **extra: Any) -> Response:
     listed = await data(groups.list_(account_id, ctx.who, ctx.svc))
+    profiles = await data(groups.list_profiles(account_id, ctx.who, ctx.svc))
+    may_write = await may(ctx, account_id, "billing_units.write")
     return await _page(
         ctx,
         account_id,
         "groups.html",
         "/groups",
         groups=listed["data"],
-        may_write=await may(ctx, account_id, "billing_units.write"),
+        profiles=profiles["data"],
+        group_names={g["id"]: g["name"] for g in listed["data"]},
+        may_write=may_write,
+        # An account's profiles are its admins' (and its manager's), not one unit's: a user
+        # with Edit Billing unit is refused by the route (403), so is shown no form.
+        may_profiles=may_write and ctx.session.key.role == "admin",
         **extra,
     )
 
@@ -616,3 +629,73 @@ async def group_delete(request: Request, account_id: Account, group_id: GroupId)
             raise
         return await _groups(ctx, account_id, error=exc, status=exc.status)
     return see(f"/portal/a/{account_id}/groups", "group_deleted")
+
+
+# --- outbound profiles (on the Billing groups page) ---------------------------------------------
+
+
+async def _profile_name(ctx: Ctx, account_id: str, profile_id: str) -> str | None:
+    listed = await data(groups.list_profiles(account_id, ctx.who, ctx.svc))
+    return next((p["name"] for p in listed["data"] if p["id"] == profile_id), None)
+
+
+async def _put_profile(
+    ctx: Ctx, account_id: str, profile_id: str, name: str, group_id: str
+) -> Response:
+    body = {"name": name, "billing_group_id": group_id or None}
+    try:
+        await data(groups.put_profile(with_body(body), account_id, profile_id, ctx.who, ctx.svc))
+    except ApiError as exc:
+        if exc.status == 403:
+            raise
+        return await _groups(ctx, account_id, error=exc, status=exc.status)
+    return see(f"/portal/a/{account_id}/groups", "profile_saved")
+
+
+@router.post("/portal/a/{account_id}/profiles")
+@html
+async def profile_create(request: Request, account_id: Account) -> Response:
+    """A new outbound profile (or one replaced whole: the API's PUT), with its group."""
+    ctx = await context(request)
+    posted = await form(ctx)
+    profile_id = field(posted, "profile_id")
+    if not _PROFILE.fullmatch(profile_id):
+        exc = ApiError(
+            422,
+            "validation_error",
+            "a profile id is 1 to 64 letters, digits or _ . : -",
+            "profile_id",
+        )
+        return await _groups(ctx, account_id, error=exc, status=422)
+    return await _put_profile(
+        ctx, account_id, profile_id, field(posted, "name"), field(posted, "billing_group_id")
+    )
+
+
+@router.post("/portal/a/{account_id}/profiles/{profile_id}")
+@html
+async def profile_assign(request: Request, account_id: Account, profile_id: ProfileId) -> Response:
+    """The profile's billing group (none: unassigned); its name is kept."""
+    ctx = await context(request)
+    posted = await form(ctx)
+    name = await _profile_name(ctx, account_id, profile_id)
+    if name is None:
+        exc = ApiError(
+            404, "outbound_profile_not_found", f"no profile {profile_id!r}", "profile_id"
+        )
+        return await _groups(ctx, account_id, error=exc, status=404)
+    return await _put_profile(ctx, account_id, profile_id, name, field(posted, "billing_group_id"))
+
+
+@router.post("/portal/a/{account_id}/profiles/{profile_id}/delete")
+@html
+async def profile_delete(request: Request, account_id: Account, profile_id: ProfileId) -> Response:
+    ctx = await context(request)
+    await form(ctx)
+    try:
+        await groups.delete_profile(account_id, profile_id, ctx.who, ctx.svc)
+    except ApiError as exc:
+        if exc.status == 403:
+            raise
+        return await _groups(ctx, account_id, error=exc, status=exc.status)
+    return see(f"/portal/a/{account_id}/groups", "profile_deleted")
