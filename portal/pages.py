@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 import secrets
+from collections.abc import Mapping
 from typing import Annotated, Any, Final, Literal, get_args
 
 from fastapi import APIRouter, Path, Query, Request
@@ -67,6 +68,9 @@ NAV: Final = (
     ("Numbers", "/numbers", "billing.read"),
     ("Ledger records", "/ledger", "billing_units.read"),
     ("Billing groups", "/groups", "billing_units.read"),
+    ("People", "/users", "people.manage"),
+    ("Access groups", "/access_groups", "people.manage"),
+    ("API keys", "/keys", "people.manage"),
 )
 
 #: What a post that worked says on the page it leads to (by key: no text from the URL).
@@ -106,7 +110,7 @@ async def _nav(ctx: Ctx, account_id: str, current: str) -> list[dict[str, Any]]:
     ]
 
 
-async def _page(
+async def account_page(
     ctx: Ctx,
     account_id: str,
     template: str,
@@ -114,9 +118,12 @@ async def _page(
     *,
     status: int = 200,
     error: ApiError | None = None,
+    notices: Mapping[str, str] = NOTICES,
     **values: Any,
 ) -> Response:
-    notice = NOTICES.get(ctx.request.query_params.get("notice", ""))
+    """An account's page: its header, navigation, the notice a post left (by key, from
+    ``notices``: no text from the URL), the route's error, and ``values``."""
+    notice = notices.get(ctx.request.query_params.get("notice", ""))
     profile = await data(_profile(ctx, account_id))
     return render(
         template,
@@ -139,8 +146,13 @@ async def _profile(ctx: Ctx, account_id: str) -> Response:
 
 
 async def _enter(request: Request, account_id: str, path: str) -> Ctx:
+    return await enter(request, account_id, PAGES[path])
+
+
+async def enter(request: Request, account_id: str, permission: Permission) -> Ctx:
+    """The signed-in person, once the rules let it open a page needing ``permission``."""
     ctx = await context(request)
-    await ctx.who.on(account_id, PAGES[path])
+    await ctx.who.on(account_id, permission)
     return ctx
 
 
@@ -164,7 +176,7 @@ async def start(request: Request) -> Response:
 
 async def _overview(ctx: Ctx, account_id: str, **extra: Any) -> Response:
     balance = await data(accounts.balance(account_id, ctx.who, ctx.svc))
-    return await _page(
+    return await account_page(
         ctx,
         account_id,
         "overview.html",
@@ -220,7 +232,7 @@ async def _billing(ctx: Ctx, account_id: str, **extra: Any) -> Response:
     method = await _optional(payment_routes.get_method(account_id, who, host))
     recharge = await _optional(payment_routes.get_auto_recharge(account_id, who, host))
     history = await data(payment_routes.history(account_id, who, host))
-    return await _page(
+    return await account_page(
         ctx,
         account_id,
         "billing.html",
@@ -322,7 +334,7 @@ async def invoice_list(
     ctx = await _enter(request, account_id, "/portal/a/{account_id}/invoices")
     chosen = next((s for s in get_args(InvoiceStatus) if s == status), None)
     listed = await data(invoices.list_(account_id, ctx.who, ctx.svc, chosen, order, 200, None))
-    return await _page(
+    return await account_page(
         ctx,
         account_id,
         "invoices.html",
@@ -336,7 +348,7 @@ async def invoice_list(
 
 async def _invoice(ctx: Ctx, account_id: str, invoice_id: str, **extra: Any) -> Response:
     inv = await data(invoices.read(account_id, invoice_id, ctx.who, ctx.svc))
-    return await _page(
+    return await account_page(
         ctx,
         account_id,
         "invoice.html",
@@ -390,7 +402,7 @@ async def _plan(ctx: Ctx, account_id: str, **extra: Any) -> Response:
     sub = await _optional(subscriptions.read(account_id, ctx.who, ctx.svc))
     on_sale = await data(subscriptions.plans(ctx.who, ctx.svc))
     balance = await data(accounts.balance(account_id, ctx.who, ctx.svc))
-    return await _page(
+    return await account_page(
         ctx,
         account_id,
         "plan.html",
@@ -438,7 +450,7 @@ async def buy_bundle(request: Request, account_id: Account) -> Response:
 
 async def _numbers(ctx: Ctx, account_id: str, **extra: Any) -> Response:
     listed = await data(numbers.list_(account_id, ctx.who, ctx.svc, None, None, 200, None))
-    return await _page(
+    return await account_page(
         ctx,
         account_id,
         "numbers.html",
@@ -503,7 +515,7 @@ async def ledger(request: Request, account_id: Account, month: Month = None) -> 
     report = await data(groups.ledger_records(account_id, ctx.who, ctx.svc, chosen, "json"))
     named = await _group_names(ctx, account_id)
     currency = await ctx.host.known(account_id)
-    return await _page(
+    return await account_page(
         ctx,
         account_id,
         "ledger.html",
@@ -540,7 +552,7 @@ async def _groups(ctx: Ctx, account_id: str, **extra: Any) -> Response:
     listed = await data(groups.list_(account_id, ctx.who, ctx.svc))
     profiles = await data(groups.list_profiles(account_id, ctx.who, ctx.svc))
     may_write = await may(ctx, account_id, "billing_units.write")
-    return await _page(
+    return await account_page(
         ctx,
         account_id,
         "groups.html",
