@@ -68,6 +68,7 @@ NAV: Final = (
     ("Numbers", "/numbers", "billing.read"),
     ("Ledger records", "/ledger", "billing_units.read"),
     ("Billing groups", "/groups", "billing_units.read"),
+    ("Settings", "/settings", "billing.write"),
     ("People", "/users", "people.manage"),
     ("Access groups", "/access_groups", "people.manage"),
     ("API keys", "/keys", "people.manage"),
@@ -216,7 +217,7 @@ async def status(request: Request, account_id: Account) -> Response:
 # --- Billing -----------------------------------------------------------------------------------
 
 
-async def _optional(work: Any) -> Any:
+async def optional(work: Any) -> Any:
     """A route's answer, or None where it answers 404 (nothing set yet)."""
     try:
         return await data(work)
@@ -229,8 +230,8 @@ async def _optional(work: Any) -> Any:
 async def _billing(ctx: Ctx, account_id: str, **extra: Any) -> Response:
     who, svc, host = ctx.who, ctx.svc, ctx.host
     balance = await data(accounts.balance(account_id, who, svc))
-    method = await _optional(payment_routes.get_method(account_id, who, host))
-    recharge = await _optional(payment_routes.get_auto_recharge(account_id, who, host))
+    method = await optional(payment_routes.get_method(account_id, who, host))
+    recharge = await optional(payment_routes.get_auto_recharge(account_id, who, host))
     history = await data(payment_routes.history(account_id, who, host))
     return await account_page(
         ctx,
@@ -399,7 +400,7 @@ async def pay_invoice(request: Request, account_id: Account, invoice_id: Invoice
 
 
 async def _plan(ctx: Ctx, account_id: str, **extra: Any) -> Response:
-    sub = await _optional(subscriptions.read(account_id, ctx.who, ctx.svc))
+    sub = await optional(subscriptions.read(account_id, ctx.who, ctx.svc))
     on_sale = await data(subscriptions.plans(ctx.who, ctx.svc))
     balance = await data(accounts.balance(account_id, ctx.who, ctx.svc))
     return await account_page(

@@ -16,7 +16,7 @@ import httpx
 
 from balance.accounts import AccountSpec, create_accounts
 from meter.apiserver import asgi_app, create_app
-from portal import console, pages, people
+from portal import console, pages, people, settings
 from tests.api import Api
 from tests.enforcement import test_permissions as api_table
 from tests.portal.conftest import person, sign_in
@@ -27,6 +27,7 @@ T = api_table
 HOLDERS: Final[dict[str, frozenset[str]]] = {
     "account.read": T.OWN | {T.MANAGER, T.OPERATOR},
     "billing.read": T.BILLING_READ,
+    "billing.write": T.BILLING_WRITE,
     "billing_units.read": T.UNITS_READ,
     "account.settings": frozenset({T.OPERATOR}),
     "accounts.list": T.MANAGERS | {T.OPERATOR},
@@ -93,7 +94,7 @@ def portal_pages(api: Api) -> set[str]:
 
 
 async def test_every_page_has_a_row(api: Api) -> None:
-    table = {**pages.PAGES, **people.PAGES, **console.PAGES}
+    table = {**pages.PAGES, **settings.PAGES, **people.PAGES, **console.PAGES}
     assert portal_pages(api) == set(table)
     assert set(table.values()) <= set(HOLDERS)
     # none of them in the API's document (test_permissions walks that one)
@@ -102,7 +103,7 @@ async def test_every_page_has_a_row(api: Api) -> None:
 
 async def test_every_page_x_every_person(api: Api) -> None:
     who = await world(api)
-    table = {**pages.PAGES, **people.PAGES, **console.PAGES}
+    table = {**pages.PAGES, **settings.PAGES, **people.PAGES, **console.PAGES}
     wrong: list[str] = []
     app = asgi_app(api.settings, api.svc)
     for name in PEOPLE:
