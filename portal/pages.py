@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 import secrets
 from collections.abc import Mapping
+from datetime import datetime
 from typing import Annotated, Any, Final, Literal, get_args
 
 from fastapi import APIRouter, Path, Query, Request
@@ -242,11 +243,23 @@ async def _billing(ctx: Ctx, account_id: str, **extra: Any) -> Response:
         method=method,
         recharge=recharge,
         payments=history["payments"],
+        expiry=card_expiry(method, utc_datetime(svc.clock)),
         may_write=await may(ctx, account_id, "billing.write"),
         test_cards=TEST_CARDS,
         payment_id=f"portal_{secrets.token_hex(8)}",
         **extra,
     )
+
+
+def card_expiry(method: Any, now: datetime) -> Literal["expired", "this_month", "valid"] | None:
+    """Where the saved card stands by the clock: a card is good through the last day of its
+    expiry month (UTC). None: no card, or its expiry is not known."""
+    if not method or not method.get("exp_month") or not method.get("exp_year"):
+        return None
+    expires, current = (method["exp_year"], method["exp_month"]), (now.year, now.month)
+    if expires < current:
+        return "expired"
+    return "this_month" if expires == current else "valid"
 
 
 @router.get("/portal/a/{account_id}/billing")
