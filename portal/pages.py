@@ -9,7 +9,10 @@ to someone the rules let use it, and the route checks again when it is used.
 
 from __future__ import annotations
 
+import re
 import secrets
+from collections.abc import Mapping
+from datetime import datetime
 from typing import Annotated, Any, Final, Literal, get_args
 
 from fastapi import APIRouter, Path, Query, Request
@@ -35,10 +38,13 @@ from recharge import routes as payment_routes
 
 router = APIRouter()
 
+_PROFILE: Final = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+
 Account = Annotated[str, Path(pattern=ACCOUNT_ID_PATTERN)]
 InvoiceId = Annotated[str, Path(pattern=r"^inv_[a-z0-9]{16}$")]
 Number = Annotated[str, Path(pattern=r"^\+[1-9]\d{1,14}$")]
 GroupId = Annotated[str, Path(pattern=r"^bg_[a-z0-9]{16}$")]
+ProfileId = Annotated[str, Path(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")]
 Month = Annotated[str | None, Query(pattern=r"^\d{4}-(0[1-9]|1[0-2])$")]
 
 #: Every page of an account -> the permission it needs (its forms need their routes' own).
@@ -63,6 +69,10 @@ NAV: Final = (
     ("Numbers", "/numbers", "billing.read"),
     ("Ledger records", "/ledger", "billing_units.read"),
     ("Billing groups", "/groups", "billing_units.read"),
+    ("Settings", "/settings", "billing.write"),
+    ("People", "/users", "people.manage"),
+    ("Access groups", "/access_groups", "people.manage"),
+    ("API keys", "/keys", "people.manage"),
 )
 
 #: What a post that worked says on the page it leads to (by key: no text from the URL).
@@ -80,6 +90,8 @@ NOTICES: Final = {
     "group_created": "Billing group created.",
     "group_deleted": "Billing group deleted.",
     "group_members": "The group's numbers and users saved.",
+    "profile_saved": "Outbound profile saved: its calls from now on go to its group.",
+    "profile_deleted": "Outbound profile deleted.",
 }
 
 #: The sandbox gateway's test cards (recharge.sandbox), offered when no method is saved. With
@@ -100,7 +112,7 @@ async def _nav(ctx: Ctx, account_id: str, current: str) -> list[dict[str, Any]]:
     ]
 
 
-async def _page(
+async def account_page(
     ctx: Ctx,
     account_id: str,
     template: str,
@@ -108,9 +120,12 @@ async def _page(
     *,
     status: int = 200,
     error: ApiError | None = None,
+    notices: Mapping[str, str] = NOTICES,
     **values: Any,
 ) -> Response:
-    notice = NOTICES.get(ctx.request.query_params.get("notice", ""))
+    """An account's page: its header, navigation, the notice a post left (by key, from
+    ``notices``: no text from the URL), the route's error, and ``values``."""
+    notice = notices.get(ctx.request.query_params.get("notice", ""))
     profile = await data(_profile(ctx, account_id))
     return render(
         template,
@@ -133,8 +148,13 @@ async def _profile(ctx: Ctx, account_id: str) -> Response:
 
 
 async def _enter(request: Request, account_id: str, path: str) -> Ctx:
+    return await enter(request, account_id, PAGES[path])
+
+
+async def enter(request: Request, account_id: str, permission: Permission) -> Ctx:
+    """The signed-in person, once the rules let it open a page needing ``permission``."""
     ctx = await context(request)
-    await ctx.who.on(account_id, PAGES[path])
+    await ctx.who.on(account_id, permission)
     return ctx
 
 
@@ -158,7 +178,7 @@ async def start(request: Request) -> Response:
 
 async def _overview(ctx: Ctx, account_id: str, **extra: Any) -> Response:
     balance = await data(accounts.balance(account_id, ctx.who, ctx.svc))
-    return await _page(
+    return await account_page(
         ctx,
         account_id,
         "overview.html",
@@ -198,7 +218,7 @@ async def status(request: Request, account_id: Account) -> Response:
 # --- Billing -----------------------------------------------------------------------------------
 
 
-async def _optional(work: Any) -> Any:
+async def optional(work: Any) -> Any:
     """A route's answer, or None where it answers 404 (nothing set yet)."""
     try:
         return await data(work)
@@ -211,10 +231,10 @@ async def _optional(work: Any) -> Any:
 async def _billing(ctx: Ctx, account_id: str, **extra: Any) -> Response:
     who, svc, host = ctx.who, ctx.svc, ctx.host
     balance = await data(accounts.balance(account_id, who, svc))
-    method = await _optional(payment_routes.get_method(account_id, who, host))
-    recharge = await _optional(payment_routes.get_auto_recharge(account_id, who, host))
+    method = await optional(payment_routes.get_method(account_id, who, host))
+    recharge = await optional(payment_routes.get_auto_recharge(account_id, who, host))
     history = await data(payment_routes.history(account_id, who, host))
-    return await _page(
+    return await account_page(
         ctx,
         account_id,
         "billing.html",
@@ -223,11 +243,23 @@ async def _billing(ctx: Ctx, account_id: str, **extra: Any) -> Response:
         method=method,
         recharge=recharge,
         payments=history["payments"],
+        expiry=card_expiry(method, utc_datetime(svc.clock)),
         may_write=await may(ctx, account_id, "billing.write"),
         test_cards=TEST_CARDS,
         payment_id=f"portal_{secrets.token_hex(8)}",
         **extra,
     )
+
+
+def card_expiry(method: Any, now: datetime) -> Literal["expired", "this_month", "valid"] | None:
+    """Where the saved card stands by the clock: a card is good through the last day of its
+    expiry month (UTC). None: no card, or its expiry is not known."""
+    if not method or not method.get("exp_month") or not method.get("exp_year"):
+        return None
+    expires, current = (method["exp_year"], method["exp_month"]), (now.year, now.month)
+    if expires < current:
+        return "expired"
+    return "this_month" if expires == current else "valid"
 
 
 @router.get("/portal/a/{account_id}/billing")
@@ -316,7 +348,7 @@ async def invoice_list(
     ctx = await _enter(request, account_id, "/portal/a/{account_id}/invoices")
     chosen = next((s for s in get_args(InvoiceStatus) if s == status), None)
     listed = await data(invoices.list_(account_id, ctx.who, ctx.svc, chosen, order, 200, None))
-    return await _page(
+    return await account_page(
         ctx,
         account_id,
         "invoices.html",
@@ -330,7 +362,7 @@ async def invoice_list(
 
 async def _invoice(ctx: Ctx, account_id: str, invoice_id: str, **extra: Any) -> Response:
     inv = await data(invoices.read(account_id, invoice_id, ctx.who, ctx.svc))
-    return await _page(
+    return await account_page(
         ctx,
         account_id,
         "invoice.html",
@@ -381,10 +413,10 @@ async def pay_invoice(request: Request, account_id: Account, invoice_id: Invoice
 
 
 async def _plan(ctx: Ctx, account_id: str, **extra: Any) -> Response:
-    sub = await _optional(subscriptions.read(account_id, ctx.who, ctx.svc))
+    sub = await optional(subscriptions.read(account_id, ctx.who, ctx.svc))
     on_sale = await data(subscriptions.plans(ctx.who, ctx.svc))
     balance = await data(accounts.balance(account_id, ctx.who, ctx.svc))
-    return await _page(
+    return await account_page(
         ctx,
         account_id,
         "plan.html",
@@ -432,7 +464,7 @@ async def buy_bundle(request: Request, account_id: Account) -> Response:
 
 async def _numbers(ctx: Ctx, account_id: str, **extra: Any) -> Response:
     listed = await data(numbers.list_(account_id, ctx.who, ctx.svc, None, None, 200, None))
-    return await _page(
+    return await account_page(
         ctx,
         account_id,
         "numbers.html",
@@ -497,7 +529,7 @@ async def ledger(request: Request, account_id: Account, month: Month = None) -> 
     report = await data(groups.ledger_records(account_id, ctx.who, ctx.svc, chosen, "json"))
     named = await _group_names(ctx, account_id)
     currency = await ctx.host.known(account_id)
-    return await _page(
+    return await account_page(
         ctx,
         account_id,
         "ledger.html",
@@ -532,13 +564,20 @@ async def ledger_csv(request: Request, account_id: Account, month: Month = None)
 
 async def _groups(ctx: Ctx, account_id: str, **extra: Any) -> Response:
     listed = await data(groups.list_(account_id, ctx.who, ctx.svc))
-    return await _page(
+    profiles = await data(groups.list_profiles(account_id, ctx.who, ctx.svc))
+    may_write = await may(ctx, account_id, "billing_units.write")
+    return await account_page(
         ctx,
         account_id,
         "groups.html",
         "/groups",
         groups=listed["data"],
-        may_write=await may(ctx, account_id, "billing_units.write"),
+        profiles=profiles["data"],
+        group_names={g["id"]: g["name"] for g in listed["data"]},
+        may_write=may_write,
+        # An account's profiles are its admins' (and its manager's), not one unit's: a user
+        # with Edit Billing unit is refused by the route (403), so is shown no form.
+        may_profiles=may_write and ctx.session.key.role == "admin",
         **extra,
     )
 
@@ -616,3 +655,73 @@ async def group_delete(request: Request, account_id: Account, group_id: GroupId)
             raise
         return await _groups(ctx, account_id, error=exc, status=exc.status)
     return see(f"/portal/a/{account_id}/groups", "group_deleted")
+
+
+# --- outbound profiles (on the Billing groups page) ---------------------------------------------
+
+
+async def _profile_name(ctx: Ctx, account_id: str, profile_id: str) -> str | None:
+    listed = await data(groups.list_profiles(account_id, ctx.who, ctx.svc))
+    return next((p["name"] for p in listed["data"] if p["id"] == profile_id), None)
+
+
+async def _put_profile(
+    ctx: Ctx, account_id: str, profile_id: str, name: str, group_id: str
+) -> Response:
+    body = {"name": name, "billing_group_id": group_id or None}
+    try:
+        await data(groups.put_profile(with_body(body), account_id, profile_id, ctx.who, ctx.svc))
+    except ApiError as exc:
+        if exc.status == 403:
+            raise
+        return await _groups(ctx, account_id, error=exc, status=exc.status)
+    return see(f"/portal/a/{account_id}/groups", "profile_saved")
+
+
+@router.post("/portal/a/{account_id}/profiles")
+@html
+async def profile_create(request: Request, account_id: Account) -> Response:
+    """A new outbound profile (or one replaced whole: the API's PUT), with its group."""
+    ctx = await context(request)
+    posted = await form(ctx)
+    profile_id = field(posted, "profile_id")
+    if not _PROFILE.fullmatch(profile_id):
+        exc = ApiError(
+            422,
+            "validation_error",
+            "a profile id is 1 to 64 letters, digits or _ . : -",
+            "profile_id",
+        )
+        return await _groups(ctx, account_id, error=exc, status=422)
+    return await _put_profile(
+        ctx, account_id, profile_id, field(posted, "name"), field(posted, "billing_group_id")
+    )
+
+
+@router.post("/portal/a/{account_id}/profiles/{profile_id}")
+@html
+async def profile_assign(request: Request, account_id: Account, profile_id: ProfileId) -> Response:
+    """The profile's billing group (none: unassigned); its name is kept."""
+    ctx = await context(request)
+    posted = await form(ctx)
+    name = await _profile_name(ctx, account_id, profile_id)
+    if name is None:
+        exc = ApiError(
+            404, "outbound_profile_not_found", f"no profile {profile_id!r}", "profile_id"
+        )
+        return await _groups(ctx, account_id, error=exc, status=404)
+    return await _put_profile(ctx, account_id, profile_id, name, field(posted, "billing_group_id"))
+
+
+@router.post("/portal/a/{account_id}/profiles/{profile_id}/delete")
+@html
+async def profile_delete(request: Request, account_id: Account, profile_id: ProfileId) -> Response:
+    ctx = await context(request)
+    await form(ctx)
+    try:
+        await groups.delete_profile(account_id, profile_id, ctx.who, ctx.svc)
+    except ApiError as exc:
+        if exc.status == 403:
+            raise
+        return await _groups(ctx, account_id, error=exc, status=exc.status)
+    return see(f"/portal/a/{account_id}/groups", "profile_deleted")

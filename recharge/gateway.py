@@ -25,6 +25,9 @@ from typing import Literal, Protocol
 from contracts.money import Micros
 
 MICROS_PER_CENT = 10_000
+#: The card expiry years kept (the table's CHECK says the same: migration 0019).
+MIN_EXP_YEAR = 2000
+MAX_EXP_YEAR = 2199
 #: Stripe's longest idempotency key; ``idempotency_key`` stays under it.
 MAX_KEY_LENGTH = 255
 
@@ -83,6 +86,29 @@ class SavedMethod:
     method_ref: str  # the gateway's payment method (Stripe: pm_...)
     brand: str  # "visa", ...; "" when the gateway does not say
     last4: str  # "" when the gateway does not say
+    exp_month: int = 0  # 1 to 12; 0 when the gateway does not say
+    exp_year: int = 0  # four digits; 0 when the gateway does not say
+
+    def expires(self) -> tuple[int, int] | None:
+        """``(year, month)`` of the card's last valid month, or None when not known."""
+        if 1 <= self.exp_month <= 12 and MIN_EXP_YEAR <= self.exp_year <= MAX_EXP_YEAR:
+            return self.exp_year, self.exp_month
+        return None
+
+
+def expiry_of(month: object, year: object) -> tuple[int, int]:
+    """A gateway's ``exp_month`` and ``exp_year`` as kept, or ``(0, 0)`` for anything that is
+    not a plausible month and four-digit year: what a gateway sends is not trusted."""
+    if (
+        isinstance(month, int)
+        and isinstance(year, int)
+        and not isinstance(month, bool)
+        and not isinstance(year, bool)
+        and 1 <= month <= 12
+        and MIN_EXP_YEAR <= year <= MAX_EXP_YEAR
+    ):
+        return month, year
+    return 0, 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -125,6 +125,12 @@ class PaymentMethodOut(BaseModel):
     brand: str
     last4: str
     method_ref: str
+    exp_month: int | None = Field(
+        default=None, description="The card's expiry month, 1 to 12; null when not known"
+    )
+    exp_year: int | None = Field(
+        default=None, description="The card's expiry year (four digits); null when not known"
+    )
 
 
 class PaymentIn(RequestBody):
@@ -244,12 +250,15 @@ def auto_recharge_out(account_id: str, s: RechargeSettings) -> AutoRechargeOut:
 
 
 def method_out(account_id: str, gateway: str, m: SavedMethod) -> PaymentMethodOut:
+    expires = m.expires()
     return PaymentMethodOut(
         account_id=account_id,
         gateway=gateway,
         brand=m.brand,
         last4=m.last4,
         method_ref=m.method_ref,
+        exp_month=None if expires is None else expires[1],
+        exp_year=None if expires is None else expires[0],
     )
 
 

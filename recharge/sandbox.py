@@ -40,6 +40,9 @@ class _TestCard:
     last4: str
     decline_code: str  # "" when a charge succeeds
     message: str
+    # Stripe's test cards take any future date; these are the fake Stripe's (tests/stripe_fake).
+    exp_month: int = 12
+    exp_year: int = 2034
 
 
 _SUCCEEDS = "Payment succeeded."
@@ -144,7 +147,9 @@ class SandboxGateway(PaymentGateway):
         # Attaching one of Stripe's test methods attaches a fresh copy with its own id.
         method_ref = f"{method_token}__{_new_id('', 12)}"
         self._methods[method_ref] = _Method(customer, card, attached=True)
-        return SavedMethod(customer, method_ref, card.brand, card.last4)
+        return SavedMethod(
+            customer, method_ref, card.brand, card.last4, card.exp_month, card.exp_year
+        )
 
     async def delete_method(self, method: SavedMethod) -> None:
         self._check_open()

@@ -23,7 +23,7 @@ from typing import Literal
 import asyncpg
 
 from infra.ledger import Conn
-from recharge.gateway import SavedMethod
+from recharge.gateway import SavedMethod, expiry_of
 from recharge.payments import NewPayment, Payment, RechargeSettings, Trigger
 from recharge.policy import AccountTerms
 
@@ -111,19 +111,28 @@ class PaymentStore:
         )
         if r is None:
             return None
-        return SavedMethod(r["customer_ref"], r["method_ref"], r["brand"], r["last4"])
+        return SavedMethod(
+            r["customer_ref"],
+            r["method_ref"],
+            r["brand"],
+            r["last4"],
+            r["exp_month"],
+            r["exp_year"],
+        )
 
     async def add_method(self, account_id: str, gateway: str, m: SavedMethod) -> bool:
         """Save the account's one method; False: it has one already (nothing written)."""
         inserted = await self._pool.fetchval(
             "INSERT INTO payment_methods (account_id, gateway, customer_ref, method_ref, brand,"
-            " last4) VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING RETURNING 1",
+            " last4, exp_month, exp_year) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
+            " ON CONFLICT DO NOTHING RETURNING 1",
             account_id,
             gateway,
             m.customer_ref,
             m.method_ref,
             m.brand,
             m.last4,
+            *(expiry_of(m.exp_month, m.exp_year)),
         )
         return bool(inserted)
 

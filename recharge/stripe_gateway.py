@@ -39,6 +39,7 @@ from recharge.gateway import (
     RefundRequest,
     RefundResult,
     SavedMethod,
+    expiry_of,
     to_cents,
 )
 
@@ -116,11 +117,15 @@ class StripeGateway(PaymentGateway):
         except stripe.StripeError as e:
             raise _gateway_error(e) from e
         card = method.card
+        # PaymentMethod.card.exp_month / exp_year: integers; anything else is kept as unknown.
+        month, year = expiry_of(getattr(card, "exp_month", None), getattr(card, "exp_year", None))
         return SavedMethod(
             customer_ref=customer.id,
             method_ref=method.id,
             brand=card.brand if card is not None else "",
             last4=card.last4 if card is not None else "",
+            exp_month=month,
+            exp_year=year,
         )
 
     async def delete_method(self, method: SavedMethod) -> None:

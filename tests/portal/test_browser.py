@@ -23,6 +23,7 @@ import shutil
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Final
 
 import pytest
 from playwright.async_api import Browser, Page, async_playwright
@@ -314,3 +315,218 @@ async def test_an_operator_refunds_a_payment_from_the_console(
     await operator.get_by_role("button", name="Refund", exact=True).click()
     await operator.wait_for_load_state()
     assert "refund_exceeds_capture" in await operator.locator(".error").inner_text()
+
+
+# --- accessibility, checked in the browser ---------------------------------------------------
+
+
+async def _filled_account(api: Api) -> tuple[str, str]:
+    """Account "acc" with something on every page: an issued invoice, a card and a payment,
+    a billing group, an outbound profile, a user in an access group, a key. Its admin's email
+    and the invoice's id."""
+    admin_key, invoice_id = await issued(api)
+    r = await api.client.post(
+        "/v1/accounts/acc/payments",
+        json={"amount": "20.00", "payment_id": "a11y-1"},
+        headers=admin_key,
+    )
+    if r.status_code == 409:  # no saved method yet
+        await api.client.put(
+            "/v1/accounts/acc/payment_method", json={"token": "pm_card_visa"}, headers=admin_key
+        )
+        r = await api.client.post(
+            "/v1/accounts/acc/payments",
+            json={"amount": "20.00", "payment_id": "a11y-1"},
+            headers=admin_key,
+        )
+    assert r.status_code == 201, r.text
+    g = await api.client.post(
+        "/v1/accounts/acc/billing_groups", json={"name": "Sales"}, headers=admin_key
+    )
+    assert g.status_code == 201, g.text
+    await api.client.put(
+        "/v1/accounts/acc/outbound_profiles/trunk-1",
+        json={"name": "Main trunk", "billing_group_id": g.json()["id"]},
+        headers=admin_key,
+    )
+    email = await person(api, "acc", "admin")
+    u = await api.client.post(
+        "/v1/accounts/acc/users",
+        json={"email": "ann@example.com", "role": "user"},
+        headers=admin_key,
+    )
+    assert u.status_code == 201, u.text
+    ag = await api.client.post(
+        "/v1/accounts/acc/access_groups",
+        json={"name": "Billing", "privileges": ["edit_billing"]},
+        headers=admin_key,
+    )
+    await api.client.put(
+        f"/v1/accounts/acc/access_groups/{ag.json()['id']}/members",
+        json={"user_ids": [u.json()["id"]]},
+        headers=admin_key,
+    )
+    k = await api.client.post(
+        "/v1/accounts/acc/keys", json={"user_id": u.json()["id"]}, headers=admin_key
+    )
+    assert k.status_code == 201, k.text
+    return email, invoice_id
+
+
+#: Each control without a label (its own <label>, aria-label or aria-labelledby), and each
+#: <time> without a datetime and a UTC title: described, for the failure message.
+_UNLABELLED_JS: Final = """() => {
+  const bad = [];
+  for (const el of document.querySelectorAll('input, select, textarea')) {
+    if (el.type === 'hidden') continue;
+    const named = (el.labels && el.labels.length && el.labels[0].innerText.trim())
+      || (el.getAttribute('aria-label') || '').trim()
+      || (el.getAttribute('aria-labelledby') || '').trim();
+    if (!named) bad.push('unlabelled ' + el.outerHTML.slice(0, 120));
+  }
+  for (const el of document.querySelectorAll('button')) {
+    if (!el.innerText.trim() && !(el.getAttribute('aria-label') || '').trim())
+      bad.push('button without a name ' + el.outerHTML.slice(0, 120));
+  }
+  for (const t of document.querySelectorAll('time')) {
+    const at = t.getAttribute('datetime') || '';
+    const title = t.getAttribute('title') || '';
+    if (!at || !title.includes(at) || !title.includes('UTC'))
+      bad.push('time without a UTC title ' + t.outerHTML.slice(0, 120));
+  }
+  return bad;
+}"""
+
+
+async def test_every_control_on_every_page_has_a_label_and_every_time_a_utc_title(
+    api: Api, served: str, browser: Browser
+) -> None:
+    from portal import console as console_pages
+    from portal import pages as account_pages
+    from portal import people as people_pages
+    from portal import settings as settings_pages
+
+    email, invoice_id = await _filled_account(api)
+    await api.svc.pool.execute("UPDATE accounts SET is_manager = true WHERE id = 'acc'")
+    await create_accounts(api.svc.pool, api.svc.balances, [AccountSpec(id="sub", manager_id="acc")])
+    page = await signed_in(browser, served, email)
+    account = {**account_pages.PAGES, **settings_pages.PAGES, **people_pages.PAGES}
+    wrong: list[str] = []
+    times = 0
+    for path in account:
+        url = path.replace("{account_id}", "acc").replace("{invoice_id}", invoice_id)
+        if url.endswith(".pdf"):
+            continue
+        response = await page.goto(url)
+        assert response is not None and response.status == 200, url
+        wrong += [f"{url}: {b}" for b in await page.evaluate(_UNLABELLED_JS)]
+        times += await page.locator("time").count()
+        name = url.removeprefix("/portal/a/acc").strip("/").replace("/", "-") or "overview"
+        await shot(page, f"a11y-{name}")
+    await page.goto("/portal/managed")
+    wrong += [f"/portal/managed: {b}" for b in await page.evaluate(_UNLABELLED_JS)]
+    operator = await signed_in(browser, served, await person(api, None, "operator"))
+    assert set(console_pages.PAGES) == {"/portal/console", "/portal/managed"}
+    await operator.goto("/portal/console?q=acc")
+    wrong += [f"/portal/console: {b}" for b in await operator.evaluate(_UNLABELLED_JS)]
+    await operator.goto("/portal/signin")
+    wrong += [f"/portal/signin: {b}" for b in await operator.evaluate(_UNLABELLED_JS)]
+    assert not wrong, "\n".join(wrong)
+    assert times >= 5  # the check saw times: payments, invoices, users, keys
+
+
+_FOCUS_JS: Final = """(() => {
+  const e = document.activeElement, s = getComputedStyle(e);
+  return [e.id || e.tagName, s.outlineStyle !== 'none' && s.outlineWidth !== '0px',
+          !!e.closest('main')];
+})()"""
+#: The outermost elements that stick out of the window on the right (a scrolling table's
+#: insides do not count: they scroll in their own box).
+_WIDE_JS: Final = """(() => {
+  const w = document.documentElement.clientWidth, out = [];
+  for (const e of document.querySelectorAll('body *')) {
+    if (e.getBoundingClientRect().right <= w + 1) continue;
+    let p = e.parentElement, inside = false;
+    while (p) {
+      if (p.getBoundingClientRect().right > w + 1
+          || ['auto', 'scroll'].includes(getComputedStyle(p).overflowX)) { inside = true; break; }
+      p = p.parentElement;
+    }
+    if (!inside) out.push(e.outerHTML.slice(0, 100));
+  }
+  return out;
+})()"""
+
+
+async def test_a_page_is_used_with_the_keyboard_alone(
+    api: Api, served: str, browser: Browser
+) -> None:
+    """Tab from the top: the skip link first, then on to the new group's name; type it, Tab to
+    its button, Enter: the group is made, and every stop on the way showed its focus."""
+    await api.seed("ten")
+    page = await signed_in(browser, served, await person(api, "ten", "admin"))
+    await page.goto("/portal/a/ten/groups")
+    await page.keyboard.press("Tab")
+    first = await page.evaluate("document.activeElement.textContent.trim()")
+    assert first == "Skip to content"
+    await page.keyboard.press("Enter")  # to the content: the next Tab is in <main>
+    stops: list[str] = []
+    for _ in range(40):
+        await page.keyboard.press("Tab")
+        active = await page.evaluate(_FOCUS_JS)
+        stops.append(active[0])
+        assert active[1], f"no visible focus on {active[0]}"
+        assert active[2], f"{active[0]} is outside <main>: the skip link did not skip the header"
+        if active[0] == "name":
+            break
+    assert stops[-1] == "name", stops
+    await page.keyboard.type("Keyboard only")
+    await page.keyboard.press("Tab")
+    assert await page.evaluate("document.activeElement.textContent.trim()") == "Create"
+    await page.keyboard.press("Enter")
+    await page.wait_for_load_state()
+    assert "Billing group created" in await page.locator(".notice").inner_text()
+    names = await api.svc.pool.fetch("SELECT name FROM billing_groups WHERE account_id = 'ten'")
+    assert [r["name"] for r in names] == ["Keyboard only"]
+    await shot(page, "keyboard-only")
+
+
+async def test_pages_read_at_200_percent_zoom_without_scrolling_sideways(
+    api: Api, served: str, browser: Browser
+) -> None:
+    """200 % zoom on a 960-pixel-wide window: 480 CSS pixels at two device pixels each. No page
+    is wider than the window (a wide table scrolls inside itself, as WCAG 1.4.10 allows)."""
+    email, invoice_id = await _filled_account(api)
+    context = await browser.new_context(
+        base_url=served, viewport={"width": 480, "height": 900}, device_scale_factor=2
+    )
+    page = await context.new_page()
+    await page.goto("/portal/signin")
+    await page.get_by_label("Email").fill(email)
+    await page.get_by_label("Password").fill(PASSWORD)
+    await page.get_by_role("button", name="Sign in").click()
+    await page.wait_for_load_state()
+    wide: list[str] = []
+    for suffix in (
+        "",
+        "/billing",
+        "/invoices",
+        f"/invoices/{invoice_id}",
+        "/plan",
+        "/ledger",
+        "/groups",
+        "/settings",
+        "/users",
+        "/access_groups",
+        "/keys",
+    ):
+        await page.goto(f"/portal/a/acc{suffix}")
+        scroll, client = await page.evaluate(
+            "[document.documentElement.scrollWidth, document.documentElement.clientWidth]"
+        )
+        if scroll > client:
+            wide.append(f"{suffix or '/'}: {scroll} > {client}: {await page.evaluate(_WIDE_JS)}")
+        if suffix in ("/billing", "/users"):
+            await shot(page, f"zoom200{suffix.replace('/', '-')}")
+    await context.close()
+    assert not wide, "\n".join(wide)

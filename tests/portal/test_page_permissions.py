@@ -1,7 +1,8 @@
 """Every portal page x every kind of person, table-driven: a page answers 200 to whom the
 API's own table lets in and 403 to the others, the same whether or not the account exists.
 
-The pages name their permission (``portal.pages.PAGES``, ``portal.console.PAGES``); who holds
+The pages name their permission (``portal.pages.PAGES``, ``portal.people.PAGES``,
+``portal.console.PAGES``); who holds
 each is not read from ``infra.http.access.RULES`` here but from the API permission test's own
 copy of the table (tests/enforcement/test_permissions.py), so the portal, the API and the two
 tests must all agree. A page without a row fails ``test_every_page_has_a_row``."""
@@ -15,7 +16,7 @@ import httpx
 
 from balance.accounts import AccountSpec, create_accounts
 from meter.apiserver import asgi_app, create_app
-from portal import console, pages
+from portal import console, pages, people, settings
 from tests.api import Api
 from tests.enforcement import test_permissions as api_table
 from tests.portal.conftest import person, sign_in
@@ -26,9 +27,11 @@ T = api_table
 HOLDERS: Final[dict[str, frozenset[str]]] = {
     "account.read": T.OWN | {T.MANAGER, T.OPERATOR},
     "billing.read": T.BILLING_READ,
+    "billing.write": T.BILLING_WRITE,
     "billing_units.read": T.UNITS_READ,
     "account.settings": frozenset({T.OPERATOR}),
     "accounts.list": T.MANAGERS | {T.OPERATOR},
+    "people.manage": T.PEOPLE_MANAGE,
 }
 PEOPLE: Final = (
     T.OPERATOR,
@@ -91,7 +94,7 @@ def portal_pages(api: Api) -> set[str]:
 
 
 async def test_every_page_has_a_row(api: Api) -> None:
-    table = {**pages.PAGES, **console.PAGES}
+    table = {**pages.PAGES, **settings.PAGES, **people.PAGES, **console.PAGES}
     assert portal_pages(api) == set(table)
     assert set(table.values()) <= set(HOLDERS)
     # none of them in the API's document (test_permissions walks that one)
@@ -100,7 +103,7 @@ async def test_every_page_has_a_row(api: Api) -> None:
 
 async def test_every_page_x_every_person(api: Api) -> None:
     who = await world(api)
-    table = {**pages.PAGES, **console.PAGES}
+    table = {**pages.PAGES, **settings.PAGES, **people.PAGES, **console.PAGES}
     wrong: list[str] = []
     app = asgi_app(api.settings, api.svc)
     for name in PEOPLE:

@@ -60,6 +60,10 @@ async def test_top_ups_through_the_api(api: Api) -> None:
         "/v1/accounts/acc/payment_method", json={"token": "pm_card_visa"}, headers=admin
     )
     assert r.status_code == 201 and r.json()["last4"] == "4242"
+    # the card's expiry, as the gateway gave it (an additive field of the method's answer)
+    assert (r.json()["exp_month"], r.json()["exp_year"]) == (12, 2034)
+    got = (await api.client.get("/v1/accounts/acc/payment_method", headers=admin)).json()
+    assert (got["brand"], got["exp_month"], got["exp_year"]) == ("visa", 12, 2034)
     r = await api.client.put(
         "/v1/accounts/acc/payment_method", json={"token": "pm_card_mastercard"}, headers=admin
     )

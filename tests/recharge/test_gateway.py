@@ -19,6 +19,7 @@ from recharge.gateway import (
     PaymentGateway,
     RefundRequest,
     SavedMethod,
+    expiry_of,
     refund_key,
 )
 from recharge.sandbox import SandboxGateway
@@ -103,6 +104,9 @@ async def test_save_and_charge_captures_the_amount(harness: Harness) -> None:
     assert saved.customer_ref.startswith("cus_")
     assert saved.method_ref.startswith("pm_")
     assert (saved.brand, saved.last4) == ("visa", "4242")
+    # PaymentMethod.card.exp_month / exp_year, as the fake Stripe (and the sandbox) give them
+    assert (saved.exp_month, saved.exp_year) == (12, 2034)
+    assert saved.expires() == (2034, 12)
 
     result = await gw.charge(charge_request(saved, "rc-1", amount=12_500_000))
 
@@ -514,3 +518,26 @@ async def test_refund_of_an_unknown_or_declined_charge_is_refused(
     with pytest.raises(GatewayUnavailable, match="does not have a successful charge"):
         await stripe_gw.refund(refund_request(declined.gateway_ref, "rf-d", 1_000_000))
     assert fake.refunds == []
+
+
+@pytest.mark.parametrize(
+    ("month", "year", "kept"),
+    [
+        (12, 2034, (12, 2034)),
+        (1, 2000, (1, 2000)),
+        (0, 2034, (0, 0)),
+        (13, 2034, (0, 0)),
+        (12, 34, (0, 0)),  # two digits: not a year Stripe sends
+        (12, 99999, (0, 0)),
+        ("12", 2034, (0, 0)),
+        (True, 2034, (0, 0)),
+        (None, None, (0, 0)),
+    ],
+)
+def test_a_gateways_card_expiry_is_kept_only_when_it_is_a_month_and_a_year(
+    month: object, year: object, kept: tuple[int, int]
+) -> None:
+    assert expiry_of(month, year) == kept
+    assert SavedMethod("cus", "pm", "visa", "4242", *kept).expires() == (
+        None if kept == (0, 0) else (kept[1], kept[0])
+    )
