@@ -26,7 +26,7 @@ from infra.http.access import Permission
 from infra.http.bounds import within_db
 from infra.http.errors import ApiError
 from portal.calls import data, with_body
-from portal.web import Ctx, context, field, form, html, may_anywhere, render, see
+from portal.web import Ctx, context, field, form, html, may_anywhere, render, see, whole
 from recharge import refund_routes
 
 router = APIRouter()
@@ -144,7 +144,7 @@ async def console_act(
             notice = "refunded"
         elif action == "verification":
             level = field(posted, "verification_level")
-            body = {"verification_level": int(level) if level.isdigit() else level}
+            body = {"verification_level": whole(level)}
             await tenants.update(with_body(body), account_id, ctx.who, ctx.svc)
             notice = "verified"
         else:

@@ -24,7 +24,7 @@ from infra.http.access import Permission
 from infra.http.errors import ApiError
 from portal.calls import data, with_body
 from portal.pages import account_page, enter, optional
-from portal.web import Ctx, context, field, form, html, may, see
+from portal.web import Ctx, context, field, form, html, may, see, whole
 from recharge import routes as payment_routes
 
 router = APIRouter()
@@ -89,7 +89,7 @@ async def plan(request: Request, account_id: Account) -> Response:
         body["plan_id"] = field(posted, "plan_id")
     extensions = field(posted, "extensions")
     if extensions:
-        body["extensions"] = int(extensions) if extensions.isdigit() else extensions
+        body["extensions"] = whole(extensions)
     route = subscriptions.update(with_body(body), account_id, ctx.who, ctx.svc)
     return await _change(ctx, account_id, route, "plan")
 

@@ -187,6 +187,13 @@ def field(data: FormData, name: str) -> str:
     return value.strip() if isinstance(value, str) else ""
 
 
+def whole(text: str) -> int | str:
+    """A form field holding a whole number, as the API's body takes it: ASCII digits as an int,
+    anything else as it came (``str.isdigit`` alone would take "²", which ``int`` refuses),
+    for the route's own validation to answer with its 4xx."""
+    return int(text) if text.isascii() and text.isdigit() else text
+
+
 def error_page(exc: ApiError, ctx: Ctx | None = None) -> HTMLResponse:
     return render(
         "error.html",

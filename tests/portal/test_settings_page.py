@@ -61,6 +61,11 @@ async def test_a_manager_changes_a_managed_accounts_settings_from_its_page(api: 
             data={"csrf": token, "threshold_amount": "15.00", "recharge_amount": "5.00"},
         )
         assert low.status_code == 422 and "Not done" in low.text
+        for hostile in ("²", "-1", "1e3", "9" * 40, "2\x00"):
+            bad = await client.post(
+                "/portal/a/sub/settings/plan", data={"csrf": token, "extensions": hostile}
+            )
+            assert bad.status_code == 422 and "Not done" in bad.text, (hostile, bad.status_code)
         nocsrf = await client.post("/portal/a/sub/settings/invoices", data={"auto_pay": ""})
         assert nocsrf.status_code == 403
     sub = (await api.client.get("/v1/accounts/sub/subscription", headers=admin)).json()
