@@ -120,6 +120,7 @@ class Line:
     quantity: int
     unit: str
     amount: int
+    late_for: str = ""  # a late charge's own month, "YYYY-MM" (see ``late_lines``)
 
 
 @dataclass(frozen=True, slots=True)
@@ -231,6 +232,20 @@ def _row(
     )
 
 
+#: The ledger rows an invoice shows as lines: not ``opening``, ``credit`` (payments), ``tax``
+#: (the invoice's own figure), a refund to the card (what paid, given back), nor the invoice's
+#: own charge of DIDs and extensions (its ``subscription`` row: on the invoice as its plan lines).
+_LINE_ROWS: Final = (
+    " kind NOT IN ('opening', 'credit', 'tax') AND NOT (kind = 'refund' AND amount < 0)"
+    f" AND NOT (kind = 'subscription' AND source = '{INVOICES_SOURCE}')"
+)
+#: Kinds of the lines the invoice itself charges (``_plan_lines``): not from the ledger.
+_PLAN_KINDS: Final = ("dids", "extensions")
+#: How many of the account's invoices before this one a run looks at for late charges of
+#: their months (docs/design/invoices.md "Late charges").
+LATE_INVOICES: Final = 3
+
+
 async def ledger_lines(conn: Conn, account_id: str, period: str) -> list[Line]:
     """The month's charges and credits from the ledger (by each row's own time), as invoice
     lines: calls by direction and billing group, the rest by kind (and group). Amounts are the
@@ -240,13 +255,74 @@ async def ledger_lines(conn: Conn, account_id: str, period: str) -> list[Line]:
         "SELECT kind, direction, billing_group_id, count(*) AS n,"
         " sum(quantity)::bigint AS quantity, sum(amount)::bigint AS amount"
         " FROM ledger WHERE account_id = $1 AND event_time >= $2 AND event_time < $3"
-        " AND kind NOT IN ('opening', 'credit', 'tax')"
-        " AND NOT (kind = 'refund' AND amount < 0)"
+        f" AND {_LINE_ROWS}"
         " GROUP BY kind, direction, billing_group_id ORDER BY kind, direction, billing_group_id",
         account_id,
         start,
         end,
     )
+    return _lines_of(rows)
+
+
+async def late_lines(conn: Conn, account_id: str, period: str) -> list[Line]:
+    """Charges of the months of the account's ``LATE_INVOICES`` invoices before ``period``
+    that reached the ledger after their month's invoice was issued: for each such month, what
+    the ledger holds of it less what its lines over all invoices already hold (its own
+    invoice's lines from the ledger, and late lines of it on later ones), by line; a line for
+    each difference, ``late_for`` that month. Exact whenever the late row arrived, without the
+    ledger's time of arrival: what was invoiced is what the invoices say."""
+    months = sorted(
+        r["period"]
+        for r in await conn.fetch(
+            "SELECT period FROM invoices WHERE account_id = $1 AND period < $2"
+            " ORDER BY period DESC LIMIT $3",
+            account_id,
+            period,
+            LATE_INVOICES,
+        )
+    )
+    if not months:
+        return []
+    invoiced: dict[tuple[str, str, str], tuple[int, int]] = {
+        (r["month"], r["kind"], r["billing_group_id"]): (r["quantity"], r["amount"])
+        for r in await conn.fetch(
+            "SELECT CASE WHEN l.late_for = '' THEN i.period ELSE l.late_for END AS month,"
+            " l.kind, l.billing_group_id, sum(l.quantity)::bigint AS quantity,"
+            " sum(l.amount)::bigint AS amount"
+            " FROM invoice_lines l JOIN invoices i ON i.id = l.invoice_id"
+            " WHERE i.account_id = $1 AND l.kind <> ALL($2::text[])"
+            " AND CASE WHEN l.late_for = '' THEN i.period ELSE l.late_for END = ANY($3::text[])"
+            " GROUP BY 1, 2, 3",
+            account_id,
+            list(_PLAN_KINDS),
+            months,
+        )
+    }
+    out = []
+    for month in months:
+        for ln in await ledger_lines(conn, account_id, month):
+            had_q, had_a = invoiced.get((month, ln.kind, ln.billing_group_id), (0, 0))
+            if ln.amount != had_a or ln.quantity != had_q:
+                out.append(
+                    Line(
+                        ln.kind,
+                        f"{ln.description}, late from {month}",
+                        ln.billing_group_id,
+                        ln.quantity - had_q,
+                        ln.unit,
+                        ln.amount - had_a,
+                        month,
+                    )
+                )
+    return out
+
+
+def _month_before(period: str) -> str:
+    year, month = int(period[:4]), int(period[5:7])
+    return f"{year - 1:04d}-12" if month == 1 else f"{year:04d}-{month - 1:02d}"
+
+
+def _lines_of(rows: list[asyncpg.Record]) -> list[Line]:
     lines = []
     for r in rows:
         kind, group = r["kind"], r["billing_group_id"]
@@ -394,6 +470,7 @@ class Invoices:
             lines = await _plan_lines(conn, account_id, period)
             extra = sum(ln.amount for ln in lines)  # beyond the plan: charged by the invoice
             lines += await ledger_lines(conn, account_id, period)
+            lines += await late_lines(conn, account_id, period)
             subtotal = sum(ln.amount for ln in lines)
             rate = acct["rate_ppm"]
             tax = tax_of(subtotal, rate)
@@ -460,8 +537,8 @@ class Invoices:
             )
             await conn.executemany(
                 "INSERT INTO invoice_lines (invoice_id, line, kind, description,"
-                " billing_group_id, quantity, unit, amount)"
-                " VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                " billing_group_id, quantity, unit, amount, late_for)"
+                " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
                 [
                     (
                         invoice_id,
@@ -472,6 +549,7 @@ class Invoices:
                         ln.quantity,
                         ln.unit,
                         ln.amount,
+                        ln.late_for,
                     )
                     for i, ln in enumerate(lines, 1)
                 ],
@@ -804,9 +882,7 @@ class _Ended:
 
 
 def _last_month(now: datetime) -> str:
-    this = month_of(now)
-    year, month = int(this[:4]), int(this[5:7])
-    return f"{year - 1:04d}-12" if month == 1 else f"{year:04d}-{month - 1:02d}"
+    return _month_before(month_of(now))
 
 
 async def _plan_lines(conn: Conn, account_id: str, period: str) -> list[Line]:
@@ -905,6 +981,7 @@ async def _load(
             x["quantity"],
             x["unit"],
             x["amount"],
+            x["late_for"],
         )
         for x in await conn.fetch(
             "SELECT * FROM invoice_lines WHERE invoice_id = $1 ORDER BY line", invoice_id

@@ -47,6 +47,11 @@ class LineOut(BaseModel):
     quantity: int
     unit: str
     amount: Money
+    late_for: str | None = Field(
+        default=None,
+        description="a late charge's own month (YYYY-MM): charged in that month, it reached"
+        " the ledger after that month's invoice; null for this invoice's month",
+    )
 
 
 class PaymentOut(BaseModel):
@@ -139,6 +144,7 @@ def invoice_out(inv: Invoice, *, whole: bool) -> InvoiceOut:
                 quantity=ln.quantity,
                 unit=ln.unit,
                 amount=format_money(ln.amount),
+                late_for=ln.late_for or None,
             )
             for ln in inv.lines
         ]

@@ -446,3 +446,79 @@ async def test_the_billing_clock_issues_a_month_only_after_its_late_events_had_t
     assert await world.invoices.listed("acc") == []
     world.at("2026-12-01T06:00:00+00:00")
     assert (await world.invoices.tick())["issued"] == 1
+
+
+async def test_a_charge_that_reaches_the_ledger_after_its_months_invoice_is_on_the_next(
+    world: World,
+) -> None:
+    """Late charges: a call of November processed after November's invoice is on December's,
+    as a line naming November; one later still, on the account's next invoice (March's: it had
+    no charge in January or February, so no invoice); each once. Over all invoices a month's
+    lines sum to the ledger's month. A month with no invoice of its own (the account's months
+    before invoicing) is never charged as late."""
+    pool = world.conns.pool
+    await world.accounts("acc", "old")
+    await world.usage("acc")  # November, at the clock
+
+    async def late_call(account: str, call_id: str, at: str, seconds: int) -> None:
+        processor = harness.processor(world.conns, await _catalog(world), clock=world.clock)
+        rec = call_record(call_hangup(account, call_id, "+447911123456", seconds, at=utc(at)), 7)
+        assert (await processor.process([rec])).charged == 1
+
+    await late_call("old", "old-c", "2026-10-20T10:00:00+00:00", 120)  # October: no invoice
+    world.at("2026-12-01T06:05:00+00:00")
+    await world.invoices.run(NOV)
+    nov = await world.invoices.get("acc", (await world.invoices.listed("acc"))[0].id)
+    assert nov is not None and all(ln.late_for == "" for ln in nov.lines)
+    world.at("2026-12-02T09:00:00+00:00")
+    await late_call("acc", "late-1", "2026-11-30T23:58:00+00:00", 90)  # after November's invoice
+    await late_call("acc", "dec-1", "2026-12-02T08:00:00+00:00", 61)  # December's own
+    world.at("2027-01-01T06:05:00+00:00")
+    await world.invoices.run("2026-12")
+    dec = await world.invoices.get("acc", (await world.invoices.listed("acc"))[0].id)
+    assert dec is not None and dec.period == "2026-12"
+    late = [ln for ln in dec.lines if ln.late_for]
+    [one] = late
+    assert (one.kind, one.late_for, one.quantity) == ("call_outbound", NOV, 90)
+    assert one.description == "Outbound minutes, late from 2026-11"
+    world.at("2027-01-05T09:00:00+00:00")
+    await late_call("acc", "late-2", "2026-11-15T08:00:00+00:00", 30)  # later still
+    world.at("2027-02-01T06:05:00+00:00")
+    assert await world.invoices.run("2027-01") == {}  # nothing of January: no invoice
+    world.at("2027-03-03T09:00:00+00:00")
+    await late_call("acc", "mar-1", "2027-03-03T08:00:00+00:00", 61)
+    world.at("2027-04-01T06:05:00+00:00")
+    await world.invoices.run("2027-03")
+    mar = await world.invoices.get("acc", (await world.invoices.listed("acc"))[0].id)
+    assert mar is not None and mar.period == "2027-03"
+    billed, charged = await pool.fetchrow(
+        "SELECT quantity, -amount FROM ledger WHERE account_id = 'acc' AND ref = 'late-2'"
+    )
+    assert [(ln.late_for, ln.quantity, ln.amount) for ln in mar.lines if ln.late_for] == [
+        (NOV, billed, charged)
+    ]
+    # invoiced once: November's lines over all invoices are the ledger's November
+    invoiced_nov = await pool.fetchval(
+        "SELECT sum(l.amount) FROM invoice_lines l JOIN invoices i ON i.id = l.invoice_id"
+        " WHERE i.account_id = 'acc' AND (l.late_for = $1 OR (l.late_for = '' AND i.period = $1))",
+        NOV,
+    )
+    assert invoiced_nov == await world.ledger_month("acc", NOV)
+    world.at("2027-04-02T09:00:00+00:00")
+    await late_call("acc", "apr-1", "2027-04-02T08:00:00+00:00", 61)
+    world.at("2027-05-01T06:05:00+00:00")
+    await world.invoices.run("2027-04")
+    apr = await world.invoices.get("acc", (await world.invoices.listed("acc"))[0].id)
+    assert apr is not None and apr.period == "2027-04"
+    assert not any(ln.late_for for ln in apr.lines)  # nothing late twice
+    # the account whose October has no invoice: its first (November's) has no late line
+    for inv in await world.invoices.listed("old"):
+        got = await world.invoices.get("old", inv.id)
+        assert got is not None and not any(ln.late_for for ln in got.lines)
+    assert (await reconcile(pool, world.conns.balances)).ok
+
+
+async def _catalog(world: World) -> Catalog:
+    catalog = Catalog(world.conns.pool)
+    await catalog.refresh()
+    return catalog
