@@ -82,6 +82,7 @@ class Draw:
     ended: int  # the hangup event's time, unix s
     billed_s: int
     drawn_s: int
+    recorded: int = 0  # when the ledger recorded it (its batch's time), unix s
 
 
 @dataclass(slots=True)
@@ -181,6 +182,22 @@ def replay_bucket(
     ]
 
 
+def _previous_periods(periods: dict[int, int], draws: list[Draw]) -> None:
+    """Add to ``periods`` the grants debit.lua created for calls of the month before: a call
+    answered in a month and drawing in the next one's first day draws on the month it was
+    answered in, whose grant debit.lua creates then if no charge of that month had
+    (``PlanPeriod.previous_start``). Its answer is taken as ``replay_bucket`` takes it."""
+    for d in draws:
+        start = month_period(d.recorded)[0]
+        if not start <= d.recorded < start + GRANT_KEEP_S:
+            continue
+        answered = d.ended - d.billed_s
+        if answered < start:
+            prev = month_period(answered)[0]
+            if prev == month_period(start - 1)[0]:
+                periods[prev] = min(periods.get(prev, d.entry_id), d.entry_id)
+
+
 async def rebuild_buckets(
     conn: asyncpg.Pool | asyncpg.Connection, plans: Mapping[str, int], *, now: int
 ) -> dict[str, str]:
@@ -218,14 +235,20 @@ async def rebuild_buckets(
     )
     draws: dict[str, list[Draw]] = {}
     for r in await conn.fetch(
-        "SELECT l.account_id, l.entry_id, l.event_time, l.quantity, l.included_s"
+        "SELECT l.account_id, l.entry_id, l.event_time, l.quantity, l.included_s, l.recorded_at"
         " FROM unnest($1::text[], $2::timestamptz[]) AS w(account_id, since)"
         " JOIN ledger l ON l.account_id = w.account_id AND l.event_time >= w.since"
         " WHERE l.kind = 'call' AND l.included_s > 0",
         *window,
     ):
         draws.setdefault(r["account_id"], []).append(
-            Draw(r["entry_id"], int(r["event_time"].timestamp()), r["quantity"], r["included_s"])
+            Draw(
+                r["entry_id"],
+                int(r["event_time"].timestamp()),
+                r["quantity"],
+                r["included_s"],
+                int(r["recorded_at"].timestamp()),
+            )
         )
     periods: dict[str, dict[int, int]] = {}
     with_plan = [a for a in since if plans[a]]
@@ -243,6 +266,8 @@ async def rebuild_buckets(
         ):
             start = int(r["month"].replace(tzinfo=UTC).timestamp())
             periods.setdefault(r["account_id"], {})[start] = r["first"]
+        for a in with_plan:
+            _previous_periods(periods.setdefault(a, {}), draws.get(a, []))
     out = {}
     for a in since:
         grants = replay_bucket(

@@ -139,16 +139,22 @@ async def test_a_flushed_bucket_is_rebuilt_from_postgres_exactly(
 
     before = state(await conns.balances.bucket("flat"))
     drawn = await conns.pool.fetchval("SELECT sum(included_s) FROM ledger WHERE ref LIKE 'c%'")
-    # c0, answered before the bundles, draws on the month's grant only if it was answered in
-    # this month: in its first two hours it was the last month's, which had no grant (no
-    # charge then), so it draws nothing
-    c0_in_month = now - 7_160 >= month_period(now)[0]
-    assert drawn == (540 if c0_in_month else 480) and "bs1" not in before  # short: spent
-    assert sum(r for r, _, _ in before.values()) == 300 + 120 + 600 - drawn
+    # c0, answered before the bundles, draws on the month's grant if it was answered in this
+    # month; in the month's first two hours it was the last month's, and draws on that month's
+    # allowance (its grant created for it: no charge of that month had)
+    start = month_period(now)[0]
+    c0_in_month = now - 7_160 >= start
+    last_month = f"p{month_period(start - 1)[0]}"
+    assert drawn == 540 and "bs1" not in before  # short: spent
+    assert (last_month in before) is not c0_in_month
+    assert sum(r for r, _, _ in before.values()) == (
+        300 + 120 + 600 + (0 if c0_in_month else 300) - drawn
+    )
     balance = (await conns.balances.get("flat")).balance  # type: ignore[union-attr]
 
     await conns.redis.flushall()
     assert await load_into_redis(conns.pool, conns.balances, ["flat"], now=now) == ["flat"]
+    # last month's grant too, created this month for the calls of last month
     assert state(await conns.balances.bucket("flat")) == before
     st = await conns.balances.get("flat")
     assert st is not None and st.balance == balance
