@@ -20,12 +20,15 @@ may still be made, as with any timed-out ``reserve``.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final
 
+from balance import scripts
 from balance.errors import OutcomeUnknown
 from balance.store import RedisBalances
 from balance.values import PlanPeriod, Reservation, ReservationRequest, Tariff
+from balance.wire import WireReservations, wire_for
 from contracts.events import Direction
 from infra.redisclient import RedisClient
 
@@ -73,6 +76,43 @@ class CoalescingBalances(RedisBalances):
         self._inflight = 0
         self._queue: list[_Queued] = []
         self._tasks: set[asyncio.Task[None]] = set()  # the loop keeps only weak references
+        # On a single node, reservations skip redis-py (balance.wire); a cluster keeps it.
+        wire = wire_for(client)
+        self._wire = wire
+        self._lean = None
+        if wire is not None:
+            self._lean = WireReservations(wire, scripts.source("reserve.lua"), self._reserve.sha)
+
+    async def aclose(self) -> None:
+        """Close the reservations' own connection (the client is the caller's to close)."""
+        if self._wire is not None:
+            await self._wire.aclose()
+
+    async def reserve_many(
+        self,
+        calls: Sequence[ReservationRequest],
+        *,
+        now_s: int,
+        grant_s: int,
+        grace_s: int,
+        max_s: int,
+        force: bool = False,
+        plans: Mapping[str, PlanPeriod] | None = None,
+    ) -> list[Reservation]:
+        """``RedisBalances.reserve_many``, over ``balance.wire`` where the client allows."""
+        if self._lean is None or force:
+            return await super().reserve_many(
+                calls,
+                now_s=now_s,
+                grant_s=grant_s,
+                grace_s=grace_s,
+                max_s=max_s,
+                force=force,
+                plans=plans,
+            )
+        return await self._lean.reserve_many(
+            calls, now_s=now_s, grant_s=grant_s, grace_s=grace_s, max_s=max_s, plans=plans or {}
+        )
 
     async def reserve(
         self,

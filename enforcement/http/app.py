@@ -106,6 +106,7 @@ async def connect_api(settings: Settings) -> AsyncIterator[ApiServices]:
     sink: KafkaEvents | NoBroker = NoBroker()
     if settings.kafka_bootstrap:
         sink = KafkaEvents(settings.kafka_bootstrap)
+    balances: CoalescingBalances | None = None
     try:
         await warm_up(r)  # a cluster's layout before the first burst of authorizations
         if isinstance(sink, KafkaEvents):
@@ -146,6 +147,8 @@ async def connect_api(settings: Settings) -> AsyncIterator[ApiServices]:
         )
     finally:
         await sink.close()
+        if balances is not None:
+            await balances.aclose()
         await r.aclose()
         await pool.close()
 
