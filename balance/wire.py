@@ -31,7 +31,7 @@ from redis.exceptions import ResponseError
 
 from balance import keys, replies
 from balance.errors import StoreBusy, map_error
-from balance.values import PlanPeriod, Reservation, ReservationRequest
+from balance.values import PlanPeriod, Reservation, ReservationRequest, Tariff
 
 
 def pack(*args: bytes | str | int) -> bytes:
@@ -41,6 +41,10 @@ def pack(*args: bytes | str | int) -> bytes:
         b = a if isinstance(a, bytes) else (a.encode() if isinstance(a, str) else b"%d" % a)
         out.append(b"$%d\r\n%s\r\n" % (len(b), b))
     return b"".join(out)
+
+
+def _bulk(b: bytes) -> bytes:
+    return b"$%d\r\n%s\r\n" % (len(b), b)
 
 
 class ReserveWire:
@@ -147,33 +151,35 @@ class WireReservations:
     ) -> list[Reservation]:
         if not calls:
             return []
-        first_expiry = b"%d" % (now_s + grant_s + grace_s)
-        shared = [b"%d" % now_s, b"%d" % grant_s, b"%d" % grace_s, b"%d" % max_s]
+        # What every call of the batch shares is packed once: the ZADD's head, EVALSHA's
+        # head and the grant parameters; per call, only its own arguments.
+        zadd = pack(b"ZADD", keys.RESERVATION_EXPIRY, b"GT", now_s + grant_s + grace_s)
+        zadd = b"*5" + zadd[2:]  # one more argument follows: the member
+        evalsha = b"*17\r\n" + pack(b"EVALSHA", self._sha, b"2")[4:]
+        shared = pack(now_s, grant_s, grace_s, max_s)[4:]
+        tariffs: dict[Tariff, bytes] = {}
         out = []
         for c in calls:
             t = c.tariff
             acct = c.account_id
-            member = f"{acct}\x00{c.call_id}".encode()
-            out.append(pack(b"ZADD", keys.RESERVATION_EXPIRY, b"GT", first_expiry, member))
+            tariff = tariffs.get(t)
+            if tariff is None:
+                tariff = tariffs[t] = pack(
+                    t.rate_per_min, t.connect_fee, t.initial_s, t.subsequent_s, b"0"
+                )[4:]
             plan = plans.get(acct)
-            out.append(
-                pack(
-                    b"EVALSHA",
-                    self._sha,
-                    b"2",
-                    keys.account(acct),
-                    keys.reservations(acct),
-                    c.call_id,
-                    c.direction,
-                    *shared,
-                    t.rate_per_min,
-                    t.connect_fee,
-                    t.initial_s,
-                    t.subsequent_s,
-                    b"0",
-                    replies.plan_line(plan) if plan else b"",
-                )
-            )
+            out += [
+                zadd,
+                _bulk(f"{acct}\x00{c.call_id}".encode()),
+                evalsha,
+                _bulk(keys.account(acct).encode()),
+                _bulk(keys.reservations(acct).encode()),
+                _bulk(c.call_id.encode()),
+                _bulk(c.direction.encode()),
+                shared,
+                tariff,
+                _bulk(replies.plan_line(plan).encode() if plan else b""),
+            ]
         packed = b"".join(out)
         raw = await self._run(packed, 2 * len(calls))
         results = [replies.decode_reservation(r) for r in raw[1::2]]

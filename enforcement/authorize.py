@@ -32,6 +32,7 @@ from typing import Final, Literal, get_args
 
 from redis.exceptions import RedisError
 
+from balance.coalesce import CoalescingBalances
 from balance.errors import BalanceStoreError
 from balance.protocol import BalanceStore
 from balance.values import PlanPeriod, Reservation, Tariff
@@ -212,6 +213,20 @@ class Authorizer:
         deadline: float,
     ) -> Reservation:
         try:
+            if isinstance(self._balances, CoalescingBalances):
+                # Bounded by the store's one deadline timer, not a timer per call.
+                return await self._balances.reserve(
+                    req.account_id,
+                    req.call_id,
+                    req.direction,
+                    tariff,
+                    now_s=now_s,
+                    grant_s=self._grant_s,
+                    grace_s=self._grace_s,
+                    max_s=self._max_s,
+                    plan=plan,
+                    deadline=deadline,
+                )
             async with asyncio.timeout_at(deadline):
                 return await self._balances.reserve(
                     req.account_id,

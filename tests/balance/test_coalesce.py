@@ -200,3 +200,45 @@ async def test_an_error_reply_fails_its_batch_as_refused(client: aioredis.Redis)
         await client.delete(keys.RESERVATION_EXPIRY)
     assert (await reserve(b, "a", "c1")).decision == "allow"  # the connection is still good
     await b.aclose()
+
+
+async def test_each_callers_deadline_ends_its_wait_whatever_the_order() -> None:
+    """A hung Redis: each caller's own deadline ends its wait (TimeoutError), the early ones
+    first even when they came last; the one timer is re-armed for the next deadline."""
+    held: list[asyncio.StreamWriter] = []
+
+    async def swallow(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+
+    server = await asyncio.start_server(swallow, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    r = aioredis.Redis.from_url(f"redis://127.0.0.1:{port}/0")
+    try:
+        b = CoalescingBalances(r, timeout_s=30)
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        ended: dict[str, float] = {}
+
+        async def one(name: str, after_s: float) -> None:
+            with pytest.raises(TimeoutError):
+                await b.reserve(
+                    "a", name, "outbound", UK, now_s=NOW, grant_s=300, grace_s=60,
+                    max_s=14_400, deadline=t0 + after_s,
+                )  # fmt: skip
+            ended[name] = loop.time() - t0
+
+        await asyncio.gather(one("late", 0.6), one("early", 0.2), one("mid", 0.4))
+        assert ended["early"] < ended["mid"] < ended["late"] < 1.5
+        assert abs(ended["early"] - 0.2) < 0.15
+        assert not b._deadlines and b._watchdog is None
+        while b._tasks:  # the round trips themselves still wait (their own 30 s bound)
+            for t in list(b._tasks):
+                t.cancel()
+            await asyncio.gather(*b._tasks, return_exceptions=True)
+            await asyncio.sleep(0)
+    finally:
+        await r.aclose()
+        for w in held:
+            w.close()
+        server.close()
+        await server.wait_closed()
