@@ -2,7 +2,9 @@
 
 Each ``reserve`` through redis-py costs this service far more client CPU than Redis time:
 building a pipeline, checking its script is loaded, a round trip (about 330 µs per call on the
-2-core machine of the benchmark, against 75 µs each when 64 go together). ``CoalescingBalances``
+2-core machine of the benchmark, against 75 µs each when 64 go together); on a single node the
+batches go over ``balance.wire`` instead (RESP by hand, no script check per batch), and a
+cluster keeps redis-py's pipeline. ``CoalescingBalances``
 answers ``reserve`` exactly as ``RedisBalances`` does; while fewer than ``max_inflight`` round
 trips are out, a call goes at once, and beyond that calls wait together and go as the next
 ``reserve_many``. At low load nothing changes; under load the batches grow by

@@ -36,8 +36,9 @@ PostgreSQL is away. Other PostgreSQL work is bounded by ``infra.http.bounds.DB_T
 Speed (``meter bench authorize``): ``POST /v1/authorizations`` is answered by a plain ASGI
 handler in front of FastAPI (``enforcement.http.fastpath.AuthorizeFastPath``) with the same
 functions as the FastAPI route that documents it, since the framework's layers cost more than
-the authorization itself; and concurrent reservations share Redis round trips
-(``balance.coalesce``).
+the authorization itself; under ``meter run api`` it is answered below ASGI, in uvicorn's
+protocol (``enforcement.http.fastproto``); and concurrent reservations share Redis round trips
+(``balance.coalesce``) on a connection of their own (``balance.wire``).
 """
 
 from __future__ import annotations

@@ -1,5 +1,7 @@
 """``AuthorizeFastPath``: ``POST /v1/authorizations`` answered in plain ASGI, in front of the
-FastAPI app (``meter bench authorize`` measures it)."""
+FastAPI app; ``meter run api`` answers it lower still, in uvicorn's protocol, with the same
+``AuthorizeFastPath.answer`` (``enforcement.http.fastproto``; ``meter bench authorize``
+measures that)."""
 
 from __future__ import annotations
 
