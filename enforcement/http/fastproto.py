@@ -60,6 +60,7 @@ def authorize_protocol(fast: AuthorizeFastPath) -> type[HttpToolsProtocol]:
                 or parser.get_method() != b"POST"
                 or parser.get_http_version() != "1.1"
                 or parser.should_upgrade()
+                or self.expect_100_continue  # uvicorn's cycle answers "100 Continue"
                 or not (previous is None or previous.response_complete)
             ):
                 super().on_headers_complete()
@@ -94,6 +95,8 @@ def authorize_protocol(fast: AuthorizeFastPath) -> type[HttpToolsProtocol]:
 
         async def _answer(self, ex: _Exchange, header: bytes | None, body: bytes | None) -> None:
             status, extra, payload = await fast.answer(header, body)
+            if self.flow.write_paused and not ex.disconnected:
+                await self.flow.drain()  # a client that does not read its answers waits
             if ex.disconnected or self.transport.is_closing():
                 return
             head: list[bytes] = [STATUS_LINE[status]]

@@ -133,3 +133,22 @@ async def test_connection_close_is_honoured(api: Api) -> None:
             )
     assert (status, hdrs["connection"]) == (200, "close")
     assert r.status_code == 200 and r.json()["decision"] == "allow"
+
+
+async def test_expect_100_continue_is_answered_before_the_body(api: Api) -> None:
+    await api.seed("acc_1", balance="5.00")
+    headers = await api.key("acc_1", "service")
+    key = headers["Authorization"].split()[1]
+    body = orjson.dumps(call(call_id="e1", to=UK))
+    async with serving(api) as port:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            head = _request(body, key).split(b"\r\n\r\n")[0]
+            writer.write(head + b"\r\nexpect: 100-continue\r\n\r\n")
+            interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            assert interim.startswith(b"HTTP/1.1 100")
+            writer.write(body)
+            [(status, _, raw)] = await asyncio.wait_for(_responses(reader, 1), 5)
+        finally:
+            writer.close()
+    assert status == 200 and orjson.loads(raw)["reservation_id"] == "acc_1:e1"
