@@ -48,6 +48,7 @@ APPLIED_SUFFIX: Final = ":ev:"
 OUTBOX_SUFFIX: Final = ":out"
 CREDITS_SUFFIX: Final = ":cr"
 RESERVATIONS_SUFFIX: Final = ":rsv"
+HOLDERS_SUFFIX: Final = ":rsvh"
 
 
 def applied(account_id: str, day: int) -> str:
@@ -69,6 +70,14 @@ def credits(account_id: str) -> str:
 def reservations(account_id: str) -> str:
     """Hash of live reservations: field = call_id, value = see ``balance/lua/reserve.lua``."""
     return tag(account_id) + RESERVATIONS_SUFFIX
+
+
+def holders(account_id: str) -> str:
+    """Hash indexing the reservations that may hold minute-bucket seconds: field = call_id
+    (value "1") of every live reservation and every closed one still holding seconds, plus
+    the field "" (the index exists, even empty); kept only while the account's bucket gives
+    seconds. ``balance/lua/lib/free_seconds.lua`` keeps it and says why."""
+    return tag(account_id) + HOLDERS_SUFFIX
 
 
 #: Sorted set of every live reservation, ``account_id NUL call_id`` scored by when it expires.

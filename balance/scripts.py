@@ -76,6 +76,7 @@ def keys_fragment() -> str:
         f"local OUTBOX_SUFFIX = '{keys.OUTBOX_SUFFIX}'\n"
         f"local CREDITS_SUFFIX = '{keys.CREDITS_SUFFIX}'\n"
         f"local RESERVATIONS_SUFFIX = '{keys.RESERVATIONS_SUFFIX}'\n"
+        f"local HOLDERS_SUFFIX = '{keys.HOLDERS_SUFFIX}'\n"
     )
 
 

@@ -29,6 +29,7 @@ from starlette.types import ASGIApp
 from enforcement.http import app as enforcement_app
 from enforcement.http import services as enforcement_services
 from enforcement.http.fastpath import AuthorizeFastPath
+from enforcement.http.fastproto import authorize_protocol
 from enforcement.http.services import ApiServices
 from infra.settings import Settings
 from infra.stack import running_stack
@@ -122,11 +123,13 @@ class ApiServer(uvicorn.Server):
 
 
 def server_for(app: ASGIApp, host: str, port: int) -> ApiServer:
+    """uvicorn (httptools) serving ``app``; an ``AuthorizeFastPath`` gets the protocol that
+    answers its route below ASGI (``enforcement.http.fastproto``)."""
     config = uvicorn.Config(
         app,
         host=host,
         port=port,
-        http="httptools",
+        http=authorize_protocol(app) if isinstance(app, AuthorizeFastPath) else "httptools",
         lifespan="on",
         access_log=False,  # one log line per authorization would cost more than the answer
         log_config=None,  # keep the process's own logging setup

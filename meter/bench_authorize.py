@@ -15,7 +15,12 @@ keep-alive loopback connections.
 2. a ladder of rising rates, a few seconds each, until p99 exceeds 2 ms or a request fails
    (twice): the highest rate held;
 3. ``rate`` req/s for ``main_s`` seconds: p50 / p99 / p99.9, and the server's CPU time per
-   authorization. All load together stays within ``seconds``.
+   authorization (``server_cpu_us_per_request``), Redis's (``redis_cpu_us_per_request``,
+   from ``INFO cpu``); each step's own server CPU is in its figures too. All load together
+   stays within ``seconds``;
+4. the minute bucket's cost: Redis time of one ``reserve.lua`` call for an account with plan
+   minutes, five live calls and ``BUCKET_MARKERS`` closed calls' markers
+   (``bucket_redis_us_per_reserve``, from ``INFO commandstats``).
 """
 
 from __future__ import annotations
@@ -37,8 +42,10 @@ from typing import Any
 import orjson
 from starlette.types import Receive, Scope, Send
 
+from balance import keys
 from balance.accounts import AccountSpec, create_accounts, put_price_list
 from balance.store import RedisBalances
+from balance.values import PlanPeriod, Tariff
 from infra.db import create_pool
 from infra.http.api_keys import ApiKeys
 from infra.settings import Settings
@@ -215,6 +222,11 @@ def _cpu_s(pid: int) -> float:
     return total / 1e9
 
 
+def _per(cpu_s: float, n: int) -> float | None:
+    """Microseconds per request (None where unknown)."""
+    return round(cpu_s / n * 1e6, 1) if n and math.isfinite(cpu_s) else None
+
+
 def _ms(seconds: float) -> float | None:
     """Milliseconds, or None (JSON null) where unanswered requests make it infinite."""
     return round(seconds * 1000, 3) if math.isfinite(seconds) else None
@@ -224,7 +236,9 @@ def _fmt(ms: float | None, digits: int = 2) -> str:
     return "inf" if ms is None else f"{ms:.{digits}f}"
 
 
-def _figures(r: StepResult) -> dict[str, Any]:
+def _figures(r: StepResult, cpu_s: float | None = None) -> dict[str, Any]:
+    """A step's figures; ``cpu_s``: the CPU seconds its server spent on it."""
+    cpu = {} if cpu_s is None else {"server_cpu_us_per_request": _per(cpu_s, r.scheduled)}
     return {
         "rate": r.rate,
         "requests": r.scheduled,
@@ -238,7 +252,7 @@ def _figures(r: StepResult) -> dict[str, Any]:
         "max_ms": _ms(r.latencies[-1]) if r.latencies else None,
         "send_delay_p99_ms": _ms(r.delay_percentile(0.99)),
         "achieved_rate": round(r.scheduled / r.elapsed_s) if r.elapsed_s else 0,
-    }
+    } | cpu
 
 
 def _line(label: str, r: StepResult) -> str:
@@ -276,6 +290,53 @@ async def _seed(s: Settings, n_accounts: int) -> tuple[list[str], str]:
     return ids, key
 
 
+async def _redis_cpu_s(s: Settings) -> float:
+    """CPU seconds the bench's Redis has run (``INFO cpu``, user and system)."""
+    r = redis_client(s)
+    try:
+        info = await r.info("cpu")
+    finally:
+        await r.aclose()
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+
+#: Closed calls' markers in the reservations hash of the bucket's account (a busy day's).
+BUCKET_MARKERS = 2_000
+
+
+async def _bucket_cost(s: Settings) -> float | None:
+    """Redis time (µs) per ``reserve.lua`` call of an account with plan minutes, five calls
+    live and ``BUCKET_MARKERS`` calls hung up today (debit.lua's markers), from ``INFO
+    commandstats`` (nothing else runs then)."""
+    r = redis_client(s)
+    b = RedisBalances(r)
+    account = f"bench_bucket_{int(time.time())}"
+    now = int(time.time())
+    plan = PlanPeriod(10_000_000, now - 3_600, now + 86_400)
+    marker = f"0|0|{now + 86_400}|0|0|1|1|0|-1"
+    rsv = keys.reservations(account)
+    try:
+        await b.create_account(account, balance=10**12, credit_limit=0, low_threshold=0)
+        await r.hset(rsv, mapping={f"old{i}": marker for i in range(BUCKET_MARKERS)})
+        n, us = 0, 0.0
+        for i in range(205):
+            before = (await r.info("commandstats")).get("cmdstat_evalsha", {})
+            await b.reserve(
+                account, f"c{i}", "outbound", Tariff(10_000), now_s=now, grant_s=300,
+                grace_s=60, max_s=14_400, plan=plan,
+            )  # fmt: skip
+            after = (await r.info("commandstats"))["cmdstat_evalsha"]
+            if i >= 5:  # the first calls count the account once (its live calls, its index)
+                n += after["calls"] - before.get("calls", 0)
+                us += after["usec"] - before.get("usec", 0)
+                await r.hset(rsv, f"c{i - 5}", marker)  # the oldest live call hangs up
+        return round(us / n, 1) if n else None
+    finally:
+        await r.delete(keys.account(account), rsv, keys.holders(account))
+        await r.zrem(keys.RESERVATION_EXPIRY, *(f"{account}\x00c{i}" for i in range(205)))
+        await r.aclose()
+
+
 async def run_bench_authorize(
     settings: Settings, n_accounts: int, rate: int, seconds: float, out: Path | None
 ) -> int:
@@ -295,8 +356,10 @@ async def run_bench_authorize(
         )
         port = _free_port()
         reqs = AuthorizationRequests(port, key, accounts)
-        async with _floor_process(root, port):
+        async with _floor_process(root, port) as floor_pid:
+            c0 = _cpu_s(floor_pid)
             floor = await run_step(host, port, reqs.make(int(rate * floor_s)), rate, marker=_ALLOW)
+            floor_cpu = _cpu_s(floor_pid) - c0
             budget -= floor.elapsed_s
             _say(_line(f"floor: bare uvicorn answering a constant, {rate} req/s", floor))
         async with _api_process(s, root, port) as pid:
@@ -311,7 +374,7 @@ async def run_bench_authorize(
                 f"  warm-up: every account once in {warm.elapsed_s:.1f} s "
                 f"({warm.errors + warm.unanswered} failed)"
             )
-            steps: list[StepResult] = []
+            steps: list[tuple[StepResult, float]] = []
             held = 0
             ladder_budget = budget - main_s - 5.0  # the main run, and its drain, come last
             for step_rate in _LADDER:
@@ -320,12 +383,13 @@ async def run_bench_authorize(
                     if ladder_budget < _STEP_S:
                         break
                     await asyncio.sleep(0.5)  # a pause between steps
+                    c0 = _cpu_s(pid)
                     r = await run_step(
                         host, port, reqs.make(int(step_rate * _STEP_S)), step_rate, marker=_ALLOW
                     )
                     ladder_budget -= r.elapsed_s
                     budget -= r.elapsed_s
-                    steps.append(r)
+                    steps.append((r, _cpu_s(pid) - c0))
                     ok = _held(r)
                     _say(_line(f"ladder {step_rate:>6} req/s", r) + ("" if ok else "  -> missed"))
                     if ok:
@@ -336,27 +400,39 @@ async def run_bench_authorize(
                         _say(f"  ladder stopped: load budget of {seconds:.0f} s used")
                     break
             await asyncio.sleep(0.5)
-            cpu0 = _cpu_s(pid)
+            cpu0, redis0 = _cpu_s(pid), await _redis_cpu_s(s)
             main = await run_step(host, port, reqs.make(int(rate * main_s)), rate, marker=_ALLOW)
-            cpu_us = (_cpu_s(pid) - cpu0) / main.scheduled * 1e6
+            main_cpu = _cpu_s(pid) - cpu0
+            redis_cpu = await _redis_cpu_s(s) - redis0
+            cpu_us = main_cpu / main.scheduled * 1e6
             budget -= main.elapsed_s
             verdict = "met" if _held(main) else "NOT met"
             _say(_line(f"{rate} req/s for {main_s:.0f} s", main) + f"  -> target {verdict}")
             _say(
                 f"  server CPU per authorization at {rate} req/s: {cpu_us:.0f} µs "
-                f"(one core: {1e6 / cpu_us:,.0f} req/s at most)"
+                f"(one core: {1e6 / cpu_us:,.0f} req/s at most); Redis's: "
+                f"{_per(redis_cpu, main.scheduled)} µs; the floor server's per request: "
+                f"{_per(floor_cpu, floor.scheduled)} µs"
             )
         _say(f"  highest rate held with p99 <= {P99_TARGET_S * 1000:.0f} ms: {held} req/s")
+        bucket_us = await _bucket_cost(s)
+        _say(
+            f"  reserve.lua with plan minutes, 5 live calls and {BUCKET_MARKERS} closed calls' "
+            f"markers: {bucket_us} µs of Redis per call"
+        )
         figures = {
             "accounts": n_accounts,
             "server": "meter run api (uvicorn, uvloop, httptools, 1 process)",
             "cpus": os.cpu_count(),
             "target_p99_ms": P99_TARGET_S * 1000,
-            "floor": _figures(floor),
-            "main": _figures(main),
+            "floor": _figures(floor, floor_cpu),
+            "main": _figures(main, main_cpu),
             "target_met": _held(main),
             "server_cpu_us_per_request": round(cpu_us),
-            "ladder": [_figures(r) | {"held": _held(r)} for r in steps],
+            "redis_cpu_us_per_request": _per(redis_cpu, main.scheduled),
+            "bucket_markers": BUCKET_MARKERS,
+            "bucket_redis_us_per_reserve": bucket_us,
+            "ladder": [_figures(r, c) | {"held": _held(r)} for r, c in steps],
             "max_rate_held": held,
             "load_s": round(seconds - budget, 1),
         }

@@ -136,6 +136,13 @@ class Catalog:
             if missing:
                 await self._fetch(missing)
 
+    def cached(self, account_id: str) -> AccountRating | None:
+        """The account's rating when it is cached and no version check is due, without
+        waiting for anything; None: ask ``lookup``."""
+        if time.monotonic() >= self._next_check:
+            return None
+        return self._accounts.get(account_id)
+
     async def lookup(self, account_id: str) -> AccountRating | None:
         """One account's rating (None: no such account), for a caller with a deadline: wrap
         the call in ``asyncio.timeout``; see the module docstring for what it waits for.

@@ -4,6 +4,7 @@
 --
 -- KEYS[1] account hash (bal, res, cl, st, min, hr, mc, lc, ...; balance/keys.py account)
 -- KEYS[2] reservations hash (keys.reservations): field = call_id, value = see RSV below
+--          (and its holders index, keys.holders, of the same hash tag: lib/free_seconds.lua)
 -- ARGV[1] call_id      ARGV[2] direction ("inbound" | "outbound")   ARGV[3] now (unix s)
 -- ARGV[4] grant_s      seconds to reserve up front (e.g. 300)
 -- ARGV[5] grace_s      a reservation not closed by then + grace_s is swept
@@ -87,7 +88,7 @@ end
 if barred and not force then
   return {'deny', barred, 0, 0, 0, 0, 0}
 end
-local free = bucket_free(KEYS[2], f[5], plan, now, 0)
+local free, listed = bucket_free(KEYS[2], f[5], plan, now, 0)
 local d = affordable(avail, free, rate, fee, initial, subsequent, max_s)
 if not barred and d == 0 and direction ~= 'inbound' then
   barred = 'insufficient_credit'
@@ -113,5 +114,6 @@ if reserved > 0 then
 end
 redis.call('HSET', KEYS[2], call_id, string.format('%d|%d|%d|%d|%d|%d|%d|0|0|%d', reserved,
   granted, expires_at, rate, fee, initial, subsequent, held))
+list_holder(KEYS[2], call_id, listed) -- it may hold seconds now or after progress
 redis.call('HSET', KEYS[1], 'lc', string.format('%d', live + 1))
 return {'allow', 'ok', d, reserved, granted, expires_at, held}

@@ -36,8 +36,9 @@ PostgreSQL is away. Other PostgreSQL work is bounded by ``infra.http.bounds.DB_T
 Speed (``meter bench authorize``): ``POST /v1/authorizations`` is answered by a plain ASGI
 handler in front of FastAPI (``enforcement.http.fastpath.AuthorizeFastPath``) with the same
 functions as the FastAPI route that documents it, since the framework's layers cost more than
-the authorization itself; and concurrent reservations share Redis round trips
-(``balance.coalesce``).
+the authorization itself; under ``meter run api`` it is answered below ASGI, in uvicorn's
+protocol (``enforcement.http.fastproto``); and concurrent reservations share Redis round trips
+(``balance.coalesce``) on a connection of their own (``balance.wire``).
 """
 
 from __future__ import annotations
@@ -106,6 +107,7 @@ async def connect_api(settings: Settings) -> AsyncIterator[ApiServices]:
     sink: KafkaEvents | NoBroker = NoBroker()
     if settings.kafka_bootstrap:
         sink = KafkaEvents(settings.kafka_bootstrap)
+    balances: CoalescingBalances | None = None
     try:
         await warm_up(r)  # a cluster's layout before the first burst of authorizations
         if isinstance(sink, KafkaEvents):
@@ -146,6 +148,8 @@ async def connect_api(settings: Settings) -> AsyncIterator[ApiServices]:
         )
     finally:
         await sink.close()
+        if balances is not None:
+            await balances.aclose()
         await r.aclose()
         await pool.close()
 

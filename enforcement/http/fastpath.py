@@ -1,5 +1,7 @@
 """``AuthorizeFastPath``: ``POST /v1/authorizations`` answered in plain ASGI, in front of the
-FastAPI app (``meter bench authorize`` measures it)."""
+FastAPI app; ``meter run api`` answers it lower still, in uvicorn's protocol, with the same
+``AuthorizeFastPath.answer`` (``enforcement.http.fastproto``; ``meter bench authorize``
+measures that)."""
 
 from __future__ import annotations
 
@@ -62,29 +64,44 @@ class AuthorizeFastPath:
         if scope["type"] != "http" or scope["path"] != AUTHORIZATIONS or scope["method"] != "POST":
             await self.app(scope, receive, send)
             return
-        extra: dict[str, str] = {}
+        header = None
+        for name, value in scope["headers"]:
+            if name == b"authorization":
+                header = value
+                break
         try:
-            services: ApiServices = self.app.state.services
-            deadline = authorize_deadline(services)
-            header = None
-            for name, value in scope["headers"]:
-                if name == b"authorization":
-                    header = value.decode("latin-1")
-                    break
-            key = await authenticate_by(services, header, deadline)
-            payload = await authorize_json(services, key, await _read_body(receive), deadline)
-            status = 200
-        except ApiError as e:
-            status, extra = e.status, e.headers
-            payload = errors.error_body(e.code, e.message, e.field)
+            status, extra, payload = await self.answer(header, receive)
         except _ClientGone:
             return
-        except Exception:
-            # What Starlette's ServerErrorMiddleware does for the other routes.
-            log.exception("authorization failed")
-            status, payload = 500, errors.error_body("internal", "internal error")
         headers = [_JSON, (b"content-length", b"%d" % len(payload))]
         headers += [(k.lower().encode(), v.encode()) for k, v in extra.items()]
         start: Message = {"type": "http.response.start", "status": status, "headers": headers}
         await send(start)
         await send({"type": "http.response.body", "body": payload})
+
+    async def answer(
+        self, header: bytes | None, body: Receive | bytes | None
+    ) -> tuple[int, dict[str, str], bytes]:
+        """The status, extra headers and JSON of an authorization whose ``Authorization``
+        header is ``header``; ``body``: the body, read here from ``receive`` when it is one,
+        or None when it was larger than ``MAX_BODY_BYTES``. Raises ``_ClientGone`` only."""
+        try:
+            services: ApiServices = self.app.state.services
+            deadline = authorize_deadline(services)
+            key = await authenticate_by(
+                services, None if header is None else header.decode("latin-1"), deadline
+            )
+            if body is None:
+                raise ApiError(
+                    413, "payload_too_large", f"the body exceeds {MAX_BODY_BYTES} bytes"
+                )
+            raw = body if isinstance(body, bytes) else await _read_body(body)
+            return 200, {}, await authorize_json(services, key, raw, deadline)
+        except ApiError as e:
+            return e.status, e.headers, errors.error_body(e.code, e.message, e.field)
+        except _ClientGone:
+            raise
+        except Exception:
+            # What Starlette's ServerErrorMiddleware does for the other routes.
+            log.exception("authorization failed")
+            return 500, {}, errors.error_body("internal", "internal error")

@@ -11,8 +11,9 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 import pytest
 import redis.asyncio as aioredis
 
+from balance import keys
 from balance.coalesce import CoalescingBalances
-from balance.errors import OutcomeUnknown
+from balance.errors import OutcomeUnknown, Refused
 from balance.values import PlanPeriod, Reservation, ReservationRequest, Tariff
 from tests.conftest import eventually
 
@@ -169,3 +170,75 @@ async def test_callers_that_give_up_never_cut_a_round_trip_short(client: aioredi
     # ... on a handful of connections: none was left checked out by a cancelled pipeline.
     assert (await client.info("clients"))["connected_clients"] <= before + 2
     assert (await reserve(b, "a", "after")).decision == "allow"
+
+
+async def test_reservations_survive_redis_losing_its_scripts(client: aioredis.Redis) -> None:
+    """The reservations' own connection calls reserve.lua by its SHA: after SCRIPT FLUSH (a
+    restart, a failover) it loads it on NOSCRIPT and sends the batch again, once."""
+    b = Counting(client)
+    await b.create_account("a", balance=10_000_000, credit_limit=0, low_threshold=0)
+    assert (await reserve(b, "a", "c1")).decision == "allow"
+    await client.script_flush()
+    out = await asyncio.gather(*(reserve(b, "a", f"c{i}") for i in range(2, 40)))
+    assert {r.decision for r in out} == {"allow"}
+    assert len(await b.reservations("a")) == 39
+    again = await reserve(b, "a", "c1")  # the first answer, not a second reservation
+    assert (again.decision, again.granted_s) == ("allow", 300)
+    assert len(await b.reservations("a")) == 39
+    await b.aclose()
+
+
+async def test_an_error_reply_fails_its_batch_as_refused(client: aioredis.Redis) -> None:
+    b = CoalescingBalances(client)
+    await b.create_account("a", balance=10_000_000, credit_limit=0, low_threshold=0)
+    await client.delete(keys.RESERVATION_EXPIRY)
+    await client.set(keys.RESERVATION_EXPIRY, "not a sorted set")  # ZADD answers WRONGTYPE
+    try:
+        with pytest.raises(Refused):
+            await reserve(b, "a", "c1")
+    finally:
+        await client.delete(keys.RESERVATION_EXPIRY)
+    assert (await reserve(b, "a", "c1")).decision == "allow"  # the connection is still good
+    await b.aclose()
+
+
+async def test_each_callers_deadline_ends_its_wait_whatever_the_order() -> None:
+    """A hung Redis: each caller's own deadline ends its wait (TimeoutError), the early ones
+    first even when they came last; the one timer is re-armed for the next deadline."""
+    held: list[asyncio.StreamWriter] = []
+
+    async def swallow(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+
+    server = await asyncio.start_server(swallow, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    r = aioredis.Redis.from_url(f"redis://127.0.0.1:{port}/0")
+    try:
+        b = CoalescingBalances(r, timeout_s=30)
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        ended: dict[str, float] = {}
+
+        async def one(name: str, after_s: float) -> None:
+            with pytest.raises(TimeoutError):
+                await b.reserve(
+                    "a", name, "outbound", UK, now_s=NOW, grant_s=300, grace_s=60,
+                    max_s=14_400, deadline=t0 + after_s,
+                )  # fmt: skip
+            ended[name] = loop.time() - t0
+
+        await asyncio.gather(one("late", 0.6), one("early", 0.2), one("mid", 0.4))
+        assert ended["early"] < ended["mid"] < ended["late"] < 1.5
+        assert abs(ended["early"] - 0.2) < 0.15
+        assert not b._deadlines and b._watchdog is None
+        while b._tasks:  # the round trips themselves still wait (their own 30 s bound)
+            for t in list(b._tasks):
+                t.cancel()
+            await asyncio.gather(*b._tasks, return_exceptions=True)
+            await asyncio.sleep(0)
+    finally:
+        await r.aclose()
+        for w in held:
+            w.close()
+        server.close()
+        await server.wait_closed()
