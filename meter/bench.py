@@ -29,6 +29,7 @@ from contracts import topics
 from infra import metrics
 from infra.settings import Settings
 from infra.stack import running_stack
+from meter.bench_costs import CostMeter
 from meter.bench_hold import hold_latency
 from meter.bench_workers import run_phase
 from meter.traffic import call_hangup, demo_price_list, encode, message_sent
@@ -299,11 +300,19 @@ async def run_bench(
 async def _in_process(
     s: Settings, conns: Connections, n_events: int, info1: dict[str, Any], figures: dict[str, Any]
 ) -> int:
-    """The baseline loop, then the real hot path in this process, on the pre-filled topics."""
+    """The baseline loop, then the real hot path in this process, on the pre-filled topics;
+    each one's costs per event (``meter.bench_costs``)."""
+    meter = CostMeter(conns.redis, conns.pool)
+    await meter.start()
     baseline = await _baseline(s, conns, n_events)
+    base_costs = await meter.per_event(n_events, "baseline_")
     _say(f"  baseline loop (decode -> one Lua -> COPY -> commit): {baseline:>10,.0f} events/s")
+    await meter.start()
     hot, charged = await _metering(s, conns, n_events)
+    costs = await meter.per_event(n_events)
     _say(f"  metering hot path (run_metering):                   {hot:>10,.0f} events/s")
+    _say(f"  per event, hot path: {_costs_line(costs, '')}")
+    _say(f"  per event, baseline: {_costs_line(base_costs, 'baseline_')}")
     ratio = hot / baseline
     _say(
         f"  ratio hot path / baseline: {ratio:.2f}  (target >= 0.80; absolute target "
@@ -319,8 +328,26 @@ async def _in_process(
         "ratio": round(ratio, 3),
         "redis_bytes_per_event_id": round(per_event_bytes),
         "stages_s": _stage_breakdown(),
+        **costs,
+        **base_costs,
     }
     return charged
+
+
+def _costs_line(costs: dict[str, float], prefix: str) -> str:
+    names = {
+        "python_cpu_us": "Python {} us",
+        "redis_script_us": "Redis scripts {} us",
+        "redis_cpu_us": "Redis CPU {} us",
+        "redis_commands": "{} Redis commands",
+        "pg_cpu_us": "PostgreSQL CPU {} us",
+        "pg_wal_bytes": "WAL {} bytes",
+    }
+    return ", ".join(
+        text.format(costs[f"{prefix}{k}_per_event"])
+        for k, text in names.items()
+        if f"{prefix}{k}_per_event" in costs
+    )
 
 
 async def _workers(
