@@ -77,8 +77,11 @@ async def _prefill(conns: Connections, n_events: int, accounts: list[str], tag: 
     await asyncio.gather(*futures)
 
 
-async def _baseline(settings: Settings, conns: Connections, n_events: int) -> float:
-    """Events/s of the bare loop over the same records."""
+async def _baseline(
+    settings: Settings, conns: Connections, n_events: int, meter: CostMeter, costs: dict[str, float]
+) -> float:
+    """Events/s of the bare loop over the same records; its costs per event into ``costs``
+    (``baseline_*``), over the same events as the events/s."""
     await conns.pool.execute(
         "CREATE TABLE IF NOT EXISTS bench_baseline (event_key bytea, account_id text,"
         " amount bigint, event_time timestamptz, source text, event_id text)"
@@ -127,9 +130,12 @@ async def _baseline(settings: Settings, conns: Connections, n_events: int) -> fl
             done += len(rows)
             if not first:  # timed from the end of the first batch, as the hot path is
                 first, start = done, time.perf_counter()
+                await meter.start()
+        end = time.perf_counter()
+        costs.update(await meter.per_event(done - first, "baseline_"))
     finally:
         await consumer.stop()
-    return (done - first) / (time.perf_counter() - start)
+    return (done - first) / (end - start)
 
 
 def _parse_time(text: str) -> Any:
@@ -138,9 +144,12 @@ def _parse_time(text: str) -> Any:
     return datetime.fromisoformat(text)
 
 
-async def _metering(settings: Settings, conns: Connections, n_events: int) -> tuple[float, int]:
+async def _metering(
+    settings: Settings, conns: Connections, n_events: int, meter: CostMeter, costs: dict[str, float]
+) -> tuple[float, int]:
     """Events/s of the real worker. Like the baseline, timed from the end of its first batch
-    (group join and warm-up excluded), counting the records after it."""
+    (group join, the catalog's read-ahead and warm-up excluded), counting the records after
+    it; its costs per event into ``costs``, over the same records."""
     s = dataclasses.replace(settings, consumer_group=f"bench-metering-{uuid.uuid4().hex[:6]}")
     seen = 0
     charged = 0
@@ -148,11 +157,13 @@ async def _metering(settings: Settings, conns: Connections, n_events: int) -> tu
     start = 0.0
     finished = asyncio.Event()
     stop = asyncio.Event()
+    started: asyncio.Future[None] | None = None
 
     def on_batch(o: BatchOutcome) -> None:
-        nonlocal seen, charged, start, first
+        nonlocal seen, charged, start, first, started
         if not first:
             first, start = o.records, time.perf_counter()
+            started = asyncio.ensure_future(meter.start())
         seen += o.records
         charged += o.charged
         if seen >= n_events:
@@ -161,6 +172,9 @@ async def _metering(settings: Settings, conns: Connections, n_events: int) -> tu
     task = asyncio.create_task(run_metering(s, stop, on_batch=on_batch, conns=conns))
     await finished.wait()
     end = time.perf_counter()
+    assert started is not None  # set with the first batch, before finished
+    await started
+    costs.update(await meter.per_event(seen - first))
     stop.set()
     await task
     return (seen - first) / (end - start), charged
@@ -303,13 +317,11 @@ async def _in_process(
     """The baseline loop, then the real hot path in this process, on the pre-filled topics;
     each one's costs per event (``meter.bench_costs``)."""
     meter = CostMeter(conns.redis, conns.pool)
-    await meter.start()
-    baseline = await _baseline(s, conns, n_events)
-    base_costs = await meter.per_event(n_events, "baseline_")
+    base_costs: dict[str, float] = {}
+    baseline = await _baseline(s, conns, n_events, meter, base_costs)
     _say(f"  baseline loop (decode -> one Lua -> COPY -> commit): {baseline:>10,.0f} events/s")
-    await meter.start()
-    hot, charged = await _metering(s, conns, n_events)
-    costs = await meter.per_event(n_events)
+    costs: dict[str, float] = {}
+    hot, charged = await _metering(s, conns, n_events, meter, costs)
     _say(f"  metering hot path (run_metering):                   {hot:>10,.0f} events/s")
     _say(f"  per event, hot path: {_costs_line(costs, '')}")
     _say(f"  per event, baseline: {_costs_line(base_costs, 'baseline_')}")
