@@ -61,6 +61,11 @@ class Settings:
     #: The most accounts one debit script call carries (bounds how long it holds Redis). On a
     #: Redis Cluster a call carries accounts of one hash slot only, so calls carry fewer there.
     redis_accounts_per_call: int = 256
+    #: The most accounts whose rating (price list, plan, billing groups) a metering worker
+    #: keeps in memory (about 165 bytes each with ids of 11 characters). It reads up to this
+    #: many at start, so it does not read each one from PostgreSQL at its first event; past
+    #: it, the accounts read longest ago are dropped (and read again at their next event).
+    catalog_max_accounts: int = 1_000_000
     #: Consumer-group session timeout; the embedded broker holds a join for about half of it.
     kafka_session_timeout_ms: int = 10_000
     #: Connect and read timeout of the workers' and ops' Redis calls, and the API's connect
@@ -247,6 +252,8 @@ class Settings:
         self.backoff()
         if self.redis_accounts_per_call < 1:
             raise SettingsError("METER_REDIS_ACCOUNTS_PER_CALL must be >= 1")
+        if self.catalog_max_accounts < 1:
+            raise SettingsError("METER_CATALOG_MAX_ACCOUNTS must be >= 1")
         from infra.redisclient import cluster_nodes, is_cluster_url  # redis-py: only if needed
 
         if is_cluster_url(self.redis_url):

@@ -29,6 +29,7 @@ from contracts import topics
 from infra import metrics
 from infra.settings import Settings
 from infra.stack import running_stack
+from meter.bench_costs import CostMeter
 from meter.bench_hold import hold_latency
 from meter.bench_workers import run_phase
 from meter.traffic import call_hangup, demo_price_list, encode, message_sent
@@ -76,8 +77,11 @@ async def _prefill(conns: Connections, n_events: int, accounts: list[str], tag: 
     await asyncio.gather(*futures)
 
 
-async def _baseline(settings: Settings, conns: Connections, n_events: int) -> float:
-    """Events/s of the bare loop over the same records."""
+async def _baseline(
+    settings: Settings, conns: Connections, n_events: int, meter: CostMeter, costs: dict[str, float]
+) -> float:
+    """Events/s of the bare loop over the same records; its costs per event into ``costs``
+    (``baseline_*``), over the same events as the events/s."""
     await conns.pool.execute(
         "CREATE TABLE IF NOT EXISTS bench_baseline (event_key bytea, account_id text,"
         " amount bigint, event_time timestamptz, source text, event_id text)"
@@ -126,9 +130,12 @@ async def _baseline(settings: Settings, conns: Connections, n_events: int) -> fl
             done += len(rows)
             if not first:  # timed from the end of the first batch, as the hot path is
                 first, start = done, time.perf_counter()
+                await meter.start()
+        end = time.perf_counter()
+        costs.update(await meter.per_event(done - first, "baseline_"))
     finally:
         await consumer.stop()
-    return (done - first) / (time.perf_counter() - start)
+    return (done - first) / (end - start)
 
 
 def _parse_time(text: str) -> Any:
@@ -137,9 +144,12 @@ def _parse_time(text: str) -> Any:
     return datetime.fromisoformat(text)
 
 
-async def _metering(settings: Settings, conns: Connections, n_events: int) -> tuple[float, int]:
+async def _metering(
+    settings: Settings, conns: Connections, n_events: int, meter: CostMeter, costs: dict[str, float]
+) -> tuple[float, int]:
     """Events/s of the real worker. Like the baseline, timed from the end of its first batch
-    (group join and warm-up excluded), counting the records after it."""
+    (group join, the catalog's read-ahead and warm-up excluded), counting the records after
+    it; its costs per event into ``costs``, over the same records."""
     s = dataclasses.replace(settings, consumer_group=f"bench-metering-{uuid.uuid4().hex[:6]}")
     seen = 0
     charged = 0
@@ -147,11 +157,13 @@ async def _metering(settings: Settings, conns: Connections, n_events: int) -> tu
     start = 0.0
     finished = asyncio.Event()
     stop = asyncio.Event()
+    started: asyncio.Future[None] | None = None
 
     def on_batch(o: BatchOutcome) -> None:
-        nonlocal seen, charged, start, first
+        nonlocal seen, charged, start, first, started
         if not first:
             first, start = o.records, time.perf_counter()
+            started = asyncio.ensure_future(meter.start())
         seen += o.records
         charged += o.charged
         if seen >= n_events:
@@ -160,6 +172,9 @@ async def _metering(settings: Settings, conns: Connections, n_events: int) -> tu
     task = asyncio.create_task(run_metering(s, stop, on_batch=on_batch, conns=conns))
     await finished.wait()
     end = time.perf_counter()
+    assert started is not None  # set with the first batch, before finished
+    await started
+    costs.update(await meter.per_event(seen - first))
     stop.set()
     await task
     return (seen - first) / (end - start), charged
@@ -299,11 +314,17 @@ async def run_bench(
 async def _in_process(
     s: Settings, conns: Connections, n_events: int, info1: dict[str, Any], figures: dict[str, Any]
 ) -> int:
-    """The baseline loop, then the real hot path in this process, on the pre-filled topics."""
-    baseline = await _baseline(s, conns, n_events)
+    """The baseline loop, then the real hot path in this process, on the pre-filled topics;
+    each one's costs per event (``meter.bench_costs``)."""
+    meter = CostMeter(conns.redis, conns.pool)
+    base_costs: dict[str, float] = {}
+    baseline = await _baseline(s, conns, n_events, meter, base_costs)
     _say(f"  baseline loop (decode -> one Lua -> COPY -> commit): {baseline:>10,.0f} events/s")
-    hot, charged = await _metering(s, conns, n_events)
+    costs: dict[str, float] = {}
+    hot, charged = await _metering(s, conns, n_events, meter, costs)
     _say(f"  metering hot path (run_metering):                   {hot:>10,.0f} events/s")
+    _say(f"  per event, hot path: {_costs_line(costs, '')}")
+    _say(f"  per event, baseline: {_costs_line(base_costs, 'baseline_')}")
     ratio = hot / baseline
     _say(
         f"  ratio hot path / baseline: {ratio:.2f}  (target >= 0.80; absolute target "
@@ -319,8 +340,26 @@ async def _in_process(
         "ratio": round(ratio, 3),
         "redis_bytes_per_event_id": round(per_event_bytes),
         "stages_s": _stage_breakdown(),
+        **costs,
+        **base_costs,
     }
     return charged
+
+
+def _costs_line(costs: dict[str, float], prefix: str) -> str:
+    names = {
+        "python_cpu_us": "Python {} us",
+        "redis_script_us": "Redis scripts {} us",
+        "redis_cpu_us": "Redis CPU {} us",
+        "redis_commands": "{} Redis commands",
+        "pg_cpu_us": "PostgreSQL CPU {} us",
+        "pg_wal_bytes": "WAL {} bytes",
+    }
+    return ", ".join(
+        text.format(costs[f"{prefix}{k}_per_event"])
+        for k, text in names.items()
+        if f"{prefix}{k}_per_event" in costs
+    )
 
 
 async def _workers(

@@ -123,8 +123,11 @@ async def run_metering(
     async with contextlib.AsyncExitStack() as stack:
         if conns is None:
             conns = await stack.enter_async_context(connect(settings))
-        catalog = Catalog(conns.pool)
+        catalog = Catalog(conns.pool, max_accounts=settings.catalog_max_accounts)
         await catalog.refresh()
+        t = time.perf_counter()
+        cached = await catalog.preload()
+        log.info("catalog: %d accounts read in %.1f s", cached, time.perf_counter() - t)
         processor = build_processor(settings, conns, catalog)
         consumer = AIOKafkaConsumer(
             *topics.METERED,

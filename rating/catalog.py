@@ -2,7 +2,13 @@
 
 The processor asks ``resolve`` for the accounts of each batch; accounts it has not seen are
 fetched in one query, and unknown ones are remembered briefly so a flood of events for a
-non-existent account does not become a flood of queries.
+non-existent account does not become a flood of queries. The metering worker reads accounts
+ahead at start (``preload``): at a million accounts a batch's accounts are mostly new to a
+worker otherwise, and reading them a batch at a time cost about 22 us an account (measured,
+docs/design/scale-out.md) where reading them ahead costs about 9. The cache holds at most
+``max_accounts``; past it, the accounts read longest ago are dropped, never one of the batch
+being resolved. Billing groups are read only for the accounts that have some (their set is
+read with the version).
 
 New price lists, plans and account changes are picked up without a restart: at most once per
 ``check_interval_s``, ``resolve`` reads one counter (``rating_version``, bumped by triggers,
@@ -26,6 +32,7 @@ import asyncio
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Final
 
 import asyncpg
 
@@ -49,6 +56,13 @@ async def load_plans(pool: asyncpg.Pool) -> dict[str, Plan]:
     return {
         r["id"]: Plan(r["id"], r["included_s"]) for r in await pool.fetch("SELECT * FROM plans")
     }
+
+
+async def grouped_accounts(pool: asyncpg.Pool) -> frozenset[str]:
+    """The accounts that have billing groups (few: an account has none until it makes one)."""
+    return frozenset(
+        r[0] for r in await pool.fetch("SELECT DISTINCT account_id FROM billing_groups")
+    )
 
 
 async def _load_groups(pool: asyncpg.Pool, account_ids: list[str]) -> dict[str, Groups]:
@@ -80,6 +94,15 @@ async def _load_groups(pool: asyncpg.Pool, account_ids: list[str]) -> dict[str, 
     return {a: Groups(numbers[a], profiles[a], frozenset(g)) for a, g in known.items()}
 
 
+#: An account's rating row: its price list (its manager's when it has none), whether that is
+#: inherited, its plan.
+_SELECT: Final = (
+    "SELECT a.id, coalesce(a.price_list_id, m.price_list_id) AS price_list_id,"
+    " a.price_list_id IS NULL AS inherited, a.plan_id"
+    " FROM accounts a LEFT JOIN accounts m ON m.id = a.manager_id"
+)
+
+
 class Catalog:
     """Account -> price list and plan, cached; reloaded when the rating version moves."""
 
@@ -90,10 +113,16 @@ class Catalog:
         negative_ttl_s: float = 5.0,
         check_interval_s: float = 1.0,
         lookup_timeout_s: float = 2.0,
+        max_accounts: int = 1_000_000,
     ) -> None:
+        if max_accounts < 1:
+            raise ValueError("max_accounts must be >= 1")
         self._pool = pool
+        self._max_accounts = max_accounts
         self._lists: dict[str, PriceList] = {}
         self._plans: dict[str, Plan] = {}
+        #: the accounts with billing groups, read with the version: only theirs are fetched
+        self._grouped: frozenset[str] = frozenset()
         self._accounts: dict[str, AccountRating] = {}
         self._unknown: dict[str, float] = {}
         self._negative_ttl_s = negative_ttl_s
@@ -116,6 +145,7 @@ class Catalog:
             self._version = await self._read_version()
             self._lists = await load_price_lists(self._pool)
             self._plans = await load_plans(self._pool)
+            self._grouped = await grouped_accounts(self._pool)
             self._forget()
 
     def get(self, account_id: str) -> AccountRating | None:
@@ -134,7 +164,7 @@ class Catalog:
         async with self._lock:
             missing = self._missing(ids)
             if missing:
-                await self._fetch(missing)
+                await self._fetch(missing, ids)
 
     def cached(self, account_id: str) -> AccountRating | None:
         """The account's rating when it is cached and no version check is due, without
@@ -160,7 +190,7 @@ class Catalog:
     async def _lookup(self, account_id: str) -> AccountRating | None:
         async with asyncio.timeout(self._lookup_timeout_s), self._lock:
             if self._missing({account_id}):
-                await self._fetch([account_id])
+                await self._fetch([account_id], {account_id})
             # Read under the lock: a version check may forget the accounts once it is released.
             return self._accounts.get(account_id)
 
@@ -185,6 +215,7 @@ class Catalog:
                 lists.update(await load_price_lists(self._pool, stale))
             self._lists = lists
             self._plans = await load_plans(self._pool)
+            self._grouped = await grouped_accounts(self._pool)
             self._version = version
             self._forget()
 
@@ -199,16 +230,60 @@ class Catalog:
         now = time.monotonic()
         return [a for a in ids if a not in self._accounts and self._unknown.get(a, 0.0) <= now]
 
-    async def _fetch(self, missing: list[str]) -> None:
+    async def preload(self, *, page: int = 20_000) -> int:
+        """Read the ratings of accounts now, up to the catalog's ``max_accounts`` (by id,
+        ``page`` a query), so that a worker starts with them cached instead of reading each
+        account at its first event (at a million accounts, most of a batch's accounts are new
+        to it otherwise: measured in docs/design/scale-out.md). Returns how many it holds. A
+        version change forgets them as it does any account (read again at their next event)."""
+        async with self._lock:
+            last = ""
+            while len(self._accounts) < self._max_accounts:
+                rows = await self._pool.fetch(
+                    _SELECT + " WHERE a.id > $1 ORDER BY a.id LIMIT $2",
+                    last,
+                    min(page, self._max_accounts - len(self._accounts)),
+                )
+                if not rows:
+                    break
+                last = rows[-1]["id"]
+                await self._store(rows)
+            return len(self._accounts)
+
+    def _make_room(self, n: int, keep: set[str]) -> None:
+        """Drop the accounts read longest ago (a dict keeps its order of insertion) until ``n``
+        more fit under ``max_accounts``, never one of ``keep`` (the caller's batch: it is rated
+        with what ``resolve`` leaves cached)."""
+        over = len(self._accounts) + n - self._max_accounts
+        if over <= 0:
+            return
+        drop = []
+        for a in self._accounts:
+            if a not in keep:
+                drop.append(a)
+                if len(drop) == over:
+                    break
+        for a in drop:
+            del self._accounts[a]
+
+    async def _fetch(self, missing: list[str], keep: set[str]) -> None:
         now = time.monotonic()
-        rows = await self._pool.fetch(
-            "SELECT a.id, coalesce(a.price_list_id, m.price_list_id) AS price_list_id,"
-            " a.price_list_id IS NULL AS inherited, a.plan_id"
-            " FROM accounts a LEFT JOIN accounts m ON m.id = a.manager_id"
-            " WHERE a.id = ANY($1::text[])",
-            missing,
-        )
-        groups = await _load_groups(self._pool, [r["id"] for r in rows])
+        # In key order: the primary key's pages are then visited once each, in order (a batch
+        # of a million accounts' events is thousands of accounts, each on a page of its own).
+        missing.sort()
+        rows = await self._pool.fetch(_SELECT + " WHERE a.id = ANY($1::text[])", missing)
+        self._make_room(len(rows), keep)
+        found = await self._store(rows)
+        for a in missing:
+            if a not in found:
+                self._unknown[a] = now + self._negative_ttl_s
+
+    async def _store(self, rows: list[asyncpg.Record]) -> set[str]:
+        """Cache the ratings of ``rows`` (``_SELECT``'s); returns the ids cached."""
+        # Groups are read only for the accounts that have some (the set comes with the
+        # version: billing_groups' inserts and deletes move it), not for every new account.
+        grouped = self._grouped
+        groups = await _load_groups(self._pool, [r["id"] for r in rows if r["id"] in grouped])
         found = set()
         for r in rows:
             plist = self._lists.get(r["price_list_id"])
@@ -225,6 +300,4 @@ class Catalog:
                 r["id"], plist, plan, r["inherited"], groups.get(r["id"])
             )
             found.add(r["id"])
-        for a in missing:
-            if a not in found:
-                self._unknown[a] = now + self._negative_ttl_s
+        return found

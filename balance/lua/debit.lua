@@ -44,6 +44,13 @@
 -- for as long as keep_s after that day; hashes written for late events live at least a day
 -- from now, so a crash between this script and the ledger write is always repaired.
 --
+-- What it costs Redis (measured with callgrind, docs/design/hot-path.md): a redis.call is a few
+-- thousand instructions, the account's HMGET of 12 fields about 28,000, so commands are what
+-- the script saves. A new event is one HSETNX, which writes its memory and tells whether it was
+-- new at once (a duplicate then reads it back: HGET); the account's own fields (balance,
+-- reserved, status, bucket, the expiry day "xd") are written by one HSET at the end; an account
+-- with several hangups asks once whether it has reservations (EXISTS) before one HGET each.
+--
 -- Reply: one string, a line per account in KEYS order ("\n" between lines), each line
 --   "found\tbalance\tstatus\tcodes\tdup_amounts\toutbox\tdraws\tsettled" (a flat string:
 --   building and parsing a nested reply per account cost more than the debits themselves)
@@ -123,6 +130,19 @@ local reply = {}
 local ei = 0 -- events consumed so far, over all accounts
 local min_expiry = now + 86400
 local today = math.floor(now / 86400)
+local EXACT = 9007199254740992 -- 2^53: Lua numbers are doubles, exact below it
+
+-- An integer field moved by delta, written with the account's other fields (one HSET): exact
+-- while both values stay below 2^53 (micro-units: 9 billion units); past it, HINCRBY.
+local function moved(acct, name, value, delta, sets)
+  local v = value - delta
+  if math.abs(value) < EXACT and math.abs(v) < EXACT then
+    sets[#sets + 1] = name
+    sets[#sets + 1] = string.format('%d', v)
+    return v
+  end
+  return tonumber(redis.call('HINCRBY', acct, name, string.format('%d', -delta)))
+end
 
 for a = 1, n_accounts do
   local n_events = acc_n[a]
@@ -135,9 +155,7 @@ for a = 1, n_accounts do
     reply[a] = '0\t0\t\t\t\t\t\t'
   else
     local codes = {}
-    local dups = {}
-    local draws = {}
-    local settled = {}
+    local dups, draws, settled -- created at their first entry: most accounts have none
     -- The bucket is parsed only for accounts that have one or a plan: the rest pay nothing.
     local grants = nil
     local dirty = false
@@ -177,95 +195,137 @@ for a = 1, n_accounts do
     local rsv = acct .. RESERVATIONS_SUFFIX
     local applied = acct .. APPLIED_SUFFIX
     local outbox_key = acct .. OUTBOX_SUFFIX
+    -- An account with several hangups asks once whether it has reservations at all, instead
+    -- of once per hangup (one hangup: its own HGET asks).
+    local hangups = 0
     for e = 1, n_events do
-      local key = ev_key[ei + e]
-      local fp = ev_fp[ei + e]
-      local amount = string.format('%d', amounts[ei + e])
-      local day = days[ei + e]
-      local bucket = applied .. string.format('%d', day)
-      local prior = redis.call('HGET', bucket, key)
-      if prior then
+      if calls[ei + e] ~= '' then
+        hangups = hangups + 1
+      end
+    end
+    local has_rsv = hangups < 2 or redis.call('EXISTS', rsv) == 1
+    local bucket, last_day = nil, nil
+    for e = 1, n_events do
+      local i = ei + e
+      local key = ev_key[i]
+      local fp = ev_fp[i]
+      local amount = amounts[i]
+      local day = days[i]
+      if day ~= last_day then
+        bucket, last_day = applied .. string.format('%d', day), day
+      end
+      -- What the event writes if it is new, read and computed first (its draw on the grants
+      -- is given back if it is not): one HSETNX then both writes its memory and tells whether
+      -- it was new (a second copy later in this batch finds it, as a redelivery does).
+      local drawn = 0
+      local took = nil
+      local ent = grants and draws_in[i]
+      if ent then
+        local need, rate, fee, at = ent[1], ent[2], ent[3], ent[4]
+        for _, g in ipairs(grants) do
+          if need == 0 then
+            break
+          end
+          if g[2] > 0 and g[3] <= at and at < g[4] then
+            local take = math.min(g[2], need)
+            g[2] = g[2] - take
+            need = need - take
+            drawn = drawn + take
+            took = took or {}
+            took[#took + 1] = {g, take}
+          end
+        end
+        if drawn > 0 then
+          -- the overage, rounded up as rating/rating.py does: exact, as rate * need
+          -- stays far below 2^53 (rates are capped at MAX_RATE_PER_MIN)
+          local x = rate * need + 59
+          amount = fee + (x - x % 60) / 60
+        end
+      end
+      local call = calls[i]
+      local held = nil
+      if call ~= '' and has_rsv then
+        held = redis.call('HGET', rsv, call)
+      end
+      local charged, charged_at = nil, nil
+      if held then
+        charged, charged_at = string.match(held, '|p(%d+)|(%d+)$')
+      end
+      local amount_s = string.format('%d', amount)
+      local memory = amount_s .. '|' .. fp
+      if drawn > 0 then
+        local from = {}
+        for t, tk in ipairs(took) do
+          local g = tk[1]
+          from[t] = string.format('%s,%d,%d,%d', g[1], tk[2], g[3], g[4])
+        end
+        memory = memory .. string.format('%d', drawn) .. '|' .. table.concat(from, ';')
+      end
+      if charged then
+        memory = memory .. '#' .. charged .. ':' .. charged_at
+      end
+      if redis.call('HSETNX', bucket, key, memory) == 1 then
+        codes[e] = 'n'
+        if drawn > 0 then
+          for _, tk in ipairs(took) do
+            tk[1][5] = nil -- a grant this event drew from is created (the period before's)
+          end
+          dirty = true
+          draws = draws or {}
+          draws[#draws + 1] = (e - 1) .. ':' .. amount_s .. ':' .. drawn
+        end
+        if held then
+          if is_live(held) then
+            closed = closed + 1
+          end
+          -- Keep a closed marker for a day (terminate_at -1): a late or replayed
+          -- call.answered / call.progress must not open the call again. The sweep drops it.
+          redis.call('HSET', rsv, call, string.format('0|0|%d|0|0|1|1|0|-1', now + 86400))
+          released = released + tonumber(string.match(held, '^(%d+)|'))
+          if charged then
+            total = total - tonumber(charged)
+            settled = settled or {}
+            settled[#settled + 1] = (e - 1) .. ':' .. charged .. ':' .. charged_at
+          end
+        end
+        total = total + amount
+        touched[bucket] = day
+      else
+        if took then
+          for _, tk in ipairs(took) do
+            tk[1][2] = tk[1][2] + tk[2]
+          end
+        end
         -- "amount|fp" then the seconds drawn and "|" the grants they came from, if any (fp is 8
         -- raw bytes: cut by position)
+        local prior = redis.call('HGET', bucket, key)
         local sep = string.find(prior, '|', 1, true)
         if string.sub(prior, sep + 1, sep + 8) == fp then
           codes[e] = 'd'
           local first = string.sub(prior, 1, sep - 1)
+          dups = dups or {}
           dups[#dups + 1] = first
           local was_drawn = string.match(string.sub(prior, sep + 9), '^%d*')
           if was_drawn ~= '' then
+            draws = draws or {}
             draws[#draws + 1] = (e - 1) .. ':' .. first .. ':' .. was_drawn
           end
-          if calls[ei + e] ~= '' then
-            local charged, charged_at = string.match(string.sub(prior, sep + 9), '#(%d+):(%d+)$')
-            if charged then
-              settled[#settled + 1] = (e - 1) .. ':' .. charged .. ':' .. charged_at
+          if call ~= '' then
+            local p_charged, p_at = string.match(string.sub(prior, sep + 9), '#(%d+):(%d+)$')
+            if p_charged then
+              settled = settled or {}
+              settled[#settled + 1] = (e - 1) .. ':' .. p_charged .. ':' .. p_at
             end
           end
         else
           codes[e] = 'c'
         end
-      else
-        codes[e] = 'n'
-        local drawn = 0
-        local took = {}
-        local ent = grants and draws_in[ei + e]
-        if ent then
-          local need, rate, fee, at = ent[1], ent[2], ent[3], ent[4]
-          for _, g in ipairs(grants) do
-            if need == 0 then
-              break
-            end
-            if g[2] > 0 and g[3] <= at and at < g[4] then
-              local take = math.min(g[2], need)
-              g[2] = g[2] - take
-              g[5] = nil
-              need = need - take
-              drawn = drawn + take
-              took[#took + 1] = string.format('%s,%d,%d,%d', g[1], take, g[3], g[4])
-            end
-          end
-          if drawn > 0 then
-            -- the overage, rounded up as rating/rating.py does: exact, as rate * need
-            -- stays far below 2^53 (rates are capped at MAX_RATE_PER_MIN)
-            local x = rate * need + 59
-            amount = string.format('%d', fee + (x - x % 60) / 60)
-            dirty = true
-            draws[#draws + 1] = (e - 1) .. ':' .. amount .. ':' .. drawn
-          end
-        end
-        local settle = ''
-        local call = calls[ei + e]
-        if call ~= '' then
-          local held = redis.call('HGET', rsv, call)
-          if held then
-            if is_live(held) then
-              closed = closed + 1
-            end
-            -- Keep a closed marker for a day (terminate_at -1): a late or replayed
-            -- call.answered / call.progress must not open the call again. The sweep drops it.
-            redis.call('HSET', rsv, call, string.format('0|0|%d|0|0|1|1|0|-1', now + 86400))
-            released = released + tonumber(string.match(held, '^(%d+)|'))
-            local charged, charged_at = string.match(held, '|p(%d+)|(%d+)$')
-            if charged then
-              settle = '#' .. charged .. ':' .. charged_at
-              total = total - tonumber(charged)
-              settled[#settled + 1] = (e - 1) .. ':' .. charged .. ':' .. charged_at
-            end
-          end
-        end
-        -- written at once, so a second copy of the event later in this batch is a duplicate
-        if drawn > 0 then
-          redis.call('HSET', bucket, key, amount .. '|' .. fp .. string.format('%d', drawn)
-            .. '|' .. table.concat(took, ';') .. settle)
-        else
-          redis.call('HSET', bucket, key, amount .. '|' .. fp .. settle)
-        end
-        total = total + tonumber(amount)
-        touched[bucket] = day
       end
     end
     ei = ei + n_events
+    -- The account's own fields are written by one HSET at the end (balance, reserved, status,
+    -- bucket, the expiry day), not a command each.
+    local sets = {}
     if dirty then
       -- Drop grants a day past their end (late calls of the period still find them) and
       -- spent bundles; a spent plan grant stays until then, so the period is not refilled.
@@ -276,19 +336,21 @@ for a = 1, n_accounts do
         end
       end
       if #keep > 0 then
-        redis.call('HSET', acct, 'min', table.concat(keep, ';'))
+        sets[#sets + 1] = 'min'
+        sets[#sets + 1] = table.concat(keep, ';')
       else
         redis.call('HDEL', acct, 'min')
       end
     end
-    for bucket, day in pairs(touched) do
+    for b, day in pairs(touched) do
       local want = (day + 1) * 86400 + keep_s
       if day == today then
         -- Today's bucket always gets the same expiry: set it once a day, remembered in the
         -- account's "xd" field, instead of two more calls per account per batch.
         if tonumber(f[8] or '-1') ~= today then
-          redis.call('EXPIRE', bucket, want - now)
-          redis.call('HSET', acct, 'xd', today)
+          redis.call('EXPIRE', b, want - now)
+          sets[#sets + 1] = 'xd'
+          sets[#sets + 1] = string.format('%d', today)
         end
       else
         if want < min_expiry then
@@ -296,24 +358,22 @@ for a = 1, n_accounts do
         end
         -- Only ever lengthen a bucket's life (TTL is -1 for a new hash). Expiry is relative to
         -- the caller's clock (ARGV[1]), never Redis's own: EXPIRE by want - now, not EXPIREAT.
-        local ttl = redis.call('TTL', bucket)
+        local ttl = redis.call('TTL', b)
         if ttl < 0 or now + ttl < want then
-          redis.call('EXPIRE', bucket, want - now)
+          redis.call('EXPIRE', b, want - now)
         end
       end
     end
     local bal = tonumber(f[1])
     if total ~= 0 then
-      -- %d, not tostring: Lua prints numbers past 14 digits in exponent form; and never
-      -- HINCRBY by 0: Lua formats -0 as "-0", which Redis refuses as an integer. (total < 0:
+      -- never by 0: Lua formats -0 as "-0", which Redis refuses as an integer. (total < 0:
       -- a late hangup gives back the excess of a provisional charge.)
-      bal = tonumber(redis.call('HINCRBY', acct, 'bal', string.format('%d', -total)))
+      bal = moved(acct, 'bal', bal, total, sets)
     end
     local res = tonumber(f[2] or '0')
     if released > 0 then
-      res = tonumber(redis.call('HINCRBY', acct, 'res', string.format('%d', -released)))
+      res = moved(acct, 'res', res, released, sets)
     end
-    calls_closed(acct, closed)
     local avail = bal + tonumber(f[3] or '0') - res
     local secs = 0
     if grants then
@@ -325,8 +385,13 @@ for a = 1, n_accounts do
     end
     local st, signal = transition(f[5] or 'active', avail, tonumber(f[4] or '0'), f[12], secs)
     if st ~= f[5] then
-      redis.call('HSET', acct, 'st', st)
+      sets[#sets + 1] = 'st'
+      sets[#sets + 1] = st
     end
+    if #sets > 0 then
+      redis.call('HSET', acct, unpack(sets))
+    end
+    calls_closed(acct, closed)
     local seq = tonumber(f[6] or '0')
     if signal then
       seq = queue_signal(acct, outbox_key, signal)
@@ -337,8 +402,9 @@ for a = 1, n_accounts do
       outbox = table.concat(redis.call('LRANGE', outbox_key, 0, -1), ';')
     end
     reply[a] = '1\t' .. string.format('%d', bal) .. '\t' .. st .. '\t' .. table.concat(codes)
-      .. '\t' .. table.concat(dups, ',') .. '\t' .. outbox .. '\t' .. table.concat(draws, ',')
-      .. '\t' .. table.concat(settled, ',')
+      .. '\t' .. (dups and table.concat(dups, ',') or '') .. '\t' .. outbox .. '\t'
+      .. (draws and table.concat(draws, ',') or '') .. '\t'
+      .. (settled and table.concat(settled, ',') or '')
   end
 end
 return table.concat(reply, '\n')

@@ -17,7 +17,7 @@ import redis.asyncio as aioredis
 
 from balance import keys
 from balance.store import RedisBalances
-from balance.values import Credit, Debit
+from balance.values import Credit, Debit, Tariff
 from balance.values import StatusChange as Changed
 from infra.clock import SettableClock
 from tests.calendar import CALENDAR_EDGES, at, ttl
@@ -151,6 +151,53 @@ async def test_many_accounts_across_script_chunks(balances: RedisBalances, now: 
     )
     assert [o.account_id for o in out] == ids
     assert [o.balance for o in out] == [1_000 - i for i in range(10)]
+
+
+async def test_a_balance_past_2_to_the_53_is_debited_exactly(
+    balances: RedisBalances, redis: aioredis.Redis, now: int
+) -> None:
+    # debit.lua writes the new balance with the account's other fields (Lua numbers are
+    # doubles): past 2^53 it must move it by HINCRBY, exact on Redis's 64-bit integers.
+    big = 2**53 + 10
+    await balances.create_account("a", balance=big, credit_limit=0, low_threshold=0)
+    await balances.create_account("b", balance=1_000_000, credit_limit=0, low_threshold=0)
+    out = await balances.apply_debits(
+        {"a": [Debit(key(1), fp(), 3, now // DAY_S)], "b": [Debit(key(2), fp(), 3, now // DAY_S)]},
+        now,
+    )
+    assert [o.codes for o in out] == ["n", "n"]
+    assert int(await redis.hget(keys.account("a"), "bal")) == big - 3  # odd: no double holds it
+    assert int(await redis.hget(keys.account("b"), "bal")) == 1_000_000 - 3
+
+
+async def test_several_hangups_of_an_account_release_their_reservations(
+    balances: RedisBalances, now: int
+) -> None:
+    # debit.lua asks once whether an account with several hangups has reservations at all:
+    # with some, each hangup still releases its own; without, nothing is looked up.
+    tariff = Tariff(rate_per_min=60_000, connect_fee=0, initial_s=1, subsequent_s=1)
+    grant = {"grant_s": 300, "grace_s": 60, "max_s": 14_400}
+    day = now // DAY_S
+    for a in ("a", "b"):
+        await balances.create_account(a, balance=10_000_000, credit_limit=0, low_threshold=0)
+    for c in ("c1", "c2"):
+        r = await balances.reserve("a", c, "outbound", tariff, now_s=now, **grant)
+        assert r.decision == "allow" and r.reserved > 0
+    held = await balances.get("a")
+    assert held is not None and held.reserved > 0
+    hangups = {
+        a: [Debit(key(a + c), fp(), 1_000, day, call_id=c) for c in ("c1", "c2", "c3")]
+        for a in ("a", "b")
+    }
+    out = await balances.apply_debits(hangups, now)
+    assert [o.codes for o in out] == ["nnn", "nnn"]
+    after = {a: await balances.get(a) for a in ("a", "b")}
+    assert after["a"] is not None and after["a"].reserved == 0
+    assert after["a"].balance == 10_000_000 - 3_000
+    assert after["b"] is not None and (after["b"].reserved, after["b"].balance) == (0, 9_997_000)
+    again = await balances.apply_debits(hangups, now)  # a replay releases nothing twice
+    assert [o.codes for o in again] == ["ddd", "ddd"]
+    assert [o.dup_amounts for o in again] == [[1_000] * 3] * 2
 
 
 async def test_hold_is_queued_once_under_concurrent_debits(
