@@ -13,6 +13,17 @@ from typing import Annotated, Any, Final, Literal
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, TypeAdapter
 
 ACCOUNT_ID_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$"
+
+
+def whole_match(pattern: str) -> str:
+    """``pattern`` (``^...$``) for msgspec, which matches with Python's ``re.search``: there
+    ``$`` also matches before a final newline, where pydantic's does not; ``\\Z`` is the end for
+    both. A msgspec mirror of a pydantic model must never accept what the model refuses."""
+    if not pattern.endswith("$"):
+        raise ValueError(f"not anchored at its end: {pattern!r}")
+    return pattern[:-1] + r"\Z"
+
+
 E164_PATTERN: Final = r"^\+[1-9][0-9]{1,14}$"
 #: The earliest time an event, or a time inside one, may carry: 2000-01-01T00:00:00Z. Nothing
 #: this service bills happened before it; an earlier stamp is a broken producer clock (a unix

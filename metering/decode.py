@@ -16,9 +16,9 @@ from typing import Annotated, ClassVar, Final, Literal
 
 import msgspec
 
-from contracts.events import ACCOUNT_ID_PATTERN, InboundEvent, parse_inbound
+from contracts.events import ACCOUNT_ID_PATTERN, InboundEvent, parse_inbound, whole_match
 
-_AccountId = Annotated[str, msgspec.Meta(pattern=ACCOUNT_ID_PATTERN)]
+_AccountId = Annotated[str, msgspec.Meta(pattern=whole_match(ACCOUNT_ID_PATTERN))]
 _Ident = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
 _Party = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
 _Source = Annotated[str, msgspec.Meta(min_length=1, max_length=512)]

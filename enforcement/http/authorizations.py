@@ -17,7 +17,7 @@ from fastapi import APIRouter, Request, Security
 from fastapi.responses import Response
 from prometheus_client import Counter
 
-from contracts.events import ACCOUNT_ID_PATTERN
+from contracts.events import ACCOUNT_ID_PATTERN, whole_match
 from enforcement.authorize import (
     AuthorizeRequest,
     BalanceStoreUnavailable,
@@ -39,13 +39,6 @@ AUTHORIZATIONS: Final = "/v1/authorizations"
 router = APIRouter()
 
 
-def _whole(pattern: str) -> str:
-    # msgspec matches with Python's ``re.search``, whose ``$`` also matches before a final
-    # newline; pydantic's (Rust) ``$`` does not. ``\Z`` is the end for both.
-    assert pattern.endswith("$")
-    return pattern[:-1] + r"\Z"
-
-
 _Text = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
 
 
@@ -54,8 +47,8 @@ class _FastIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     accepts, pydantic accepts with the same values (``tests/enforcement/test_fast_bodies.py``);
     anything else goes to pydantic, whose answer and error text stand."""
 
-    account_id: Annotated[str, msgspec.Meta(pattern=_whole(ACCOUNT_ID_PATTERN))]
-    call_id: Annotated[str, msgspec.Meta(pattern=_whole(CALL_ID_PATTERN))]
+    account_id: Annotated[str, msgspec.Meta(pattern=whole_match(ACCOUNT_ID_PATTERN))]
+    call_id: Annotated[str, msgspec.Meta(pattern=whole_match(CALL_ID_PATTERN))]
     direction: Literal["inbound", "outbound"]
     from_: _Text = msgspec.field(name="from")
     to: _Text

@@ -169,3 +169,19 @@ def test_decode_falls_back_to_the_contract_for_other_types_and_errors() -> None:
     bad["data"]["billable_s"] = "61"
     with pytest.raises(ValidationError):
         decode(orjson.dumps(bad))
+
+
+@pytest.mark.parametrize("where", ["subject", "account_id"])
+def test_an_account_id_ending_in_a_newline_is_the_contracts_to_refuse(where: str) -> None:
+    """Python's ``$`` (msgspec's patterns) matches before a final newline; the contract's does
+    not: msgspec must not take "acc\\n" for an account id (contracts.events.whole_match)."""
+    ev = copy.deepcopy(BASES[0])
+    if where == "subject":
+        ev["subject"] = ev["subject"] + "\n"
+    else:
+        ev["data"]["account_id"] = ev["data"]["account_id"] + "\n"
+    raw = orjson.dumps(ev)
+    with pytest.raises(msgspec.ValidationError):
+        _DECODER.decode(raw)
+    with pytest.raises(ValidationError):
+        decode(raw)
