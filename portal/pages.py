@@ -13,6 +13,7 @@ import re
 import secrets
 from collections.abc import Mapping
 from datetime import datetime
+from functools import partial
 from typing import Annotated, Any, Final, Literal, get_args
 
 from fastapi import APIRouter, Path, Query, Request
@@ -33,7 +34,7 @@ from infra.clock import utc_datetime
 from infra.http.access import Permission
 from infra.http.errors import ApiError
 from portal.calls import data, file, with_body
-from portal.web import Ctx, context, field, form, html, may, render, see
+from portal.web import Ctx, act, context, field, form, html, may, render, see
 from recharge import routes as payment_routes
 
 router = APIRouter()
@@ -400,13 +401,12 @@ async def pay_invoice(request: Request, account_id: Account, invoice_id: Invoice
     body: dict[str, object] = {"payment_id": field(posted, "payment_id")}
     if field(posted, "amount"):
         body["amount"] = field(posted, "amount")
-    try:
-        await data(invoices.pay(with_body(body), account_id, invoice_id, ctx.who, ctx.svc))
-    except ApiError as exc:
-        if exc.status == 403:
-            raise
-        return await _invoice(ctx, account_id, invoice_id, error=exc, status=exc.status)
-    return see(f"/portal/a/{account_id}/invoices/{invoice_id}", "invoice_paid")
+    return await act(
+        data(invoices.pay(with_body(body), account_id, invoice_id, ctx.who, ctx.svc)),
+        partial(_invoice, ctx, account_id, invoice_id),
+        f"/portal/a/{account_id}/invoices/{invoice_id}",
+        "invoice_paid",
+    )
 
 
 # --- Plan --------------------------------------------------------------------------------------
@@ -450,13 +450,12 @@ async def buy_bundle(request: Request, account_id: Account) -> Response:
     ctx = await context(request)
     posted = await form(ctx)
     body = {"bundle_id": field(posted, "bundle_id"), "purchase_id": field(posted, "purchase_id")}
-    try:
-        await data(bundles.buy(with_body(body), account_id, ctx.who, ctx.svc))
-    except ApiError as exc:
-        if exc.status == 403:
-            raise
-        return await _plan(ctx, account_id, error=exc, status=exc.status)
-    return see(f"/portal/a/{account_id}/plan", "bundle")
+    return await act(
+        data(bundles.buy(with_body(body), account_id, ctx.who, ctx.svc)),
+        partial(_plan, ctx, account_id),
+        f"/portal/a/{account_id}/plan",
+        "bundle",
+    )
 
 
 # --- Numbers -----------------------------------------------------------------------------------
@@ -488,13 +487,12 @@ async def number_auto_pay(request: Request, account_id: Account, number: Number)
     ctx = await context(request)
     posted = await form(ctx)
     body = {"auto_pay": field(posted, "auto_pay") == "on"}
-    try:
-        await data(numbers.update(with_body(body), account_id, number, ctx.who, ctx.svc))
-    except ApiError as exc:
-        if exc.status == 403:
-            raise
-        return await _numbers(ctx, account_id, error=exc, status=exc.status)
-    return see(f"/portal/a/{account_id}/numbers", "auto_pay")
+    return await act(
+        data(numbers.update(with_body(body), account_id, number, ctx.who, ctx.svc)),
+        partial(_numbers, ctx, account_id),
+        f"/portal/a/{account_id}/numbers",
+        "auto_pay",
+    )
 
 
 @router.post("/portal/a/{account_id}/numbers/{number}/release")
@@ -505,13 +503,12 @@ async def number_release(request: Request, account_id: Account, number: Number) 
     if field(posted, "confirm") != number:
         exc = ApiError(422, "not_confirmed", f"type {number} to confirm its release", "confirm")
         return await _numbers(ctx, account_id, error=exc, status=422)
-    try:
-        await data(numbers.release(account_id, number, ctx.who, ctx.svc))
-    except ApiError as exc:
-        if exc.status == 403:
-            raise
-        return await _numbers(ctx, account_id, error=exc, status=exc.status)
-    return see(f"/portal/a/{account_id}/numbers", "released")
+    return await act(
+        data(numbers.release(account_id, number, ctx.who, ctx.svc)),
+        partial(_numbers, ctx, account_id),
+        f"/portal/a/{account_id}/numbers",
+        "released",
+    )
 
 
 # --- Ledger records ----------------------------------------------------------------------------
@@ -594,15 +591,16 @@ async def group_list(request: Request, account_id: Account) -> Response:
 async def group_create(request: Request, account_id: Account) -> Response:
     ctx = await context(request)
     posted = await form(ctx)
-    try:
+    async def work() -> None:
         await data(
             groups.create(with_body({"name": field(posted, "name")}), account_id, ctx.who, ctx.svc)
         )
-    except ApiError as exc:
-        if exc.status == 403:
-            raise
-        return await _groups(ctx, account_id, error=exc, status=exc.status)
-    return see(f"/portal/a/{account_id}/groups", "group_created")
+    return await act(
+        work(),
+        partial(_groups, ctx, account_id),
+        f"/portal/a/{account_id}/groups",
+        "group_created",
+    )
 
 
 def _listed(text: str) -> list[str]:
@@ -617,7 +615,7 @@ async def group_members(request: Request, account_id: Account, group_id: GroupId
     moves here from any other group; charges already rated keep their group)."""
     ctx = await context(request)
     posted = await form(ctx)
-    try:
+    async def work() -> None:
         await data(
             groups.put_numbers(
                 with_body({"numbers": _listed(field(posted, "numbers"))}),
@@ -636,11 +634,12 @@ async def group_members(request: Request, account_id: Account, group_id: GroupId
                 ctx.svc,
             )
         )
-    except ApiError as exc:
-        if exc.status == 403:
-            raise
-        return await _groups(ctx, account_id, error=exc, status=exc.status)
-    return see(f"/portal/a/{account_id}/groups", "group_members")
+    return await act(
+        work(),
+        partial(_groups, ctx, account_id),
+        f"/portal/a/{account_id}/groups",
+        "group_members",
+    )
 
 
 @router.post("/portal/a/{account_id}/groups/{group_id}/delete")
@@ -648,13 +647,12 @@ async def group_members(request: Request, account_id: Account, group_id: GroupId
 async def group_delete(request: Request, account_id: Account, group_id: GroupId) -> Response:
     ctx = await context(request)
     await form(ctx)
-    try:
-        await groups.delete(account_id, group_id, ctx.who, ctx.svc, "none")
-    except ApiError as exc:
-        if exc.status == 403:
-            raise
-        return await _groups(ctx, account_id, error=exc, status=exc.status)
-    return see(f"/portal/a/{account_id}/groups", "group_deleted")
+    return await act(
+        groups.delete(account_id, group_id, ctx.who, ctx.svc, "none"),
+        partial(_groups, ctx, account_id),
+        f"/portal/a/{account_id}/groups",
+        "group_deleted",
+    )
 
 
 # --- outbound profiles (on the Billing groups page) ---------------------------------------------
@@ -669,13 +667,12 @@ async def _put_profile(
     ctx: Ctx, account_id: str, profile_id: str, name: str, group_id: str
 ) -> Response:
     body = {"name": name, "billing_group_id": group_id or None}
-    try:
-        await data(groups.put_profile(with_body(body), account_id, profile_id, ctx.who, ctx.svc))
-    except ApiError as exc:
-        if exc.status == 403:
-            raise
-        return await _groups(ctx, account_id, error=exc, status=exc.status)
-    return see(f"/portal/a/{account_id}/groups", "profile_saved")
+    return await act(
+        data(groups.put_profile(with_body(body), account_id, profile_id, ctx.who, ctx.svc)),
+        partial(_groups, ctx, account_id),
+        f"/portal/a/{account_id}/groups",
+        "profile_saved",
+    )
 
 
 @router.post("/portal/a/{account_id}/profiles")
@@ -718,10 +715,9 @@ async def profile_assign(request: Request, account_id: Account, profile_id: Prof
 async def profile_delete(request: Request, account_id: Account, profile_id: ProfileId) -> Response:
     ctx = await context(request)
     await form(ctx)
-    try:
-        await groups.delete_profile(account_id, profile_id, ctx.who, ctx.svc)
-    except ApiError as exc:
-        if exc.status == 403:
-            raise
-        return await _groups(ctx, account_id, error=exc, status=exc.status)
-    return see(f"/portal/a/{account_id}/groups", "profile_deleted")
+    return await act(
+        groups.delete_profile(account_id, profile_id, ctx.who, ctx.svc),
+        partial(_groups, ctx, account_id),
+        f"/portal/a/{account_id}/groups",
+        "profile_deleted",
+    )

@@ -10,6 +10,7 @@ new key's secret is shown once, on the page the post answers (never in a URL, ne
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Annotated, Any, Final
 
 from fastapi import APIRouter, Path, Request
@@ -23,7 +24,7 @@ from infra.http.errors import ApiError
 from infra.http.pages import MAX_LIMIT
 from portal.calls import data, with_body
 from portal.pages import account_page, enter
-from portal.web import Ctx, context, field, form, html, see
+from portal.web import Ctx, act, context, field, form, html, shown_in_place
 
 router = APIRouter()
 
@@ -67,11 +68,6 @@ async def _all(ctx: Ctx, account_id: str) -> tuple[list[Any], list[Any], bool]:
     return users["data"], groups["data"], more
 
 
-def _refused_here(exc: ApiError) -> bool:
-    """A refusal the page shows in place (a 403 is the error page, with its status)."""
-    return exc.status != 403
-
-
 # --- users ---------------------------------------------------------------------------------
 
 
@@ -108,13 +104,12 @@ async def user_add(request: Request, account_id: Account) -> Response:
         "name": field(posted, "name"),
         "role": field(posted, "role"),
     }
-    try:
-        await data(routes.create_user(with_body(body), account_id, ctx.who, ctx.svc))
-    except ApiError as exc:
-        if not _refused_here(exc):
-            raise
-        return await _users(ctx, account_id, error=exc, status=exc.status)
-    return see(f"/portal/a/{account_id}/users", "user_added")
+    return await act(
+        data(routes.create_user(with_body(body), account_id, ctx.who, ctx.svc)),
+        partial(_users, ctx, account_id),
+        f"/portal/a/{account_id}/users",
+        "user_added",
+    )
 
 
 @router.post("/portal/a/{account_id}/users/{user_id}")
@@ -126,7 +121,7 @@ async def user_save(request: Request, account_id: Account, user_id: UserId) -> R
     posted = await form(ctx)
     chosen = {g for g in posted.getlist("group") if isinstance(g, str)}
     body = {"name": field(posted, "name"), "role": field(posted, "role")}
-    try:
+    async def work() -> None:
         await data(routes.patch_user(with_body(body), account_id, user_id, ctx.who, ctx.svc))
         _, groups, _ = await _all(ctx, account_id)
         for g in groups:
@@ -139,11 +134,12 @@ async def user_save(request: Request, account_id: Account, user_id: UserId) -> R
                     with_body({"user_ids": now}), account_id, g["id"], ctx.who, ctx.svc
                 )
             )
-    except ApiError as exc:
-        if not _refused_here(exc):
-            raise
-        return await _users(ctx, account_id, error=exc, status=exc.status)
-    return see(f"/portal/a/{account_id}/users", "user_saved")
+    return await act(
+        work(),
+        partial(_users, ctx, account_id),
+        f"/portal/a/{account_id}/users",
+        "user_saved",
+    )
 
 
 @router.post("/portal/a/{account_id}/users/{user_id}/disable")
@@ -151,13 +147,12 @@ async def user_save(request: Request, account_id: Account, user_id: UserId) -> R
 async def user_disable(request: Request, account_id: Account, user_id: UserId) -> Response:
     ctx = await context(request)
     await form(ctx)
-    try:
-        await data(routes.disable_user(account_id, user_id, ctx.who, ctx.svc))
-    except ApiError as exc:
-        if not _refused_here(exc):
-            raise
-        return await _users(ctx, account_id, error=exc, status=exc.status)
-    return see(f"/portal/a/{account_id}/users", "user_disabled")
+    return await act(
+        data(routes.disable_user(account_id, user_id, ctx.who, ctx.svc)),
+        partial(_users, ctx, account_id),
+        f"/portal/a/{account_id}/users",
+        "user_disabled",
+    )
 
 
 # --- access groups -------------------------------------------------------------------------
@@ -199,13 +194,12 @@ async def group_create(request: Request, account_id: Account) -> Response:
     ctx = await context(request)
     posted = await form(ctx)
     body = {"name": field(posted, "name"), "privileges": _privileges(posted)}
-    try:
-        await data(routes.create_group(with_body(body), account_id, ctx.who, ctx.svc))
-    except ApiError as exc:
-        if not _refused_here(exc):
-            raise
-        return await _groups(ctx, account_id, error=exc, status=exc.status)
-    return see(f"/portal/a/{account_id}/access_groups", "group_created")
+    return await act(
+        data(routes.create_group(with_body(body), account_id, ctx.who, ctx.svc)),
+        partial(_groups, ctx, account_id),
+        f"/portal/a/{account_id}/access_groups",
+        "group_created",
+    )
 
 
 @router.post("/portal/a/{account_id}/access_groups/{group_id}")
@@ -216,18 +210,19 @@ async def group_save(request: Request, account_id: Account, group_id: GroupId) -
     posted = await form(ctx)
     body = {"name": field(posted, "name"), "privileges": _privileges(posted)}
     members = [m for m in posted.getlist("member") if isinstance(m, str)]
-    try:
+    async def work() -> None:
         await data(routes.patch_group(with_body(body), account_id, group_id, ctx.who, ctx.svc))
         await data(
             routes.put_members(
                 with_body({"user_ids": members}), account_id, group_id, ctx.who, ctx.svc
             )
         )
-    except ApiError as exc:
-        if not _refused_here(exc):
-            raise
-        return await _groups(ctx, account_id, error=exc, status=exc.status)
-    return see(f"/portal/a/{account_id}/access_groups", "group_saved")
+    return await act(
+        work(),
+        partial(_groups, ctx, account_id),
+        f"/portal/a/{account_id}/access_groups",
+        "group_saved",
+    )
 
 
 @router.post("/portal/a/{account_id}/access_groups/{group_id}/delete")
@@ -235,13 +230,12 @@ async def group_save(request: Request, account_id: Account, group_id: GroupId) -
 async def group_delete(request: Request, account_id: Account, group_id: GroupId) -> Response:
     ctx = await context(request)
     await form(ctx)
-    try:
-        await routes.delete_group(account_id, group_id, ctx.who, ctx.svc)
-    except ApiError as exc:
-        if not _refused_here(exc):
-            raise
-        return await _groups(ctx, account_id, error=exc, status=exc.status)
-    return see(f"/portal/a/{account_id}/access_groups", "group_deleted")
+    return await act(
+        routes.delete_group(account_id, group_id, ctx.who, ctx.svc),
+        partial(_groups, ctx, account_id),
+        f"/portal/a/{account_id}/access_groups",
+        "group_deleted",
+    )
 
 
 # --- API keys ------------------------------------------------------------------------------
@@ -281,7 +275,7 @@ async def key_create(request: Request, account_id: Account) -> Response:
     try:
         made = await data(routes.create_key(with_body(body), account_id, ctx.who, ctx.svc))
     except ApiError as exc:
-        if not _refused_here(exc):
+        if not shown_in_place(exc):
             raise
         return await _keys(ctx, account_id, created=None, error=exc, status=exc.status)
     return await _keys(ctx, account_id, created=made, status=201)
@@ -292,10 +286,9 @@ async def key_create(request: Request, account_id: Account) -> Response:
 async def key_revoke(request: Request, account_id: Account, key_id: KeyId) -> Response:
     ctx = await context(request)
     await form(ctx)
-    try:
-        await routes.revoke_key(account_id, key_id, ctx.who, ctx.svc)
-    except ApiError as exc:
-        if not _refused_here(exc):
-            raise
-        return await _keys(ctx, account_id, created=None, error=exc, status=exc.status)
-    return see(f"/portal/a/{account_id}/keys", "key_revoked")
+    return await act(
+        routes.revoke_key(account_id, key_id, ctx.who, ctx.svc),
+        partial(_keys, ctx, account_id, created=None),
+        f"/portal/a/{account_id}/keys",
+        "key_revoked",
+    )

@@ -13,6 +13,7 @@ routes leave prices out for them (``sees_prices``), and the page prints none it 
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Annotated, Any, Final
 
 from fastapi import APIRouter, Path, Request
@@ -24,7 +25,7 @@ from infra.http.access import Permission
 from infra.http.errors import ApiError
 from portal.calls import data, with_body
 from portal.pages import account_page, enter, optional
-from portal.web import Ctx, context, field, form, html, may, see, whole
+from portal.web import Ctx, act, context, field, form, html, may, whole
 from recharge import routes as payment_routes
 
 router = APIRouter()
@@ -69,14 +70,19 @@ async def settings(request: Request, account_id: Account) -> Response:
     return await _settings(ctx, account_id)
 
 
+def _shown(exc: ApiError) -> bool:
+    # a refusal of the change itself, 403s included (e.g. lift_not_permitted), is shown here
+    return not (exc.status == 403 and exc.code in ("forbidden", "csrf_failed"))
+
+
 async def _change(ctx: Ctx, account_id: str, work: Any, notice: str) -> Response:
-    try:
-        await data(work)
-    except ApiError as exc:
-        if exc.status == 403 and exc.code in ("forbidden", "csrf_failed"):
-            raise
-        return await _settings(ctx, account_id, error=exc, status=exc.status)
-    return see(f"/portal/a/{account_id}/settings", notice)
+    return await act(
+        data(work),
+        partial(_settings, ctx, account_id),
+        f"/portal/a/{account_id}/settings",
+        notice,
+        shown=_shown,
+    )
 
 
 @router.post("/portal/a/{account_id}/settings/plan")

@@ -231,6 +231,31 @@ def see(url: str, notice: str | None = None) -> RedirectResponse:
     return RedirectResponse(url + (f"?notice={notice}" if notice else ""), status_code=303)
 
 
+def shown_in_place(exc: ApiError) -> bool:
+    """A refusal its page shows in place; a 403 is the error page, with its status."""
+    return exc.status != 403
+
+
+async def act(
+    work: Awaitable[object],
+    redisplay: Callable[..., Awaitable[Response]],
+    done: str,
+    notice: str,
+    *,
+    shown: Callable[[ApiError], bool] = shown_in_place,
+) -> Response:
+    """A form's post: ``work`` (the API's routes it calls), then to ``done`` with ``notice``;
+    a refusal ``shown`` in place redisplays the page (``redisplay(error=, status=)``) with it
+    and its status, any other is raised (the error page)."""
+    try:
+        await work
+    except ApiError as exc:
+        if not shown(exc):
+            raise
+        return await redisplay(error=exc, status=exc.status)
+    return see(done, notice)
+
+
 # --- sign-in ------------------------------------------------------------------------------------
 
 auth = APIRouter()
