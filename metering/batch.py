@@ -9,6 +9,7 @@ dataclass's ``__init__`` alone costs about 2 us an event, measured).
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Literal, Protocol
@@ -133,3 +134,7 @@ class Applied:
     accounts: list[AccountOutcome]
     #: signals pending in the outboxes of accounts whose live calls this batch updated
     control_outbox: list[AccountSignal] = field(default_factory=list)
+    #: the signals the batch publishes (``metering.publish.Outbox.pending``), and their
+    #: sending, started once Redis applied the batch (``Outbox.send``); None: nothing to send
+    signals: list[AccountSignal] = field(default_factory=list)
+    sent: asyncio.Task[None] | None = None

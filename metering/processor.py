@@ -6,9 +6,10 @@ Per batch, never per event::
       -> rate                                                    metering.rate, .numbers
       -> live-call updates on reservations                       metering.calls
       -> one pipelined Redis round trip applying every debit idempotently (debit.lua)
+      -> send the signals the batch caused                       metering.publish
       -> one ledger statement, idempotent on the event key       metering.apply
-      -> produce dead letters and the signals the batch caused, await them together
-                                                                 metering.publish
+      -> produce dead letters, await them and the signals' acknowledgements,
+         then drop the signals from their outboxes               metering.publish
       -> commit offsets                                          metering.worker
 
 Nothing is committed before it is in the ledger. A duplicate that Redis already applied still
@@ -145,12 +146,17 @@ class MeteringProcessor:
             rejected=rejected,
         )
         metrics.STAGE_SECONDS.labels("redis").observe(time.perf_counter() - t1)
+        # The signals go out now, while the ledger is written; their outboxes keep them until
+        # both are done (metering.publish.Outbox).
+        signals = self._outbox.pending(outcomes, control_outbox)
         return Applied(
             outcome=out,
             rejected=rejected,
             charges=charges,
             accounts=outcomes,
             control_outbox=control_outbox,
+            signals=signals,
+            sent=self._outbox.send(signals),
         )
 
     async def finish(self, applied: Applied) -> BatchOutcome:
@@ -158,20 +164,24 @@ class MeteringProcessor:
 
         When it returns, the batch's offsets may be committed.
         """
-        t2 = time.perf_counter()
-        out, rejected, charges = applied.outcome, applied.rejected, applied.charges
-        pending = self._outbox.pending(applied.accounts, applied.control_outbox)
-        signal_rows = [SignalRow(a, s.seq, s.type, s.reason) for a, s in pending]
-        already = await write_ledger(self._ledger, charges, rejected, signal_rows)
-        t3 = time.perf_counter()
-        metrics.STAGE_SECONDS.labels("ledger").observe(t3 - t2)
+        try:
+            t2 = time.perf_counter()
+            out, rejected, charges = applied.outcome, applied.rejected, applied.charges
+            pending = applied.signals
+            signal_rows = [SignalRow(a, s.seq, s.type, s.reason) for a, s in pending]
+            already = await write_ledger(self._ledger, charges, rejected, signal_rows)
+            t3 = time.perf_counter()
+            metrics.STAGE_SECONDS.labels("ledger").observe(t3 - t2)
 
-        if already:
-            await compensate(self._balances, charges, already, out)
-        count_charges(charges, out)
-        await self._outbox.publish(rejected, pending, out)
-        metrics.STAGE_SECONDS.labels("publish").observe(time.perf_counter() - t3)
-        return out
+            if already:
+                await compensate(self._balances, charges, already, out)
+            count_charges(charges, out)
+            await self._outbox.publish(rejected, pending, out, applied.sent)
+            metrics.STAGE_SECONDS.labels("publish").observe(time.perf_counter() - t3)
+            return out
+        except BaseException:
+            self._outbox.forget()
+            raise
 
     async def dead_letter_unprocessable(self, rec: Record, exc: BaseException) -> BatchOutcome:
         """Dead-letter a record that fails on its own for a reason retrying cannot cure

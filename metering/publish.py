@@ -130,19 +130,35 @@ class KafkaSignalPublisher:
             await asyncio.gather(*futures)
 
 
+class SignalsNotPublished(Exception):
+    """An earlier batch's signals were not all acknowledged, so this batch's were not sent:
+    an account's signals reach the topic in ``seq`` order, and a consumer drops one below the
+    highest it saw (the relay publishes both again from the outboxes)."""
+
+
 class Outbox:
     """The processor's signals: which ones a batch publishes, and their acknowledgement to the
-    accounts' outboxes once they are on the broker."""
+    accounts' outboxes once they are on the broker.
 
-    __slots__ = ("_balances", "_published", "_publisher")
+    A batch's signals are sent as soon as Redis has applied it (``send``), while its ledger
+    write runs, and acknowledged in the outboxes only after both (``publish``): a hold reaches
+    telephony a ledger write sooner, and a crash between the two leaves the signals in their
+    outboxes, where the relay publishes and logs them again (at least once, as always). Each
+    batch's sends start only once the previous batch's are acknowledged, so a failed send is
+    never overtaken by a later signal of the same account.
+    """
+
+    __slots__ = ("_balances", "_published", "_publisher", "_sending")
 
     def __init__(self, publisher: SignalPublisher, balances: BalanceStore) -> None:
         self._publisher = publisher
         self._balances = balances
-        # Highest signal seq published per account: with batches overlapping, the outbox
-        # read by batch N+1 may still hold what batch N publishes. Losing this map (restart)
-        # only means a harmless re-publish, which consumers drop by seq.
+        # Highest signal seq sent per account: with batches overlapping, the outbox read by
+        # batch N+1 still holds what batch N sent until N's ledger write is done. Losing this
+        # map (restart, a failed send) only means a harmless re-publish, which consumers drop
+        # by seq.
         self._published: dict[str, int] = {}
+        self._sending: asyncio.Task[None] | None = None
 
     def pending(
         self, accounts: Sequence[AccountOutcome], control: Sequence[AccountSignal]
@@ -162,12 +178,48 @@ class Outbox:
         pending.sort(key=lambda p: (p[0], p[1].seq))  # in seq order per account
         return pending
 
-    async def publish(
-        self, rejected: list[Rejected], pending: list[AccountSignal], out: BatchOutcome
+    def forget(self) -> None:
+        """A batch failed after ``send``: its signals go out again with its replay (and get
+        their log rows from it), not only from the relay; and its replay's sends wait for
+        nothing that failed before."""
+        self._published.clear()
+        self._sending = None
+
+    def send(self, pending: list[AccountSignal]) -> asyncio.Task[None] | None:
+        """Start publishing ``pending`` (after the previous ``send``'s are acknowledged);
+        ``publish`` awaits it. None when there is nothing to send."""
+        if not pending:
+            return None
+        published = self._published
+        for account_id, s in pending:
+            published[account_id] = max(published.get(account_id, 0), s.seq)
+        task = asyncio.create_task(self._send_after(self._sending, pending))
+        # Retrieved here too: a batch that failed before awaiting its sends leaves them to the
+        # relay, and its task must not log "exception was never retrieved".
+        task.add_done_callback(_retrieve)
+        self._sending = task
+        return task
+
+    async def _send_after(
+        self, before: asyncio.Task[None] | None, pending: list[AccountSignal]
     ) -> None:
-        """Publish the dead letters and signals, count them in ``out`` and the metrics, and
-        drop the signals from their outboxes once the broker has them. Raises if the
-        publisher did (nothing is dropped from an outbox then)."""
+        if before is not None:
+            await asyncio.wait([before])
+            if before.cancelled() or before.exception() is not None:
+                raise SignalsNotPublished("an earlier batch's signals were not acknowledged")
+        await self._publisher.publish([], pending)
+
+    async def publish(
+        self,
+        rejected: list[Rejected],
+        pending: list[AccountSignal],
+        out: BatchOutcome,
+        sent: asyncio.Task[None] | None = None,
+    ) -> None:
+        """Publish the dead letters and signals (or, with ``sent``, await the signals ``send``
+        started), count them in ``out`` and the metrics, and drop the signals from their
+        outboxes once the broker has them. Raises if the publisher did (nothing is dropped from
+        an outbox then)."""
         for r in rejected:
             out.dead_letters[r.reason] = out.dead_letters.get(r.reason, 0) + 1
             metrics.DEAD_LETTERS.labels(r.reason, r.type).inc()
@@ -175,14 +227,30 @@ class Outbox:
         published = self._published
         for account_id, s in pending:
             acks[account_id] = max(acks.get(account_id, 0), s.seq)
-            published[account_id] = max(published.get(account_id, 0), s.seq)
+            if sent is None:
+                published[account_id] = max(published.get(account_id, 0), s.seq)
             if s.type == RECHARGE_REQUESTED:
                 metrics.RECHARGE_TRIGGERS.inc()
             else:
                 metrics.SIGNALS_PUBLISHED.labels(s.type).inc()
             out.signals.append((account_id, s))
-        await self._publisher.publish(rejected, pending)
+        try:
+            if sent is None:
+                await self._publisher.publish(rejected, pending)
+            else:
+                if rejected:
+                    await self._publisher.publish(rejected, [])
+                await sent
+        except BaseException:
+            # What was sent is unknown: publish it again rather than trust the map.
+            self.forget()
+            raise
         if len(published) > 100_000:
             published.clear()
         # Only now are they on the topic: drop them from the outboxes.
         await self._balances.ack_outbox(acks)
+
+
+def _retrieve(task: asyncio.Task[None]) -> None:
+    if not task.cancelled():
+        task.exception()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 import typing
 from datetime import UTC, datetime, timedelta
@@ -9,7 +10,9 @@ from typing import Any
 
 import orjson
 import pytest
+from aiokafka.errors import KafkaConnectionError
 
+from balance.values import PendingSignal
 from contracts import topics
 from infra import metrics
 from infra.kafkatools import read_all
@@ -18,6 +21,7 @@ from infra.settings import Settings
 from meter.traffic import call_hangup, message_sent
 from metering.batch import Reason
 from metering.processor import BatchOutcome, MeteringProcessor
+from metering.publish import Outbox, SignalPublisher, SignalsNotPublished
 from metering.worker import Connections
 from ops.reconcile import reconcile
 from rating.catalog import Catalog
@@ -205,6 +209,114 @@ async def test_hold_is_published_once_when_an_account_runs_dry(
         (1, "account.low_balance"),
         (2, "account.hold"),
     ]
+
+
+class HoldFirstLedger(PostgresLedger):
+    """Writes only once the batch's hold is readable on the signals topic: a processor that
+    publishes after its ledger write never gets its write done (the test times out)."""
+
+    def __init__(self, pool: Any, bootstrap: str, account: str) -> None:
+        super().__init__(pool)
+        self._bootstrap, self._account = bootstrap, account
+        self.seen_before_write: list[str] = []
+
+    async def write_usage(self, fresh: Any, replayed: Any = (), signals: Any = ()) -> set[bytes]:
+        if signals:
+            held = await read_all(self._bootstrap, topics.CONTROL_SIGNALS, expect=1, timeout_s=10)
+            self.seen_before_write = [
+                orjson.loads(m.value)["type"]
+                for m in held
+                if orjson.loads(m.value)["subject"] == self._account
+            ]
+        return await super().write_usage(fresh, replayed, signals)
+
+
+def _dry_calls(account: str, n: int) -> list[Rec]:
+    events = [call_hangup(account, f"c{i}", "+442071234567", 600) for i in range(n)]
+    return [
+        Rec(topics.CALL_EVENTS, 0, i, account.encode(), orjson.dumps(e))
+        for i, e in enumerate(events)
+    ]
+
+
+async def test_a_hold_is_on_the_topic_before_its_batch_is_in_the_ledger(
+    settings: Settings, conns: Connections, seed: Seeder
+) -> None:
+    # Hold latency (meter bench metering): the signal goes out while the ledger is written,
+    # and leaves the outbox only once both are done.
+    await seed("acc_dry", balance="0.10")  # a 10-minute UK call costs 0.15
+    catalog = Catalog(conns.pool)
+    await catalog.refresh()
+    ledger = HoldFirstLedger(conns.pool, settings.kafka_bootstrap, "acc_dry")
+    out = await harness.processor(conns, catalog, ledger=ledger).process(_dry_calls("acc_dry", 1))
+    assert ledger.seen_before_write == ["account.hold"]
+    assert [(a, s.type) for a, s in out.signals] == [("acc_dry", "account.hold")]
+    assert await conns.balances.pending_outbox("acc_dry") == []
+    rows = await conns.pool.fetch("SELECT seq, type FROM signals WHERE account_id = 'acc_dry'")
+    assert [(r["seq"], r["type"]) for r in rows] == [(1, "account.hold")]
+
+
+async def test_signals_sent_before_a_failed_ledger_write_stay_in_the_outbox_until_logged(
+    settings: Settings, conns: Connections, seed: Seeder
+) -> None:
+    await seed("acc_dry", balance="0.10")
+    catalog = Catalog(conns.pool)
+    await catalog.refresh()
+    records = _dry_calls("acc_dry", 1)
+    processor = harness.processor(conns, catalog, ledger=CrashingLedger(conns.pool))
+    with pytest.raises(ConnectionResetError):
+        await processor.process(records)
+    # Sent, but neither logged nor dropped from the outbox: the replay (or the relay) does both.
+    assert [s.type for s in await conns.balances.pending_outbox("acc_dry")] == ["account.hold"]
+    assert await conns.pool.fetchval("SELECT count(*) FROM signals") == 0
+
+    processor._ledger = PostgresLedger(conns.pool)  # the same process, the ledger back
+    await processor.process(records)
+    assert await conns.balances.pending_outbox("acc_dry") == []
+    rows = await conns.pool.fetch("SELECT seq, type FROM signals WHERE account_id = 'acc_dry'")
+    assert [(r["seq"], r["type"]) for r in rows] == [(1, "account.hold")]
+    on_topic = [
+        orjson.loads(m.value)
+        for m in await read_all(settings.kafka_bootstrap, topics.CONTROL_SIGNALS, expect=2)
+    ]
+    # Published again with the replay, the same seq: a consumer drops the repeat.
+    assert [(s["type"], s["data"]["seq"]) for s in on_topic] == [("account.hold", 1)] * 2
+
+
+class FirstPublishFails:
+    """The real publisher, except that its first call fails, slowly, before sending."""
+
+    def __init__(self, inner: SignalPublisher) -> None:
+        self._inner, self.calls = inner, 0
+
+    async def publish(self, dead_letters: Any, signals: Any) -> None:
+        self.calls += 1
+        if self.calls == 1:
+            await asyncio.sleep(0.1)
+            raise KafkaConnectionError("simulated: the broker went away")
+        await self._inner.publish(dead_letters, signals)
+
+
+async def test_a_failed_send_is_never_overtaken_by_a_later_batchs_signal(
+    settings: Settings, conns: Connections
+) -> None:
+    # Consumers drop a signal below the highest seq they saw: hold (1) must not arrive after
+    # resume (2), which the next batch sent while the first batch's send was failing.
+    publisher = FirstPublishFails(conns.publisher)
+    outbox = Outbox(publisher, conns.balances)
+    hold = ("acc_1", PendingSignal(1, "account.hold", "insufficient_balance"))
+    resume = ("acc_1", PendingSignal(2, "account.resume", "recharged"))
+    first, then = outbox.send([hold]), outbox.send([resume])
+    with pytest.raises(KafkaConnectionError):
+        await outbox.publish([], [hold], BatchOutcome(), first)
+    with pytest.raises(SignalsNotPublished):
+        await outbox.publish([], [resume], BatchOutcome(), then)
+    assert publisher.calls == 1  # the second batch sent nothing
+    # And both go out again with the replay, in order, since the map of what was sent is gone.
+    assert outbox.pending([], [hold, resume]) == [hold, resume]
+    await outbox.publish([], [hold, resume], BatchOutcome(), outbox.send([hold, resume]))
+    on_topic = await read_all(settings.kafka_bootstrap, topics.CONTROL_SIGNALS, expect=2)
+    assert [orjson.loads(m.value)["data"]["seq"] for m in on_topic] == [1, 2]
 
 
 async def test_lost_redis_state_is_rebuilt_from_the_ledger(

@@ -24,8 +24,12 @@ from tests.metering.test_processor import traffic
 #: start_worker's METER_KAFKA_SESSION_TIMEOUT_MS
 SESSION_TIMEOUT_S = 2.0
 #: after the session timeout: the group's rejoin (the embedded broker holds a join for about
-#: half the session timeout), the survivor's first batch on the partitions and its commit
-TAKEOVER_MARGIN_S = 4.0
+#: half the session timeout), the survivor's first batch on the partitions and its commit.
+#: That batch is the survivor's backlog, on two cores shared with the test's broker, Redis and
+#: PostgreSQL: with other tests running beside it, the last partition moved 5.5, 6.2 and
+#: 7.2 s after the kill (4 s of margin failed twice so). Still far below a default session
+#: timeout (45 s), which is what the bound is there to catch.
+TAKEOVER_MARGIN_S = 6.0
 
 
 async def committed(settings: Settings, tps: list[TopicPartition]) -> dict[TopicPartition, int]:
