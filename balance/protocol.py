@@ -61,6 +61,7 @@ class BalanceStore(Protocol):
         amount: int,
         *,
         payment: bool = False,
+        refund: bool = False,
         now_s: int | None = None,
     ) -> CreditOutcome: ...
 

@@ -396,19 +396,24 @@ class RedisBalances(ReservationStore, OutboxStore):
         amount: int,
         *,
         payment: bool = False,
+        refund: bool = False,
         now_s: int | None = None,
     ) -> CreditOutcome:
         """Credit ``amount`` once per ``credit_id``. May queue ``account.resume`` (the outbox
-        relay publishes it). A ``payment`` also lifts a hold the service pinned (``hold``).
-        ``now_s`` (unix s, default: the clock) decides which minute-bucket grants count for the
+        relay publishes it). A ``payment`` also lifts a hold the service pinned (``hold``); a
+        ``refund`` (money given back) never fires auto-recharge: the crossing it causes counts
+        as handled until the credit is above the threshold again (``credit.lua``). ``now_s``
+        (unix s, default: the clock) decides which minute-bucket grants count for the
         account's state."""
+        if payment and refund:
+            raise ValueError("a credit is a payment or a refund, not both")
         now = self._now(now_s)
         await self.mark_outbox_pending([account_id])
         applied, bal, st = await call(
             f"credit {credit_id}",
             lambda: self._credit(
                 keys=[keys.account(account_id), keys.credits(account_id), keys.outbox(account_id)],
-                args=[credit_id, amount, "1" if payment else "0", now],
+                args=[credit_id, amount, "1" if payment else "r" if refund else "0", now],
             ),
         )
         if applied == -1:

@@ -226,7 +226,8 @@ class StatusChange:
 @dataclass(frozen=True, slots=True)
 class RechargeState:
     """The auto-recharge part of an account's real-time state: the threshold (micro-units,
-    None: off), the seq of the open trigger (None: none open) and a pinned hold's reason."""
+    None: off), the seq of the open trigger (None: none open; 0: none, the crossing was a
+    refund's, which fires none) and a pinned hold's reason."""
 
     threshold: int | None
     open_trigger: int | None

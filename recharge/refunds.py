@@ -304,7 +304,10 @@ class RefundService:
         id (a debit is never refused: the balance may go below zero), then mark it applied."""
         now = self._clock()
         now_s = int(now.timestamp())
-        out = await self._balances.credit(r.account_id, "refund:" + r.id, r.signed, now_s=now_s)
+        # Money given back never fires auto-recharge: the card would be charged again for it.
+        out = await self._balances.credit(
+            r.account_id, "refund:" + r.id, r.signed, refund=r.signed < 0, now_s=now_s
+        )
         if not out.found:
             # Redis lost the account: rebuilt from the ledger, which already holds this row.
             await load_into_redis(

@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 from datetime import timedelta
 
+import pytest
+
 from balance.store import RedisBalances
 from balance.values import RechargeState, StatusChange
 from recharge.sandbox import SandboxGateway
@@ -267,3 +269,41 @@ async def test_a_lost_redis_state_comes_back_with_its_recharge_state(world: Worl
     st = await balances.get("a")
     assert st is not None and st.balance == 40 * USD
     assert (await svc.payments("a"))[-1].credited_at is not None
+
+
+async def test_a_refund_takes_the_crossing_it_causes_as_handled(
+    balances: RedisBalances,
+) -> None:
+    await balances.create_account("a", balance=30 * USD, credit_limit=0, low_threshold=0)
+    await balances.set_auto_recharge("a", 20 * USD)
+    out = await balances.credit("a", "refund:r1", -15 * USD, refund=True)  # $15
+    assert out.applied and await triggers(balances, "a") == []
+    assert (await balances.recharge_state("a")).open_trigger == 0
+    await balances.apply_debits({"a": [debit(1, USD)]}, 1_700_000_000)
+    assert await triggers(balances, "a") == []  # the same crossing
+    # A refund that leaves the credit above the threshold changes nothing about the trigger;
+    # an open trigger stays open through a refund (its recharge is under way).
+    await balances.credit("a", "p1", 20 * USD)  # $34: above, re-armed
+    assert (await balances.recharge_state("a")).open_trigger is None
+    await balances.credit("a", "refund:r2", -USD, refund=True)  # $33
+    assert (await balances.recharge_state("a")).open_trigger is None
+    await balances.apply_debits({"a": [debit(2, 20 * USD)]}, 1_700_000_000)  # $13
+    (seq,) = await triggers(balances, "a")
+    await balances.credit("a", "refund:r3", -USD, refund=True)
+    assert (await balances.recharge_state("a")).open_trigger == seq
+    assert await triggers(balances, "a") == [seq]
+    with pytest.raises(ValueError):
+        await balances.credit("a", "x", USD, payment=True, refund=True)
+
+
+async def test_credit_refuses_a_kind_it_does_not_know(balances: RedisBalances) -> None:
+    from redis.exceptions import ResponseError
+
+    from balance import keys
+
+    await balances.create_account("a", balance=30 * USD, credit_limit=0, low_threshold=0)
+    ks = [keys.account("a"), keys.credits("a"), keys.outbox("a")]
+    for kind in ("", "2", "refund", "1 ", "R"):
+        with pytest.raises(ResponseError, match="credit: kind"):
+            await balances._credit(keys=ks, args=["c1", USD, kind, 1_700_000_000])
+    assert (await balances.get("a")).balance == 30 * USD  # type: ignore[union-attr]

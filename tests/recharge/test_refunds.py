@@ -25,10 +25,12 @@ from recharge.stripe_gateway import StripeGateway
 from tests.recharge.world import (
     USD,
     World,
+    debit,
     drift,
     no_sleep,
     open_account,
     payment_service,
+    triggers,
 )
 from tests.stripe_fake import API_KEY, StripeFake
 
@@ -191,6 +193,33 @@ async def test_a_refund_may_take_the_balance_below_zero_and_holds_the_account(
     assert "account.hold" in [s.type for s in await world.balances.pending_outbox("a")]
     assert await drift(world.pool, world.balances, "a") == 0
     await _agree(world)
+
+
+async def test_a_refund_never_charges_the_card_again_through_auto_recharge(
+    world: World,
+) -> None:
+    # $40 paid, auto-recharge on below $20: a refund of $30 leaves $10, at or below the
+    # threshold. Recharging would charge the card again for what was just given back.
+    svc = payment_service(world)
+    pid = await _paid(svc, world, "a", 40 * USD)
+    await svc.set_auto_recharge("a", True, 20 * USD, 20 * USD)
+    assert await triggers(world.balances, "a") == []
+
+    r = await svc.refunds.refund_to_card("a", pid, "r1", 30 * USD, "customer asked")
+
+    assert (r.status, await _balance(world.balances, "a")) == ("succeeded", 10 * USD)
+    assert await triggers(world.balances, "a") == []
+    assert await drift(world.pool, world.balances, "a") == 0
+    # Usage after it is the same crossing: still no trigger.
+    await world.balances.apply_debits({"a": [debit(1, USD)]}, int(world.clock().timestamp()))
+    assert await triggers(world.balances, "a") == []
+    assert world.gateway.charge_count == 1  # the top-up alone
+    # Credit back above the threshold re-arms it: the next crossing fires as always.
+    await world.balances.credit("a", "adj", 20 * USD)  # $29
+    await world.balances.apply_debits(
+        {"a": [debit(2, 10 * USD)]}, int(world.clock().timestamp())
+    )
+    assert len(await triggers(world.balances, "a")) == 1
 
 
 async def test_a_refund_as_credit_is_credited_once(world: World) -> None:
