@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 import pytest
 import redis.asyncio as aioredis
@@ -15,7 +16,9 @@ from balance.errors import NotReplicated
 from balance.store import RedisBalances
 from balance.values import Debit
 from infra.clock import system_clock
+from infra.settings import Settings
 from metering.isolate import is_transient
+from metering.worker import connect
 
 DAY_S = 86_400
 
@@ -96,3 +99,14 @@ async def test_zero_replicas_sends_no_wait(redis: aioredis.Redis) -> None:
     assert await calls_of(redis, "wait") == waits + 1
     assert await calls_of(redis, "evalsha") == scripts + 2 + 2
 
+
+async def test_the_worker_s_balances_wait_as_the_settings_say(settings: Settings) -> None:
+    now = int(system_clock())
+    wanted = replace(settings, redis_wait_replicas=1, redis_wait_timeout_ms=50)
+    async with connect(wanted) as conns:
+        await conns.balances.create_account("a", balance=1_000, credit_limit=0, low_threshold=0)
+        with pytest.raises(NotReplicated, match=r"0 of 1 replicas .* within 50 ms"):
+            await conns.balances.apply_debits({"a": debits(1, now // DAY_S)}, now)
+    async with connect(settings) as conns:  # the default: off
+        out = await conns.balances.apply_debits({"a": debits(1, now // DAY_S)}, now)
+        assert out[0].codes == "d"
