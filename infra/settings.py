@@ -82,8 +82,8 @@ class Settings:
     #: asynchronous: a failover may lose what a primary acknowledged just before it died).
     #: At most the replicas each primary has, or every batch fails (docs/design/scale-out.md).
     redis_wait_replicas: int = 0
-    #: How long that ``WAIT`` waits for the replicas, in milliseconds; below ``redis_timeout_s``
-    #: (which bounds every read: a longer wait would time the read out instead).
+    #: How long that ``WAIT`` waits for the replicas, in milliseconds; with ``WAIT`` on, below
+    #: ``redis_timeout_s`` (which bounds every read: a longer wait would time the read out).
     redis_wait_timeout_ms: int = 100
     #: Prometheus ``/metrics`` port of every process; 0 = no endpoint.
     metrics_port: int = 0
@@ -271,10 +271,12 @@ class Settings:
             raise SettingsError(
                 f"METER_REDIS_WAIT_REPLICAS must be between 0 (off) and {MAX_WAIT_REPLICAS}"
             )
-        if not 1 <= self.redis_wait_timeout_ms < self.redis_timeout_s * 1000:
+        if self.redis_wait_timeout_ms < 1:
+            raise SettingsError("METER_REDIS_WAIT_TIMEOUT_MS must be >= 1")
+        if self.redis_wait_replicas and self.redis_wait_timeout_ms >= self.redis_timeout_s * 1000:
             raise SettingsError(
-                "METER_REDIS_WAIT_TIMEOUT_MS must be >= 1 and below METER_REDIS_TIMEOUT_S"
-                f" ({self.redis_timeout_s} s)"
+                "METER_REDIS_WAIT_TIMEOUT_MS must be below METER_REDIS_TIMEOUT_S"
+                f" ({self.redis_timeout_s} s) when METER_REDIS_WAIT_REPLICAS is set"
             )
         from infra.redisclient import cluster_nodes, is_cluster_url  # redis-py: only if needed
 
