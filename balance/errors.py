@@ -4,9 +4,12 @@ Errors (httpx-style tree)::
 
     BalanceStoreError
     ├── OutcomeUnknown   the call may or may not have been applied (timeout, connection lost
-    │                    after send). Never retry blindly: a retried debit is only safe because
-    │                    debits are idempotent on their event key; a credit is idempotent on its
-    │                    credit id. Resolve by re-sending the same ids, never new ones.
+    │   │                after send). Never retry blindly: a retried debit is only safe because
+    │   │                debits are idempotent on their event key; a credit is idempotent on its
+    │   │                credit id. Resolve by re-sending the same ids, never new ones.
+    │   └── NotReplicated  Redis applied it, but fewer replicas than asked acknowledged it
+    │                    (``WAIT``, ``balance.pipeline``): a failover may still lose it. Re-send
+    │                    the same ids once the replicas have caught up, or a replica took over.
     └── NotApplied       Redis answered, and did not run the call: nothing of it changed.
         ├── StoreBusy    Redis said "not now" (BUSY, OOM, READONLY, a failover) or lost the
         │                script again after it was reloaded: retry later, the same ids.
@@ -70,6 +73,12 @@ class BalanceStoreError(Exception):
 
 class OutcomeUnknown(BalanceStoreError):
     """The request may have been applied. Re-send the same idempotency keys to resolve it."""
+
+
+class NotReplicated(OutcomeUnknown):
+    """Applied on the primary, not yet acknowledged by enough replicas: it may be lost at a
+    failover. Re-send the same idempotency keys (a replica that took over without it applies it
+    then; otherwise the re-send only waits for the replicas again)."""
 
 
 class NotApplied(BalanceStoreError):

@@ -80,6 +80,14 @@ def holders(account_id: str) -> str:
     return tag(account_id) + HOLDERS_SUFFIX
 
 
+def wait_mark(account_id: str) -> str:
+    """A string that one script sets and deletes right before a ``WAIT`` (``balance.pipeline``):
+    a write the node replicates, so the ``WAIT`` covers every earlier write of that node. Under
+    the account's hash tag, so it goes to the node of the account's calls; no one ever sees it
+    (the script is atomic, and replicas apply its two writes as one transaction)."""
+    return tag(account_id) + ":wait"
+
+
 #: Sorted set of every live reservation, ``account_id NUL call_id`` scored by when it expires.
 #: Global (no hash tag): it is only ever used by single-key commands, never inside a script,
 #: so it is safe on a cluster; the sweep reads it to release reservations whose hangup was lost.

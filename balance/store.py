@@ -21,7 +21,7 @@ from redis.commands.core import AsyncScript
 from balance import keys, replies, scripts, slots
 from balance.errors import call, mapped
 from balance.outbox import OutboxStore
-from balance.pipeline import round_trip
+from balance.pipeline import ReplicaWait, round_trip
 from balance.reservations import ReservationStore
 from balance.values import (
     ACCOUNT_STATES,
@@ -89,6 +89,9 @@ class RedisBalances(ReservationStore, OutboxStore):
     one hash slot (``balance.slots``).
     ``clock``: the time of the calls that take no ``now_s`` (see ``infra.clock``); the scripts
     never read Redis's own clock.
+    ``wait_replicas`` (0: off): ``apply_debits`` returns only once that many replicas of every
+    node it wrote to acknowledged it, waiting ``wait_timeout_ms`` at most, else raises
+    ``NotReplicated`` (``balance.pipeline``). No other method waits.
     """
 
     def __init__(
@@ -97,9 +100,12 @@ class RedisBalances(ReservationStore, OutboxStore):
         *,
         max_accounts_per_call: int = 256,
         clock: Clock = system_clock,
+        wait_replicas: int = 0,
+        wait_timeout_ms: int = 100,
     ) -> None:
         self._r = client
         self._max = max_accounts_per_call
+        self._wait = ReplicaWait.for_client(client, wait_replicas, wait_timeout_ms)
         self._by_slot = isinstance(client, RedisCluster)
         self._clock = clock
         self._debit: AsyncScript = client.register_script(_lua("debit.lua"))
@@ -133,9 +139,11 @@ class RedisBalances(ReservationStore, OutboxStore):
         one pipelined round trip.
 
         Idempotent per event key; safe to call again with the same batch after
-        ``OutcomeUnknown``. Returns one outcome per account, in the batch's order. Debits with
-        a ``draw`` first take their billed seconds from the account's minute bucket (its
-        ``plans`` allowance for the period included); see ``AccountOutcome.draws``.
+        ``OutcomeUnknown`` (``NotReplicated`` included: with ``wait_replicas``, the round trip
+        ends with a ``WAIT`` on each node it wrote to). Returns one outcome per account, in the
+        batch's order. Debits with a ``draw`` first take their billed seconds from the
+        account's minute bucket (its ``plans`` allowance for the period included); see
+        ``AccountOutcome.draws``.
         """
         plans = plans or {}
         event = _DEBIT_EVENT.pack
@@ -180,7 +188,9 @@ class RedisBalances(ReservationStore, OutboxStore):
             for ks, args in calls:
                 await self._debit(keys=ks, args=args, client=pipe)
 
-        raw = await round_trip(self._r, "debit batch", build)
+        # A mark in each call's slot: the WAIT of every node the calls go to (balance.pipeline).
+        marks = [keys.wait_mark(chunk[0]) for chunk in chunks] if self._wait else []
+        raw = await round_trip(self._r, "debit batch", build, wait=self._wait, marks=marks)
         if not self._by_slot:
             return replies.decode_debits(accounts, raw)
         sent = [a for chunk in chunks for a in chunk]  # grouped by slot: back to the batch's order

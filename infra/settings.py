@@ -26,6 +26,10 @@ class CallControl:
 
 PAYMENT_GATEWAYS: Final = ("sandbox", "stripe")
 
+#: The most replicas ``redis_wait_replicas`` may ask for (a bound against typos: a primary
+#: with more replicas than this is not a deployment here).
+MAX_WAIT_REPLICAS: Final = 16
+
 
 class SettingsError(ValueError):
     """An environment variable has a value the service cannot use."""
@@ -72,6 +76,15 @@ class Settings:
     #: timeout (its reads are bounded by ``authorize_deadline_s``): a hung Redis fails a batch,
     #: never hangs it.
     redis_timeout_s: float = 5.0
+    #: The metering worker's debit round trip ends with ``WAIT`` on every Redis node it wrote to
+    #: (each primary of a cluster): a batch is committed only once this many replicas of each
+    #: node acknowledged its debits, or fails and is replayed. 0 = off (replication stays
+    #: asynchronous: a failover may lose what a primary acknowledged just before it died).
+    #: At most the replicas each primary has, or every batch fails (docs/design/scale-out.md).
+    redis_wait_replicas: int = 0
+    #: How long that ``WAIT`` waits for the replicas, in milliseconds; with ``WAIT`` on, below
+    #: ``redis_timeout_s`` (which bounds every read: a longer wait would time the read out).
+    redis_wait_timeout_ms: int = 100
     #: Prometheus ``/metrics`` port of every process; 0 = no endpoint.
     metrics_port: int = 0
     #: Loopback by default; ``0.0.0.0`` inside a container, so Prometheus can reach it.
@@ -254,6 +267,17 @@ class Settings:
             raise SettingsError("METER_REDIS_ACCOUNTS_PER_CALL must be >= 1")
         if self.catalog_max_accounts < 1:
             raise SettingsError("METER_CATALOG_MAX_ACCOUNTS must be >= 1")
+        if not 0 <= self.redis_wait_replicas <= MAX_WAIT_REPLICAS:
+            raise SettingsError(
+                f"METER_REDIS_WAIT_REPLICAS must be between 0 (off) and {MAX_WAIT_REPLICAS}"
+            )
+        if self.redis_wait_timeout_ms < 1:
+            raise SettingsError("METER_REDIS_WAIT_TIMEOUT_MS must be >= 1")
+        if self.redis_wait_replicas and self.redis_wait_timeout_ms >= self.redis_timeout_s * 1000:
+            raise SettingsError(
+                "METER_REDIS_WAIT_TIMEOUT_MS must be below METER_REDIS_TIMEOUT_S"
+                f" ({self.redis_timeout_s} s) when METER_REDIS_WAIT_REPLICAS is set"
+            )
         from infra.redisclient import cluster_nodes, is_cluster_url  # redis-py: only if needed
 
         if is_cluster_url(self.redis_url):

@@ -81,7 +81,12 @@ async def connect(settings: Settings) -> AsyncIterator[Connections]:
             pool,
             r,
             producer,
-            RedisBalances(r, max_accounts_per_call=settings.redis_accounts_per_call),
+            RedisBalances(
+                r,
+                max_accounts_per_call=settings.redis_accounts_per_call,
+                wait_replicas=settings.redis_wait_replicas,
+                wait_timeout_ms=settings.redis_wait_timeout_ms,
+            ),
         )
     finally:
         await producer.stop()

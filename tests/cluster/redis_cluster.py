@@ -195,6 +195,59 @@ class RedisClusterHandle:
         n.proc.send_signal(signal.SIGKILL)
         n.proc.wait(10)
 
+    def replicas_of(self, primary: Node) -> list[Node]:
+        """The nodes replicating ``primary`` now (its INFO replication's ``slaveN`` lines)."""
+        repl = self.info(primary.port, "replication")
+        return [
+            self.node(int(dict(p.split("=") for p in v.split(","))["port"]))
+            for k, v in repl.items()
+            if k.startswith("slave") and "port=" in v
+        ]
+
+    @contextlib.contextmanager
+    def frozen(self, n: Node) -> Iterator[None]:
+        """``n`` stopped (SIGSTOP) inside the block: it reads nothing and answers nothing (a
+        replica acknowledges no writes), and goes on (SIGCONT) after it. Ask nothing of it
+        meanwhile (``info``, ``primaries``, ``healthy``): its answer would wait."""
+        assert n.proc is not None and n.proc.poll() is None
+        n.proc.send_signal(signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            n.proc.send_signal(signal.SIGCONT)
+
+    @contextlib.contextmanager
+    def cut_off(self, replica: Node, primary: Node) -> Iterator[None]:
+        """``replica`` frozen (``frozen``) and its replication link closed by ``primary``
+        (``CLIENT KILL TYPE replica``): nothing ``primary`` writes in the block reaches it.
+        Frozen alone is not enough for that: the kernel still fills a stopped process's socket
+        buffer, and the replica would apply all of it when it goes on, even after its primary
+        died (seen here). It reconnects after the block, if ``primary`` still lives."""
+        with self.frozen(replica):
+            assert self.cli(primary.port, "client", "kill", "type", "replica").strip() == "1"
+            yield
+
+    def wait_promoted(self, replica: Node, within: float = 60.0) -> bool:
+        """Until ``replica`` is a primary: by the cluster's own failover (its primary down for
+        the node timeout), else, past a few node timeouts, by ``CLUSTER FAILOVER TAKEOVER``
+        (a replica that was stopped for long may hold back from an election). True when the
+        cluster failed over by itself."""
+
+        def primary() -> bool:
+            try:
+                return self.info(replica.port, "replication")["role"] == "master"
+            except subprocess.SubprocessError:
+                return False
+
+        deadline = time.monotonic() + 5 * NODE_TIMEOUT_MS / 1000
+        while not primary() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if primary():
+            return True
+        self.cli(replica.port, "cluster", "failover", "takeover")
+        self._wait(primary, f"{replica.port} a primary", replica, within=within)
+        return False
+
     def stop(self) -> None:
         for n in self.nodes:
             if n.proc is not None and n.proc.poll() is None:

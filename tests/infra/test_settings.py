@@ -44,11 +44,28 @@ def test_unknown_setting_is_an_error() -> None:
         ("METER_API_PORT", "70000"),
         ("METER_AUTHORIZE_DEADLINE_S", "0"),
         ("METER_AUTHORIZE_GRANT_S", "0"),
+        ("METER_REDIS_WAIT_REPLICAS", "-1"),
+        ("METER_REDIS_WAIT_REPLICAS", "17"),
+        ("METER_REDIS_WAIT_REPLICAS", "one"),
+        ("METER_REDIS_WAIT_TIMEOUT_MS", "0"),
+        ("METER_REDIS_WAIT_TIMEOUT_MS", "0.1"),
     ],
 )
 def test_bad_values_are_errors(name: str, value: str) -> None:
-    with pytest.raises(SettingsError):
+    with pytest.raises(SettingsError, match=name):
         Settings.from_env({name: value})
+
+
+def test_the_wait_settings_read_as_given_and_bounded_by_the_redis_timeout() -> None:
+    s = Settings.from_env({"METER_REDIS_WAIT_REPLICAS": "2", "METER_REDIS_WAIT_TIMEOUT_MS": "250"})
+    assert (s.redis_wait_replicas, s.redis_wait_timeout_ms) == (2, 250)
+    assert (Settings().redis_wait_replicas, Settings().redis_wait_timeout_ms) == (0, 100)
+    with pytest.raises(SettingsError, match="METER_REDIS_WAIT_TIMEOUT_MS must be below"):
+        Settings.from_env({"METER_REDIS_WAIT_REPLICAS": "1", "METER_REDIS_WAIT_TIMEOUT_MS": "5000"})
+    with pytest.raises(SettingsError, match="METER_REDIS_WAIT_TIMEOUT_MS must be below"):
+        Settings.from_env({"METER_REDIS_WAIT_REPLICAS": "1", "METER_REDIS_TIMEOUT_S": "0.1"})
+    # Off, the wait's timeout bounds nothing: a short Redis timeout stays allowed.
+    assert Settings.from_env({"METER_REDIS_TIMEOUT_S": "0.05"}).redis_timeout_s == 0.05
 
 
 # --- Every setting is documented, in one generated table ------------------------------------
