@@ -45,9 +45,12 @@ from typing import Final, TypeVar
 from redis.exceptions import (
     ClusterDownError,
     NoScriptError,
+    OutOfMemoryError,
+    ReadOnlyError,
     RedisClusterException,
     ResponseError,
     SlotNotCoveredError,
+    TryAgainError,
 )
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -93,6 +96,11 @@ class Refused(NotApplied):
     """Redis or a script answered with an error: sending the same request fails the same way."""
 
 
+#: The replies of ``_BUSY_REPLIES`` that redis-py raises as classes of their own, with the code
+#: taken out of the message (READONLY: a primary turned replica at a failover; OOM; TRYAGAIN).
+_BUSY_CLASSES: Final = (ReadOnlyError, OutOfMemoryError, TryAgainError)
+
+
 def _reply_code(exc: ResponseError) -> str:
     """The error code of a reply; a pipeline's replies come as ``Command # n (...) caused
     error: CODE ...``."""
@@ -113,6 +121,10 @@ def map_error(what: str, exc: Exception) -> Exception:
         # The cluster client gave up finding the node (its layout changing under it): the
         # command may have been sent before it did.
         return OutcomeUnknown(f"{what}: outcome unknown, cluster layout changing: {exc}")
+    if isinstance(exc, _BUSY_CLASSES):
+        # redis-py gives these replies classes of their own and strips their code from the
+        # message, so the code test below never sees them.
+        return StoreBusy(f"{what}: not applied, Redis is not ready ({type(exc).__name__}): {exc}")
     if isinstance(exc, NoScriptError):
         return StoreBusy(f"{what}: Redis lost its scripts again after a reload: {exc}")
     if isinstance(exc, ResponseError):

@@ -21,7 +21,7 @@ from typing import Final
 import asyncpg
 from aiokafka.errors import KafkaConnectionError, KafkaError, KafkaTimeoutError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
+from redis.exceptions import OutOfMemoryError, ReadOnlyError, ResponseError, TryAgainError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from balance.errors import OutcomeUnknown, StoreBusy
@@ -58,6 +58,8 @@ def is_transient(exc: BaseException) -> bool:
     answered "not now". Anything else is taken as a property of the records."""
     if isinstance(exc, OutcomeUnknown | StoreBusy | RedisConnectionError | RedisTimeoutError):
         return True
+    if isinstance(exc, ReadOnlyError | OutOfMemoryError | TryAgainError):
+        return True  # redis-py's classes for READONLY, OOM, TRYAGAIN: the code is not in msg
     if isinstance(exc, ResponseError):
         msg = str(exc)
         return any(code in msg for code in _REDIS_TRANSIENT)
