@@ -290,6 +290,22 @@ async def run_bench(
                 f" <= 100 ms)"
             )
             figures |= hold
+            # The same at a tenth of the load: what a hold takes when the worker is not near its
+            # capacity (the figure above is mostly queueing where 10,000 events/s is most of it).
+            light = await hold_latency(
+                s, conns, ids, rate=1_000, worker_log=root / "hold-light-worker.log"
+            )
+            _say(
+                f"  the same at {light['hold_load_eps']:,} events/s: p50"
+                f" {light['hold_latency_ms_p50']} ms, p99 {light['hold_latency_ms_p99']} ms, max"
+                f" {light['hold_latency_ms_max']} ms ({light['hold_probes_seen']} of"
+                f" {light['hold_probes_sent']} probes)"
+            )
+            figures |= {
+                "hold_light_" + k.removeprefix("hold_"): v
+                for k, v in light.items()
+                if k != "hold_worker"
+            }
         ledger1 = await _pg_bytes(conns, ("ledger",))
         figures["pg_ledger_bytes_per_event"] = round((ledger1 - ledger0) / max(charged, 1))
         _say(
