@@ -43,6 +43,7 @@ def start_worker(settings: Settings, group: str, log: Path) -> subprocess.Popen[
         "METER_CONSUMER_GROUP": group,
         "METER_KAFKA_SESSION_TIMEOUT_MS": str(settings.kafka_session_timeout_ms),
         "METER_BATCH_MAX_RECORDS": str(settings.batch_max_records),
+        "METER_BATCH_TIMEOUT_MS": str(settings.batch_timeout_ms),
         "METER_DATA_DIR": str(settings.data_dir),
     }
     with log.open("ab") as out:  # the child keeps its own copy of the descriptor
