@@ -242,8 +242,13 @@ class Outbox:
                     await self._publisher.publish(rejected, [])
                 await sent
         except BaseException:
-            # What was sent is unknown: publish it again rather than trust the map.
-            self.forget()
+            # What was sent is unknown: publish it again rather than trust the map. (Without
+            # ``sent`` this is the relay's or a dead letter's publish: the batches' chain of
+            # sends is theirs, and stays.)
+            if sent is None:
+                published.clear()
+            else:
+                self.forget()
             raise
         if len(published) > 100_000:
             published.clear()
