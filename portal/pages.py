@@ -18,6 +18,7 @@ from typing import Annotated, Any, Final, Literal, get_args
 
 from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import Response
+from starlette.datastructures import FormData
 
 from contracts.events import ACCOUNT_ID_PATTERN
 from enforcement.http import (
@@ -318,16 +319,21 @@ async def delete_method(request: Request, account_id: Account) -> Response:
     return see(f"/portal/a/{account_id}/billing", "method_deleted")
 
 
-@router.post("/portal/a/{account_id}/billing/auto_recharge")
-@html
-async def auto_recharge(request: Request, account_id: Account) -> Response:
-    ctx = await context(request)
-    posted = await form(ctx)
-    body = {
+def auto_recharge_body(posted: FormData) -> dict[str, object]:
+    """The auto-recharge form's post (``_auto_recharge_form.html``, on the Billing and Settings
+    pages) as the API route's body; the route validates it."""
+    return {
         "enabled": field(posted, "enabled") == "on",
         "threshold_amount": field(posted, "threshold_amount"),
         "recharge_amount": field(posted, "recharge_amount"),
     }
+
+
+@router.post("/portal/a/{account_id}/billing/auto_recharge")
+@html
+async def auto_recharge(request: Request, account_id: Account) -> Response:
+    ctx = await context(request)
+    body = auto_recharge_body(await form(ctx))
     try:
         await data(payment_routes.put_auto_recharge(with_body(body), account_id, ctx.who, ctx.host))
     except ApiError as exc:

@@ -24,7 +24,7 @@ from enforcement.http import invoices, subscriptions
 from infra.http.access import Permission
 from infra.http.errors import ApiError
 from portal.calls import data, with_body
-from portal.pages import account_page, enter, optional
+from portal.pages import account_page, auto_recharge_body, enter, optional
 from portal.web import Ctx, act, context, field, form, html, may, whole
 from recharge import routes as payment_routes
 
@@ -114,11 +114,6 @@ async def invoicing(request: Request, account_id: Account) -> Response:
 @html
 async def auto_recharge(request: Request, account_id: Account) -> Response:
     ctx = await context(request)
-    posted = await form(ctx)
-    body = {
-        "enabled": field(posted, "enabled") == "on",
-        "threshold_amount": field(posted, "threshold_amount"),
-        "recharge_amount": field(posted, "recharge_amount"),
-    }
+    body = auto_recharge_body(await form(ctx))
     route = payment_routes.put_auto_recharge(with_body(body), account_id, ctx.who, ctx.host)
     return await _change(ctx, account_id, route, "auto_recharge")

@@ -36,6 +36,8 @@ async def test_a_manager_changes_a_managed_accounts_settings_from_its_page(api: 
         assert page.status_code == 200, page.text
         assert "You manage this account" in page.text
         assert "19.99 USD a month" in page.text  # the manager sees its prices
+        # The auto-recharge form (shared with the Billing page) posts to this page's route.
+        assert 'action="/portal/a/sub/settings/auto_recharge"' in page.text
         token = csrf_of(page.text)
         r = await client.post(
             "/portal/a/sub/settings/plan",
