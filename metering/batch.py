@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Literal, Protocol
 
-from balance.values import AccountOutcome, Draw, PendingSignal, Settled
+from balance.values import Draw, PendingSignal, Settled
 
 
 class Record(Protocol):
@@ -131,9 +131,6 @@ class Applied:
     outcome: BatchOutcome
     rejected: list[Rejected]
     charges: list[Charge]
-    accounts: list[AccountOutcome]
-    #: signals pending in the outboxes of accounts whose live calls this batch updated
-    control_outbox: list[AccountSignal] = field(default_factory=list)
     #: the signals the batch publishes (``metering.publish.Outbox.pending``), and their
     #: sending, started once Redis applied the batch (``Outbox.send``); None: nothing to send
     signals: list[AccountSignal] = field(default_factory=list)

@@ -153,8 +153,6 @@ class MeteringProcessor:
             outcome=out,
             rejected=rejected,
             charges=charges,
-            accounts=outcomes,
-            control_outbox=control_outbox,
             signals=signals,
             sent=self._outbox.send(signals),
         )
@@ -208,7 +206,9 @@ class MeteringProcessor:
             await self._ledger.write_usage(
                 [], [], [SignalRow(a, s.seq, s.type, s.reason) for a, s in pending]
             )
-            await self._outbox.publish([], pending, BatchOutcome())
+            # In the batches' chain of sends: an operator's signal (seq N+1) must not reach the
+            # topic ahead of a batch's seq N still being sent, which consumers would then drop.
+            await self._outbox.publish([], pending, BatchOutcome(), self._outbox.send(pending))
         await self._balances.clear_outbox_pending(list(boxes))
         return len(pending)
 

@@ -145,7 +145,8 @@ class Outbox:
     telephony a ledger write sooner, and a crash between the two leaves the signals in their
     outboxes, where the relay publishes and logs them again (at least once, as always). Each
     batch's sends start only once the previous batch's are acknowledged, so a failed send is
-    never overtaken by a later signal of the same account.
+    never overtaken by a later signal of the same account; the relay's sends take their turn
+    in the same chain.
     """
 
     __slots__ = ("_balances", "_published", "_publisher", "_sending")
@@ -243,8 +244,8 @@ class Outbox:
                 await sent
         except BaseException:
             # What was sent is unknown: publish it again rather than trust the map. (Without
-            # ``sent`` this is the relay's or a dead letter's publish: the batches' chain of
-            # sends is theirs, and stays.)
+            # ``sent`` this is a dead letter's publish: the chain of sends, the batches' and
+            # the relay's, is not its, and stays.)
             if sent is None:
                 published.clear()
             else:

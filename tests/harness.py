@@ -17,6 +17,7 @@ from infra.clock import Clock, system_clock
 from infra.ledger import Ledger, PostgresLedger
 from infra.settings import Settings
 from metering.processor import BatchOutcome, MeteringProcessor
+from metering.publish import SignalPublisher
 from metering.worker import Connections, run_metering
 from rating.catalog import Catalog
 
@@ -27,6 +28,7 @@ def processor(
     *,
     clock: Clock = system_clock,
     ledger: Ledger | None = None,
+    publisher: SignalPublisher | None = None,
     rebuild: bool = False,
 ) -> MeteringProcessor:
     """The processor on ``conns``. ``rebuild``: accounts Redis lost are rebuilt from the ledger
@@ -41,7 +43,7 @@ def processor(
         balances=conns.balances,
         ledger=ledger or PostgresLedger(conns.pool),
         catalog=catalog,
-        publisher=conns.publisher,
+        publisher=publisher or conns.publisher,
         rebuild=from_ledger,
         clock=clock,
     )

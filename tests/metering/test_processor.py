@@ -319,6 +319,60 @@ async def test_a_failed_send_is_never_overtaken_by_a_later_batchs_signal(
     assert [orjson.loads(m.value)["data"]["seq"] for m in on_topic] == [1, 2]
 
 
+class FirstPublishSlow:
+    """The real publisher, except that its first call waits until ``release`` is set."""
+
+    def __init__(self, inner: SignalPublisher) -> None:
+        self._inner, self.calls, self.release = inner, 0, asyncio.Event()
+
+    async def publish(self, dead_letters: Any, signals: Any) -> None:
+        self.calls += 1
+        if self.calls == 1:
+            await self.release.wait()
+        await self._inner.publish(dead_letters, signals)
+
+
+async def test_the_relay_never_overtakes_a_batchs_signal_still_being_sent(
+    settings: Settings, conns: Connections, seed: Seeder
+) -> None:
+    # A batch's hold (seq 1) is on its way when an operator suspends the account (seq 2) and
+    # the relay publishes the outbox: the suspension must not reach the topic first, or a
+    # consumer, taking seq 2, drops the hold as stale.
+    await seed("acc_dry", balance="0.10")
+    catalog = Catalog(conns.pool)
+    await catalog.refresh()
+    publisher = FirstPublishSlow(conns.publisher)
+    processor = harness.processor(conns, catalog, publisher=publisher)
+    batch = asyncio.create_task(processor.process(_dry_calls("acc_dry", 1)))
+
+    async def sending() -> bool:
+        return publisher.calls == 1
+
+    await eventually(sending)
+    assert await conns.balances.set_status("acc_dry", "suspend", "operator")
+    relay = asyncio.create_task(processor.relay_outboxes())
+    await asyncio.sleep(0.5)  # without the chain, the relay's publish is done by now
+    publisher.release.set()
+    out = await batch
+    assert await relay == 2  # the outbox held both: the hold is published again, harmlessly
+    assert [s.type for _, s in out.signals] == ["account.hold"]
+    on_topic = [
+        orjson.loads(m.value)
+        for m in await read_all(settings.kafka_bootstrap, topics.CONTROL_SIGNALS, expect=3)
+    ]
+    assert [(s["type"], s["data"]["seq"]) for s in on_topic] == [
+        ("account.hold", 1),
+        ("account.hold", 1),
+        ("account.suspend", 2),
+    ]
+    assert await conns.balances.pending_outbox("acc_dry") == []
+    rows = await conns.pool.fetch("SELECT seq, type FROM signals WHERE account_id = 'acc_dry'")
+    assert sorted((r["seq"], r["type"]) for r in rows) == [
+        (1, "account.hold"),
+        (2, "account.suspend"),
+    ]
+
+
 async def test_lost_redis_state_is_rebuilt_from_the_ledger(
     settings: Settings, conns: Connections, seed: Seeder
 ) -> None:
