@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Annotated, Literal, Self
 
@@ -20,7 +21,7 @@ from balance.values import AccountStatus, NewAccount
 from contracts.events import ACCOUNT_ID_PATTERN
 from contracts.money import Micros
 from infra.clock import Clock, system_clock, utc_datetime
-from infra.ledger import Ledger, PostgresLedger
+from infra.ledger import Ledger, PostgresLedger, credit_key
 from rating.plans import parse_bucket, rebuild_buckets
 from rating.pricelists import RATE_COLUMNS, write_prices
 from rating.rating import MAX_RATE_PER_MIN, PriceVersion, VoiceRate
@@ -341,6 +342,16 @@ async def load_into_redis(
                 max_calls=r["max_calls"],
             )
         )
+    below = {
+        a.account_id
+        for a in states
+        if a.recharge_threshold is not None
+        and a.recharge_trigger is None
+        and a.balance + a.credit_limit <= a.recharge_threshold
+    }
+    if below:
+        latched = await _refund_latched(pool, below)
+        states = [replace(a, recharge_trigger=0) if a.account_id in latched else a for a in states]
     # Many accounts per round trip (a rebuild after a flush loads thousands at a time; one
     # script call awaited per account was nine tenths of its time), in bounded pipelines.
     loaded = []
@@ -353,6 +364,40 @@ async def load_into_redis(
         unsettled = await ledger.unsettled_since(loaded, since)
         await balances.restore_provisional(unsettled, now_s=at)
     return loaded
+
+
+async def _refund_latched(pool: asyncpg.Pool, account_ids: set[str]) -> set[str]:
+    """Of accounts at or below their auto-recharge threshold with no trigger open, those whose
+    crossing a refund to the card took as handled (credit.lua's "rq" = 0, lost with Redis):
+    their last card refund's ledger row was written after auto-recharge was last set, and no
+    trigger was recorded or moved since (one still open at the refund, which a refund leaves
+    as it is, is then closed after it, and its closing re-arms the next crossing). Every time
+    compared is PostgreSQL's own ``now()`` (the row's ``recorded_at``, the settings' and the
+    trigger's ``updated_at``).
+
+    A crossing after the refund that a refund did not cause went through a trigger (the
+    refund left the credit above the threshold, usage then took it below: ``debit.lua`` fired
+    one, recorded by the recharge worker), so it is not taken for the refund's. Money in since
+    the refund that lifted the credit above the threshold re-armed the trigger; an account
+    below it now has crossed again since, through a trigger too."""
+    refunds = await pool.fetch(
+        "SELECT account_id, id FROM refunds WHERE account_id = ANY($1::text[])"
+        " AND kind = 'card' AND status = 'succeeded'",
+        sorted(account_ids),
+    )
+    if not refunds:
+        return set()
+    rows = await pool.fetch(
+        "SELECT f.account_id FROM ("
+        "  SELECT l.account_id, max(l.recorded_at) AS at FROM ledger l"
+        "  WHERE l.event_key = ANY($1::bytea[]) GROUP BY l.account_id) f"
+        " JOIN auto_recharge r ON r.account_id = f.account_id AND r.enabled"
+        "  AND r.updated_at < f.at"
+        " WHERE NOT EXISTS (SELECT 1 FROM recharge_triggers t"
+        "  WHERE t.account_id = f.account_id AND t.updated_at >= f.at)",
+        [credit_key(r["account_id"], "refund:" + r["id"]) for r in refunds],
+    )
+    return {r["account_id"] for r in rows}
 
 
 async def rebuild_redis(

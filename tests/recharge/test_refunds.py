@@ -15,6 +15,7 @@ import pytest
 import stripe
 
 from balance import keys
+from balance.accounts import load_into_redis
 from balance.store import RedisBalances
 from infra.ledger import REFUNDS_SOURCE
 from ops.reconcile import reconcile
@@ -219,6 +220,30 @@ async def test_a_refund_never_charges_the_card_again_through_auto_recharge(
     await world.balances.apply_debits(
         {"a": [debit(2, 10 * USD)]}, int(world.clock().timestamp())
     )
+    assert len(await triggers(world.balances, "a")) == 1
+
+
+async def test_a_rebuilt_account_keeps_the_refunds_crossing_handled(world: World) -> None:
+    # The latch of a refund's crossing ("rq" = 0) is in Redis only; an account rebuilt from
+    # the ledger must not come back ready to charge the refunded card on its next debit.
+    svc = payment_service(world)
+    pid = await _paid(svc, world, "a", 40 * USD)
+    await svc.set_auto_recharge("a", True, 20 * USD, 20 * USD)
+    await svc.refunds.refund_to_card("a", pid, "r1", 30 * USD, "customer asked")  # $10 left
+
+    async def rebuilt_then_debited(event: int) -> None:
+        await world.balances._r.delete(keys.account("a"), keys.credits("a"), keys.outbox("a"))
+        now_s = int(world.clock().timestamp())
+        assert await load_into_redis(world.pool, world.balances, ["a"], now=now_s) == ["a"]
+        await world.balances.apply_debits({"a": [debit(event, USD)]}, now_s)
+
+    await rebuilt_then_debited(1)
+    assert await triggers(world.balances, "a") == []
+    assert world.gateway.charge_count == 1  # the top-up alone
+    assert await _balance(world.balances, "a") == 9 * USD  # the ledger's $10, less the debit
+    # Auto-recharge set again after the refund re-arms it, rebuilt or not.
+    await svc.set_auto_recharge("a", True, 20 * USD, 20 * USD)
+    await rebuilt_then_debited(2)
     assert len(await triggers(world.balances, "a")) == 1
 
 
