@@ -70,8 +70,15 @@ class CoalescingBalances(RedisBalances):
         max_inflight: int = 1,
         max_batch: int = MAX_BATCH,
         timeout_s: float = 5.0,
+        wait_replicas: int = 0,
+        wait_timeout_ms: int = 100,
     ) -> None:
-        super().__init__(client, max_accounts_per_call=max_accounts_per_call)
+        super().__init__(
+            client,
+            max_accounts_per_call=max_accounts_per_call,
+            wait_replicas=wait_replicas,
+            wait_timeout_ms=wait_timeout_ms,
+        )
         self._timeout_s = timeout_s
         self._max_inflight = max_inflight
         self._max_batch = max_batch

@@ -89,9 +89,10 @@ class RedisBalances(ReservationStore, OutboxStore):
     one hash slot (``balance.slots``).
     ``clock``: the time of the calls that take no ``now_s`` (see ``infra.clock``); the scripts
     never read Redis's own clock.
-    ``wait_replicas`` (0: off): ``apply_debits`` returns only once that many replicas of every
-    node it wrote to acknowledged it, waiting ``wait_timeout_ms`` at most, else raises
-    ``NotReplicated`` (``balance.pipeline``). No other method waits.
+    ``wait_replicas`` (0: off): ``apply_debits``, ``credit`` and ``credit_many`` return only
+    once that many replicas of every node they wrote to acknowledged it, waiting
+    ``wait_timeout_ms`` at most, else raise ``NotReplicated`` (``balance.pipeline``). No other
+    method waits.
     """
 
     def __init__(
@@ -418,14 +419,27 @@ class RedisBalances(ReservationStore, OutboxStore):
         if payment and refund:
             raise ValueError("a credit is a payment or a refund, not both")
         now = self._now(now_s)
+        ks = [keys.account(account_id), keys.credits(account_id), keys.outbox(account_id)]
+        args: list[str | int] = [credit_id, amount, "1" if payment else "r" if refund else "0", now]
         await self.mark_outbox_pending([account_id])
-        applied, bal, st = await call(
-            f"credit {credit_id}",
-            lambda: self._credit(
-                keys=[keys.account(account_id), keys.credits(account_id), keys.outbox(account_id)],
-                args=[credit_id, amount, "1" if payment else "r" if refund else "0", now],
-            ),
-        )
+        if self._wait is None:
+            applied, bal, st = await call(
+                f"credit {credit_id}", lambda: self._credit(keys=ks, args=args)
+            )
+        else:
+            # Money in must not vanish with a failover either: NotReplicated leaves the
+            # payment (or refund) not marked credited, and its recovery credits it again,
+            # once per credit id (balance.pipeline).
+            async def build(pipe: Pipeline) -> None:
+                await self._credit(keys=ks, args=args, client=pipe)
+
+            [(applied, bal, st)] = await round_trip(
+                self._r,
+                f"credit {credit_id}",
+                build,
+                wait=self._wait,
+                marks=[keys.wait_mark(account_id)],
+            )
         if applied == -1:
             return CreditOutcome(False, 0, "", found=False)
         return CreditOutcome(applied == 1, int(bal), replies.status(st))
@@ -449,7 +463,8 @@ class RedisBalances(ReservationStore, OutboxStore):
                     client=pipe,
                 )
 
-        raw = await round_trip(self._r, "credit batch", build)
+        marks = [keys.wait_mark(c.account_id) for c in credits] if self._wait else []
+        raw = await round_trip(self._r, "credit batch", build, wait=self._wait, marks=marks)
         return [
             CreditOutcome(applied == 1, int(bal), replies.status_or_none(st), found=applied != -1)
             for applied, bal, st in raw

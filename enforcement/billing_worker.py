@@ -124,7 +124,12 @@ async def run_billing(
         await warm_up(r)
         catalog = Catalog(pool)
         await catalog.refresh()
-        balances = RedisBalances(r, clock=clock)
+        balances = RedisBalances(
+            r,
+            clock=clock,
+            wait_replicas=settings.redis_wait_replicas,  # an invoice paid from credit waits
+            wait_timeout_ms=settings.redis_wait_timeout_ms,
+        )
         subscriptions = Subscriptions(pool, balances, clock=clock)
         producer = AIOKafkaProducer(
             bootstrap_servers=settings.kafka_bootstrap, acks="all", enable_idempotence=False

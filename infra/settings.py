@@ -78,7 +78,10 @@ class Settings:
     redis_timeout_s: float = 5.0
     #: The metering worker's debit round trip ends with ``WAIT`` on every Redis node it wrote to
     #: (each primary of a cluster): a batch is committed only once this many replicas of each
-    #: node acknowledged its debits, or fails and is replayed. 0 = off (replication stays
+    #: node acknowledged its debits, or fails and is replayed. Credits wait the same way in
+    #: every process that makes them (payments and recharges, refunds, compensations): one not
+    #: acknowledged fails, and the payment or refund stays not credited until its retry or
+    #: recovery credits it, once per credit id. 0 = off (replication stays
     #: asynchronous: a failover may lose what a primary acknowledged just before it died).
     #: At most the replicas each primary has, or every batch fails (docs/design/scale-out.md).
     redis_wait_replicas: int = 0

@@ -112,7 +112,11 @@ def build_app(settings: Settings) -> Any:
         gateway = make_gateway(settings)
         running.service = PaymentService(
             pool,
-            RedisBalances(r),
+            RedisBalances(
+                r,
+                wait_replicas=settings.redis_wait_replicas,  # a recharge's credit waits too
+                wait_timeout_ms=settings.redis_wait_timeout_ms,
+            ),
             gateway,
             TopicNotifier(),
             backoff_s=settings.backoff(),

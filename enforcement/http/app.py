@@ -118,6 +118,8 @@ async def connect_api(settings: Settings) -> AsyncIterator[ApiServices]:
             r,
             max_accounts_per_call=settings.redis_accounts_per_call,
             timeout_s=settings.authorize_deadline_s,
+            wait_replicas=settings.redis_wait_replicas,  # for credits: top-ups, refunds
+            wait_timeout_ms=settings.redis_wait_timeout_ms,
         )
         catalog = Catalog(pool, lookup_timeout_s=DB_TIMEOUT_S)
         await catalog.refresh()

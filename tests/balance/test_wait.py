@@ -14,7 +14,7 @@ import redis.asyncio as aioredis
 
 from balance.errors import NotReplicated
 from balance.store import RedisBalances
-from balance.values import Debit
+from balance.values import Credit, Debit
 from infra.clock import system_clock
 from infra.settings import Settings
 from metering.isolate import is_transient
@@ -110,3 +110,35 @@ async def test_the_worker_s_balances_wait_as_the_settings_say(settings: Settings
     async with connect(settings) as conns:  # the default: off
         out = await conns.balances.apply_debits({"a": debits(1, now // DAY_S)}, now)
         assert out[0].codes == "d"
+
+
+async def test_a_credit_asked_to_wait_for_a_missing_replica_fails_and_is_applied_once(
+    redis: aioredis.Redis,
+) -> None:
+    # Money in waits as the debits do: a top-up credited only on a primary that then fails
+    # over would vanish, its payment marked credited. NotReplicated leaves it to be retried.
+    plain = RedisBalances(redis)
+    waiting = RedisBalances(redis, wait_replicas=1, wait_timeout_ms=150)
+    for a in ("pay", "many_1", "many_2"):
+        await plain.create_account(a, balance=0, credit_limit=0, low_threshold=0)
+    waits = await calls_of(redis, "wait")
+
+    with pytest.raises(NotReplicated, match="credit p1: 0 of 1 replicas") as caught:
+        await waiting.credit("pay", "p1", 5_000_000, payment=True)
+    assert is_transient(caught.value)
+    assert await calls_of(redis, "wait") == waits + 1
+    again = await plain.credit("pay", "p1", 5_000_000, payment=True)  # the recovery's retry
+    assert (again.applied, again.balance) == (False, 5_000_000)
+
+    credits = [Credit("many_1", "c1", 1_000), Credit("many_2", "c2", 2_000)]
+    with pytest.raises(NotReplicated, match="credit batch: 0 of 1 replicas"):
+        await waiting.credit_many(credits)
+    assert await calls_of(redis, "wait") == waits + 2  # one node: one WAIT for the batch
+    assert [o.applied for o in await plain.credit_many(credits)] == [False, False]
+    for a, balance in (("pay", 5_000_000), ("many_1", 1_000), ("many_2", 2_000)):
+        st = await plain.get(a)
+        assert st is not None and st.balance == balance
+    # Without a wait asked, no WAIT.
+    assert (await plain.credit("pay", "p2", 1)).applied
+    assert await calls_of(redis, "wait") == waits + 2
+    assert sorted(await redis.keys("*wait*")) == []

@@ -17,7 +17,7 @@ from redis.asyncio.cluster import RedisCluster
 from balance import keys
 from balance.errors import NotReplicated
 from balance.store import RedisBalances
-from balance.values import Debit
+from balance.values import Credit, Debit
 from infra.clock import system_clock
 from infra.redisclient import redis_client
 from tests.cluster.redis_cluster import Node, RedisClusterHandle
@@ -134,3 +134,33 @@ async def test_a_replay_that_writes_nothing_still_waits_for_its_first_try(
         assert [o.codes for o in again] == ["dd"] * len(ACCOUNTS)
     finally:
         await other.aclose()
+
+
+async def test_a_credit_waits_for_its_own_node_s_replica(
+    cluster: RedisClusterHandle, client: RedisCluster
+) -> None:
+    # A payment's credit: on the frozen replica's primary it fails and is applied once on the
+    # retry; on another primary, whose replica acknowledges, it succeeds with the wait on.
+    victim, replica, on_victim = await victim_and_replica(cluster, client)
+    elsewhere = next(a for a in ACCOUNTS if a not in on_victim)
+    plain = RedisBalances(client)
+    waiting = RedisBalances(client, wait_replicas=1, wait_timeout_ms=TIMEOUT_MS)
+
+    with cluster.frozen(replica):
+        none_of = re.escape(f"credit p1: 0 of 1 replicas of {victim.addr} ")
+        with pytest.raises(NotReplicated, match=none_of):
+            await waiting.credit("acc_0", "p1", 5_000, payment=True)
+        ok = await waiting.credit(elsewhere, "p1", 5_000, payment=True)
+        assert (ok.applied, ok.balance) == (True, 1_005_000)
+        with pytest.raises(NotReplicated, match=re.escape(f"of {victim.addr} ")):
+            await waiting.credit_many([Credit("acc_0", "c1", 1), Credit(elsewhere, "c1", 1)])
+
+    await asyncio.to_thread(cluster.wait_replicas_caught_up, victim)
+    # Applied on the primary all the same, each once: the retries change nothing.
+    again = await waiting.credit("acc_0", "p1", 5_000, payment=True)
+    assert (again.applied, again.balance) == (False, 1_005_001)
+    outs = await waiting.credit_many([Credit("acc_0", "c1", 1), Credit(elsewhere, "c1", 1)])
+    assert [o.applied for o in outs] == [False, False]
+    for a in ("acc_0", elsewhere):
+        st = await plain.get(a)
+        assert st is not None and st.balance == 1_005_001, a
