@@ -231,6 +231,20 @@ class HoldFirstLedger(PostgresLedger):
         return await super().write_usage(fresh, replayed, signals)
 
 
+async def _dry_processor(
+    conns: Connections,
+    seed: Seeder,
+    *,
+    ledger: Ledger | None = None,
+    publisher: SignalPublisher | None = None,
+) -> MeteringProcessor:
+    """``acc_dry`` with 0.10 (a 10-minute UK call costs 0.15), and a processor on ``conns``."""
+    await seed("acc_dry", balance="0.10")
+    catalog = Catalog(conns.pool)
+    await catalog.refresh()
+    return harness.processor(conns, catalog, ledger=ledger, publisher=publisher)
+
+
 def _dry_calls(account: str, n: int) -> list[Rec]:
     events = [call_hangup(account, f"c{i}", "+442071234567", 600) for i in range(n)]
     return [
@@ -244,11 +258,8 @@ async def test_a_hold_is_on_the_topic_before_its_batch_is_in_the_ledger(
 ) -> None:
     # Hold latency (meter bench metering): the signal goes out while the ledger is written,
     # and leaves the outbox only once both are done.
-    await seed("acc_dry", balance="0.10")  # a 10-minute UK call costs 0.15
-    catalog = Catalog(conns.pool)
-    await catalog.refresh()
     ledger = HoldFirstLedger(conns.pool, settings.kafka_bootstrap, "acc_dry")
-    out = await harness.processor(conns, catalog, ledger=ledger).process(_dry_calls("acc_dry", 1))
+    out = await (await _dry_processor(conns, seed, ledger=ledger)).process(_dry_calls("acc_dry", 1))
     assert ledger.seen_before_write == ["account.hold"]
     assert [(a, s.type) for a, s in out.signals] == [("acc_dry", "account.hold")]
     assert await conns.balances.pending_outbox("acc_dry") == []
@@ -259,11 +270,8 @@ async def test_a_hold_is_on_the_topic_before_its_batch_is_in_the_ledger(
 async def test_signals_sent_before_a_failed_ledger_write_stay_in_the_outbox_until_logged(
     settings: Settings, conns: Connections, seed: Seeder
 ) -> None:
-    await seed("acc_dry", balance="0.10")
-    catalog = Catalog(conns.pool)
-    await catalog.refresh()
     records = _dry_calls("acc_dry", 1)
-    processor = harness.processor(conns, catalog, ledger=CrashingLedger(conns.pool))
+    processor = await _dry_processor(conns, seed, ledger=CrashingLedger(conns.pool))
     with pytest.raises(ConnectionResetError):
         await processor.process(records)
     # Sent, but neither logged nor dropped from the outbox: the replay (or the relay) does both.
@@ -338,11 +346,8 @@ async def test_the_relay_never_overtakes_a_batchs_signal_still_being_sent(
     # A batch's hold (seq 1) is on its way when an operator suspends the account (seq 2) and
     # the relay publishes the outbox: the suspension must not reach the topic first, or a
     # consumer, taking seq 2, drops the hold as stale.
-    await seed("acc_dry", balance="0.10")
-    catalog = Catalog(conns.pool)
-    await catalog.refresh()
     publisher = FirstPublishSlow(conns.publisher)
-    processor = harness.processor(conns, catalog, publisher=publisher)
+    processor = await _dry_processor(conns, seed, publisher=publisher)
     batch = asyncio.create_task(processor.process(_dry_calls("acc_dry", 1)))
 
     async def sending() -> bool:
